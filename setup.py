@@ -1,0 +1,42 @@
+"""ucofia-jax: UCoFiA (ICCV 2023) video-text retrieval in JAX/Flax."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.4.35",
+    "flax>=0.10",
+    "optax>=0.2.3",
+    "orbax-checkpoint>=0.9",
+    "ml_collections>=0.1.1",
+    "einops>=0.7",
+    "absl-py>=1.0",
+    "transformers>=4.40",
+    "safetensors>=0.4",
+    "tensorflow-cpu>=2.15; platform_machine=='x86_64'",
+    "tensorflow>=2.15; platform_machine!='x86_64'",
+    "tensorflow-datasets>=4.9.4",
+    "av>=12",
+    "tqdm>=4.60",
+    "ftfy>=6.0",
+    "regex>=2022.1",
+    "numpy>=1.24",
+    "matplotlib>=3.6",
+    "pillow>=9.0",
+]
+
+EXTRAS_REQUIRE = {
+    # torch is only a test-time numerical reference. Pin the CPU wheel: an
+    # unpinned torch pulls a multi-GB CUDA build.
+    "test": ["pytest>=7", "pytest-xdist>=3", "torch==2.13.0"],
+    "openai": ["torch>=2.0"],  # only to import OpenAI ``.pt`` checkpoints
+}
+
+setup(
+    name="ucofia-jax",
+    version="0.1.0",
+    description="UCoFiA: Unified Coarse-to-Fine Alignment for video-text retrieval, in JAX/Flax",
+    packages=find_packages(include=["ucofia_jax", "ucofia_jax.*", "data_pipeline", "data_pipeline.*", "configs"]),
+    package_data={"ucofia_jax": ["assets/*.gz"]},
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
