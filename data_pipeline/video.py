@@ -218,7 +218,7 @@ def find_video(video_dir: str, video_id: str) -> str | None:
 
 
 def write_video(path: str, frames, fps: int, *, codec: str = "libx264", crf: int = 23,
-                options: dict | None = None) -> str:
+                options: dict | None = None, container_options: dict | None = None) -> str:
   """Encodes uint8 RGB frames [T, H, W, 3] (any iterable) to `path`; H and W must be even.
 
   yuv420p is used because it is what real datasets contain and what every decoder reads.
@@ -230,7 +230,7 @@ def write_video(path: str, frames, fps: int, *, codec: str = "libx264", crf: int
   h, w = first.shape[:2]
   opts = {"crf": str(crf), "preset": "veryfast"} if codec.startswith("libx264") else {}
   opts.update(options or {})
-  with av.open(str(path), mode="w") as out:
+  with av.open(str(path), mode="w", options=container_options or {}) as out:
     stream = out.add_stream(codec, rate=int(fps), options=opts)
     stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
     for img in _chain(first, frames):
