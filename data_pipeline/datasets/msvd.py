@@ -1,0 +1,94 @@
+"""MSVD (CLIP4Clip layout; dataloader_msvd_retrieval.py).
+
+  RAW/train_list.txt, val_list.txt, test_list.txt   one video id per line
+  RAW/raw-captions.pkl     {video_id: [[token, ...], ...]}; a caption = tokens joined by spaces
+  RAW/videos/<video_id>.avi (or .mp4/.webm/.mkv)
+
+The pickle is read with a restricted unpickler that admits only builtins dict/list/str/tuple:
+a pickle can name any importable callable and run it while loading, so an annotation file
+from the internet must not be unpickled with `pickle.load`.
+Every caption is a training sample (``expand_sentences=True``); evaluation is multi-sentence
+(one record per video with all captions, the default).
+"""
+from __future__ import annotations
+
+import io
+import pickle
+
+from data_pipeline.datasets import _common as C
+from data_pipeline.records import ClipRecord, DataError, SkipReport, skip_or_raise
+
+NAME = "msvd"
+SPLITS = ("train", "val", "test")
+_ALLOWED = {("builtins", "dict"), ("builtins", "list"), ("builtins", "str"),
+            ("builtins", "tuple"), ("__builtin__", "dict"), ("__builtin__", "list"),
+            ("__builtin__", "str"), ("__builtin__", "tuple"), ("__builtin__", "unicode")}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+
+  def __init__(self, f, path):
+    super().__init__(f, encoding="utf-8")
+    self._path = path
+
+  def find_class(self, module, name):
+    if (module, name) in _ALLOWED:
+      return super().find_class(module, name)
+    raise DataError(f"{self._path}: refusing to unpickle {module}.{name}; only dict, list, "
+                    f"str and tuple are allowed in a captions file")
+
+  def persistent_load(self, pid):
+    raise DataError(f"{self._path}: refusing persistent id {pid!r} in a captions file")
+
+
+def load_captions_pickle(path: str):
+  """raw-captions.pkl through the restricted unpickler; raises DataError naming the file."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    obj = _RestrictedUnpickler(io.BytesIO(data), path).load()
+  except DataError:
+    raise
+  except Exception as e:  # truncated, not a pickle, py2 bytes that are not UTF-8, ...
+    raise DataError(f"{path}: cannot read pickle ({type(e).__name__}: {e})") from e
+  if not isinstance(obj, dict):
+    raise DataError(f"{path}: expected a dict video_id -> list of token lists, "
+                    f"got {type(obj).__name__}")
+  return obj
+
+
+def read_split(root: str, split: str, *, video_dir: str | None = None,
+               expand_sentences: bool = False, strict: bool = False,
+               report: SkipReport | None = None) -> list[ClipRecord]:
+  C.check_split(split, SPLITS, NAME)
+  video_dir = C.default_video_dir(root, video_dir)
+  list_path = C.require_file(root, f"{split}_list.txt", NAME)
+  pkl_path = C.require_file(root, "raw-captions.pkl", NAME)
+  captions = load_captions_pickle(pkl_path)
+  items = []
+  for i, vid in C.read_lines(list_path, report, strict):
+    if vid not in captions:
+      skip_or_raise(report, strict, f"{list_path}:{i}", C.REASON_NO_ANNOTATION,
+                    f"video id {vid} not in raw-captions.pkl")
+      continue
+    entry = captions[vid]
+    if not isinstance(entry, (list, tuple)):
+      skip_or_raise(report, strict, f"{pkl_path}[{vid}]", C.REASON_BAD_ROW,
+                    f"captions are {type(entry).__name__}, expected a list")
+      continue
+    caps = []
+    for j, tokens in enumerate(entry):
+      where = f"{pkl_path}[{vid}][{j}]"
+      if isinstance(tokens, (list, tuple)) and all(isinstance(t, str) for t in tokens):
+        text = " ".join(tokens)
+      elif isinstance(tokens, str):  # some re-exports store joined strings
+        text = tokens
+      else:
+        skip_or_raise(report, strict, where, C.REASON_BAD_ROW, "expected a list of tokens")
+        continue
+      cap = C.clean_caption(text, where, report, strict)
+      if cap is not None:
+        caps.append(cap)
+    items.append((vid, caps, None, None))
+  return C.build_records(items, video_dir=video_dir, split=split, expand=expand_sentences,
+                         report=report, strict=strict)
