@@ -117,6 +117,55 @@ def main(argv: list[str]) -> None:
 
 # =========================================================================== the tests
 
+def test_settings_from_env_and_config():
+  import pytest
+  from ucofia_jax import distributed as d
+  s = d.settings_from_env({"UCOFIA_COORDINATOR": "10.0.0.1:1234", "UCOFIA_NUM_PROCESSES": "4",
+                           "UCOFIA_PROCESS_ID": "3", "UCOFIA_LOCAL_DEVICE_IDS": "0,1"})
+  assert (s.coordinator_address, s.num_processes, s.process_id, s.local_device_ids) == (
+      "10.0.0.1:1234", 4, 3, (0, 1))
+  assert s.mode == "auto" and s.validate() is s
+  # config.distributed.mode and flags override the environment
+  cfg = {"distributed": {"mode": "off"}}
+  assert d._merge(s, cfg).mode == "off"
+  assert d._merge(s, {"distributed_mode": "on", "process_id": 2}).process_id == 2
+  # off / auto-without-cluster: nothing happens (and nothing touches jax.distributed)
+  assert d.maybe_initialize(cfg, env={}) is False
+  assert d.maybe_initialize(env={}) is False
+  assert d.maybe_initialize(env={"UCOFIA_COORDINATOR": "h:1", "UCOFIA_NUM_PROCESSES": "1",
+                                 "UCOFIA_PROCESS_ID": "0"}) is False
+  with pytest.raises(ValueError, match="UCOFIA_NUM_PROCESSES, UCOFIA_PROCESS_ID"):
+    d.maybe_initialize(env={"UCOFIA_COORDINATOR": "h:1"})
+  with pytest.raises(ValueError, match="host:port"):
+    d.settings_from_env({"UCOFIA_COORDINATOR": "h", "UCOFIA_NUM_PROCESSES": "2",
+                         "UCOFIA_PROCESS_ID": "0"}).validate()
+  with pytest.raises(ValueError, match="not in"):
+    d.DistributedSettings(coordinator_address="h:1", num_processes=2, process_id=2).validate()
+  with pytest.raises(ValueError, match="mode"):
+    d.maybe_initialize(env={"UCOFIA_DISTRIBUTED": "yes"})
+  assert d._slurm_multi_task({"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "8"})
+  assert not d._slurm_multi_task({"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+  assert d._tpu_multi_worker({"TPU_WORKER_HOSTNAMES": "a,b,c,d"})
+  assert not d._tpu_multi_worker({"TPU_WORKER_HOSTNAMES": "localhost"})
+
+
+def test_single_process_helpers():
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh
+  from ucofia_jax import distributed as d
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  n = len(jax.devices())
+  assert d.is_main_process() and d.local_batch_slice(4 * n, mesh) == slice(0, 4 * n)
+  x = np.arange(4 * n * 3, dtype=np.float32).reshape(4 * n, 3)
+  g = d.global_batch_from_local({"x": x}, mesh)["x"]
+  assert g.shape == x.shape and len(g.sharding.device_set) == n
+  np.testing.assert_array_equal(d.to_host(g), x)
+  np.testing.assert_array_equal(d.process_allgather(g), x)
+  assert d.process_allgather(np.ones(2), tiled=False).shape == (1, 2)
+  d.sync("noop")
+
+
 def _launch(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # launch.sh sets the device count per process
