@@ -126,7 +126,10 @@ def build_records(items, *, video_dir: str, split: str, expand: bool,
                     f"video id {vid}; tried extensions {', '.join(VIDEO_EXTENSIONS)}")
       continue
     if not caps:
-      continue  # its captions were all rejected and reported already
+      # Its captions were all rejected (each reported); count the video too, so that the
+      # report says how many videos were lost and not only how many captions.
+      skip_or_raise(report, strict, path, REASON_NO_ANNOTATION, f"video id {vid}: no usable caption")
+      continue
     if expand:
       records.extend(ClipRecord(vid, path, (c,), start, end, split) for c in caps)
     else:

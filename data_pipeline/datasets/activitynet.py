@@ -65,8 +65,6 @@ def read_split(root: str, split: str, *, video_dir: str | None = None,
     sents = [C.clean_caption(s, f"{where}.sentences[{k}]", report, strict)
              for k, s in enumerate(entry["sentences"])]
     sents = [s for s in sents if s is not None]
-    if not sents:
-      continue  # all reported already (or the list was empty)
-    items.append((strip_prefix(vid), [" ".join(sents)], None, None))
+    items.append((strip_prefix(vid), [" ".join(sents)] if sents else [], None, None))
   return C.build_records(items, video_dir=video_dir, split=split, expand=False, report=report,
                          strict=strict, names_fn=lambda v: [v, "v_" + v])

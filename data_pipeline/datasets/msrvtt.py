@@ -69,9 +69,9 @@ def read_split(root: str, split: str, *, video_dir: str | None = None,
       if C.has_bad_text(vid) or not vid:
         skip_or_raise(report, strict, f"{csv_path}:{i}", C.REASON_BAD_ROW, "bad video_id")
         continue
-      if vid not in captions:
+      if not captions.get(vid):  # none at all, or all of them rejected above
         skip_or_raise(report, strict, f"{csv_path}:{i}", C.REASON_NO_ANNOTATION,
-                      f"video id {vid} has no caption in MSRVTT_data.json")
+                      f"video id {vid} has no usable caption in MSRVTT_data.json")
         continue
       items.append((vid, captions[vid], None, None))
     return C.build_records(items, video_dir=video_dir, split="train", expand=expand_sentences,

@@ -41,6 +41,20 @@ class _RestrictedUnpickler(pickle.Unpickler):
     raise DataError(f"{self._path}: refusing persistent id {pid!r} in a captions file")
 
 
+def _check_types(obj, path):
+  stack = [obj]
+  while stack:
+    o = stack.pop()
+    if isinstance(o, dict):
+      stack.extend(o.keys())
+      stack.extend(o.values())
+    elif isinstance(o, (list, tuple)):
+      stack.extend(o)
+    elif not isinstance(o, str):
+      raise DataError(f"{path}: unexpected {type(o).__name__} in a captions file; only dict, "
+                      f"list, str and tuple are allowed")
+
+
 def load_captions_pickle(path: str):
   """raw-captions.pkl through the restricted unpickler; raises DataError naming the file."""
   with open(path, "rb") as f:
@@ -51,6 +65,9 @@ def load_captions_pickle(path: str):
     raise
   except Exception as e:  # truncated, not a pickle, py2 bytes that are not UTF-8, ...
     raise DataError(f"{path}: cannot read pickle ({type(e).__name__}: {e})") from e
+  # Opcodes such as EMPTY_SET or BINBYTES build objects without find_class; they cannot run
+  # code, but the file is then not what a captions file should be.
+  _check_types(obj, path)
   if not isinstance(obj, dict):
     raise DataError(f"{path}: expected a dict video_id -> list of token lists, "
                     f"got {type(obj).__name__}")
