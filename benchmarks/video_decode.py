@@ -1,0 +1,100 @@
+"""Decode throughput of data_pipeline.video.decode_clip, in clips/s per CPU core.
+
+Generates its own clips (10 s, 320x240, 30 fps, H.264, moving gradient + shapes so the
+encoder sees motion), then times ``decode_clip(max_frames=12, image_size=224)`` with one
+decoder thread in one process (= one core). Also times the same clips after the 3 fps /
+shorter-side-224 compression the original recipe applies (what training actually reads).
+
+  python benchmarks/video_decode.py [--num_clips 8 --repeats 2 --workers 1,2]
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data_pipeline import compress  # noqa: E402
+from data_pipeline.video import decode_clip, write_video  # noqa: E402
+
+
+def make_clip(path, seed, seconds=10, fps=30, w=320, h=240):
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:h, 0:w]
+  base = rng.integers(0, 255, 3)
+  frames = []
+  for t in range(seconds * fps):
+    f = np.empty((h, w, 3), np.uint8)
+    f[..., 0] = (xx + 3 * t + base[0]) % 256
+    f[..., 1] = (yy + 2 * t + base[1]) % 256
+    f[..., 2] = ((xx + yy) // 2 + base[2]) % 256
+    cx, cy = (40 + 4 * t) % w, (30 + 2 * t) % h
+    f[max(cy - 20, 0):cy + 20, max(cx - 20, 0):cx + 20] = (255, 255, 255)
+    frames.append(f)
+  write_video(path, frames, fps, crf=23)
+
+
+def _decode_all(paths):
+  for p in paths:
+    frames, mask = decode_clip(p, max_frames=12, image_size=224, threads=1)
+    assert frames.shape == (12, 224, 224, 3)
+  return len(paths)
+
+
+def time_decode(paths, repeats, workers):
+  paths = list(paths) * repeats
+  t0 = time.perf_counter()
+  if workers == 1:
+    _decode_all(paths)
+  else:
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+      pool.map(_decode_all, [[p] for p in paths], chunksize=1)
+  dt = time.perf_counter() - t0
+  return len(paths), dt
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--num_clips", type=int, default=8)
+  p.add_argument("--repeats", type=int, default=2)
+  p.add_argument("--workers", default="1", help="comma-separated process counts to time")
+  p.add_argument("--dir", default=None, help="where to write the clips (default: a temp dir)")
+  a = p.parse_args(argv)
+  tmp = a.dir or tempfile.mkdtemp(prefix="decode_bench_")
+  raw, small = os.path.join(tmp, "raw"), os.path.join(tmp, "3fps")
+  os.makedirs(raw, exist_ok=True)
+  t0 = time.perf_counter()
+  paths = []
+  for i in range(a.num_clips):
+    path = os.path.join(raw, f"clip{i}.mp4")
+    if not os.path.exists(path):
+      make_clip(path, i)
+    paths.append(path)
+  compress.compress_dir(raw, small, fps=3, size=224, workers=1, preset="veryfast",
+                        progress=False)
+  small_paths = [os.path.join(small, f"clip{i}.mp4") for i in range(a.num_clips)]
+  print(f"# clips ready in {time.perf_counter() - t0:.1f}s under {tmp}; "
+        f"{os.cpu_count()} CPUs visible")
+  rows = []
+  for name, ps in (("10 s 320x240 30 fps", paths), ("same, compressed 3 fps / 224", small_paths)):
+    decode_clip(ps[0])  # warm-up (imports, codec init)
+    for w in (int(x) for x in a.workers.split(",")):
+      n, dt = time_decode(ps, a.repeats, w)
+      rows.append((name, w, n, dt, n / dt, n / dt / w, 1000 * dt * w / n))
+  print()
+  print("| input | processes | clips | seconds | clips/s | clips/s per core | ms/clip/core |")
+  print("|---|---|---|---|---|---|---|")
+  for name, w, n, dt, cps, cpc, ms in rows:
+    print(f"| {name} | {w} | {n} | {dt:.2f} | {cps:.1f} | {cpc:.1f} | {ms:.0f} |")
+  print("\n(decode_clip: max_frames=12, image_size=224, feature_framerate=1, slice_framepos=2, "
+        "1 decoder thread per process)")
+
+
+if __name__ == "__main__":
+  main()
