@@ -29,7 +29,9 @@ missing video into zeros and later into NaN losses). The rules, checked in this 
 * ``no frames``: nothing decodes;
 * ``truncated``: the container declares ``N`` frames and fewer than
   ``max(N - 2, 0.95 * N)`` decode (a small tolerance: edit lists and B-frame delays make real
-  files lose a frame or two without being broken);
+  files lose a frame or two without being broken). Checked only when decoding reaches the end
+  of the file (not when an explicit ``end`` stops it early) and only for containers that
+  declare a count (mp4/mov/avi; not webm/mkv);
 * ``bad frame rate``: integer fps below 1, or below ``feature_framerate`` (the original
   asserts there);
 * ``shorter than one second``: fewer decoded frames than the integer fps, i.e.

@@ -180,3 +180,21 @@ def test_find_video_extensions(tmp_path):
   assert video.find_video(str(tmp_path), "a").endswith("a.webm")
   assert video.find_video(str(tmp_path), "b").endswith("b.mp4")
   assert video.find_video(str(tmp_path), "c") is None
+
+
+def test_ntsc_rate_truncates_to_integer_fps(tmp_path):
+  # 29.97 fps -> fps 29 as OpenCV's int(CAP_PROP_FPS): frames 0, 29, 58 of 70.
+  import fractions
+  import av
+  p = str(tmp_path / "ntsc.mp4")
+  with av.open(p, mode="w") as out:
+    s = out.add_stream("libx264", rate=fractions.Fraction(30000, 1001), options={"crf": "0"})
+    s.width, s.height, s.pix_fmt = 16, 16, "yuv420p"
+    for i in range(70):
+      img = np.full((16, 16, 3), (i * 3) % 256, np.uint8)
+      for pkt in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+        out.mux(pkt)
+    for pkt in s.encode():
+      out.mux(pkt)
+  f, m = video.decode_clip(p, max_frames=4, image_size=8)
+  assert _frame_ids(f, m, step=3) == [0, 29, 58]
