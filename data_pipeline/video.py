@@ -166,30 +166,24 @@ def decode_clip(path: str, *, start: float | None = None, end: float | None = No
                              f"feature_framerate {feature_framerate} > video fps {fps}")
     declared = int(stream.frames or 0)
 
-    # Candidate indices do not depend on the file length except for the upper cut, so frames
-    # are kept (as cheap decoded AVFrames) only when they may be sampled.
-    wanted = _candidates(fps, start=start, end=end, feature_framerate=feature_framerate)
-    next_wanted = next(wanted, None)
-    # With an explicit end there is no need to decode past it (DiDeMo: 31 s of long videos),
-    # but at least one second is decoded so that the duration rule still applies.
+    # Which frames to keep while decoding. With an explicit end the window is short and its
+    # candidates (1 per second) are kept. Without one, the final indices depend on the frame
+    # count; when the container declares it they are predicted and only those (<= max_frames)
+    # are kept, so an hour-long video does not hold one decoded frame per second in memory.
+    # Should the decoded count differ from the declared one, a second pass fetches the frames.
     stop_after = None
     if end is not None:
-      last = frame_indices(10**12, fps, start=start, end=end, feature_framerate=feature_framerate)
-      stop_after = max(int(last[-1]) if len(last) else 0, fps - 1)
-    kept: dict[int, av.VideoFrame] = {}
-    n = 0
-    reached_end = True
-    try:
-      for frame in container.decode(stream):
-        if next_wanted is not None and n == next_wanted:
-          kept[n] = frame
-          next_wanted = next(wanted, None)
-        n += 1
-        if stop_after is not None and n > stop_after:
-          reached_end = False
-          break
-    except av.error.FFmpegError as e:
-      raise VideoDecodeError(path, "corrupt stream", f"after {n} frames: {e}") from e
+      want = set(frame_indices(10**12, fps, start=start, end=end,
+                               feature_framerate=feature_framerate).tolist())
+      # No need to decode past the window (DiDeMo: 31 s of long videos), but at least one
+      # second so that the duration rule still applies.
+      stop_after = max(max(want, default=0), fps - 1)
+    elif declared > 0:
+      want = set(_final_indices(declared, fps, start, end, feature_framerate, max_frames,
+                                slice_framepos).tolist())
+    else:
+      want = _candidates(fps, start=start, end=end, feature_framerate=feature_framerate)
+    n, reached_end, kept = _decode_pass(container, stream, path, want, stop_after)
     if n == 0:
       raise VideoDecodeError(path, "no frames", "nothing decodes")
     if reached_end and declared > 0 and n < max(declared - 2, 0.95 * declared):
@@ -197,17 +191,55 @@ def decode_clip(path: str, *, start: float | None = None, end: float | None = No
     if n < fps:
       raise VideoDecodeError(path, "shorter than one second", f"{n} frames at {fps} fps")
 
-    idx = frame_indices(n, fps, start=start, end=end, feature_framerate=feature_framerate)
-    if len(idx) == 0:
-      raise VideoDecodeError(path, "empty window",
-                             f"start {start} end {end}, video {n} frames at {fps} fps")
-    idx = idx[subsample(len(idx), max_frames, slice_framepos)]
-    frames = np.zeros((max_frames, image_size, image_size, 3), np.uint8)
-    mask = np.zeros((max_frames,), np.int32)
-    for j, i in enumerate(idx):
-      frames[j] = resize_center_crop(kept[int(i)].to_image(), image_size)
-      mask[j] = 1
-    return frames, mask
+  idx = _final_indices(n, fps, start, end, feature_framerate, max_frames, slice_framepos)
+  if len(idx) == 0:
+    raise VideoDecodeError(path, "empty window",
+                           f"start {start} end {end}, video {n} frames at {fps} fps")
+  if any(int(i) not in kept for i in idx):
+    with av.open(path) as container:
+      stream = container.streams.video[0]
+      stream.thread_count = max(int(threads), 1)
+      _, _, kept = _decode_pass(container, stream, path, set(idx.tolist()), int(idx[-1]))
+    if any(int(i) not in kept for i in idx):
+      raise VideoDecodeError(path, "corrupt stream", "frame count differs between two decodes")
+  frames = np.zeros((max_frames, image_size, image_size, 3), np.uint8)
+  mask = np.zeros((max_frames,), np.int32)
+  for j, i in enumerate(idx):
+    frames[j] = resize_center_crop(kept[int(i)].to_image(), image_size)
+    mask[j] = 1
+  return frames, mask
+
+
+def _final_indices(n, fps, start, end, feature_framerate, max_frames, slice_framepos):
+  idx = frame_indices(n, fps, start=start, end=end, feature_framerate=feature_framerate)
+  return idx[subsample(len(idx), max_frames, slice_framepos)]
+
+
+def _decode_pass(container, stream, path, want, stop_after):
+  """Decodes in order, keeping frames whose index is in `want` (a set or an increasing
+  iterator); returns (frames decoded, whether the end of the file was reached, {index: frame})."""
+  if isinstance(want, set):
+    is_wanted = want.__contains__
+  else:
+    nxt = [next(want, None)]
+
+    def is_wanted(i):
+      if nxt[0] is not None and i == nxt[0]:
+        nxt[0] = next(want, None)
+        return True
+      return False
+  kept: dict[int, av.VideoFrame] = {}
+  n = 0
+  try:
+    for frame in container.decode(stream):
+      if is_wanted(n):
+        kept[n] = frame
+      n += 1
+      if stop_after is not None and n > stop_after:
+        return n, False, kept
+  except av.error.FFmpegError as e:
+    raise VideoDecodeError(path, "corrupt stream", f"after {n} frames: {e}") from e
+  return n, True, kept
 
 
 def find_video(video_dir: str, video_id: str) -> str | None:

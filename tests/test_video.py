@@ -198,3 +198,30 @@ def test_ntsc_rate_truncates_to_integer_fps(tmp_path):
       out.mux(pkt)
   f, m = video.decode_clip(p, max_frames=4, image_size=8)
   assert _frame_ids(f, m, step=3) == [0, 29, 58]
+
+
+def test_keeps_only_predicted_frames_and_repairs_a_wrong_prediction(tmp_path, monkeypatch):
+  p = _gray_video(tmp_path / "v.mp4", 35, 10)
+  passes = []
+  real_pass, real_final = video._decode_pass, video._final_indices
+
+  def spy_pass(*args):
+    out = real_pass(*args)
+    passes.append(sorted(out[2]))
+    return out
+
+  monkeypatch.setattr(video, "_decode_pass", spy_pass)
+  f, m = video.decode_clip(p, max_frames=3, image_size=8)
+  assert _frame_ids(f, m) == [0, 10, 30] and passes == [[0, 10, 30]]  # not every candidate
+
+  # A container whose declared count is wrong: the prediction misses, a second pass fixes it.
+  calls = []
+
+  def wrong_first_prediction(n, *args):
+    calls.append(n)
+    return real_final(n - 12 if len(calls) == 1 else n, *args)
+
+  monkeypatch.setattr(video, "_final_indices", wrong_first_prediction)
+  passes.clear()
+  f, m = video.decode_clip(p, max_frames=3, image_size=8)
+  assert _frame_ids(f, m) == [0, 10, 30] and len(passes) == 2
