@@ -75,6 +75,20 @@ def _mechanics(out: Path) -> dict:
     w, loss, rowsum = step(w, t, v)
     losses.append(float(loss))
   gathered = distributed.to_host(rowsum)  # sharded over processes -> whole on every host
+
+  # Orbax from every process: a replicated and a 'data'-sharded array, saved and restored.
+  import orbax.checkpoint as ocp
+  ckpt = ocp.StandardCheckpointer()
+  path = (out / "ckpt").absolute()
+  ckpt.save(path, {"w": w, "rowsum": rowsum})
+  ckpt.wait_until_finished()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          {"w": w, "rowsum": rowsum})
+  restored = ckpt.restore(path, abstract)
+  assert restored["rowsum"].sharding == rowsum.sharding
+  np.testing.assert_array_equal(distributed.to_host(restored["rowsum"]), gathered)
+  np.testing.assert_array_equal(distributed.to_host(restored["w"]), distributed.to_host(w))
+  ckpt.close()
   return {
       "losses": losses,
       "w": np.asarray(distributed.to_host(w)).tolist(),
