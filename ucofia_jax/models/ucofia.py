@@ -1,0 +1,321 @@
+"""UCoFiA head (SPEC §4-7): token selector, temporal encoder (seqTransf), the ISA matrices and
+the forward from per-token CLIP features to the similarity matrix.
+
+The module only owns parameters and wires the pure functions of ``ucofia_jax.ops``;
+video-side work (temporal encoder, selection) runs once per video in ``encode_video``,
+text-side work once per text in ``encode_text``, and only ``ops.similarity.pair_levels`` runs
+per (text, video) pair (see ``ops.blockwise`` for the N x M evaluation).
+
+Fidelity first: the defaults reproduce the original, quirks included; each fixable quirk is a
+field (see docs/head.md for the table).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ucofia_jax.models.layers import LayerNorm, Transformer
+from ucofia_jax.ops import similarity as sim_ops
+from ucofia_jax.ops.isa import TAU
+from ucofia_jax.ops.topk import hard_topk, perturbed_topk
+from ucofia_jax.losses import symmetric_cross_entropy
+
+POSITION_TABLE = 77          # nn.Embedding(77, D): CLIP's context length (SPEC §5)
+KEY_MASK_VALUE = -1e6        # additive key-padding mask of seqTransf
+
+
+def _eye_init(key, shape, dtype=jnp.float32):
+    del key
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(f"identity init needs a square shape, got {shape}")
+    return jnp.eye(shape[0], dtype=dtype)
+
+
+_linear_init = nn.initializers.normal(0.02)   # until_module.init_weights: N(0, 0.02)
+
+
+class PredictorLG(nn.Module):
+    """Token score predictor, both versions of the original (SPEC §4.2).
+
+    'new' (train/, eval_v2t/): h = GELU(Lin_{D->D/2}(LN_D(x))); [h, h_cls] -> Lin_{D->D/2} ->
+    GELU -> Lin_{D/2->1} -> tanh.  'old' (eval_t2v/): x' = [x, x_cls] -> LN_2D -> Lin_{2D->D}
+    -> GELU = h; video context = **sum** over all frames of h_cls; [h, ctx] -> Lin_{2D->D} ->
+    GELU -> Lin_{D->1} -> tanh. No biases in the linears; exact-erf GELU; LN eps 1e-5.
+    """
+
+    embed_dim: int
+    version: str = "new"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, num_frames: int) -> jax.Array:
+        # x: '(b f) n d' -> scores '(b f) n'
+        d = self.embed_dim
+        gelu = lambda y: jax.nn.gelu(y, approximate=False)
+        if self.version == "new":
+            h = LayerNorm(1e-5, name="in_norm")(x)
+            h = gelu(nn.Dense(d // 2, use_bias=False, kernel_init=_linear_init, name="in_proj")(h))
+            ctx = jnp.broadcast_to(h[:, :1], h.shape)
+            h = jnp.concatenate([h, ctx], axis=-1)                          # '(b f) n d'
+            h = gelu(nn.Dense(d // 2, use_bias=False, kernel_init=_linear_init, name="out_fc1")(h))
+        elif self.version == "old":
+            x2 = jnp.concatenate([x, jnp.broadcast_to(x[:, :1], x.shape)], axis=-1)  # 2d
+            h = LayerNorm(1e-5, name="in_norm")(x2)
+            h = gelu(nn.Dense(d, use_bias=False, kernel_init=_linear_init, name="in_proj")(h))
+            bf, n = h.shape[0], h.shape[1]
+            hv = h.reshape(bf // num_frames, num_frames, n, d)
+            ctx = jnp.sum(hv[:, :, 0], axis=1)                              # 'b d', sum!
+            ctx = jnp.broadcast_to(ctx[:, None, None, :], hv.shape).reshape(bf, n, d)
+            h = jnp.concatenate([h, ctx], axis=-1)
+            h = gelu(nn.Dense(d, use_bias=False, kernel_init=_linear_init, name="out_fc1")(h))
+        else:
+            raise ValueError(f"predictor must be 'new' or 'old', got {self.version!r}")
+        s = nn.Dense(1, use_bias=False, kernel_init=_linear_init, name="out_fc2")(h)
+        return jnp.tanh(s[..., 0])
+
+
+class UCoFiAHead(nn.Module):
+    """The UCoFiA head on top of CLIP per-token features.
+
+    Quirk flags (original behaviour by default):
+      selection_noise_at_eval: perturbed top-k noise also at inference (original True); when
+        False, inference uses the noise-free hard top-k (``ops.topk.hard_topk``).
+      mask_padding: exclude padded words / padded frames (and their tokens) from the ISA
+        softmaxes (original False: everything competes). Needs ``text_mask`` in encode_text.
+      scale_pixel_word: multiply level 3 by exp(logit_scale) (original False).
+      eval_local_mat_weight1: apply local_mat_weight1 to the pixels at inference too (original
+        False: only training does, §12.1).
+    """
+
+    embed_dim: int
+    max_frames: int
+    max_words: int
+    topk: int = 3
+    num_samples: int = 500
+    sigma: float = 0.05
+    tau: float = TAU
+    seq_layers: int = 4
+    predictor: str = "new"
+    selection_noise_at_eval: bool = True
+    mask_padding: bool = False
+    scale_pixel_word: bool = False
+    eval_local_mat_weight1: bool = False
+
+    @property
+    def num_pixels(self) -> int:
+        return (self.topk + 1) * self.max_frames
+
+    def setup(self):
+        d, f, w, p = self.embed_dim, self.max_frames, self.max_words, self.num_pixels
+        if f > POSITION_TABLE:
+            raise ValueError(f"max_frames {f} exceeds the {POSITION_TABLE}-row position table")
+        self.selector = PredictorLG(d, self.predictor, name="selector")
+        self.frame_position_embeddings = self.param(
+            "frame_position_embeddings", nn.initializers.normal(0.01), (POSITION_TABLE, d))
+        # heads = D // 64 as the original (8 at D=512); at least 1 for small test widths.
+        self.temporal = Transformer(width=d, layers=self.seq_layers, heads=max(1, d // 64),
+                                    ln_eps=1e-12,
+                                    name="temporal")
+        self.global_mat_weight = self.param("global_mat_weight", _eye_init, (d, d))
+        self.global_mat_weight_1 = self.param("global_mat_weight_1", _eye_init, (d, d))
+        self.local_mat_weight = self.param("local_mat_weight", _eye_init, (d, d))
+        self.local_mat_weight1 = self.param("local_mat_weight1", _eye_init, (d, d))
+        self.frame_logit_weight = self.param("frame_logit_weight", _eye_init, (f, f))
+        self.word_mat_weight = self.param("word_mat_weight", _eye_init, (w, w))
+        self.word_mat_weight2 = self.param("word_mat_weight2", _eye_init, (w, w))
+        self.pixel_mat_weight = self.param("pixel_mat_weight", _eye_init, (p, p))
+        self.pixel_mat_weight2 = self.param("pixel_mat_weight2", _eye_init, (p, p))
+
+    # ------------------------------------------------------------------ video side
+    def _check_video(self, frame_cls, patch_tokens, video_mask):
+        b, f, d = frame_cls.shape
+        if f != self.max_frames or d != self.embed_dim:
+            raise ValueError(f"frame_cls has shape {frame_cls.shape}, expected [b, {self.max_frames}, "
+                             f"{self.embed_dim}] (max_frames, embed_dim)")
+        if patch_tokens.shape[0] != b or patch_tokens.shape[1] % f or patch_tokens.shape[2] != d:
+            raise ValueError(f"patch_tokens has shape {patch_tokens.shape}, expected [{b}, "
+                             f"{f} * tokens_per_frame, {d}]")
+        if video_mask.shape != (b, f):
+            raise ValueError(f"video_mask has shape {video_mask.shape}, expected {(b, f)}")
+
+    def token_scores(self, patch_tokens: jax.Array) -> jax.Array:
+        """Predictor scores '(b f) n' (column 0 = frame CLS, ignored by the top-k)."""
+        b = patch_tokens.shape[0]
+        x = patch_tokens.reshape(b * self.max_frames, -1, self.embed_dim)
+        return self.selector(x, self.max_frames)
+
+    def select_tokens(self, patch_tokens, *, train: bool = True, rng=None, noise=None,
+                      indicator=None):
+        """Kept tokens 'b (f 4) d' = per frame [CLS, indicator . patches] (SPEC §4.1).
+
+        Returns (pixel_tokens, scores, indicator). ``indicator`` [(b f), k, n-1] may be given
+        (e.g. the original's, for parity): then the predictor gets no gradient through it.
+        """
+        b, d, f = patch_tokens.shape[0], self.embed_dim, self.max_frames
+        x = patch_tokens.reshape(b * f, -1, d)                              # '(b f) n d'
+        scores = self.selector(x, f)                                        # '(b f) n'
+        if indicator is None:
+            if noise is None and not train and not self.selection_noise_at_eval:
+                indicator = hard_topk(scores[:, 1:], self.topk)
+            else:
+                if noise is None and rng is None:
+                    if not self.has_rng("selection"):
+                        raise ValueError("token selection draws noise: pass rng=, noise= or "
+                                         "indicator=, or a 'selection' rng to apply()")
+                    rng = self.make_rng("selection")
+                indicator = perturbed_topk(scores[:, 1:], self.topk, self.num_samples,
+                                           self.sigma, rng=rng, noise=noise)
+        else:
+            indicator = jax.lax.stop_gradient(indicator)
+        sel = jnp.einsum("bkl,bld->bkd", indicator.astype(x.dtype), x[:, 1:])
+        out = jnp.concatenate([x[:, :1], sel], axis=1).reshape(b, f * (self.topk + 1), d)
+        return out, scores, indicator
+
+    def temporal_encoder(self, frame_cls: jax.Array, video_mask: jax.Array) -> jax.Array:
+        """seqTransf output *before* the residual, 'b f d' (SPEC §5)."""
+        f = frame_cls.shape[1]
+        x = frame_cls + self.frame_position_embeddings[:f][None]
+        mask = (1.0 - video_mask.astype(jnp.float32)) * KEY_MASK_VALUE      # keys only
+        return self.temporal(x, mask[:, None, None, :])                     # 'b h q k'
+
+    def encode_video(self, frame_cls, patch_tokens, video_mask, *, rng=None, noise=None,
+                     indicator=None, train: bool = False) -> Dict[str, jax.Array]:
+        """Per-video features: {'video_feature' 'b d', 'frame_features' 'b f d',
+        'pixel_tokens' 'b (4f) d', 'video_mask' 'b f'} (normalised as the original does)."""
+        self._check_video(frame_cls, patch_tokens, video_mask)
+        pixels, _, _ = self.select_tokens(patch_tokens, train=train, rng=rng, noise=noise,
+                                          indicator=indicator)
+        seq = self.temporal_encoder(frame_cls, video_mask) + frame_cls
+        seq = sim_ops.l2_normalize(seq)
+        m = video_mask.astype(seq.dtype)[..., None]
+        video = jnp.sum(seq * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+        return {"video_feature": sim_ops.l2_normalize(video),
+                "frame_features": sim_ops.l2_normalize(frame_cls),   # raw CLS, no mask (§6)
+                "pixel_tokens": pixels,
+                "video_mask": video_mask}
+
+    # ------------------------------------------------------------------ text side
+    def encode_text(self, text_cls, text_tokens, text_mask=None) -> Dict[str, jax.Array]:
+        """{'sentence' 't d', 'words' 't w d'} L2-normalised; all word positions kept."""
+        if text_cls.ndim == 3:
+            text_cls = text_cls[:, 0]
+        if text_tokens.shape[1:] != (self.max_words, self.embed_dim):
+            raise ValueError(f"text_tokens has shape {text_tokens.shape}, expected [t, "
+                             f"{self.max_words}, {self.embed_dim}] (max_words, embed_dim)")
+        out = {"sentence": sim_ops.l2_normalize(text_cls),
+               "words": sim_ops.l2_normalize(text_tokens)}
+        if text_mask is not None:
+            out["text_mask"] = text_mask
+        elif self.mask_padding:
+            raise ValueError("mask_padding=True needs text_mask in encode_text")
+        return out
+
+    # ------------------------------------------------------------------ pairs
+    def project_text(self, text_side) -> Dict[str, jax.Array]:
+        """Once per text: the D x D projections (sent Wg, words Wl)."""
+        out = {"sentence": text_side["sentence"],
+               "sentence_g": text_side["sentence"] @ self.global_mat_weight,
+               "words_l": text_side["words"] @ self.local_mat_weight}
+        if self.mask_padding:
+            out["word_mask"] = text_side["text_mask"].astype(bool)
+        return out
+
+    def project_video(self, video_side, *, train: bool) -> Dict[str, jax.Array]:
+        """Once per video: video Wg1, pixels Wl1 (training only, unless the flag says so)."""
+        pixels = video_side["pixel_tokens"]
+        if train or self.eval_local_mat_weight1:
+            pixels = pixels @ self.local_mat_weight1
+        out = {"video_g": video_side["video_feature"] @ self.global_mat_weight_1,
+               "frame_features": video_side["frame_features"],
+               "pixels_l": pixels}
+        if self.mask_padding:
+            fm = video_side["video_mask"].astype(bool)
+            out["frame_mask"] = fm
+            out["pixel_mask"] = jnp.repeat(fm, self.topk + 1, axis=1)
+        return out
+
+    def shared_inputs(self, logit_scale_log) -> Dict[str, Any]:
+        """What every (text, video) block needs: ISA matrices and the logit scales."""
+        scale = jnp.exp(jnp.asarray(logit_scale_log, jnp.float32))
+        mats = sim_ops.IsaMatrices(self.frame_logit_weight, self.word_mat_weight,
+                                   self.pixel_mat_weight, self.pixel_mat_weight2,
+                                   self.word_mat_weight2)
+        return {"mats": mats, "scale": scale,
+                "scale3": scale if self.scale_pixel_word else jnp.ones((), jnp.float32)}
+
+    def similarity_levels(self, text_side, video_side, logit_scale_log, *, train: bool):
+        """(S1, S2, S3) [Bt, Bv]: video-sentence, sentence-frame, patch-word."""
+        return sim_ops.pair_levels(self.project_text(text_side),
+                                   self.project_video(video_side, train=train),
+                                   self.shared_inputs(logit_scale_log), self.tau)
+
+    def __call__(self, text_cls, text_tokens, frame_cls, patch_tokens, video_mask,
+                 logit_scale_log, *, text_mask=None, rng=None, noise=None, indicator=None,
+                 train: bool = True):
+        """Full training forward: logits [Bt, Bv] = mean of the three levels."""
+        t = self.encode_text(text_cls, text_tokens, text_mask)
+        v = self.encode_video(frame_cls, patch_tokens, video_mask, rng=rng, noise=noise,
+                              indicator=indicator, train=train)
+        return sim_ops.combine_levels(*self.similarity_levels(t, v, logit_scale_log, train=train))
+
+    def loss(self, *args, **kwargs):
+        return symmetric_cross_entropy(self(*args, **kwargs))
+
+
+def head_from_config(config) -> UCoFiAHead:
+    """Build the head from ``config.model.head``, ``config.data`` and ``config.model.clip``."""
+    h = config.model.head
+    get = lambda name, default: h.get(name, default) if hasattr(h, "get") else getattr(h, name, default)
+    embed_dim = config.model.get("embed_dim", None) if hasattr(config.model, "get") else None
+    if embed_dim is None:
+        embed_dim = config.model.clip.embed_dim
+    return UCoFiAHead(
+        embed_dim=int(embed_dim), max_frames=int(config.data.max_frames),
+        max_words=int(config.data.max_words), topk=int(get("topk", 3)),
+        num_samples=int(get("num_samples", 500)), sigma=float(get("sigma", 0.05)),
+        tau=float(get("tau", TAU)), seq_layers=int(get("seq_layers", 4)),
+        predictor=str(get("predictor", "new")),
+        selection_noise_at_eval=bool(get("selection_noise_at_eval", True)),
+        mask_padding=bool(get("mask_padding", False)),
+        scale_pixel_word=bool(get("scale_pixel_word", False)),
+        eval_local_mat_weight1=bool(get("eval_local_mat_weight1", False)))
+
+
+UCoFiAHead.from_config = staticmethod(head_from_config)
+
+
+def init_temporal_from_clip(head_params, clip_params):
+    """Copy CLIP text blocks 0..L-1 and CLIP's positional embedding into the head (SPEC §5).
+
+    ``head_params``: the head's params dict (with or without a top-level 'params');
+    ``clip_params``: CLIP params with 'transformer/resblocks_{i}' and 'positional_embedding'.
+    Returns a new dict; shape mismatches raise naming the parameter.
+    """
+    wrapped = "params" in head_params and "temporal" not in head_params
+    hp = dict(head_params["params"] if wrapped else head_params)
+    cp = clip_params.get("params", clip_params) if "transformer" not in clip_params else clip_params
+    temporal = dict(hp["temporal"])
+    for name in sorted(temporal):
+        src = cp["transformer"].get(name)
+        if src is None:
+            raise KeyError(f"CLIP text transformer has no block {name} for the temporal encoder")
+        temporal[name] = _copy_checked(temporal[name], src, f"temporal/{name}")
+    hp["temporal"] = temporal
+    pos = jnp.asarray(cp["positional_embedding"])
+    if pos.shape != hp["frame_position_embeddings"].shape:
+        raise ValueError(f"frame_position_embeddings: head shape "
+                         f"{tuple(hp['frame_position_embeddings'].shape)} vs CLIP "
+                         f"positional_embedding {tuple(pos.shape)}")
+    hp["frame_position_embeddings"] = pos
+    return {"params": hp} if wrapped else hp
+
+
+def _copy_checked(dst, src, path):
+    if isinstance(dst, dict) or hasattr(dst, "items"):
+        return {k: _copy_checked(dst[k], src[k], f"{path}/{k}") for k in dst}
+    src = jnp.asarray(src)
+    if src.shape != dst.shape:
+        raise ValueError(f"{path}: head shape {tuple(dst.shape)} vs CLIP shape {tuple(src.shape)}")
+    return src.astype(dst.dtype)

@@ -1,0 +1,110 @@
+"""The three similarity levels of UCoFiA (SPEC §6) as pure functions.
+
+Inputs are *prepared* features (what ``UCoFiAHead.encode_text`` / ``encode_video`` return,
+after the D x D projections of ``project_text`` / ``project_video``), so that this module can
+run on any (text block, video block) pair: every softmax lives inside one (text, video) pair,
+which is what makes blockwise evaluation exact.
+
+Shapes: t texts, v videos, w words, f frames, p kept visual tokens (4 per frame), d width.
+"""
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from ucofia_jax.ops.isa import TAU, isa_aggregate, isa_weights
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+    # torch `x / x.norm(dim=-1, keepdim=True)` (no epsilon, as the original).
+    return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
+
+
+class IsaMatrices(NamedTuple):
+    frame_logit_weight: jax.Array   # [f, f]
+    word_mat_weight: jax.Array      # [w, w]  words, per pixel
+    pixel_mat_weight: jax.Array     # [p, p]  pixels, per word
+    pixel_mat_weight2: jax.Array    # [p, p]  second stage over pixels
+    word_mat_weight2: jax.Array     # [w, w]  second stage over words
+
+
+def video_sentence(sent_g: jax.Array, video_g: jax.Array, scale: jax.Array) -> jax.Array:
+    """Level 1: ``scale * (sent Wg) . (video Wg1)``; inputs already projected.
+
+    sent_g 't d', video_g 'v d' -> 't v'.
+    """
+    return scale * jnp.einsum("td,vd->tv", sent_g, video_g)
+
+
+def sentence_frame(sent: jax.Array, frames: jax.Array, w_frame: jax.Array, scale: jax.Array,
+                   tau: float = TAU, frame_mask: Optional[jax.Array] = None) -> jax.Array:
+    """Level 2: ISA over frames of the sentence-frame cosines.
+
+    sent 't d' (normalised), frames 'v f d' (normalised raw CLIP frame CLS) -> 't v'.
+    ``frame_mask`` 'v f' (bool) only when padded frames are excluded (not the original).
+    """
+    s = jnp.einsum("td,vfd->tvf", sent, frames)
+    mask = None if frame_mask is None else frame_mask[None, :, :]
+    return scale * isa_aggregate(s, w_frame, axis=-1, tau=tau, mask=mask)
+
+
+def fine_grained(words_l: jax.Array, pixels_l: jax.Array) -> jax.Array:
+    """G = (words Wl) . (pixels Wl1): 't w d', 'v p d' -> 't v w p'."""
+    return jnp.einsum("twd,vpd->tvwp", words_l, pixels_l)
+
+
+def pixel_word(words_l: jax.Array, pixels_l: jax.Array, mats: IsaMatrices, tau: float = TAU,
+               word_mask: Optional[jax.Array] = None, pixel_mask: Optional[jax.Array] = None,
+               return_intermediates: bool = False):
+    """Level 3 (no logit scale in the original): two ISA stages in two directions.
+
+    words_l 't w d' (normalised words times Wl), pixels_l 'v p d' (selected tokens, not
+    normalised, times Wl1 in training) -> 't v'. Masks ('t w', 'v p' bool) only when padding
+    is excluded (not the original).
+    """
+    g = fine_grained(words_l, pixels_l)                                    # 't v w p'
+    wm = None if word_mask is None else word_mask[:, None, :, None]
+    pm = None if pixel_mask is None else pixel_mask[None, :, None, :]
+    # Aggregate words for every pixel, then pixels (sentence -> pixel).
+    word_w = isa_weights(g, mats.word_mat_weight, axis=2, tau=tau, mask=wm)
+    word_level = jnp.sum(g * word_w, axis=2)                               # 't v p'
+    pm2 = None if pm is None else pm[:, :, 0, :]
+    s2p_w = isa_weights(word_level, mats.pixel_mat_weight2, axis=-1, tau=tau, mask=pm2)
+    s2p = jnp.sum(word_level * s2p_w, axis=-1)                             # 't v'
+    # Aggregate pixels for every word, then words (video -> word).
+    pix_w = isa_weights(g, mats.pixel_mat_weight, axis=3, tau=tau, mask=pm)
+    pixel_level = jnp.sum(g * pix_w, axis=3)                               # 't v w'
+    wm2 = None if wm is None else wm[:, :, :, 0]
+    v2w_w = isa_weights(pixel_level, mats.word_mat_weight2, axis=-1, tau=tau, mask=wm2)
+    v2w = jnp.sum(pixel_level * v2w_w, axis=-1)                            # 't v'
+    out = 0.5 * (s2p + v2w)
+    if not return_intermediates:
+        return out
+    return out, dict(fine_grained_sim=g, word_isa_weights=word_w, word_level_logit=word_level,
+                     pixel_isa_weights=pix_w, pixel_level_logit=pixel_level,
+                     sent2pixel_isa_weights=s2p_w, sent2pixel_logit=s2p,
+                     video2word_isa_weights=v2w_w, video2word_logit=v2w)
+
+
+def pair_levels(text: Dict[str, jax.Array], video: Dict[str, jax.Array], shared: Dict,
+                tau: float = TAU):
+    """(S1, S2, S3) ['t v'] from projected text/video features (see UCoFiAHead.project_*).
+
+    text: 'sentence' 't d', 'sentence_g' 't d', 'words_l' 't w d', optional 'word_mask'.
+    video: 'video_g' 'v d', 'frame_features' 'v f d', 'pixels_l' 'v p d', optional
+    'frame_mask', 'pixel_mask'. shared: 'mats' (IsaMatrices), 'scale' [], 'scale3' [].
+    """
+    mats = shared["mats"]
+    s1 = video_sentence(text["sentence_g"], video["video_g"], shared["scale"])
+    s2 = sentence_frame(text["sentence"], video["frame_features"], mats.frame_logit_weight,
+                        shared["scale"], tau, video.get("frame_mask"))
+    s3 = shared["scale3"] * pixel_word(text["words_l"], video["pixels_l"], mats, tau,
+                                       text.get("word_mask"), video.get("pixel_mask"))
+    return s1, s2, s3
+
+
+def combine_levels(s1: jax.Array, s2: jax.Array, s3: jax.Array) -> jax.Array:
+    """Training / plain-eval similarity: the mean of the three levels (line 370)."""
+    return (s1 + s2 + s3) / 3.0
