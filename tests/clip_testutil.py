@@ -4,7 +4,7 @@ import torch
 import transformers
 
 TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128,
-            vision_patch_size=8, context_length=16, vocab_size=99, text_width=64, text_heads=2,
+            vision_patch_size=8, context_length=16, vocab_size=99, text_width=128, text_heads=2,
             text_layers=2)
 VIT_B32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
                vision_patch_size=32, context_length=77, vocab_size=49408, text_width=512,

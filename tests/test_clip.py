@@ -76,52 +76,63 @@ def test_parity_vit_b32():
     assert max(errs) < 1e-1
 
 
-def test_encode_video_matches_frames_without_shift():
+@pytest.fixture(scope="module")
+def tiny_params():
+    # One init shared by the tests below: token_shift_blocks does not change the params.
+    return clip.init_clip(clip.CLIPConfig(**TINY), jax.random.PRNGKey(0))[1]
+
+
+def _apply(cfg, method):
+    model = clip.CLIP(cfg)
+    return jax.jit(lambda p, x: model.apply({"params": p}, x, method=getattr(model, method)))
+
+
+def test_encode_video_matches_frames_without_shift(tiny_params):
     cfg = clip.CLIPConfig(**TINY)
-    model, params = clip.init_clip(cfg, jax.random.PRNGKey(0))
     frames = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 32, 32, 3))
-    vid = model.apply({"params": params}, frames, method=model.encode_video)
-    img = model.apply({"params": params}, frames.reshape(6, 32, 32, 3), method=model.encode_image)
+    vid = _apply(cfg, "encode_video")(tiny_params, frames)
+    img = _apply(cfg, "encode_image")(tiny_params, frames.reshape(6, 32, 32, 3))
     assert vid.shape == (2, 3, 17, 32)
     np.testing.assert_allclose(np.asarray(vid).reshape(6, 17, 32), np.asarray(img), atol=1e-5)
 
 
-def test_token_shift_in_video():
-    """Shift on the last block only: blocks before it equal the plain image path, and the
-    shifted run equals a manual forward that shifts the LayerNormed attention input."""
+def test_token_shift_in_video(tiny_params):
+    """Shift on the last block only: equals a forward written out by hand that shifts the
+    LayerNormed attention input (the residual keeps the unshifted tokens)."""
     from ucofia_jax.models.layers import LayerNorm, MultiHeadAttention, MLP
     from ucofia_jax.ops.token_shift import token_shift
 
-    sizes = dict(TINY, vision_layers=2)
-    cfg = clip.CLIPConfig(**sizes, token_shift_blocks=(1,))
-    model, params = clip.init_clip(cfg, jax.random.PRNGKey(0))
+    cfg = clip.CLIPConfig(**TINY, token_shift_blocks=(1,))
     frames = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 32, 32, 3))
-    got = model.apply({"params": params}, frames, method=model.encode_video)
+    got = np.asarray(_apply(cfg, "encode_video")(tiny_params, frames)).reshape(8, 17, 32)
     # Shift changes the output of frames (otherwise the test would be vacuous) ...
-    plain = model.apply({"params": params}, frames.reshape(8, 32, 32, 3), method=model.encode_image)
-    assert np.max(np.abs(np.asarray(got).reshape(8, 17, 32) - np.asarray(plain))) > 1e-3
-    # ... and equals the block written out by hand.
-    vp = params["visual"]
-    x = frames.reshape(8, 32, 32, 3)
-    conv = jax.lax.conv_general_dilated(x, vp["conv1"]["kernel"], (8, 8), "VALID",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    x = conv.reshape(8, 16, 128)
-    x = jnp.concatenate([jnp.broadcast_to(vp["class_embedding"], (8, 1, 128)), x], 1)
-    x = x + vp["positional_embedding"]
-    ln = lambda p, v: LayerNorm().apply({"params": p}, v)
-    x = ln(vp["ln_pre"], x)
-    for i in range(2):
-        bp = vp["transformer"][f"resblocks_{i}"]
-        h = ln(bp["ln_1"], x)
-        if i == 1:
-            h = token_shift(h, 4, 7)
-        x = x + MultiHeadAttention(128, 2).apply({"params": bp["attn"]}, h)
-        x = x + MLP(128).apply({"params": bp["mlp"]}, ln(bp["ln_2"], x))
-    want = ln(vp["ln_post"], x) @ vp["proj"]
-    np.testing.assert_allclose(np.asarray(got).reshape(8, 17, 32), np.asarray(want), atol=1e-5)
+    plain = _apply(cfg, "encode_image")(tiny_params, frames.reshape(8, 32, 32, 3))
+    assert np.max(np.abs(got - np.asarray(plain))) > 1e-3
+
+    # ... and equals the blocks written out by hand.
+    @jax.jit
+    def manual(vp, x):
+        conv = jax.lax.conv_general_dilated(x, vp["conv1"]["kernel"], (8, 8), "VALID",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = conv.reshape(8, 16, 128)
+        x = jnp.concatenate([jnp.broadcast_to(vp["class_embedding"], (8, 1, 128)), x], 1)
+        x = x + vp["positional_embedding"]
+        ln = lambda p, v: LayerNorm().apply({"params": p}, v)
+        x = ln(vp["ln_pre"], x)
+        for i in range(2):
+            bp = vp["transformer"][f"resblocks_{i}"]
+            h = ln(bp["ln_1"], x)
+            if i == 1:
+                h = token_shift(h, 4, 7)
+            x = x + MultiHeadAttention(128, 2).apply({"params": bp["attn"]}, h)
+            x = x + MLP(128).apply({"params": bp["mlp"]}, ln(bp["ln_2"], x))
+        return ln(vp["ln_post"], x) @ vp["proj"]
+
+    want = manual(tiny_params["visual"], frames.reshape(8, 32, 32, 3))
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
 
 
-def test_config_and_helpers():
+def test_config_and_helpers(tiny_params):
     from ml_collections import ConfigDict
     c = clip.CLIPConfig.from_ml(ConfigDict(dict(TINY, checkpoint="", token_shift_blocks=(1,),
                                                 token_shift_n_div=7, dtype="bfloat16")))
@@ -136,7 +147,9 @@ def test_config_and_helpers():
     out = np.asarray(jax.jit(clip.normalize_images)(img))
     np.testing.assert_allclose(out[0, 0, 0], (1 - np.array(clip.CLIP_MEAN)) / np.array(clip.CLIP_STD),
                                rtol=1e-6)
-    model, params = clip.init_clip(clip.CLIPConfig(**TINY), jax.random.PRNGKey(0))
-    np.testing.assert_allclose(float(params["logit_scale"]), np.log(1 / 0.07), rtol=1e-6)
+    np.testing.assert_allclose(float(tiny_params["logit_scale"]), np.log(1 / 0.07), rtol=1e-6)
+    # OpenAI-like init: text block in_proj std = width^-1/2 (width 128).
+    k = np.asarray(tiny_params["transformer"]["resblocks_0"]["attn"]["in_proj"]["kernel"])
+    assert abs(k.std() - 128 ** -0.5) < 0.1 * 128 ** -0.5
     with pytest.raises(ValueError, match="clip.py"):
-        model.apply({"params": params}, jnp.zeros((1, 16, 16, 3)), method=model.encode_image)
+        _apply(clip.CLIPConfig(**TINY), "encode_image")(tiny_params, jnp.zeros((1, 16, 16, 3)))

@@ -216,20 +216,22 @@ def _openai_block_init(params: dict, width: int, layers: int, rng: jax.Array) ->
 
 
 def init_clip(cfg: CLIPConfig, rng: jax.Array) -> tuple[CLIP, dict]:
-    """Randomly initialised CLIP (OpenAI-like init stds)."""
+    """Randomly initialised CLIP (OpenAI-like init stds), one compiled function."""
     model = CLIP(cfg)
-    r_init, r_txt, r_vis = jax.random.split(rng, 3)
-    images = jnp.zeros((1, cfg.image_resolution, cfg.image_resolution, 3), jnp.float32)
-    ids = jnp.zeros((1, 2), jnp.int32)
-    params = jax.jit(model.init)(r_init, images, ids)["params"]
-    params = jax.tree_util.tree_map(lambda a: a, dict(params))
-    params["transformer"] = _openai_block_init(params["transformer"], cfg.text_width,
-                                               cfg.text_layers, r_txt)
-    visual = dict(params["visual"])
-    visual["transformer"] = _openai_block_init(visual["transformer"], cfg.vision_width,
-                                               cfg.vision_layers, r_vis)
-    params["visual"] = visual
-    return model, params
+
+    def init(rng):
+        r_init, r_txt, r_vis = jax.random.split(rng, 3)
+        images = jnp.zeros((1, cfg.image_resolution, cfg.image_resolution, 3), jnp.float32)
+        params = dict(model.init(r_init, images, jnp.zeros((1, 2), jnp.int32))["params"])
+        params["transformer"] = _openai_block_init(params["transformer"], cfg.text_width,
+                                                   cfg.text_layers, r_txt)
+        visual = dict(params["visual"])
+        visual["transformer"] = _openai_block_init(visual["transformer"], cfg.vision_width,
+                                                   cfg.vision_layers, r_vis)
+        params["visual"] = visual
+        return params
+
+    return model, jax.jit(init)(rng)
 
 
 def load_pretrained(path: str, **cfg_overrides) -> tuple[CLIP, dict]:
