@@ -1,0 +1,126 @@
+"""Builds one dataset into TFDS format: ``python -m data_pipeline.build``.
+
+    python -m data_pipeline.build --dataset=msrvtt --manual_dir=RAW --data_dir=OUT \
+        [--video_dir DIR] [--max_frames 12] [--image_size 224] [--strict] [--workers N]
+
+RAW holds the dataset's annotation files under their original names and the videos in
+RAW/videos/ (see ``--help`` or docs/pipeline.md for each dataset's files). The command checks
+the layout first and names every missing file, then decodes all clips in parallel, writes
+the TFDS dataset to ``OUT/ucofia_video_text/<config>/1.0.0`` and ends with a summary: clips
+written per split, clips skipped and why; the skipped file names go to
+``OUT/ucofia_video_text/<config>/skip_report.txt`` (and ``.json``).
+
+Re-running after an interruption is safe: TFDS only renames its temp directory into place
+when every split is written (so no partial dataset or duplicates), temp directories of
+killed builds are removed, and already decoded clips come from the decode cache
+(``OUT/.ucofia_cache/<config>``, deleted after a successful build unless --keep_cache).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+from data_pipeline.records import DataError
+
+
+def _parser() -> argparse.ArgumentParser:
+  from data_pipeline import builder as builder_lib  # pylint: disable=g-import-not-at-top
+  layouts = "\n\n".join(f"{n}:\n{builder_lib.layout_text(n)}" for n in builder_lib.DATASETS)
+  p = argparse.ArgumentParser(
+      prog="python -m data_pipeline.build", description=__doc__.split("\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="Layouts of --manual_dir:\n\n" + layouts)
+  p.add_argument("--dataset", required=True, choices=sorted(builder_lib.DATASETS))
+  p.add_argument("--manual_dir", required=True, help="raw annotation files (+ videos/)")
+  p.add_argument("--data_dir", required=True, help="TFDS output directory")
+  p.add_argument("--video_dir", default=None, help="video folder (default MANUAL_DIR/videos)")
+  p.add_argument("--max_frames", type=int, default=None,
+                 help="frames per clip (default 12; 64 for activitynet/didemo)")
+  p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--feature_framerate", type=int, default=1)
+  p.add_argument("--slice_framepos", type=int, default=2, choices=(0, 1, 2))
+  p.add_argument("--strict", action="store_true",
+                 help="fail at the first bad annotation row or video instead of skipping it")
+  p.add_argument("--workers", type=int, default=None, help="decode processes (default: all CPUs)")
+  p.add_argument("--keep_cache", action="store_true",
+                 help="keep the per-clip decode cache after a successful build")
+  p.add_argument("--no_progress", action="store_true")
+  return p
+
+
+def build(dataset: str, *, manual_dir: str, data_dir: str, video_dir: str | None = None,
+          max_frames: int | None = None, image_size: int = 224, feature_framerate: int = 1,
+          slice_framepos: int = 2, strict: bool = False, workers: int | None = None,
+          keep_cache: bool = False, progress: bool = True, fail_after: int | None = None,
+          log=print) -> dict:
+  """Builds (or finds already built) one dataset. Returns a summary dict.
+
+  Keys: ``config``, ``path`` (the TFDS version dir), ``written`` (clips per split),
+  ``skipped`` (count per reason), ``report`` (report file or None), ``reused`` (bool).
+  Raises `DataError` for a bad layout, and in strict mode for any bad input.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from data_pipeline import builder as builder_lib  # pylint: disable=g-import-not-at-top
+
+  manual_dir = os.path.abspath(manual_dir)
+  data_dir = os.path.abspath(data_dir)
+  video_dir = os.path.abspath(video_dir) if video_dir else None
+  b = builder_lib.get_builder(
+      dataset, data_dir=data_dir, max_frames=max_frames, image_size=image_size,
+      feature_framerate=feature_framerate, slice_framepos=slice_framepos,
+      video_dir=video_dir, workers=workers, strict=strict, progress=progress,
+      fail_after=fail_after)
+  name = b.builder_config.name
+  if b.is_prepared():
+    log(f"{name}: already built at {b.data_dir}; delete it to rebuild.")
+    return {"config": name, "path": os.fspath(b.data_dir), "reused": True,
+            "written": {s: v.num_examples for s, v in b.info.splits.items()},
+            "skipped": {}, "report": None}
+  builder_lib.check_manual_dir(dataset, manual_dir, video_dir)
+  stale = builder_lib.clean_stale_incomplete_dirs(b)
+  if stale:
+    log(f"{name}: removed {len(stale)} temp dir(s) of an interrupted build: {', '.join(stale)}")
+  t0 = time.time()
+  config = tfds.download.DownloadConfig(
+      manual_dir=manual_dir, try_download_gcs=False,
+      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  try:
+    b.download_and_prepare(download_config=config, file_format="array_record",
+                           download_dir=os.path.join(data_dir, "downloads"))
+  finally:
+    # Written also when the build fails (e.g. --strict), so that the reasons are on disk.
+    report = None
+    if len(b.skip_report):
+      root = b.dataset_root
+      report = b.skip_report.write(os.path.join(root, "skip_report.txt"))
+      b.skip_report.write(os.path.join(root, "skip_report.json"))
+  if not keep_cache:
+    shutil.rmtree(b.default_cache_dir(), ignore_errors=True)
+  written = dict(b.written)
+  total = sum(written.values())
+  per_split = ", ".join(f"{s} {n}" for s, n in written.items())
+  log(f"{name}: wrote {total} clips ({per_split}) to {b.data_dir} in {time.time() - t0:.1f} s")
+  log(f"{name}: {b.skip_report.summary()}" + (f"; file names in {report}" if report else ""))
+  return {"config": name, "path": os.fspath(b.data_dir), "written": written,
+          "skipped": b.skip_report.counts(), "report": report, "reused": False}
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    build(args.dataset, manual_dir=args.manual_dir, data_dir=args.data_dir,
+          video_dir=args.video_dir, max_frames=args.max_frames, image_size=args.image_size,
+          feature_framerate=args.feature_framerate, slice_framepos=args.slice_framepos,
+          strict=args.strict, workers=args.workers, keep_cache=args.keep_cache,
+          progress=not args.no_progress)
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
