@@ -135,6 +135,11 @@ def test_openai_torchscript_archive(tmp_path, hf_model, hf_import):
     rounded = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float16).astype(np.float32),
                                      hf_import[1])
     _assert_same_params(params, rounded)
+    # The conversion recipe of docs/clip.md: TorchScript -> safetensors (OpenAI layout).
+    from safetensors.numpy import save_file
+    save_file(clip_import.read_torch_file(path), str(tmp_path / "ViT-tiny.safetensors"))
+    _, params2 = clip.load_pretrained(str(tmp_path / "ViT-tiny.safetensors"))
+    _assert_same_params(params2, rounded)
 
 
 def test_refuses_code_in_pickles(tmp_path):
