@@ -62,8 +62,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       prefetch=2,
       num_parallel_calls=-1,          # tf.data.AUTOTUNE
       synthetic=ml_collections.ConfigDict(dict(
-          enabled=False,              # True: make the synthetic set in the workdir if absent
-          num_train=0, num_test=0, frame_size=64, num_frames=8, fps=2, seed=0)),
+          # True: make data_pipeline.synthetic's set (MSR-VTT layout) in the workdir if absent
+          enabled=False,
+          num_train=300, num_test=100, frame_size=64, num_seconds=4, fps=6,
+          captions_per_video=5, seed=0)),
   ))
 
   # ------------------------------------------------------------------ training

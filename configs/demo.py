@@ -21,7 +21,7 @@ def get_config():
       text_layers=2, token_shift_blocks=(1,), token_shift_n_div=7, dtype="float32"))
   c.model.head.update(dict(num_samples=64, seq_layers=1, init_temporal_from_clip=False))
 
-  c.data.dataset = "synthetic"
+  c.data.dataset = "msrvtt"         # the synthetic set is in MSR-VTT layout
   c.data.data_dir = ""                # '' = <workdir>/data/tfds
   c.data.manual_dir = ""              # '' = <workdir>/data/raw
   c.data.max_words = 16
@@ -30,7 +30,7 @@ def get_config():
   c.data.expand_sentences = True
   c.data.shuffle_buffer = 512
   c.data.synthetic.update(dict(enabled=True, num_train=400, num_test=100, frame_size=32,
-                               num_frames=8, fps=2, seed=0))
+                               num_seconds=4, fps=2, captions_per_video=5, seed=0))
 
   c.train.update(dict(
       batch_size=32, epochs=8, optimizer="adamw", lr=1e-3, clip_lr=1e-3, warmup_proportion=0.1,

@@ -28,7 +28,7 @@ _CHOICES = {
     "train.optimizer": ("bertadam", "adamw"),
     "train.schedule": ("warmup_cosine", "constant"),
     "eval.sk_domain": ("plain", "log"),
-    "data.dataset": ("msrvtt", "msvd", "lsmdc", "activitynet", "didemo", "vatex", "synthetic"),
+    "data.dataset": ("msrvtt", "msvd", "lsmdc", "activitynet", "didemo", "vatex"),
     "distributed.mode": ("auto", "on", "off"),
 }
 _POSITIVE = (
@@ -137,6 +137,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for i in clip["token_shift_blocks"]:
     if not 0 <= int(i) < clip["vision_layers"]:
       bad("model.clip.token_shift_blocks", f"block {i} outside 0..{clip['vision_layers'] - 1}")
+  tokens = 1 + (clip["image_resolution"] // max(clip["vision_patch_size"], 1)) ** 2
+  if clip["token_shift_blocks"] and tokens < clip["token_shift_n_div"]:
+    bad("model.clip.token_shift_n_div", f"larger than the {tokens} tokens per frame")
   if flat["data.image_size"] != clip["image_resolution"]:
     bad("data.image_size", f"must equal model.clip.image_resolution ({clip['image_resolution']})")
   if flat["data.max_words"] > clip["context_length"]:
@@ -154,6 +157,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if clip["text_width"] != clip["embed_dim"]:
       bad("model.head.init_temporal_from_clip",
           "needs model.clip.text_width == model.clip.embed_dim (blocks are copied)")
+    if clip["context_length"] != 77:
+      bad("model.head.init_temporal_from_clip",
+          "needs model.clip.context_length == 77 (the frame position table is CLIP's)")
     if flat["model.head.seq_layers"] > clip["text_layers"]:
       bad("model.head.seq_layers", f"more than the {clip['text_layers']} CLIP text blocks to copy")
   if flat["train.logit_scale_max"] <= 0 or not math.isfinite(flat["train.logit_scale_max"]):
