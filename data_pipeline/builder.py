@@ -65,7 +65,8 @@ DATASETS: dict[str, DatasetSpec] = {
         splits=("train", "val", "test"),
         files={"*": ("raw-captions.pkl",), "train": ("train_list.txt",),
                "val": ("val_list.txt",), "test": ("test_list.txt",)},
-        source="CLIP4Clip's msvd_data.zip + YouTubeClips.tar"),
+        source="CLIP4Clip's msvd_data.zip + YouTubeClips.tar; val_list.txt is built but "
+               "unused by the recipe"),
     "lsmdc": DatasetSpec(
         splits=("train", "val", "test"),
         files={"train": ("LSMDC16_annos_training.csv",), "val": ("LSMDC16_annos_val.csv",),
@@ -73,10 +74,10 @@ DATASETS: dict[str, DatasetSpec] = {
         source="the LSMDC 2016 release (requires registration with MPII)"),
     "activitynet": DatasetSpec(
         splits=("train", "test"),
-        files={"train": ("train.json", "train_ids.json"),
-               "test": ("val_1.json", "val_ids.json")},
+        files={"train": ("train.json",), "test": ("val_1.json",)},
         max_frames=64,
-        source="ActivityNet Captions annotations (test split = val_1) + ActivityNet videos"),
+        source="ActivityNet Captions annotations, test split = val_1; train_ids.json and "
+               "val_ids.json are optional"),
     "didemo": DatasetSpec(
         splits=("train", "val", "test"),
         files={s: (f"{s}_list.txt", f"{s}_data.json") for s in ("train", "val", "test")},
@@ -420,4 +421,7 @@ def get_builder(dataset: str, *, data_dir: str, max_frames: int | None = None,
   """The builder for one dataset + sampling (reading or building)."""
   config = VideoTextConfig(dataset=dataset, max_frames=max_frames, image_size=image_size,
                            feature_framerate=feature_framerate, slice_framepos=slice_framepos)
+  # TFDS refuses a new config object named like a predefined one: pass the name then.
+  if any(c.name == config.name for c in UcofiaVideoText.BUILDER_CONFIGS):
+    config = config.name
   return UcofiaVideoText(config=config, data_dir=data_dir, **kwargs)

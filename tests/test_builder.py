@@ -1,0 +1,169 @@
+"""TFDS builder + build CLI on the synthetic MSR-VTT-format dataset (12 train / 6 test clips).
+
+One training video is corrupted and one test video deleted, so every build below also checks
+that bad input is skipped, counted and named in the report.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_pipeline import build as build_lib
+from data_pipeline import builder as builder_lib
+from data_pipeline import synthetic
+from data_pipeline import video as video_lib
+from data_pipeline.records import DataError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+F, S = 4, 32
+SAMPLING = dict(max_frames=F, image_size=S)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("raw"))
+  synthetic.make_synthetic_dataset(root, num_train=12, num_test=6, frame_size=32, seed=0)
+  # video1 (train): garbage bytes with an mp4 name; video13 (test): missing file.
+  with open(os.path.join(root, "videos", "video1.mp4"), "wb") as f:
+    f.write(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+  os.remove(os.path.join(root, "videos", "video13.mp4"))
+  return root
+
+
+def _read_split(data_dir, split):
+  b = builder_lib.get_builder("msrvtt", data_dir=data_dir, **SAMPLING)
+  assert b.is_prepared()
+  src = b.as_data_source(split)
+  out = []
+  for i in range(len(src)):
+    e = dict(src[i])
+    e["frames"] = np.stack(e["frames"])  # numpy decoding gives a list for a Sequence
+    out.append(e)
+  return out
+
+
+def test_cli_builds_reads_back_and_reports(raw, tmp_path):
+  out = str(tmp_path / "tfds")
+  proc = subprocess.run(
+      [sys.executable, "-m", "data_pipeline.build", "--dataset=msrvtt", f"--manual_dir={raw}",
+       f"--data_dir={out}", f"--max_frames={F}", f"--image_size={S}", "--workers=2",
+       "--no_progress"],
+      cwd=REPO, capture_output=True, text=True, timeout=180)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "wrote 16 clips (train 11, test 5)" in proc.stdout, proc.stdout
+  assert "skipped: 2" in proc.stdout
+
+  root = os.path.join(out, builder_lib.BUILDER_NAME, "msrvtt_f4_s32")
+  with open(os.path.join(root, "skip_report.json")) as f:
+    report = json.load(f)
+  files = {os.path.basename(e["file"]): e["reason"] for e in report["entries"]}
+  assert set(files) == {"video1.mp4", "video13"}, files
+  assert files["video13"] == "missing video"
+  # The decode cache is removed after a successful build.
+  assert not os.path.exists(os.path.join(out, builder_lib.CACHE_DIRNAME, "msrvtt_f4_s32"))
+
+  train = _read_split(out, "train")
+  test = _read_split(out, "test")
+  assert len(train) == 11 and len(test) == 5
+  ids = [e["video_id"].decode() for e in train]
+  assert len(set(ids)) == 11 and "video1" not in ids
+  # Stored frames are decode_clip's output after JPEG (quality 95): close, not bit-exact.
+  with open(os.path.join(raw, "MSRVTT_data.json")) as f:
+    sentences = json.load(f)["sentences"]
+  for e in train[:4]:
+    vid = e["video_id"].decode()
+    frames, mask = video_lib.decode_clip(os.path.join(raw, "videos", vid + ".mp4"),
+                                         max_frames=F, image_size=S)
+    assert e["frames"].shape == (F, S, S, 3) and e["frames"].dtype == np.uint8
+    np.testing.assert_array_equal(e["frame_mask"], mask)
+    diff = np.abs(e["frames"].astype(np.int32) - frames.astype(np.int32))
+    assert diff.mean() < 3.0 and np.percentile(diff, 99) < 40, (diff.mean(), diff.max())
+    caps = [c.decode() for c in e["captions"]]
+    assert caps == [s["caption"] for s in sentences if s["video_id"] == vid]
+    assert e["start"] == -1 and e["end"] == -1
+  # Test split: one JSFusion sentence per video.
+  assert all(len(e["captions"]) == 1 for e in test)
+
+
+def test_missing_annotation_files_are_named(tmp_path, capsys):
+  manual = tmp_path / "raw"
+  manual.mkdir()
+  (manual / "MSRVTT_data.json").write_text("{}")
+  rc = build_lib.main(["--dataset=msrvtt", f"--manual_dir={manual}",
+                       f"--data_dir={tmp_path / 'out'}", "--no_progress"])
+  err = capsys.readouterr().err
+  assert rc == 2
+  assert str(manual / "MSRVTT_train.9k.csv") in err
+  assert str(manual / "MSRVTT_JSFUSION_test.csv") in err
+  assert "videos/" in err and "--video_dir" in err
+  assert "MSRVTT_data.json" not in err.split("Expected layout")[0]  # present: not listed
+
+
+def test_strict_fails_on_bad_video_and_leaves_nothing(raw, tmp_path):
+  out = str(tmp_path / "tfds")
+  with pytest.raises(DataError, match="video1"):
+    build_lib.build("msrvtt", manual_dir=raw, data_dir=out, strict=True, workers=0,
+                    progress=False, log=lambda *_: None, **SAMPLING)
+  b = builder_lib.get_builder("msrvtt", data_dir=out, **SAMPLING)
+  assert not b.is_prepared()
+  leftovers = os.listdir(b.dataset_root) if os.path.isdir(b.dataset_root) else []
+  assert not [n for n in leftovers if n.startswith(("1.0.0", "incomplete."))], leftovers
+
+
+def test_interrupted_build_resumes_without_duplicates(raw, tmp_path, monkeypatch):
+  out = str(tmp_path / "tfds")
+  calls = []
+  real_decode = video_lib.decode_clip
+
+  def counting_decode(path, **kw):
+    calls.append(os.path.basename(path))
+    return real_decode(path, **kw)
+
+  monkeypatch.setattr(video_lib, "decode_clip", counting_decode)
+  quiet = dict(workers=0, progress=False, log=lambda *_: None, **SAMPLING)
+
+  # 1) An exception after 5 written clips: TFDS removes its temp dir, nothing is prepared.
+  with pytest.raises(RuntimeError, match="simulated interruption"):
+    build_lib.build("msrvtt", manual_dir=raw, data_dir=out, fail_after=5, **quiet)
+  b = builder_lib.get_builder("msrvtt", data_dir=out, **SAMPLING)
+  assert not b.is_prepared()
+  first_calls = list(calls)
+  assert len(first_calls) >= 6
+  # 2) A build killed with SIGKILL leaves TFDS's temp dir with partial shards behind.
+  stale = os.path.join(b.dataset_root, "incomplete.ABC123_1.0.0")
+  os.makedirs(stale)
+  with open(os.path.join(stale, "ucofia_video_text-train.array_record-00000-of-00001"),
+            "wb") as f:
+    f.write(b"partial")
+
+  calls.clear()
+  summary = build_lib.build("msrvtt", manual_dir=raw, data_dir=out, **quiet)
+  assert summary["written"] == {"train": 11, "test": 5}
+  assert not os.path.exists(stale)
+  # Clips decoded before the interruption came from the cache (only failures are redone).
+  done_before = {c for c in first_calls if c != "video1.mp4"}
+  assert not done_before & set(calls), (done_before, calls)
+  for split, n in (("train", 11), ("test", 5)):
+    ids = [e["video_id"].decode() for e in _read_split(out, split)]
+    assert len(ids) == n and len(set(ids)) == n
+
+  # 3) Building again reuses the finished dataset.
+  again = build_lib.build("msrvtt", manual_dir=raw, data_dir=out, **quiet)
+  assert again["reused"] and again["written"] == {"train": 11, "test": 5}
+
+
+def test_config_names_and_instructions():
+  assert builder_lib.config_name("msrvtt") == "msrvtt_f12_s224"
+  assert builder_lib.config_name("didemo") == "didemo_f64_s224"
+  assert builder_lib.config_name("msvd", max_frames=8, image_size=112, slice_framepos=0) == \
+      "msvd_f8_s112_pos0"
+  text = builder_lib.UcofiaVideoText.MANUAL_DOWNLOAD_INSTRUCTIONS
+  for name in builder_lib.DATASETS:
+    assert f"{name}:" in text
+    for f in builder_lib.required_files(name):
+      assert f in text
+  with pytest.raises(ValueError, match="unknown dataset"):
+    builder_lib.config_name("kinetics")
