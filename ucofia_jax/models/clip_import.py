@@ -16,6 +16,7 @@ The HF layout is first renamed to OpenAI's ``state_dict`` layout, so both import
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -262,7 +263,6 @@ def convert_hf_state_dict(sd: Mapping[str, Any], hf_config: Mapping[str, Any],
     if cfg.text_width % text_heads:
         raise CheckpointError(f"{source}: text width {cfg.text_width} not divisible by "
                               f"{text_heads} heads")
-    import dataclasses
     return dataclasses.replace(cfg, text_heads=text_heads), params
 
 
@@ -318,6 +318,10 @@ class _SafeUnpickler(pickle.Unpickler):
             return _StorageType(name)
         if module == "torch" and name == "Size":
             return tuple
+        if module == "torch.jit._pickle" and name.startswith("build_"):
+            return lambda data: data  # typed lists of older TorchScript archives
+        if module == "torch.jit._pickle" and name == "restore_type_tag":
+            return lambda value, type_str: value
         if module.startswith("__torch__"):
             return _TorchModuleState
         raise CheckpointError(f"{self._source}: refusing to unpickle global {module}.{name} "
