@@ -278,17 +278,26 @@ class VideoTextData:
     steps, b = video_plan.shape
     if steps == 0:
       return
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
     source = self._source
     features = self.builder.info.features
+    decoders = {"frames": tfds.decode.SkipDecoding()}
 
     def fetch(i):
       return source[int(i)]
 
     def load(item):
       raw = tf.numpy_function(fetch, [item["video_index"]], tf.string, stateful=False)
-      ex = features.deserialize_example(tf.reshape(raw, []))
+      ex = features.deserialize_example(tf.reshape(raw, []), decoders=decoders)
+      jpegs = tf.ensure_shape(ex["frames"], (self.max_frames,))
+      # Accurate IDCT (TF's default is the fast one): the frames then match what PIL decodes
+      # from the same files, i.e. the builder's JPEG of decode_clip's output, not a
+      # slightly different image per library.
+      frames = [tf.io.decode_jpeg(jpegs[i], channels=3, dct_method="INTEGER_ACCURATE")
+                for i in range(self.max_frames)]
       item["frames"] = tf.ensure_shape(
-          ex["frames"], (self.max_frames, self.image_size, self.image_size, 3))
+          tf.stack(frames), (self.max_frames, self.image_size, self.image_size, 3))
       item["frame_mask"] = tf.ensure_shape(ex["frame_mask"], (self.max_frames,))
       return item
 
