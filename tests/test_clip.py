@@ -153,3 +153,17 @@ def test_config_and_helpers(tiny_params):
     assert abs(k.std() - 128 ** -0.5) < 0.1 * 128 ** -0.5
     with pytest.raises(ValueError, match="clip.py"):
         _apply(clip.CLIPConfig(**TINY), "encode_image")(tiny_params, jnp.zeros((1, 16, 16, 3)))
+
+
+def test_text_gradients_finite(tiny_params):
+    """The -inf causal mask must not leak NaNs into training gradients."""
+    model = clip.CLIP(clip.CLIPConfig(**TINY))
+    ids = jnp.asarray(inputs(TINY, 2, 10)[1], jnp.int32)
+
+    def loss(p):
+        t = model.apply({"params": p}, ids, method=model.encode_text)
+        return jnp.sum(clip.sentence_features(t, ids) ** 2) + jnp.sum(t[:, -1] ** 2)
+
+    grads = jax.jit(jax.grad(loss))(tiny_params)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+    assert float(jnp.abs(grads["transformer"]["resblocks_0"]["attn"]["in_proj"]["kernel"]).max()) > 0

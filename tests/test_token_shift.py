@@ -54,3 +54,13 @@ def test_errors():
         token_shift(np.zeros((5, 50, 2), np.float32), 2)
     with pytest.raises(ValueError, match="token_shift.py"):
         token_shift(np.zeros((2, 5, 2), np.float32), 2)
+
+
+def test_gradient_is_the_transposed_shift():
+    # token_shift is linear, so its VJP moves cotangents back to the source tokens.
+    x = np.random.default_rng(0).normal(size=(6, 17, 3)).astype(np.float32)
+    g = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+    _, vjp = jax.vjp(lambda v: token_shift(v, 3), x)
+    (gx,) = vjp(g)
+    # <shift(x), g> == <x, shift^T(g)>
+    np.testing.assert_allclose(np.sum(spec_shift(x, 3) * g), np.sum(x * np.asarray(gx)), rtol=1e-5)
