@@ -251,6 +251,18 @@ class UCoFiAHead(nn.Module):
                                    self.project_video(video_side, train=train),
                                    self.shared_inputs(logit_scale_log), self.tau)
 
+    def blockwise_levels(self, text_side, video_side, logit_scale_log, *, train: bool = False,
+                         text_block: int = 128, video_block: int = 128, mesh=None,
+                         axis: str = "data"):
+        """(S1, S2, S3) [N, M] for N texts x M videos in blocks (``ops.blockwise``), exactly the
+        one-shot ``similarity_levels``; projections run once per text / video."""
+        from ucofia_jax.ops.blockwise import blockwise_similarity
+        shared = dict(self.shared_inputs(logit_scale_log), tau=jnp.float32(self.tau))
+        return blockwise_similarity(sim_ops.pair_levels, self.project_text(text_side),
+                                    self.project_video(video_side, train=train), shared,
+                                    text_block=text_block, video_block=video_block, mesh=mesh,
+                                    axis=axis)
+
     def __call__(self, text_cls, text_tokens, frame_cls, patch_tokens, video_mask,
                  logit_scale_log, *, text_mask=None, rng=None, noise=None, indicator=None,
                  train: bool = True):

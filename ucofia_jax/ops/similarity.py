@@ -94,9 +94,11 @@ def pair_levels(text: Dict[str, jax.Array], video: Dict[str, jax.Array], shared:
 
     text: 'sentence' 't d', 'sentence_g' 't d', 'words_l' 't w d', optional 'word_mask'.
     video: 'video_g' 'v d', 'frame_features' 'v f d', 'pixels_l' 'v p d', optional
-    'frame_mask', 'pixel_mask'. shared: 'mats' (IsaMatrices), 'scale' [], 'scale3' [].
+    'frame_mask', 'pixel_mask'. shared: 'mats' (IsaMatrices), 'scale' [], 'scale3' [],
+    optional 'tau' (overrides the argument; lets blockwise kernels keep one stable pair_fn).
     """
     mats = shared["mats"]
+    tau = shared.get("tau", tau)
     s1 = video_sentence(text["sentence_g"], video["video_g"], shared["scale"])
     s2 = sentence_frame(text["sentence"], video["frame_features"], mats.frame_logit_weight,
                         shared["scale"], tau, video.get("frame_mask"))

@@ -1,0 +1,84 @@
+"""Blockwise N x M similarity == one-shot, with padding, several block sizes and a 4-device mesh."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from ucofia_jax.models.ucofia import UCoFiAHead
+from ucofia_jax.ops.blockwise import blockwise_similarity, map_in_blocks
+from ucofia_jax.ops.similarity import IsaMatrices, pair_levels
+
+D, F, NW, NTOK = 64, 3, 5, 6
+P = 4 * F
+
+
+def _inputs(n, m, seed=0):
+    r = np.random.RandomState(seed)
+    norm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    text = dict(sentence=norm(r.randn(n, D)), sentence_g=r.randn(n, D) * 0.2,
+                words_l=norm(r.randn(n, NW, D)))
+    video = dict(video_g=r.randn(m, D) * 0.2, frame_features=norm(r.randn(m, F, D)),
+                 pixels_l=r.randn(m, P, D) * 0.3)
+    mats = IsaMatrices(*[np.eye(k) + 0.1 * r.randn(k, k) for k in (F, NW, P, P, NW)])
+    cast = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), t)
+    shared = dict(mats=mats, scale=100.0, scale3=1.0, tau=0.01)
+    return cast(text), cast(video), cast(shared)
+
+
+@pytest.mark.parametrize("tb,vb", [(4, 3), (32, 32)])
+def test_blockwise_equals_one_shot(tb, vb):
+    text, video, shared = _inputs(13, 10)
+    ref = pair_levels(text, video, shared)
+    got = blockwise_similarity(pair_levels, text, video, shared, text_block=tb, video_block=vb)
+    for r, g in zip(ref, got):
+        assert g.shape == (13, 10)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-6, atol=2e-6)
+
+
+def test_blockwise_sharded_over_mesh():
+    devices = np.array(jax.devices()[:4])
+    if devices.size < 4:
+        pytest.skip("needs 4 (virtual) devices, see conftest")
+    mesh = Mesh(devices, ("data",))
+    text, video, shared = _inputs(9, 7, seed=1)
+    ref = pair_levels(text, video, shared)
+    got = blockwise_similarity(pair_levels, text, video, shared, text_block=2, video_block=4,
+                               mesh=mesh)
+    for r, g in zip(ref, got):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-6, atol=2e-6)
+
+
+def test_blockwise_rejects_ragged_inputs():
+    text, video, shared = _inputs(5, 4)
+    text["sentence"] = text["sentence"][:3]
+    with pytest.raises(ValueError, match="same leading"):
+        blockwise_similarity(pair_levels, text, video, shared)
+
+
+def test_map_in_blocks_crops_and_matches():
+    x = jnp.arange(22.0).reshape(11, 2)
+    out = map_in_blocks(lambda b: {"y": b["x"] * 2}, {"x": x}, block=4)
+    np.testing.assert_array_equal(np.asarray(out["y"]), np.asarray(x) * 2)
+
+
+def test_head_blockwise_levels_equal_similarity_levels():
+    head = UCoFiAHead(embed_dim=D, max_frames=F, max_words=NW, seq_layers=1)
+    r = np.random.RandomState(3)
+    n, m = 6, 5
+    tc, tt = jnp.asarray(r.randn(n, D), jnp.float32), jnp.asarray(r.randn(n, NW, D), jnp.float32)
+    fc = jnp.asarray(r.randn(m, F, D), jnp.float32)
+    pt = jnp.asarray(r.randn(m, F * NTOK, D), jnp.float32)
+    vm = jnp.ones((m, F), jnp.int32)
+    params = head.init(jax.random.PRNGKey(0), tc[:1], tt[:1], fc[:1], pt[:1], vm[:1], 0.0,
+                       rng=jax.random.PRNGKey(1))
+
+    def run(mod):
+        t = mod.encode_text(tc, tt)
+        v = mod.encode_video(fc, pt, vm, rng=jax.random.PRNGKey(2))
+        one = mod.similarity_levels(t, v, jnp.log(100.0), train=False)
+        blk = mod.blockwise_levels(t, v, jnp.log(100.0), text_block=4, video_block=2)
+        return one, blk
+    one, blk = head.apply(params, method=run)
+    for a, b in zip(one, blk):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-6, atol=2e-6)
