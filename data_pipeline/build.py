@@ -92,18 +92,16 @@ def build(dataset: str, *, manual_dir: str, data_dir: str, video_dir: str | None
                            download_dir=os.path.join(data_dir, "downloads"))
   finally:
     # Written also when the build fails (e.g. --strict), so that the reasons are on disk.
-    report = None
-    if len(b.skip_report):
-      root = b.dataset_root
-      report = b.skip_report.write(os.path.join(root, "skip_report.txt"))
-      b.skip_report.write(os.path.join(root, "skip_report.json"))
+    # Always written (also when empty) so that a finished build has a report to look at.
+    report = b.skip_report.write(os.path.join(b.dataset_root, "skip_report.txt"))
+    b.skip_report.write(os.path.join(b.dataset_root, "skip_report.json"))
   if not keep_cache:
     shutil.rmtree(b.default_cache_dir(), ignore_errors=True)
   written = dict(b.written)
   total = sum(written.values())
   per_split = ", ".join(f"{s} {n}" for s, n in written.items())
   log(f"{name}: wrote {total} clips ({per_split}) to {b.data_dir} in {time.time() - t0:.1f} s")
-  log(f"{name}: {b.skip_report.summary()}" + (f"; file names in {report}" if report else ""))
+  log(f"{name}: {b.skip_report.summary()}; report: {report}")
   return {"config": name, "path": os.fspath(b.data_dir), "written": written,
           "skipped": b.skip_report.counts(), "report": report, "reused": False}
 

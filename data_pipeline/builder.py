@@ -336,7 +336,21 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
     if self._progress:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       pbar = tqdm(total=len(jobs), desc=f"{c.name} {split}", unit="clip", file=sys.stderr)
-    for index, jpegs, mask, error in _run_jobs(jobs, self._workers):
+    results = _run_jobs(jobs, self._workers)
+    try:
+      yield from self._write(results, recs, split, pbar)
+    finally:
+      # Stops the pool now (not at garbage collection) when --strict or an interruption
+      # ends the split early.
+      results.close()
+      if pbar is not None:
+        pbar.close()
+    if self.written[split] == 0:
+      raise records_lib.DataError(
+          f"{c.dataset} {split}: every clip failed to decode ({self.skip_report.summary()})")
+
+  def _write(self, results, recs, split, pbar):
+    for index, jpegs, mask, error in results:
       if pbar is not None:
         pbar.update(1)
       r = recs[index]
@@ -357,11 +371,6 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
           "start": np.float32(-1 if r.start is None else r.start),
           "end": np.float32(-1 if r.end is None else r.end),
       }
-    if pbar is not None:
-      pbar.close()
-    if self.written[split] == 0:
-      raise records_lib.DataError(
-          f"{c.dataset} {split}: every clip failed to decode ({self.skip_report.summary()})")
 
 
 def _run_jobs(jobs: list[_Job], workers: int):

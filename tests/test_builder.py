@@ -113,8 +113,34 @@ def test_strict_fails_on_bad_video_and_leaves_nothing(raw, tmp_path):
   assert not [n for n in leftovers if n.startswith(("1.0.0", "incomplete."))], leftovers
 
 
-def test_interrupted_build_resumes_without_duplicates(raw, tmp_path, monkeypatch):
+_KILL_SCRIPT = """
+import os, signal, sys
+from data_pipeline import build, video
+real, n = video.decode_clip, [0]
+def decode(path, **kw):
+  n[0] += 1
+  if n[0] == int(sys.argv[3]):
+    os.kill(os.getpid(), signal.SIGKILL)  # as a pre-empted machine or the OOM killer would
+  return real(path, **kw)
+video.decode_clip = decode
+build.build("msrvtt", manual_dir=sys.argv[1], data_dir=sys.argv[2], max_frames=4,
+            image_size=32, workers=0, progress=False)
+"""
+
+
+def test_killed_build_resumes_without_duplicates(raw, tmp_path, monkeypatch):
   out = str(tmp_path / "tfds")
+  # 1) SIGKILL during the 8th decode: TFDS's temp dir and the decode cache stay behind.
+  proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, raw, out, "8"], cwd=REPO,
+                        capture_output=True, text=True, timeout=180)
+  assert proc.returncode == -9, proc.stderr[-3000:]
+  b = builder_lib.get_builder("msrvtt", data_dir=out, **SAMPLING)
+  assert not b.is_prepared()
+  stale = [n for n in os.listdir(b.dataset_root) if n.startswith("incomplete.")]
+  assert len(stale) == 1, os.listdir(b.dataset_root)
+  cached = [f for _, _, fs in os.walk(b.default_cache_dir()) for f in fs]
+  assert len(cached) == 6  # 7 decodes finished, one of them the corrupt video1
+
   calls = []
   real_decode = video_lib.decode_clip
 
@@ -124,33 +150,24 @@ def test_interrupted_build_resumes_without_duplicates(raw, tmp_path, monkeypatch
 
   monkeypatch.setattr(video_lib, "decode_clip", counting_decode)
   quiet = dict(workers=0, progress=False, log=lambda *_: None, **SAMPLING)
-
-  # 1) An exception after 5 written clips: TFDS removes its temp dir, nothing is prepared.
+  # 2) An exception after 3 written clips: TFDS removes its own temp dir.
   with pytest.raises(RuntimeError, match="simulated interruption"):
-    build_lib.build("msrvtt", manual_dir=raw, data_dir=out, fail_after=5, **quiet)
-  b = builder_lib.get_builder("msrvtt", data_dir=out, **SAMPLING)
+    build_lib.build("msrvtt", manual_dir=raw, data_dir=out, fail_after=3, **quiet)
   assert not b.is_prepared()
-  first_calls = list(calls)
-  assert len(first_calls) >= 6
-  # 2) A build killed with SIGKILL leaves TFDS's temp dir with partial shards behind.
-  stale = os.path.join(b.dataset_root, "incomplete.ABC123_1.0.0")
-  os.makedirs(stale)
-  with open(os.path.join(stale, "ucofia_video_text-train.array_record-00000-of-00001"),
-            "wb") as f:
-    f.write(b"partial")
+  assert calls == ["video1.mp4"]  # only the failure is retried; the rest come from the cache
 
+  # 3) The rebuild: stale dir gone, every clip exactly once, cached clips not decoded again.
   calls.clear()
   summary = build_lib.build("msrvtt", manual_dir=raw, data_dir=out, **quiet)
   assert summary["written"] == {"train": 11, "test": 5}
-  assert not os.path.exists(stale)
-  # Clips decoded before the interruption came from the cache (only failures are redone).
-  done_before = {c for c in first_calls if c != "video1.mp4"}
-  assert not done_before & set(calls), (done_before, calls)
+  assert not [n for n in os.listdir(b.dataset_root) if n.startswith("incomplete.")]
+  assert len(calls) == 16 + 1 - 6, calls  # 16 good clips + video1, minus the 6 cached
   for split, n in (("train", 11), ("test", 5)):
     ids = [e["video_id"].decode() for e in _read_split(out, split)]
     assert len(ids) == n and len(set(ids)) == n
+  assert not os.path.exists(b.default_cache_dir())
 
-  # 3) Building again reuses the finished dataset.
+  # 4) Building again reuses the finished dataset.
   again = build_lib.build("msrvtt", manual_dir=raw, data_dir=out, **quiet)
   assert again["reused"] and again["written"] == {"train": 11, "test": 5}
 
