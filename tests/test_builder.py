@@ -184,3 +184,36 @@ def test_config_names_and_instructions():
       assert f in text
   with pytest.raises(ValueError, match="unknown dataset"):
     builder_lib.config_name("kinetics")
+
+
+def test_didemo_paragraphs_and_clip_window(tmp_path):
+  """A paragraph-to-video dataset: one record per video, 0-31 s window clipped to the file."""
+  import shutil
+  raw = str(tmp_path / "didemo")
+  synth = str(tmp_path / "synth")
+  synthetic.make_synthetic_dataset(synth, num_train=3, num_test=2, frame_size=32, seed=2)
+  os.makedirs(os.path.join(raw, "videos"))
+  splits = {"train": [0, 1, 2], "val": [3], "test": [4]}
+  for split, ids in splits.items():
+    rows = []
+    for i in ids:
+      shutil.copy(os.path.join(synth, "videos", f"video{i}.mp4"),
+                  os.path.join(raw, "videos", f"clip{i}.mp4"))
+      rows += [{"video": f"clip{i}.mp4", "description": f"first thing {i}.", "times": [[0, 1]]},
+               {"video": f"clip{i}.mp4", "description": f"then another {i}", "times": [[1, 2]]}]
+    with open(os.path.join(raw, f"{split}_list.txt"), "w") as f:
+      f.write("".join(f"clip{i}.mp4\n" for i in ids))
+    with open(os.path.join(raw, f"{split}_data.json"), "w") as f:
+      json.dump(rows, f)
+  out = str(tmp_path / "tfds")
+  summary = build_lib.build("didemo", manual_dir=raw, data_dir=out, workers=0, progress=False,
+                            log=lambda *_: None, **SAMPLING)
+  assert summary["config"] == "didemo_f4_s32"
+  assert summary["written"] == {"train": 3, "val": 1, "test": 1}
+  b = builder_lib.get_builder("didemo", data_dir=out, **SAMPLING)
+  (e,) = [b.as_data_source("test")[0]]
+  assert [c.decode() for c in e["captions"]] == ["first thing 4. then another 4"]
+  assert e["start"] == 0 and e["end"] == 31
+  frames, mask = video_lib.decode_clip(os.path.join(raw, "videos", "clip4.mp4"), start=0,
+                                       end=31, max_frames=F, image_size=S)
+  np.testing.assert_array_equal(e["frame_mask"], mask)

@@ -172,3 +172,50 @@ def test_unbuilt_dataset_names_the_build_command(tmp_path):
   with pytest.raises(Exception, match="python -m data_pipeline.build --dataset=msrvtt"):
     pipeline.VideoTextData(_config(str(tmp_path)), split="train", process_index=0,
                            process_count=1)
+
+
+def _vatex_from_synthetic(tmp_path_factory):
+  """The synthetic clips in VATEX layout: test videos keep all 5 captions (multi-sentence)."""
+  import json
+  import os
+  import shutil
+  raw = str(tmp_path_factory.mktemp("synth_for_vatex"))
+  synthetic.make_synthetic_dataset(raw, num_train=8, num_test=6, frame_size=32, seed=1)
+  vatex = str(tmp_path_factory.mktemp("vatex"))
+  shutil.copytree(os.path.join(raw, "videos"), os.path.join(vatex, "videos"))
+  with open(os.path.join(raw, "MSRVTT_data.json")) as f:
+    data = json.load(f)
+  caps = {}
+  for s in data["sentences"]:
+    caps.setdefault(s["video_id"], []).append(s["caption"])
+  with open(os.path.join(vatex, "ref_captions.json"), "w") as f:
+    json.dump(caps, f)
+  for split, ids in (("train", range(8)), ("test", range(8, 14))):
+    with open(os.path.join(vatex, f"{split}_list.txt"), "w") as f:
+      f.write("".join(f"video{i}\n" for i in ids))
+  return vatex, caps
+
+
+def test_multi_sentence_eval_on_vatex(tmp_path_factory):
+  raw, caps = _vatex_from_synthetic(tmp_path_factory)
+  out = str(tmp_path_factory.mktemp("vatex_tfds"))
+  summary = build_lib.build("vatex", manual_dir=raw, data_dir=out, max_frames=F, image_size=S,
+                            workers=0, progress=False, log=lambda *_: None)
+  assert summary["written"] == {"train": 8, "test": 6}
+  config = _config(out)
+  config.data.dataset = "vatex"
+  ev = pipeline.eval_dataset(config, process_index=0, process_count=1)
+  data = ev["data"]
+  assert ev["num_videos"] == 6 and ev["num_texts"] == 30  # every caption is a query
+  texts = list(ev["texts"])
+  assert len(texts) == 8  # 30 texts in global batches of 4, last one padded
+  valid = np.concatenate([b["valid"] for b in texts]).astype(bool)
+  assert valid.sum() == 30
+  tidx = np.concatenate([b["text_index"] for b in texts])[valid]
+  vidx = np.concatenate([b["video_index"] for b in texts])[valid]
+  assert sorted(tidx) == list(range(30))
+  for t, v in zip(tidx, vidx):
+    assert data.texts[t] in caps[data.video_ids[v]]
+  videos = list(ev["videos"])
+  vvalid = np.concatenate([b["valid"] for b in videos]).astype(bool)
+  assert sorted(np.concatenate([b["video_index"] for b in videos])[vvalid]) == list(range(6))
