@@ -1,7 +1,13 @@
-# Generates tests/data/tokenizer_expected.json from the ORIGINAL OpenAI simple_tokenizer.py
-# (clip-anytorch 2.6.0 wheel), imported by path.
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("st", "/tmp/hx/clipwheel/clip/simple_tokenizer.py")
+"""Regenerates tests/data/tokenizer_expected.json from the ORIGINAL OpenAI simple_tokenizer.py.
+
+Not part of the test run (needs the original code, which the package does not ship):
+    pip download --no-deps -d /tmp/w clip-anytorch==2.6.0 && unzip -q /tmp/w/*.whl -d /tmp/w/x
+    python tests/data/gen_tokenizer_expected.py tests/data/tokenizer_expected.json /tmp/w/x
+"""
+import importlib.util, json, os, sys
+wheel_dir = sys.argv[2] if len(sys.argv) > 2 else "/tmp/hx/clipwheel"
+spec = importlib.util.spec_from_file_location(
+    "st", os.path.join(wheel_dir, "clip", "simple_tokenizer.py"))
 st = importlib.util.module_from_spec(spec); spec.loader.exec_module(st)
 tok = st.SimpleTokenizer()
 SOT, EOT = tok.encoder["<|startoftext|>"], tok.encoder["<|endoftext|>"]
