@@ -49,6 +49,19 @@ def _cfg(config, dotted: str, default=None):
   return default if node is None else node
 
 
+def config_with_data_dir(config, data_dir: str):
+  """A copy of `config` whose data.data_dir is `data_dir` (for the messages)."""
+  try:
+    c = config.copy_and_resolve_references()
+    c.data.data_dir = data_dir
+    return c
+  except AttributeError:  # a plain dict
+    import copy  # pylint: disable=g-import-not-at-top
+    c = copy.deepcopy(config)
+    c["data"]["data_dir"] = data_dir
+    return c
+
+
 def _process(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -147,6 +160,51 @@ def _read_tables(source) -> _Tables:
   return _Tables(video_ids, texts, np.asarray(offsets, np.int64))
 
 
+def resolve_split(split: str, built: list[str], name: str = "") -> str:
+  """`split`, or ``test`` for ``val``/``val_1`` where the dataset has no separate val split.
+
+  The original evaluates MSR-VTT, VATEX and ActivityNet (``val_1``) on the same files for
+  validation and test; the builder stores them once, as ``test``.
+  """
+  if split in built:
+    return split
+  if split in ("val", "val_1") and "val" not in built and "test" in built:
+    return "test"
+  raise DataError(f"{name} has no split {split!r}; it has {sorted(built)}")
+
+
+def dataset_problems(config, split: str | None = None) -> str:
+  """'' when `config`'s dataset is built (with its splits); else what is missing and how to build it."""
+  from data_pipeline import builder as builder_lib  # pylint: disable=g-import-not-at-top
+  dataset = _cfg(config, "data.dataset")
+  data_dir = _cfg(config, "data.data_dir")
+  try:
+    b = builder_lib.get_builder(
+        dataset, data_dir=data_dir, max_frames=_cfg(config, "data.max_frames"),
+        image_size=int(_cfg(config, "data.image_size", 224)),
+        feature_framerate=int(_cfg(config, "data.feature_framerate", 1)),
+        slice_framepos=int(_cfg(config, "data.slice_framepos", 2)))
+  except ValueError as e:
+    return str(e)
+  c = b.builder_config
+  if not b.is_prepared():
+    manual = _cfg(config, "data.manual_dir") or "RAW"
+    return (f"{c.name} is not built in {data_dir} (expected {b.data_dir}). Build it with:\n"
+            f"  python -m data_pipeline.build --dataset={dataset} --manual_dir={manual} "
+            f"--data_dir={data_dir} --max_frames={c.max_frames} --image_size={c.image_size}"
+            + (f" --feature_framerate={c.feature_framerate}" if c.feature_framerate != 1 else "")
+            + (f" --slice_framepos={c.slice_framepos}" if c.slice_framepos != 2 else ""))
+  built = list(b.info.splits)
+  wanted = [split] if split else [_cfg(config, "data.train_split", "train"),
+                                  _cfg(config, "data.eval_split", "test")]
+  for s in wanted:
+    try:
+      resolve_split(s, built, c.name)
+    except DataError as e:
+      return str(e)
+  return ""
+
+
 class VideoTextData:
   """One split of a built dataset: tables of ids/captions, tokens, and batch streams.
 
@@ -180,13 +238,9 @@ class VideoTextData:
         slice_framepos=int(_cfg(config, "data.slice_framepos", 2)))
     name = self.builder.builder_config.name
     if not self.builder.is_prepared():
-      raise DataError(
-          f"{name} is not built in {data_dir}. Build it with:\n  python -m data_pipeline.build "
-          f"--dataset={dataset} --manual_dir=RAW --data_dir={data_dir} "
-          f"--max_frames={self.builder.builder_config.max_frames} "
-          f"--image_size={self.builder.builder_config.image_size}")
-    if split not in self.builder.info.splits:
-      raise DataError(f"{name} has no split {split!r}; it has {sorted(self.builder.info.splits)}")
+      raise DataError(dataset_problems(config_with_data_dir(config, data_dir)))
+    split = resolve_split(split, list(self.builder.info.splits), name)
+    self.split = split
     self.max_frames = self.builder.builder_config.max_frames
     self.image_size = self.builder.builder_config.image_size
     self._source = self.builder.as_data_source(
@@ -260,7 +314,8 @@ class VideoTextData:
 
   @staticmethod
   def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
-    if limit is None or limit >= n:
+    """All of ``range(n)`` for limit None / negative / >= n, else a seeded sorted subset."""
+    if limit is None or limit < 0 or limit >= n:
       return np.arange(n, dtype=np.int32)
     return np.sort(rng_for(seed, 0, "subset").choice(n, int(limit), replace=False)).astype(np.int32)
 
@@ -325,14 +380,15 @@ def train_dataset(config, *, epoch: int, start_step: int = 0, data_dir: str | No
 
   Pass `data` (a `VideoTextData` of the train split) to avoid re-reading the tables each epoch.
   """
-  data = data or VideoTextData(config, split="train", data_dir=data_dir,
-                               process_index=process_index, process_count=process_count)
+  data = data or VideoTextData(config, split=_cfg(config, "data.train_split", "train"),
+                               data_dir=data_dir, process_index=process_index,
+                               process_count=process_count)
   return data.train_batches(epoch=epoch, seed=int(_cfg(config, "seed", 0)),
                             global_batch=int(_cfg(config, "train.batch_size")),
-                            start_step=start_step)
+                            start_step=start_step, prefetch=int(_cfg(config, "data.prefetch", 2)))
 
 
-def eval_dataset(config, *, split: str = "test", data_dir: str | None = None,
+def eval_dataset(config, *, split: str | None = None, data_dir: str | None = None,
                  data: VideoTextData | None = None, process_index: int | None = None,
                  process_count: int | None = None) -> dict[str, Any]:
   """The evaluation streams of a split, global batch ``config.eval.batch_size``.
@@ -340,6 +396,7 @@ def eval_dataset(config, *, split: str = "test", data_dir: str | None = None,
   Returns ``{'data': VideoTextData, 'videos': iterator, 'texts': iterator,
   'text_to_video': int32 [T], 'num_videos', 'num_texts'}``.
   """
+  split = split or _cfg(config, "data.eval_split", "test")
   data = data or VideoTextData(config, split=split, data_dir=data_dir,
                                process_index=process_index, process_count=process_count)
   gb = int(_cfg(config, "eval.batch_size", _cfg(config, "train.batch_size")))
@@ -352,8 +409,8 @@ def eval_dataset(config, *, split: str = "test", data_dir: str | None = None,
 def sk_text_bank(config, *, size: int | None = None, data_dir: str | None = None,
                  seed: int = 0) -> dict[str, np.ndarray]:
   """Training-split texts for the SK-norm query bank (SPEC §8), at most ``size``
-  (default ``config.eval.sk_bank_size``; None/0 = all)."""
-  data = VideoTextData(config, split="train", data_dir=data_dir, process_index=0,
+  (default ``config.eval.sk_bank_size``; negative = all)."""
+  data = VideoTextData(config, split=_cfg(config, "data.train_split", "train"), data_dir=data_dir, process_index=0,
                        process_count=1)
-  size = size if size is not None else _cfg(config, "eval.sk_bank_size")
-  return data.text_bank(size or None, seed=seed)
+  size = size if size is not None else _cfg(config, "eval.sk_bank_size", -1)
+  return data.text_bank(None if size < 0 else size, seed=seed)

@@ -165,13 +165,22 @@ def test_multi_sentence_text_stream_and_sk_bank(data_dir, train):
   assert len(set(bank["text_index"])) == 7
   again = pipeline.sk_text_bank(_config(data_dir))
   np.testing.assert_array_equal(bank["text_index"], again["text_index"])
-  assert pipeline.sk_text_bank(_config(data_dir), size=0)["input_ids"].shape == (60, NW)
+  assert pipeline.sk_text_bank(_config(data_dir), size=-1)["input_ids"].shape == (60, NW)
 
 
-def test_unbuilt_dataset_names_the_build_command(tmp_path):
+def test_unbuilt_dataset_names_the_build_command(tmp_path, data_dir):
+  msg = pipeline.dataset_problems(_config(str(tmp_path)))
+  assert "msrvtt_f4_s32 is not built" in msg
+  assert f"python -m data_pipeline.build --dataset=msrvtt --manual_dir=RAW " \
+         f"--data_dir={tmp_path} --max_frames=4 --image_size=32" in msg
   with pytest.raises(Exception, match="python -m data_pipeline.build --dataset=msrvtt"):
     pipeline.VideoTextData(_config(str(tmp_path)), split="train", process_index=0,
                            process_count=1)
+  assert pipeline.dataset_problems(_config(data_dir)) == ""
+  assert "no split 'train_7k'" in pipeline.dataset_problems(_config(data_dir), "train_7k")
+  # MSR-VTT / VATEX / ActivityNet validate on their test files: 'val' and 'val_1' map to test.
+  assert pipeline.resolve_split("val_1", ["train", "test"]) == "test"
+  assert pipeline.resolve_split("val", ["train", "val", "test"]) == "val"
 
 
 def _vatex_from_synthetic(tmp_path_factory):
