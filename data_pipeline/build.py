@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--feature_framerate", type=int, default=1)
   p.add_argument("--slice_framepos", type=int, default=2, choices=(0, 1, 2))
+  p.add_argument("--splits", default=None,
+                 help="comma-separated splits to build (default: the dataset's usual ones; "
+                      "e.g. train,test,train_7k for MSR-VTT's 7k list too)")
   p.add_argument("--strict", action="store_true",
                  help="fail at the first bad annotation row or video instead of skipping it")
   p.add_argument("--workers", type=int, default=None, help="decode processes (default: all CPUs)")
@@ -54,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 def build(dataset: str, *, manual_dir: str, data_dir: str, video_dir: str | None = None,
           max_frames: int | None = None, image_size: int = 224, feature_framerate: int = 1,
           slice_framepos: int = 2, strict: bool = False, workers: int | None = None,
-          keep_cache: bool = False, progress: bool = True, fail_after: int | None = None,
-          log=print) -> dict:
+          keep_cache: bool = False, progress: bool = True, splits=None,
+          fail_after: int | None = None, log=print) -> dict:
   """Builds (or finds already built) one dataset. Returns a summary dict.
 
   Keys: ``config``, ``path`` (the TFDS version dir), ``written`` (clips per split),
@@ -72,14 +75,19 @@ def build(dataset: str, *, manual_dir: str, data_dir: str, video_dir: str | None
       dataset, data_dir=data_dir, max_frames=max_frames, image_size=image_size,
       feature_framerate=feature_framerate, slice_framepos=slice_framepos,
       video_dir=video_dir, workers=workers, strict=strict, progress=progress,
-      fail_after=fail_after)
+      splits=tuple(splits) if splits else None, fail_after=fail_after)
   name = b.builder_config.name
   if b.is_prepared():
+    missing = [s for s in splits or () if s not in b.info.splits]
+    if missing:
+      raise DataError(f"{name} in {b.data_dir} was built without split(s) {missing} (it has "
+                      f"{sorted(b.info.splits)}); delete {b.dataset_root} and build again with "
+                      f"--splits={','.join(sorted(set(b.info.splits) | set(splits)))}")
     log(f"{name}: already built at {b.data_dir}; delete it to rebuild.")
     return {"config": name, "path": os.fspath(b.data_dir), "reused": True,
             "written": {s: v.num_examples for s, v in b.info.splits.items()},
             "skipped": {}, "report": None}
-  builder_lib.check_manual_dir(dataset, manual_dir, video_dir)
+  builder_lib.check_manual_dir(dataset, manual_dir, video_dir, tuple(splits) if splits else None)
   stale = builder_lib.clean_stale_incomplete_dirs(b)
   if stale:
     log(f"{name}: removed {len(stale)} temp dir(s) of an interrupted build: {', '.join(stale)}")
@@ -113,8 +121,9 @@ def main(argv=None) -> int:
           video_dir=args.video_dir, max_frames=args.max_frames, image_size=args.image_size,
           feature_framerate=args.feature_framerate, slice_framepos=args.slice_framepos,
           strict=args.strict, workers=args.workers, keep_cache=args.keep_cache,
-          progress=not args.no_progress)
-  except DataError as e:
+          progress=not args.no_progress,
+          splits=[s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None)
+  except (DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

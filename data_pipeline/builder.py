@@ -58,9 +58,9 @@ DATASETS: dict[str, DatasetSpec] = {
     "msrvtt": DatasetSpec(
         splits=("train", "test"),
         files={"*": ("MSRVTT_data.json",), "train": ("MSRVTT_train.9k.csv",),
-               "test": ("MSRVTT_JSFUSION_test.csv",)},
-        source="CLIP4Clip's msrvtt_data.zip (MSRVTT_data.json, MSRVTT_train.9k.csv, "
-               "MSRVTT_JSFUSION_test.csv) + the MSRVTT_Videos archive"),
+               "test": ("MSRVTT_JSFUSION_test.csv",), "train_7k": ("MSRVTT_train.7k.csv",)},
+        source="CLIP4Clip's msrvtt_data.zip + the MSRVTT_Videos archive; add "
+               "MSRVTT_train.7k.csv and --splits=train,test,train_7k for the 7k split"),
     "msvd": DatasetSpec(
         splits=("train", "val", "test"),
         files={"*": ("raw-captions.pkl",), "train": ("train_list.txt",),
@@ -92,7 +92,7 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def required_files(dataset: str, split: str | None = None) -> list[str]:
-  """Annotation file names that must exist at the root of manual_dir (for one split or all)."""
+  """Annotation file names that must exist at the root of manual_dir (one split or the defaults)."""
   spec = _spec(dataset)
   splits = spec.splits if split is None else (split,)
   out = list(spec.files.get("*", ()))
@@ -261,10 +261,13 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, video_dir: str | None = None, workers: int | None = None,
                strict: bool = False, cache_dir: str | None = None, progress: bool = True,
-               fail_after: int | None = None, **kwargs):
+               splits: tuple[str, ...] | None = None, fail_after: int | None = None,
+               **kwargs):
     """Extra arguments (only used when building).
 
     Args:
+      splits: the splits to build; default `DatasetSpec.splits` (e.g. add ``train_7k`` for
+        MSR-VTT's 7k training list).
       video_dir: folder of the video files; default ``<manual_dir>/videos``.
       workers: decode processes; default all CPUs. 0 decodes in this process.
       strict: raise `DataError` at the first bad annotation or video instead of skipping.
@@ -280,6 +283,7 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
     self._cache_dir = cache_dir
     self._progress = progress
     self._fail_after = fail_after
+    self._splits = tuple(splits) if splits else None
     self.skip_report = records_lib.SkipReport()
     self.written: dict[str, int] = {}
 
@@ -312,8 +316,9 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = os.fspath(dl_manager.manual_dir)
     c = self.builder_config
-    check_manual_dir(c.dataset, manual_dir, self._video_dir)
-    return {split: self._generate_examples(manual_dir, split) for split in _spec(c.dataset).splits}
+    splits = self._splits or _spec(c.dataset).splits
+    check_manual_dir(c.dataset, manual_dir, self._video_dir, splits)
+    return {split: self._generate_examples(manual_dir, split) for split in splits}
 
   def _read_records(self, manual_dir: str, split: str) -> list[records_lib.ClipRecord]:
     from data_pipeline import datasets  # pylint: disable=g-import-not-at-top
@@ -329,7 +334,7 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
     cache_dir = self.default_cache_dir() if self._cache_dir is None else self._cache_dir
     jobs = [_Job(i, r.video_id, r.video_path, r.start, r.end, r.captions, c.max_frames,
                  c.image_size, c.feature_framerate, c.slice_framepos,
-                 os.path.join(cache_dir, split) if cache_dir else None)
+                 cache_dir or None)  # shared by the splits: train_7k reuses train's decodes
             for i, r in enumerate(recs)]
     self.written[split] = 0
     pbar = None
@@ -390,6 +395,11 @@ def check_manual_dir(dataset: str, manual_dir: str, video_dir: str | None = None
                      splits: tuple[str, ...] | None = None) -> None:
   """Raises `DataError` naming every missing annotation file / the missing video folder."""
   spec = _spec(dataset)
+  from data_pipeline import datasets  # pylint: disable=g-import-not-at-top
+  known = datasets.SPLITS[dataset]
+  bad = [s for s in splits or () if s not in known]
+  if bad:
+    raise ValueError(f"{dataset}: unknown split(s) {bad}; the reader knows {list(known)}")
   if not os.path.isdir(manual_dir):
     raise records_lib.DataError(
         f"manual_dir {manual_dir} does not exist. Expected layout for {dataset}:\n"

@@ -217,3 +217,16 @@ def test_didemo_paragraphs_and_clip_window(tmp_path):
   frames, mask = video_lib.decode_clip(os.path.join(raw, "videos", "clip4.mp4"), start=0,
                                        end=31, max_frames=F, image_size=S)
   np.testing.assert_array_equal(e["frame_mask"], mask)
+
+
+def test_extra_split_train_7k_and_missing_split_message(raw, tmp_path):
+  out = str(tmp_path / "tfds")
+  quiet = dict(workers=0, progress=False, log=lambda *_: None, **SAMPLING)
+  summary = build_lib.build("msrvtt", manual_dir=raw, data_dir=out,
+                            splits=("test", "train_7k"), **quiet)
+  assert summary["written"] == {"test": 5, "train_7k": 8}  # 9 ids, video1 is corrupt
+  with pytest.raises(DataError, match="without split.*'train'.*--splits=test,train,train_7k"):
+    build_lib.build("msrvtt", manual_dir=raw, data_dir=out, splits=("train",), **quiet)
+  with pytest.raises(ValueError, match="unknown split"):
+    build_lib.build("msrvtt", manual_dir=raw, data_dir=str(tmp_path / "x"),
+                    splits=("training",), **quiet)
