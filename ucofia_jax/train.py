@@ -132,9 +132,9 @@ def place_state(trainer: Trainer, state: Dict[str, Any]) -> Dict[str, Any]:
     opt_state = jax.tree.map(lambda x: x.copy(), trainer.init_opt_state(params))
   else:
     opt_state = jax.device_put(opt_state, sh["opt_state"])
-  return {"step": jax.device_put(jnp.asarray(state["step"], jnp.int32), sh["step"]),
+  return {"step": jax.device_put(jnp.asarray(state["step"], jnp.int32), sh["step"]).copy(),
           "params": params, "opt_state": opt_state,
-          "rng": jax.device_put(state["rng"], sh["rng"])}
+          "rng": jax.device_put(state["rng"], sh["rng"]).copy()}
 
 
 def model_inputs(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -157,7 +157,11 @@ def check_finite_loss(loss: float, step: int, batch: Dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- logging
 
 class MetricWriter:
-  """TensorBoard scalars (tf.summary) + a plain-text log, on process 0 only."""
+  """TensorBoard scalars + a plain-text log (``log.txt``), on process 0 only.
+
+  Event files are TFRecords of ``Event`` protos, written with tf.io directly: that needs no
+  ``tensorboard`` package (tf.summary does) and TensorBoard reads them as usual.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
@@ -168,10 +172,19 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self._text = open(os.path.join(workdir, "log.txt"), "a", encoding="utf-8")
     try:
+      import socket  # pylint: disable=g-import-not-at-top
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
+      tb_dir = os.path.join(workdir, "tensorboard")
+      os.makedirs(tb_dir, exist_ok=True)
+      path = os.path.join(tb_dir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
+      self._tb = tf.io.TFRecordWriter(path)
+      self._tb.write(event_pb2.Event(wall_time=time.time(),
+                                     file_version="brain.Event:2").SerializeToString())
+      self._tb.flush()
     except Exception as e:  # pylint: disable=broad-except
-      log.warning("TensorBoard disabled: %s", e)
+      log.warning("TensorBoard event file disabled: %s", e)
+      self._tb = None
 
   def text(self, line: str) -> None:
     if self._text:
@@ -184,17 +197,22 @@ class MetricWriter:
     self.text(f"step {step} " + json.dumps(
         {prefix + k: round(float(v), 6) for k, v in values.items()}))
     if self._tb is not None:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      with self._tb.as_default(step=step):
-        for k, v in values.items():
-          tf.summary.scalar(prefix + k, float(v))
+      from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+      from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
+      summ = summary_pb2.Summary(value=[
+          summary_pb2.Summary.Value(tag=prefix + k, simple_value=float(v))
+          for k, v in values.items()])
+      self._tb.write(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                     summary=summ).SerializeToString())
       self._tb.flush()
 
   def close(self) -> None:
     if self._text:
       self._text.close()
+      self._text = None
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
 
 # --------------------------------------------------------------------------- data
