@@ -68,6 +68,8 @@ def build(dataset: str, *, manual_dir: str, data_dir: str, video_dir: str | None
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from data_pipeline import builder as builder_lib  # pylint: disable=g-import-not-at-top
 
+  if not progress:
+    tfds.disable_progress_bar()  # TFDS's own per-split bars
   manual_dir = os.path.abspath(manual_dir)
   data_dir = os.path.abspath(data_dir)
   video_dir = os.path.abspath(video_dir) if video_dir else None

@@ -165,7 +165,6 @@ class _Job:
   video_path: str
   start: float | None
   end: float | None
-  captions: tuple[str, ...]
   max_frames: int
   image_size: int
   feature_framerate: int
@@ -332,7 +331,7 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     recs = self._read_records(manual_dir, split)
     cache_dir = self.default_cache_dir() if self._cache_dir is None else self._cache_dir
-    jobs = [_Job(i, r.video_id, r.video_path, r.start, r.end, r.captions, c.max_frames,
+    jobs = [_Job(i, r.video_id, r.video_path, r.start, r.end, c.max_frames,
                  c.image_size, c.feature_framerate, c.slice_framepos,
                  cache_dir or None)  # shared by the splits: train_7k reuses train's decodes
             for i, r in enumerate(recs)]

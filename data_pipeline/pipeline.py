@@ -49,6 +49,16 @@ def _cfg(config, dotted: str, default=None):
   return default if node is None else node
 
 
+def _tensorflow():
+  """TensorFlow for tf.data only: hide accelerators so it never takes memory JAX needs."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:
+    pass  # already initialised (devices can only be hidden before first use)
+  return tf
+
+
 def config_with_data_dir(config, data_dir: str):
   """A copy of `config` whose data.data_dir is `data_dir` (for the messages)."""
   try:
@@ -328,7 +338,7 @@ class VideoTextData:
   def _video_stream(self, video_plan: np.ndarray, extra: dict[str, np.ndarray],
                     prefetch: int) -> Iterator[dict[str, np.ndarray]]:
     """Fetches and decodes the records of `video_plan` [steps, b] in order, batched by row."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf = _tensorflow()
 
     steps, b = video_plan.shape
     if steps == 0:
