@@ -32,5 +32,7 @@ def test_sigkill_and_resume_gives_the_same_params(tmp_path):
   b = np.load(os.path.join(root, "resumed.npz"))
   assert set(a.files) == set(b.files)
   for k in a.files:
-    # Same ops in the same order on the same device: bit-identical.
-    np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+    # Same ops on the same device: equal up to 1 ulp (XLA's CPU thread pool may split a
+    # reduction differently between the two processes). A wrong data position, PRNG key or
+    # optimizer state would differ by orders of magnitude more.
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-30, err_msg=k)
