@@ -107,6 +107,15 @@ def build(dataset: str, *, manual_dir: str, data_dir: str, video_dir: str | None
     b.skip_report.write(os.path.join(b.dataset_root, "skip_report.json"))
   if not keep_cache:
     shutil.rmtree(b.default_cache_dir(), ignore_errors=True)
+  # The captions/ids sidecar of each split, so that the pipeline does not read every frame
+  # byte at start-up to learn them.
+  from data_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  reader = builder_lib.get_builder(
+      dataset, data_dir=data_dir, max_frames=max_frames, image_size=image_size,
+      feature_framerate=feature_framerate, slice_framepos=slice_framepos)
+  for split in reader.info.splits:
+    pipeline.load_tables(reader.as_data_source(
+        split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES), reader.data_dir, split)
   written = dict(b.written)
   total = sum(written.values())
   per_split = ", ".join(f"{s} {n}" for s, n in written.items())

@@ -26,6 +26,7 @@ paragraphs the readers built; MSR-VTT 1k-A has one text per video.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Iterator
 
@@ -153,6 +154,43 @@ class _Tables:
   text_offsets: np.ndarray  # [V + 1]
 
 
+def tables_path(version_dir: str, split: str) -> str:
+  return os.path.join(os.fspath(version_dir), f"ucofia-tables-{split}.json")
+
+
+def load_tables(source, version_dir: str, split: str, *, write: bool = True) -> _Tables:
+  """The split's ids and captions from its sidecar JSON, or by reading the records (then saved).
+
+  Reading the records means reading every frame byte (ArrayRecord reads whole records):
+  minutes for ActivityNet's 64-frame clips. The build writes the sidecar once; a dataset
+  built otherwise gets it on first use (when its directory is writable).
+  """
+  path = tables_path(version_dir, split)
+  if os.path.exists(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+      if d.get("num_records") == len(source):
+        caps = d["captions"]
+        return _Tables(list(d["video_ids"]), [c for cs in caps for c in cs],
+                       np.cumsum([0] + [len(cs) for cs in caps]).astype(np.int64))
+    except (OSError, ValueError, KeyError):
+      pass  # stale or damaged: rebuilt below
+  tables = _read_tables(source)
+  if write:
+    caps = [tables.texts[tables.text_offsets[i]:tables.text_offsets[i + 1]]
+            for i in range(len(tables.video_ids))]
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+      with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"num_records": len(source), "video_ids": tables.video_ids,
+                   "captions": caps}, f, ensure_ascii=False)
+      os.replace(tmp, path)
+    except OSError:
+      pass  # read-only data_dir: fine, only slower next time
+  return tables
+
+
 def _read_tables(source) -> _Tables:
   """Video ids and captions of every record, without decoding frames."""
   from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
@@ -255,7 +293,7 @@ class VideoTextData:
     self.image_size = self.builder.builder_config.image_size
     self._source = self.builder.as_data_source(
         split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-    tables = _read_tables(self._source)
+    tables = load_tables(self._source, self.builder.data_dir, split)
     self.video_ids = tables.video_ids
     self.texts = tables.texts
     self.text_offsets = tables.text_offsets

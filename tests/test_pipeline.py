@@ -228,3 +228,21 @@ def test_multi_sentence_eval_on_vatex(tmp_path_factory):
   videos = list(ev["videos"])
   vvalid = np.concatenate([b["valid"] for b in videos]).astype(bool)
   assert sorted(np.concatenate([b["video_index"] for b in videos])[vvalid]) == list(range(6))
+
+
+def test_tables_sidecar_matches_the_records(data_dir, train):
+  import json
+  import os
+  path = pipeline.tables_path(train.builder.data_dir, "train")
+  assert os.path.exists(path)  # written by the build
+  from_records = pipeline._read_tables(train._source)  # pylint: disable=protected-access
+  assert from_records.video_ids == train.video_ids
+  assert from_records.texts == train.texts
+  np.testing.assert_array_equal(from_records.text_offsets, train.text_offsets)
+  # A stale sidecar (other record count) is ignored and rewritten.
+  with open(path, "w") as f:
+    json.dump({"num_records": 3, "video_ids": [], "captions": []}, f)
+  again = pipeline.load_tables(train._source, train.builder.data_dir, "train")  # pylint: disable=protected-access
+  assert again.video_ids == train.video_ids
+  with open(path) as f:
+    assert json.load(f)["num_records"] == 12
