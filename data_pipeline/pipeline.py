@@ -34,8 +34,6 @@ import numpy as np
 
 from data_pipeline.records import DataError
 
-AUTOTUNE = -1
-
 
 def _cfg(config, dotted: str, default=None):
   """`config.a.b` or `default` when absent (ConfigDict, dict or any attribute object)."""
