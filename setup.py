@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "tensorflow-cpu>=2.15; platform_machine=='x86_64'",
     "tensorflow>=2.15; platform_machine!='x86_64'",
     "tensorflow-datasets>=4.9.4",
+    "importlib_resources>=5.0",  # tfds imports it without declaring it
     "av>=12",
     "tqdm>=4.60",
     "ftfy>=6.0",
