@@ -1,0 +1,222 @@
+"""UCoFiA head cost on CPU at MSR-VTT shapes (D=512, 32 words, 12 frames x 50 tokens, 48 kept
+tokens, 4 seqTransf layers): time and peak memory of
+
+  select     token selection + temporal encoder for 1k videos (perturbed top-k, 500 samples)
+  full       1k texts x 1k videos: selection + text side + blockwise three levels
+  oneshot    one-shot ``similarity_levels`` vs blockwise on a smaller N x N (one-shot 1k x 1k
+             needs the 't v w p' tensor alone at 6.3 GB)
+  bank       SK-norm prior from a query bank (default 9k texts) x 1k videos: three blockwise
+             levels in text chunks + Sinkhorn per level
+
+Each configuration runs in its own subprocess so that its peak RSS (ru_maxrss) is its own;
+``base`` is the RSS after importing jax and building the inputs that are not streamed.
+CLIP outputs are random features; per-video token features are generated inside the jitted
+per-block loop (as if streamed from CLIP), so the 1.2 GB of [1k, 600, 512] patch tokens never
+exist at once. CPU time (user+sys) is reported with wall time because the machine may be shared.
+
+    python benchmarks/similarity.py [--configs select,full,oneshot,bank] [--bank-texts 9000]
+        [--bank-videos 1000] [--text-block 50] [--video-block 50] [--json OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+D, NW, F, NTOK, LAYERS = 512, 32, 12, 50, 4
+
+
+def _rss_mb():
+    """Peak RSS since the last ``_reset_peak`` (VmHWM), in MB; ru_maxrss where unavailable."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _reset_peak():
+    # Linux: writing 5 to clear_refs resets VmHWM, so compile-time peaks (LLVM) are not
+    # counted as the head's working memory.
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _cpu_s():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _child(cfg, args):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ucofia_jax.models.ucofia import UCoFiAHead
+    from ucofia_jax.ops.blockwise import map_in_blocks
+    from ucofia_jax.ops.sinkhorn import sk_prior_t2v
+
+    head = UCoFiAHead(embed_dim=D, max_frames=F, max_words=NW, seq_layers=LAYERS)
+    key = jax.random.PRNGKey(0)
+    z = lambda *s: jnp.zeros(s, jnp.float32)
+    params = head.init(key, z(1, D), z(1, NW, D), z(1, F, D), z(1, F * NTOK, D),
+                       jnp.ones((1, F)), 0.0, rng=key)
+    ls = jnp.log(100.0)
+
+    def _videos(params, idx, block=50):
+        def one(i):            # i: [block] video ids -> that block's features + selection
+            kf, kp, ks = jax.random.split(jax.random.fold_in(key, i[0]), 3)
+            b = i.shape[0]
+            fc = jax.random.normal(kf, (b, F, D)) * 0.5
+            pt = jax.random.normal(kp, (b, F * NTOK, D)) * 0.5
+            pt = pt.reshape(b, F, NTOK, D).at[:, :, 0].set(fc).reshape(b, F * NTOK, D)
+            return head.apply(params, fc, pt, jnp.ones((b, F)), rng=ks, method=head.encode_video)
+        return map_in_blocks(one, idx, block)
+
+    videos_j = jax.jit(_videos)
+    videos = lambda n: videos_j(params, jnp.arange(n))
+
+    def texts(n, seed):
+        r = np.random.RandomState(seed)
+        tt = jnp.asarray(r.randn(n, NW, D) * 0.5, jnp.float32)
+        return head.apply(params, tt[:, -1], tt, method=head.encode_text)
+
+    levels_j = jax.jit(lambda t, v: head.apply(
+        params, t, v, ls, method=head.blockwise_levels, train=False,
+        text_block=args.text_block, video_block=args.video_block))
+    levels = levels_j
+
+    def warm(n_texts=None, n_videos=None):
+        # compile without running (lower().compile() fills the same cache as the call)
+        if n_videos is not None:
+            videos_j.lower(params, jnp.arange(n_videos)).compile()
+        if n_texts is not None:
+            ts = jax.eval_shape(lambda: texts(n_texts, 0))
+            vs = jax.eval_shape(lambda: videos_j(params, jnp.arange(n_videos)))
+            levels_j.lower(ts, vs).compile()
+
+    out = {"config": cfg}
+    if cfg == "select":
+        warm(None, 1000)
+        _reset_peak()
+        t0, c0 = time.time(), _cpu_s()
+        v = jax.block_until_ready(videos(1000))
+        out.update(wall_s=time.time() - t0, cpu_s=_cpu_s() - c0, note="1k videos, incl. noise")
+    elif cfg == "full":
+        t0 = time.time()
+        warm(1000, 1000)
+        out["compile_s"] = time.time() - t0
+        _reset_peak()
+        base = _rss_mb()
+        t0, c0 = time.time(), _cpu_s()
+        v = jax.block_until_ready(videos(1000))
+        t_sel = time.time() - t0
+        t = texts(1000, 0)
+        s = jax.block_until_ready(levels(t, v))
+        out.update(wall_s=time.time() - t0, cpu_s=_cpu_s() - c0, select_wall_s=t_sel,
+                   base_rss_mb=base, shape=list(s[0].shape))
+    elif cfg == "oneshot":
+        n = args.oneshot_n
+        v = jax.block_until_ready(videos(n))
+        t = texts(n, 0)
+        one = jax.jit(lambda p, t, v: head.apply(p, t, v, ls, method=head.similarity_levels,
+                                                  train=False))
+        jax.block_until_ready(one(params, t, v))
+        jax.block_until_ready(levels(t, v))
+        _reset_peak()
+        r0 = _rss_mb()
+        t0, c0 = time.time(), _cpu_s()
+        a = jax.block_until_ready(one(params, t, v))
+        out.update(oneshot_wall_s=time.time() - t0, oneshot_cpu_s=_cpu_s() - c0,
+                   oneshot_peak_rss_mb=_rss_mb())
+        _reset_peak()
+        t0 = time.time()
+        b = jax.block_until_ready(levels(t, v))
+        out.update(blockwise_peak_rss_mb=_rss_mb())
+        out.update(blockwise_wall_s=time.time() - t0, n=n,
+                   max_abs_diff=float(max(np.abs(np.asarray(x) - np.asarray(y)).max()
+                                          for x, y in zip(a, b))),
+                   bitwise_equal=all(np.array_equal(np.asarray(x), np.asarray(y))
+                                     for x, y in zip(a, b)), rss_before_mb=r0)
+    elif cfg == "bank":
+        nq, nv, chunk = args.bank_texts, args.bank_videos, 1000
+        v = jax.block_until_ready(videos(nv))
+        warm(min(chunk, nq), nv)
+        jax.block_until_ready(sk_prior_t2v([jnp.zeros((nq, nv))] * 3))
+        _reset_peak()
+        base = _rss_mb()
+        t0, c0 = time.time(), _cpu_s()
+        rows = [[], [], []]
+        for start in range(0, nq, chunk):
+            s = levels(texts(min(chunk, nq - start), 100 + start), v)
+            for l in range(3):
+                rows[l].append(np.asarray(s[l]))
+        banks = [jnp.asarray(np.concatenate(r, 0)) for r in rows]
+        t_sim = time.time() - t0
+        pri = jax.block_until_ready(sk_prior_t2v(banks))
+        out.update(wall_s=time.time() - t0, cpu_s=_cpu_s() - c0, sim_wall_s=t_sim,
+                   sinkhorn_wall_s=time.time() - t0 - t_sim, base_rss_mb=base,
+                   bank=[nq, nv], finite=bool(all(np.isfinite(np.asarray(p)).all() for p in pri)))
+    else:
+        raise ValueError(cfg)
+    out["peak_rss_mb"] = _rss_mb()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default="select,full,oneshot,bank")
+    ap.add_argument("--text-block", type=int, default=50)
+    ap.add_argument("--video-block", type=int, default=50)
+    ap.add_argument("--oneshot-n", type=int, default=128)
+    ap.add_argument("--bank-texts", type=int, default=9000)
+    ap.add_argument("--bank-videos", type=int, default=1000)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return _child(args.child, args)
+    results = []
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for cfg in args.configs.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", cfg] + [
+            a for a in sys.argv[1:] if not a.startswith("--configs") and a != args.configs]
+        t0 = time.time()
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        if p.returncode or not line:
+            print(f"{cfg}: FAILED rc={p.returncode}\n{p.stderr[-2000:]}")
+            continue
+        r = json.loads(line[-1][7:])
+        r["process_s"] = time.time() - t0
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    load = os.getloadavg()
+    print(f"\nload average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs "
+          f"(shared machine: compare cpu_s, not only wall_s)")
+    print(f"{'config':8s} {'wall s':>8s} {'cpu s':>8s} {'peak RSS MB':>12s}  notes")
+    for r in results:
+        wall = r.get("wall_s", r.get("oneshot_wall_s"))
+        cpu = r.get("cpu_s", r.get("oneshot_cpu_s"))
+        notes = {k: v for k, v in r.items() if k not in ("config", "wall_s", "cpu_s",
+                                                         "peak_rss_mb", "oneshot_wall_s",
+                                                         "oneshot_cpu_s")}
+        print(f"{r['config']:8s} {wall:8.1f} {cpu:8.1f} {r['peak_rss_mb']:12.0f}  {notes}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"results": results, "loadavg": load}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
