@@ -235,8 +235,17 @@ cmd_cpu_multiprocess() {
 
   local pids=() i
   cleanup() {
-    local p
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    # TERM first; jax.distributed installs a preemption handler that may swallow it, so
+    # whatever is still alive after a grace period gets KILL.
+    local p t
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for ((t = 0; t < 50; t++)); do
+      local alive=0
+      for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+      [[ "$alive" == 1 ]] || return 0
+      sleep 0.1
+    done
+    for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
   }
   trap 'cleanup; exit 130' INT TERM
   for ((i = 0; i < n; i++)); do
