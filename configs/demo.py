@@ -33,7 +33,7 @@ def get_config():
                                num_seconds=4, fps=2, captions_per_video=5, seed=0))
 
   c.train.update(dict(
-      batch_size=32, epochs=8, optimizer="adamw", lr=1e-3, clip_lr=1e-3, warmup_proportion=0.1,
+      batch_size=32, epochs=6, optimizer="adamw", lr=1e-3, clip_lr=1e-3, warmup_proportion=0.1,
       weight_decay=0.01, frozen=(), log_every_steps=5, checkpoint_every_steps=200,
       keep_checkpoints=1, eval_every_epochs=0))
 

@@ -101,8 +101,9 @@ def find_checkpoint_dir(path: str) -> Tuple[str, Optional[int]]:
   if base.isdigit():
     return os.path.dirname(path), int(base)
   for sub in ("checkpoints_best", "checkpoints"):
-    if os.path.isdir(os.path.join(path, sub)):
-      return os.path.join(path, sub), None
+    d = os.path.join(path, sub)
+    if os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d)):
+      return d, None
   return path, None
 
 

@@ -219,22 +219,24 @@ def check_inputs(config: ml_collections.ConfigDict, mode: str) -> None:
 
 def dataset_problems(config: ml_collections.ConfigDict) -> str:
   """'' when the built dataset is there; otherwise what is missing and how to build it."""
-  try:
-    from data_pipeline import pipeline  # helper D's input pipeline knows the layout
-    check = getattr(pipeline, "dataset_problems", None) or getattr(pipeline, "check_dataset", None)
-  except Exception:  # pylint: disable=broad-except
-    check = None
-  if check is not None:
-    try:
-      msg = check(config)
-    except FileNotFoundError as e:
-      msg = str(e)
-    return msg or ""
-  data_dir = config.data.data_dir
-  if os.path.isdir(data_dir) and any(os.scandir(data_dir)):
+  from data_pipeline import builder as builder_lib  # pylint: disable=g-import-not-at-top
+  from data_pipeline.records import DataError  # pylint: disable=g-import-not-at-top
+  d = config.data
+  b = builder_lib.get_builder(d.dataset, data_dir=d.data_dir, max_frames=d.max_frames,
+                              image_size=d.image_size, feature_framerate=d.feature_framerate,
+                              slice_framepos=d.slice_framepos)
+  if b.is_prepared():
     return ""
-  return (f"the {config.data.dataset} dataset is not built: config.data.data_dir = {data_dir!r} "
-          f"is missing or empty. Put the raw videos and annotation files under "
-          f"config.data.manual_dir = {config.data.manual_dir!r} (see docs/data.md), then run\n"
-          f"  python -m data_pipeline.build --dataset={config.data.dataset} "
-          f"--manual_dir={config.data.manual_dir} --data_dir={data_dir}")
+  try:
+    builder_lib.check_manual_dir(d.dataset, d.manual_dir)
+    raw = f"The raw files in config.data.manual_dir = {d.manual_dir!r} look complete."
+  except DataError as e:
+    raw = f"Raw files first (config.data.manual_dir): {e}"
+  cmd = (f"python -m data_pipeline.build --dataset={d.dataset} --manual_dir={d.manual_dir} "
+         f"--data_dir={d.data_dir} --max_frames={d.max_frames} --image_size={d.image_size}")
+  if d.feature_framerate != 1:
+    cmd += f" --feature_framerate={d.feature_framerate}"
+  if d.slice_framepos != 2:
+    cmd += f" --slice_framepos={d.slice_framepos}"
+  return (f"the {d.dataset} dataset ({b.builder_config.name}) is not built in "
+          f"config.data.data_dir = {d.data_dir!r}.\n{raw}\nThen build it with:\n  {cmd}")
