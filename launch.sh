@@ -256,19 +256,22 @@ cmd_cpu_multiprocess() {
   local status=0 finished=0 rc pid running=("${pids[@]}")
   while [[ "$finished" -lt "$n" ]]; do
     rc=0
+    pid=""
     wait -n -p pid "${running[@]}" || rc=$?
+    [[ -n "$pid" ]] || break   # nothing left to wait for
     finished=$((finished + 1))
     local keep=() q
     for q in "${running[@]}"; do [[ "$q" == "$pid" ]] || keep+=("$q"); done
     running=(${keep[@]+"${keep[@]}"})
-    if [[ "$rc" -ne 0 && "$status" -eq 0 ]]; then
+    if [[ "$rc" -ne 0 ]]; then
       status="$rc"
       echo "launch.sh: process with pid $pid exited with status $rc; stopping the others" >&2
       cleanup
+      break
     fi
   done
   trap - INT TERM
-  wait  # the output taggers
+  wait 2>/dev/null || true  # the stopped processes and the output taggers
   return "$status"
 }
 

@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,19 @@ def test_cpu_multiprocess_failure_stops_the_rest(tmp_path):
   proc = run(["cpu-multiprocess", "2", f"--entry={prog}"], check=False)
   assert proc.returncode == 7
   assert "stopping the others" in proc.stderr
+
+
+def test_cpu_multiprocess_kills_a_process_that_ignores_term(tmp_path):
+  # jax.distributed's preemption handler can swallow SIGTERM: launch.sh falls back to KILL.
+  prog = tmp_path / "stubborn.py"
+  prog.write_text("import os, signal, sys, time\n"
+                  "if os.environ['UCOFIA_PROCESS_ID'] == '1':\n"
+                  "  time.sleep(0.5); sys.exit(3)\n"
+                  "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                  "time.sleep(60)\n")
+  t0 = time.time()
+  proc = run(["cpu-multiprocess", "2", f"--entry={prog}"], check=False)
+  assert proc.returncode == 3 and time.time() - t0 < 30
 
 
 def test_cpu_multiprocess_needs_a_count():
