@@ -73,7 +73,7 @@ def _child(cfg, args):
                        jnp.ones((1, F)), 0.0, rng=key)
     ls = jnp.log(100.0)
 
-    def _videos(params, idx, block=50):
+    def _videos(params, idx, block=args.select_block):
         def one(i):            # i: [block] video ids -> that block's features + selection
             kf, kp, ks = jax.random.split(jax.random.fold_in(key, i[0]), 3)
             b = i.shape[0]
@@ -179,6 +179,7 @@ def main():
     ap.add_argument("--text-block", type=int, default=50)
     ap.add_argument("--video-block", type=int, default=50)
     ap.add_argument("--oneshot-n", type=int, default=128)
+    ap.add_argument("--select-block", type=int, default=10, help="videos per selection block")
     ap.add_argument("--bank-texts", type=int, default=9000)
     ap.add_argument("--bank-videos", type=int, default=1000)
     ap.add_argument("--json", default=None)
