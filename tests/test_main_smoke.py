@@ -23,6 +23,7 @@ def _config(workdir):
   return c
 
 
+@pytest.mark.slow
 def test_main_train_and_eval_then_eval(tmp_path):
   workdir = str(tmp_path / "run")
   res = main.run(_config(workdir), workdir, "train_and_eval", progress=False)

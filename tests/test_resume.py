@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -19,6 +20,7 @@ def _worker(mode, root):
                         env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_gives_the_same_params(tmp_path):
   root = str(tmp_path)
   first = _worker("first", root)

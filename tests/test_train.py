@@ -14,11 +14,24 @@ LOSS_RTOL = 1e-5
 PARAM_ATOL = 2e-5
 
 
-def _run(config, devices, steps=2):
+def _setup(config, devices):
   mesh = sharding.make_mesh(config.mesh, devices)
   model = RetrievalModel.from_config(config)
   state = train.create_train_state(model, config, 0)
   trainer = train.make_trainer(model, config, mesh, state, schedule_total=10)
+  return mesh, trainer, state
+
+
+@pytest.fixture(scope="module")
+def single_device():
+  """One compiled single-device trainer shared by the tests (compiling is the slow part)."""
+  c = tiny_config()
+  c.mesh.data = 1
+  return c, _setup(c, jax.devices()[:1])
+
+
+def _run(config, setup, steps=2):
+  mesh, trainer, state = setup
   state = train.place_state(trainer, state)
   data = random_arrays(config.train.batch_size * steps, config)
   losses = []
@@ -29,13 +42,14 @@ def _run(config, devices, steps=2):
   return losses, jax.device_get(state["params"])
 
 
-def test_sharded_step_equals_single_device():
+@pytest.mark.slow
+def test_sharded_step_equals_single_device(single_device):
   assert jax.device_count() >= 4, "tests/conftest.py sets 4 virtual CPU devices"
+  c, setup1 = single_device
+  loss1, p1 = _run(c, setup1)
   c = tiny_config()
-  c.mesh.data = 1
-  loss1, p1 = _run(c, jax.devices()[:1])
   c.mesh.data = 4
-  loss4, p4 = _run(c, jax.devices()[:4])
+  loss4, p4 = _run(c, _setup(c, jax.devices()[:4]))
   np.testing.assert_allclose(loss4, loss1, rtol=LOSS_RTOL)
   changed = 0
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(p1)[0], jax.tree.leaves(p4)):
@@ -53,14 +67,10 @@ def test_nonfinite_loss_stops_with_step_and_videos():
   train.check_finite_loss(1.0, 12, batch)
 
 
-def test_nan_in_loop_is_reported(tmp_path):
-  c = tiny_config()
-  c.mesh.data = 1
-  mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-  model = RetrievalModel.from_config(c)
-  state = train.create_train_state(model, c, 0)
-  trainer = train.make_trainer(model, c, mesh, state, schedule_total=10)
+def test_nan_in_loop_is_reported(tmp_path, single_device):
+  c, (mesh, trainer, state) = single_device
   # NaN in the params -> NaN loss at the first step.
+  state = {**state, "params": {**state["params"], "head": dict(state["params"]["head"])}}
   state["params"]["head"]["global_mat_weight"] = state["params"]["head"]["global_mat_weight"] * np.nan
   state = train.place_state(trainer, state)
   data = train.ArrayData(random_arrays(16, c), batch_size=8)

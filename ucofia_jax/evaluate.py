@@ -50,8 +50,7 @@ class Encoder:
       ids = sharding_lib.shard_batch({"input_ids": np.asarray(b["input_ids"], np.int32)},
                                      self.mesh)["input_ids"]
       side = distributed.to_host(self._text(params, ids))
-      valid = np.asarray(b.get("valid", np.ones(len(b["input_ids"]))), bool)
-      out.append({k: v[valid] for k, v in side.items()})
+      out.append({k: v[_global_valid(b, "input_ids")] for k, v in side.items()})
     return _concat(out)
 
   def videos(self, params, batches: Iterable[Dict[str, np.ndarray]], rng: jax.Array
@@ -63,8 +62,7 @@ class Encoder:
                                    self.mesh)
       side = distributed.to_host(self._video(params, x["frames"], x["frame_mask"],
                                              jax.random.fold_in(rng, i)))
-      valid = np.asarray(b.get("valid", np.ones(len(b["frames"]))), bool)
-      out.append({k: v[valid] for k, v in side.items()})
+      out.append({k: v[_global_valid(b, "frames")] for k, v in side.items()})
     return _concat(out)
 
   def levels(self, params, text: Dict[str, np.ndarray], video: Dict[str, np.ndarray]
@@ -81,6 +79,13 @@ class Encoder:
         tn, vn = min(tb, nt - t0), min(vb, nv - v0)
         out[:, t0:t0 + tn, v0:v0 + vn] = s[:, :tn, :vn]
     return out
+
+
+def _global_valid(batch, key) -> np.ndarray:
+  """The padding mask of the whole global batch: every process holds only its rows of
+  ``valid``, in process order, as ``to_host`` returns the rows."""
+  local = np.asarray(batch.get("valid", np.ones(len(batch[key]))), np.int32)
+  return np.asarray(distributed.process_allgather(local), bool)
 
 
 def _concat(parts):
@@ -149,14 +154,16 @@ def evaluate(model, params, mesh, config, test_data, *, train_data=None, rng: ja
 
 
 def _batched(arrays: Dict[str, np.ndarray], batch: int):
-  """Fixed-size, padded batches with a ``valid`` mask (one compiled shape)."""
+  """Fixed-size global batches (padded, with a ``valid`` mask) of arrays that every process
+  holds whole; each process yields its own rows of every batch."""
   n = len(next(iter(arrays.values())))
+  rows = distributed.local_batch_slice(batch)
   for lo in range(0, n, batch):
     part = {k: v[lo:lo + batch] for k, v in arrays.items()}
     m = len(part["input_ids"])
     part = _pad_rows(part, batch)
     part["valid"] = (np.arange(batch) < m).astype(np.int32)
-    yield part
+    yield {k: v[rows] for k, v in part.items()}
 
 
 def write_results(workdir: str, results: Dict[str, Any], writer=None) -> str:
