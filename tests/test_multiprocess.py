@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch.sh"
 
@@ -278,7 +280,6 @@ def main(argv: list[str]) -> None:
 # =========================================================================== the tests
 
 def test_settings_from_env_and_config():
-  import pytest
   from ucofia_jax import distributed as d
   s = d.settings_from_env({"UCOFIA_COORDINATOR": "10.0.0.1:1234", "UCOFIA_NUM_PROCESSES": "4",
                            "UCOFIA_PROCESS_ID": "3", "UCOFIA_LOCAL_DEVICE_IDS": "0,1"})
@@ -395,6 +396,7 @@ def test_mechanics_two_processes_equal_one(tmp_path):
   print(f"mechanics: losses {single['losses']}  ({time.time() - t0:.1f} s)")
 
 
+@pytest.mark.slow  # compiles the train step in 3 processes: ~2 min on a busy 2-core machine
 def test_train_and_eval_two_processes_equal_one(tmp_path):
   import numpy as np
   t0 = time.time()
