@@ -304,8 +304,10 @@ def test_settings_from_env_and_config():
     d.DistributedSettings(coordinator_address="h:1", num_processes=2, process_id=2).validate()
   with pytest.raises(ValueError, match="mode"):
     d.maybe_initialize(env={"UCOFIA_DISTRIBUTED": "yes"})
-  assert d._slurm_multi_task({"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "8"})
-  assert not d._slurm_multi_task({"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+  srun = {"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "8"}
+  assert d._slurm_multi_task({**srun, "SLURM_STEP_NUM_TASKS": "8"})
+  assert not d._slurm_multi_task(srun)  # the batch script itself: one process
+  assert not d._slurm_multi_task({**srun, "SLURM_STEP_NUM_TASKS": "1"})
   assert d._tpu_multi_worker({"TPU_WORKER_HOSTNAMES": "a,b,c,d"})
   assert not d._tpu_multi_worker({"TPU_WORKER_HOSTNAMES": "localhost"})
 

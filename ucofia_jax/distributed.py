@@ -174,8 +174,10 @@ def _merge(settings: DistributedSettings, source: Any) -> DistributedSettings:
 
 
 def _slurm_multi_task(env: Mapping[str, str]) -> bool:
+  """Inside an ``srun`` step with several tasks. SLURM_STEP_NUM_TASKS is set by srun only:
+  a batch script (where SLURM_NTASKS may be > 1 but there is one process) is not one."""
   return ("SLURM_JOB_ID" in env and "SLURM_PROCID" in env
-          and int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1)
+          and int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1)
 
 
 def _tpu_multi_worker(env: Mapping[str, str]) -> bool:
