@@ -42,6 +42,36 @@ def test_main_train_and_eval_then_eval(tmp_path):
   res2 = main.run(_config(workdir), workdir, "eval", progress=False)
   assert res2["step"] == 3 and res2["num_videos"] == 8
 
+  # --mode=eval on a checkpoint in the original (PyTorch state_dict) format: our head
+  # exported under the original names, read back through the name mapping.
+  import jax
+  import numpy as np
+  import torch
+  from ucofia_jax import checkpoints
+  from ucofia_jax.models import ucofia_names
+  state, _ = checkpoints.restore_params(workdir, _abstract_state(_config(workdir)))
+  sd = ucofia_names.head_params_to_state_dict(jax.device_get(state["params"]["head"]))
+  path = str(tmp_path / "pytorch_model.bin")
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, path)
+  c = _config(workdir)
+  c.model.ucofia_checkpoint = path
+  c.data.data_dir = os.path.join(workdir, "data", "tfds")     # reuse the built set
+  c.data.manual_dir = os.path.join(workdir, "data", "raw")
+  other = str(tmp_path / "released")
+  res3 = main.run(c, other, "eval", progress=False)
+  assert os.path.exists(os.path.join(other, "results.json")) and res3["num_videos"] == 8
+
+
+def _abstract_state(config):
+  import jax
+  from ucofia_jax import optim, train
+  from ucofia_jax.models.retrieval import RetrievalModel
+  model = RetrievalModel.from_config(config)
+  state = train.create_train_state(model, config, config.seed)
+  tx = optim.make_optimizer(config.train, state["params"], 1)
+  state["opt_state"] = jax.eval_shape(tx.init, state["params"])
+  return state
+
 
 def test_bad_key_rejected_before_compile(tmp_path):
   c = _config(str(tmp_path))

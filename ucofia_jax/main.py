@@ -80,6 +80,14 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> dict:
   config_validation.resolve_paths(config, workdir)
   config_validation.validate(config)
   config_validation.check_inputs(config, mode)
+  if mode == "eval" and not config.model.ucofia_checkpoint:
+    from ucofia_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    d, _ = checkpoints.find_checkpoint_dir(workdir)
+    if not os.path.isdir(d) or not any(n.isdigit() for n in os.listdir(d)):
+      raise FileNotFoundError(
+          f"--mode=eval: no checkpoint in {workdir} (checkpoints/ or checkpoints_best/). "
+          "Train first (--mode=train_and_eval with this --workdir), or evaluate the released "
+          "UCoFiA weights with --config.model.ucofia_checkpoint=/path/to/pytorch_model.bin")
 
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
