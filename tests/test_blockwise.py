@@ -79,6 +79,6 @@ def test_head_blockwise_levels_equal_similarity_levels():
         one = mod.similarity_levels(t, v, jnp.log(100.0), train=False)
         blk = mod.blockwise_levels(t, v, jnp.log(100.0), text_block=4, video_block=2)
         return one, blk
-    one, blk = head.apply(params, method=run)
+    one, blk = jax.jit(lambda p: head.apply(p, method=run))(params)
     for a, b in zip(one, blk):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-6, atol=2e-6)
