@@ -67,7 +67,25 @@ class Encoder:
 
   def levels(self, params, text: Dict[str, np.ndarray], video: Dict[str, np.ndarray]
              ) -> np.ndarray:
-    """[3, texts, videos] float32: S1, S2, S3 of every pair, in fixed-size blocks."""
+    """[3, texts, videos] float32: S1, S2, S3 of every pair, in fixed-size blocks.
+
+    One process: the head's ``blockwise_levels`` (one jitted kernel; text blocks split over
+    the mesh's 'data' devices with shard_map). Several processes: a host loop over blocks
+    (every process holds the full encoded sides, so no cross-host sharding is needed).
+    """
+    if jax.process_count() == 1:
+      from ucofia_jax.models.ucofia import UCoFiAHead  # pylint: disable=g-import-not-at-top
+      mesh = self.mesh if self.mesh.shape["data"] > 1 else None
+      s = self.model.head.apply(
+          {"params": params["head"]}, text, video, params["clip"]["logit_scale"],
+          train=False, text_block=int(self.cfg.text_block),
+          video_block=int(self.cfg.video_block), mesh=mesh, axis="data",
+          method=UCoFiAHead.blockwise_levels)
+      return np.stack([np.asarray(x, np.float32) for x in s])
+    return self.levels_loop(params, text, video)
+
+  def levels_loop(self, params, text: Dict[str, np.ndarray], video: Dict[str, np.ndarray]
+                  ) -> np.ndarray:
     nt, nv = len(next(iter(text.values()))), len(next(iter(video.values())))
     tb, vb = min(self.cfg.text_block, nt), min(self.cfg.video_block, nv)
     out = np.zeros((3, nt, nv), np.float32)
