@@ -77,3 +77,35 @@ def test_nan_in_loop_is_reported(tmp_path, single_device):
   with pytest.raises(train.NonFiniteLossError, match="step 0"):
     train.train_loop(trainer, state, data, workdir=str(tmp_path), total_steps=2,
                      progress=False)
+
+
+def test_sigterm_saves_and_stops(tmp_path, single_device):
+  """SIGTERM mid-epoch: the loop finishes the current step, saves it and returns."""
+  import os
+  import signal
+  from ucofia_jax import checkpoints
+
+  c, (mesh, trainer, state) = single_device
+  arrays = train.ArrayData(random_arrays(32, c), batch_size=8)       # 4 steps per epoch
+
+  class SignalOnSecondBatch:
+    steps_per_epoch = arrays.steps_per_epoch
+
+    def epoch(self, epoch, start_step=0):
+      for i, b in enumerate(arrays.epoch(epoch, start_step)):
+        if i == 1:
+          os.kill(os.getpid(), signal.SIGTERM)
+        yield b
+
+  guard = checkpoints.PreemptionGuard()
+  ckpt = checkpoints.Checkpointer(str(tmp_path), keep=2)
+  try:
+    out = train.train_loop(trainer, train.place_state(trainer, state), SignalOnSecondBatch(),
+                           workdir=str(tmp_path), total_steps=4, checkpointer=ckpt,
+                           guard=guard, progress=False)
+  finally:
+    guard.restore()
+    ckpt.close()
+  assert guard.requested and guard.signal_name == "SIGTERM"
+  assert int(jax.device_get(out["step"])) == 2
+  assert checkpoints.Checkpointer(str(tmp_path)).latest_step() == 2
