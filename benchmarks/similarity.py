@@ -12,10 +12,13 @@ Each configuration runs in its own subprocess so that its peak RSS (ru_maxrss) i
 ``base`` is the RSS after importing jax and building the inputs that are not streamed.
 CLIP outputs are random features; per-video token features are generated inside the jitted
 per-block loop (as if streamed from CLIP), so the 1.2 GB of [1k, 600, 512] patch tokens never
-exist at once. CPU time (user+sys) is reported with wall time because the machine may be shared.
+exist at once; they are drawn with ``ops.topk.hash_normal`` (``--inputs threefry`` for
+``jax.random.normal``, which alone costs ~7 s of CPU for 1k videos). ``synth`` times that
+input synthesis alone, so it can be subtracted from ``select`` / ``full``. CPU time (user+sys) is reported with wall time because the machine may be shared.
 
     python benchmarks/similarity.py [--configs select,full,oneshot,bank] [--bank-texts 9000]
         [--bank-videos 1000] [--text-block 50] [--video-block 50] [--json OUT]
+        [--inputs hash|threefry] [--noise-prng hash|threefry] (configs also: synth)
 """
 from __future__ import annotations
 
@@ -65,22 +68,33 @@ def _child(cfg, args):
     from ucofia_jax.models.ucofia import UCoFiAHead
     from ucofia_jax.ops.blockwise import map_in_blocks
     from ucofia_jax.ops.sinkhorn import sk_prior_t2v
+    from ucofia_jax.ops.topk import hash_normal
 
-    head = UCoFiAHead(embed_dim=D, max_frames=F, max_words=NW, seq_layers=LAYERS)
+    normal = hash_normal if args.inputs == "hash" else jax.random.normal
+
+    head = UCoFiAHead(embed_dim=D, max_frames=F, max_words=NW, seq_layers=LAYERS,
+                      eval_noise_prng=args.noise_prng)
     key = jax.random.PRNGKey(0)
     z = lambda *s: jnp.zeros(s, jnp.float32)
     params = head.init(key, z(1, D), z(1, NW, D), z(1, F, D), z(1, F * NTOK, D),
                        jnp.ones((1, F)), 0.0, rng=key)
     ls = jnp.log(100.0)
 
-    def _videos(params, idx, block=args.select_block):
+    def _synth(i):             # i: [block] video ids -> random CLIP features of the block
+        kf, kp, ks = jax.random.split(jax.random.fold_in(key, i[0]), 3)
+        b = i.shape[0]
+        fc = normal(kf, (b, F, D)) * 0.5
+        pt = normal(kp, (b, F * NTOK, D)) * 0.5
+        pt = pt.reshape(b, F, NTOK, D).at[:, :, 0].set(fc).reshape(b, F * NTOK, D)
+        return fc, pt, ks
+
+    def _videos(params, idx, block=args.select_block, synth_only=False):
         def one(i):            # i: [block] video ids -> that block's features + selection
-            kf, kp, ks = jax.random.split(jax.random.fold_in(key, i[0]), 3)
-            b = i.shape[0]
-            fc = jax.random.normal(kf, (b, F, D)) * 0.5
-            pt = jax.random.normal(kp, (b, F * NTOK, D)) * 0.5
-            pt = pt.reshape(b, F, NTOK, D).at[:, :, 0].set(fc).reshape(b, F * NTOK, D)
-            return head.apply(params, fc, pt, jnp.ones((b, F)), rng=ks, method=head.encode_video)
+            fc, pt, ks = _synth(i)
+            if synth_only:
+                return {"sum": jnp.sum(pt, axis=(1, 2)) + jnp.sum(fc, axis=(1, 2))}
+            return head.apply(params, fc, pt, jnp.ones((i.shape[0], F)), rng=ks,
+                              method=head.encode_video)
         return map_in_blocks(one, idx, block)
 
     videos_j = jax.jit(_videos)
@@ -106,7 +120,15 @@ def _child(cfg, args):
             levels_j.lower(ts, vs).compile()
 
     out = {"config": cfg}
-    if cfg == "select":
+    if cfg == "synth":
+        synth_j = jax.jit(lambda idx: _videos(params, idx, synth_only=True))
+        jax.block_until_ready(synth_j(jnp.arange(1000)))
+        _reset_peak()
+        t0, c0 = time.time(), _cpu_s()
+        jax.block_until_ready(synth_j(jnp.arange(1000)))
+        out.update(wall_s=time.time() - t0, cpu_s=_cpu_s() - c0,
+                   note=f"input synthesis only ({args.inputs}), 1k videos")
+    elif cfg == "select":
         warm(None, 1000)
         _reset_peak()
         t0, c0 = time.time(), _cpu_s()
@@ -180,6 +202,10 @@ def main():
     ap.add_argument("--video-block", type=int, default=50)
     ap.add_argument("--oneshot-n", type=int, default=128)
     ap.add_argument("--select-block", type=int, default=10, help="videos per selection block")
+    ap.add_argument("--inputs", default="hash", choices=["hash", "threefry"],
+                    help="generator of the synthetic CLIP features")
+    ap.add_argument("--noise-prng", default="hash", choices=["hash", "threefry"],
+                    help="the head's eval_noise_prng (selection noise)")
     ap.add_argument("--bank-texts", type=int, default=9000)
     ap.add_argument("--bank-videos", type=int, default=1000)
     ap.add_argument("--json", default=None)

@@ -47,3 +47,30 @@ def test_rng_path_and_slot_order():
     np.testing.assert_array_equal(np.asarray(hard_topk(s, 3)), np.asarray(ind).round())
     with pytest.raises(ValueError, match="rng"):
         perturbed_topk(s, 3)
+
+
+def test_hash_normal_is_standard_normal_and_keyed():
+    from scipy import stats
+    from ucofia_jax.ops.topk import hash_normal
+    k0, k1 = jax.random.PRNGKey(0), jax.random.PRNGKey(1)
+    x = np.asarray(hash_normal(k0, (200, 500, 49))).ravel()
+    assert abs(x.mean()) < 5e-3 and abs(x.std() - 1) < 5e-3
+    assert stats.kstest(x[:200_000], "norm").pvalue > 1e-3
+    assert abs(np.corrcoef(x[:-1], x[1:])[0, 1]) < 5e-3                 # neighbours
+    np.testing.assert_array_equal(x[:1000], np.asarray(hash_normal(k0, (1000,))))  # row-major
+    y = np.asarray(hash_normal(k1, (200, 500, 49))).ravel()
+    assert abs(np.corrcoef(x, y)[0, 1]) < 5e-3 and not np.array_equal(x, y)
+
+
+def test_noise_prng_hash_draws_hash_normal():
+    from ucofia_jax.ops.topk import hash_normal
+    s = jnp.asarray(np.random.RandomState(1).randn(4, 9) * 0.1, jnp.float32)
+    k = jax.random.PRNGKey(3)
+    a = perturbed_topk(s, 2, 50, 0.05, rng=k, noise_prng="hash")
+    b = perturbed_topk(s, 2, 50, 0.05, noise=hash_normal(k, (4, 50, 9)))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    c = perturbed_topk(s, 2, 50, 0.05, rng=k)                            # threefry default
+    d = perturbed_topk(s, 2, 50, 0.05, noise=jax.random.normal(k, (4, 50, 9)))
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(d))
+    with pytest.raises(ValueError, match="noise_prng"):
+        perturbed_topk(s, 2, 50, 0.05, rng=k, noise_prng="mt19937")
