@@ -39,6 +39,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       selection_noise_at_eval=True, mask_padding=False, scale_pixel_word=False,
       eval_local_mat_weight1=False,
       init_temporal_from_clip=True,   # seqTransf <- CLIP text blocks 0..3 (SPEC §5)
+      # Generator of the inference selection noise: 'hash' (cheap counter hash, default) or
+      # 'threefry' (jax.random.normal); same N(0, 1), different draws. Training: threefry.
+      eval_noise_prng="hash",
   ))
   # A released UCoFiA state dict (pytorch_model.bin) for --mode=eval; '' = none.
   c.model.ucofia_checkpoint = ""

@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 _CHOICES = {
     "model.clip.dtype": ("float32", "bfloat16"),
     "model.head.predictor": ("new", "old"),
+    "model.head.eval_noise_prng": ("hash", "threefry"),
     "train.optimizer": ("bertadam", "adamw"),
     "train.schedule": ("warmup_cosine", "constant"),
     "eval.sk_domain": ("plain", "log"),
