@@ -180,12 +180,11 @@ def learning_rate_schedules(train_cfg, total_steps: int) -> Dict[str, optax.Sche
   }
 
 
-def bertadam(params: PyTree, *, total_steps: int, lr: float = 1e-4, clip_lr: float = 1e-7,
-             warmup_proportion: float = 0.1, b1: float = 0.9, b2: float = 0.98,
-             eps: float = 1e-6, weight_decay: float = 0.2, grad_clip: float = 1.0,
-             per_tensor_clip: float = 1.0, frozen: Sequence[str] = (),
-             schedule: str = "warmup_cosine") -> optax.GradientTransformation:
-  """The original update (module docstring) for a params tree ``{'clip', 'head'}``."""
+def _grouped_chain(params: PyTree, moments: optax.GradientTransformation, *, total_steps: int,
+                   lr: float, clip_lr: float, warmup_proportion: float, weight_decay: float,
+                   grad_clip: float, per_tensor_clip: float, frozen: Sequence[str],
+                   schedule: str) -> optax.GradientTransformation:
+  """Frozen mask -> clipping -> ``moments`` -> decoupled decay -> per-group lr schedule."""
   labels = param_labels(params, frozen)
   schedules = {"head": make_schedule(lr, total_steps, warmup_proportion, schedule),
                "clip": make_schedule(clip_lr, total_steps, warmup_proportion, schedule)}
@@ -194,11 +193,23 @@ def bertadam(params: PyTree, *, total_steps: int, lr: float = 1e-4, clip_lr: flo
     parts.append(clip_by_global_norm_torch(grad_clip))
   if per_tensor_clip > 0:
     parts.append(clip_per_tensor_torch(per_tensor_clip))
-  parts.append(scale_by_adam_no_bias_correction(b1, b2, eps))
+  parts.append(moments)
   if weight_decay > 0:
     parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask(params)))
   parts.append(scale_by_group_schedules(schedules, labels))
   return optax.chain(*parts)
+
+
+def bertadam(params: PyTree, *, total_steps: int, lr: float = 1e-4, clip_lr: float = 1e-7,
+             warmup_proportion: float = 0.1, b1: float = 0.9, b2: float = 0.98,
+             eps: float = 1e-6, weight_decay: float = 0.2, grad_clip: float = 1.0,
+             per_tensor_clip: float = 1.0, frozen: Sequence[str] = (),
+             schedule: str = "warmup_cosine") -> optax.GradientTransformation:
+  """The original update (module docstring) for a params tree ``{'clip', 'head'}``."""
+  return _grouped_chain(
+      params, scale_by_adam_no_bias_correction(b1, b2, eps), total_steps=total_steps, lr=lr,
+      clip_lr=clip_lr, warmup_proportion=warmup_proportion, weight_decay=weight_decay,
+      grad_clip=grad_clip, per_tensor_clip=per_tensor_clip, frozen=frozen, schedule=schedule)
 
 
 def adamw(params: PyTree, *, total_steps: int, lr: float = 1e-4, clip_lr: float = 1e-7,
@@ -207,17 +218,10 @@ def adamw(params: PyTree, *, total_steps: int, lr: float = 1e-4, clip_lr: float 
           schedule: str = "warmup_cosine", **unused) -> optax.GradientTransformation:
   """Standard AdamW (bias-corrected), same groups, decay mask, clipping and schedule."""
   del unused
-  labels = param_labels(params, frozen)
-  schedules = {"head": make_schedule(lr, total_steps, warmup_proportion, schedule),
-               "clip": make_schedule(clip_lr, total_steps, warmup_proportion, schedule)}
-  parts = [zero_frozen(labels)]
-  if grad_clip > 0:
-    parts.append(clip_by_global_norm_torch(grad_clip))
-  parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
-  if weight_decay > 0:
-    parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask(params)))
-  parts.append(scale_by_group_schedules(schedules, labels))
-  return optax.chain(*parts)
+  return _grouped_chain(
+      params, optax.scale_by_adam(b1=b1, b2=b2, eps=eps), total_steps=total_steps, lr=lr,
+      clip_lr=clip_lr, warmup_proportion=warmup_proportion, weight_decay=weight_decay,
+      grad_clip=grad_clip, per_tensor_clip=0.0, frozen=frozen, schedule=schedule)
 
 
 def make_optimizer(train_cfg, params: PyTree, total_steps: int) -> optax.GradientTransformation:
