@@ -180,6 +180,23 @@ def _unique_scenes(rng, count, taken):
   return scenes
 
 
+# x264 settings of the synthetic clips; chosen so that the same frames always give the same
+# bytes. threads=1: frame/lookahead threads would make the output depend on timing. mbtree=0:
+# with the macroblock tree (on by default under crf) x264 is not deterministic even
+# single-threaded on these tiny clips -- re-encoding the same frames in one process gave
+# several different bitstreams (e.g. seed 0, video149, 32 px / 2 fps: 2-8 variants in 100
+# encodes), which decode to frames up to ~10-17 grey levels apart, so two builds of one seed
+# differed. Without the tree, crf is plain per-frame adaptive quantisation, and reruns are
+# byte-identical.
+X264_OPTIONS = {"threads": "1", "x264-params": "mbtree=0"}
+X264_CRF = 20
+
+
+def write_clip(path: str, frames, fps: int) -> str:
+  """Encodes one synthetic clip (uint8 RGB [T, S, S, 3]) deterministically: see `X264_OPTIONS`."""
+  return write_video(path, frames, fps, crf=X264_CRF, options=dict(X264_OPTIONS))
+
+
 def make_synthetic_dataset(out_dir: str, *, num_train: int = 300, num_test: int = 100,
                            frame_size: int = 64, num_seconds: int = 4, fps: int = 6,
                            seed: int = 0, captions_per_video: int = 5) -> str:
@@ -205,9 +222,7 @@ def make_synthetic_dataset(out_dir: str, *, num_train: int = 300, num_test: int 
     vid = f"video{i}"
     frames = render(scene, frame_size=frame_size, num_frames=num_seconds * fps,
                     rng=np.random.default_rng([seed, i]))
-    # threads=1: x264's output then depends only on its input (byte-identical reruns).
-    write_video(os.path.join(out_dir, "videos", vid + ".mp4"), frames, fps, crf=20,
-                options={"threads": "1"})
+    write_clip(os.path.join(out_dir, "videos", vid + ".mp4"), frames, fps)
     videos.append({"category": 0, "url": f"synthetic://{seed}/{vid}", "video_id": vid,
                    "start time": 0.0, "end time": float(num_seconds), "split": split,
                    "id": i})
