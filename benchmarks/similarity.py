@@ -101,8 +101,7 @@ def _child(cfg, args):
     videos = lambda n: videos_j(params, jnp.arange(n))
 
     def texts(n, seed):
-        r = np.random.RandomState(seed)
-        tt = jnp.asarray(r.randn(n, NW, D) * 0.5, jnp.float32)
+        tt = jnp.asarray(np.random.default_rng(seed).standard_normal((n, NW, D), np.float32) * 0.5)
         return head.apply(params, tt[:, -1], tt, method=head.encode_text)
 
     levels_j = jax.jit(lambda t, v: head.apply(
