@@ -36,7 +36,6 @@ if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 

@@ -64,8 +64,8 @@ def main():
     dev = jax.devices()[0]
     print(f"backend: {jax.default_backend()} ({dev.device_kind}), {os.cpu_count()} host cores, "
           f"jax {jax.__version__}")
-    print(f"| tower | input | dtype | compile (s) | run (ms) |")
-    print(f"|---|---|---|---|---|")
+    print("| tower | input | dtype | compile (s) | run (ms) |")
+    print("|---|---|---|---|---|")
     for dtype in args.dtypes.split(","):
         model = clip.CLIP(clip.CLIPConfig(token_shift_blocks=(10, 11), dtype=dtype))
         video = lambda p, x: model.apply({"params": p}, x, method=model.encode_video)

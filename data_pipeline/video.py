@@ -41,7 +41,6 @@ missing video into zeros and later into NaN losses). The rules, checked in this 
 """
 from __future__ import annotations
 
-import math
 import os
 
 import av

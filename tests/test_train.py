@@ -51,7 +51,6 @@ def test_sharded_step_equals_single_device(single_device):
   c.mesh.data = 4
   loss4, p4 = _run(c, _setup(c, jax.devices()[:4]))
   np.testing.assert_allclose(loss4, loss1, rtol=LOSS_RTOL)
-  changed = 0
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(p1)[0], jax.tree.leaves(p4)):
     np.testing.assert_allclose(b, a, atol=PARAM_ATOL, err_msg=jax.tree_util.keystr(path))
   # The step did something (lr is constant 1e-3 here, no warmup).

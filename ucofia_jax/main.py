@@ -12,10 +12,8 @@ data position).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
 import time
 
 from absl import app
@@ -90,7 +88,6 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> dict:
           "UCoFiA weights with --config.model.ucofia_checkpoint=/path/to/pytorch_model.bin")
 
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from data_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   from ucofia_jax import checkpoints, evaluate, sharding, train  # pylint: disable=g-import-not-at-top
   from ucofia_jax.models.retrieval import RetrievalModel  # pylint: disable=g-import-not-at-top

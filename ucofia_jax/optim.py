@@ -18,7 +18,7 @@ Parameters are the pytree ``{'clip': ..., 'head': ...}`` of ``models.retrieval``
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, NamedTuple, Sequence
+from typing import Any, Dict, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import os
 from typing import Any, Dict, Optional, Sequence
 

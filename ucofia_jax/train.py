@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Protocol
+from typing import Any, Callable, Dict, Iterable, Optional, Protocol
 
 import jax
 import jax.numpy as jnp

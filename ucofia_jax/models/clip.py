@@ -17,13 +17,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ucofia_jax.models.layers import LayerNorm, Transformer
 from ucofia_jax.ops.token_shift import token_shift

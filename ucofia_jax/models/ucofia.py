@@ -11,7 +11,7 @@ field (see docs/head.md for the table).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import flax.linen as nn
 import jax
