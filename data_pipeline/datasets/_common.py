@@ -15,7 +15,7 @@ import io
 import json
 import os
 import re
-from typing import Iterable
+from typing import Any, Iterable
 
 from data_pipeline.records import ClipRecord, DataError, SkipReport, skip_or_raise
 from data_pipeline.video import VIDEO_EXTENSIONS
@@ -77,6 +77,28 @@ def read_csv(path: str, delimiter: str = ",") -> list[list[str]]:
 
 def has_bad_text(s: str) -> bool:
   return bool(_SURROGATE.search(s))
+
+
+def listed_caption_entries(list_path: str, ann: dict, ann_path: str,
+                           report: SkipReport | None, strict: bool,
+                           entry_types: tuple = (list,)) -> list[tuple[str, Any]]:
+  """(video id, caption entry) for every id of a split list that the annotation dict holds.
+
+  Ids missing from ``ann`` and entries that are not lists are reported (or raise when strict).
+  """
+  out = []
+  for i, vid in read_lines(list_path, report, strict):
+    if vid not in ann:
+      skip_or_raise(report, strict, f"{list_path}:{i}", REASON_NO_ANNOTATION,
+                    f"video id {vid} not in {os.path.basename(ann_path)}")
+      continue
+    entry = ann[vid]
+    if not isinstance(entry, entry_types):
+      skip_or_raise(report, strict, f"{ann_path}[{vid}]", REASON_BAD_ROW,
+                    f"captions are {type(entry).__name__}, expected a list")
+      continue
+    out.append((vid, entry))
+  return out
 
 
 def clean_caption(text, where: str, report: SkipReport | None, strict: bool) -> str | None:

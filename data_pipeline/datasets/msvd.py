@@ -83,16 +83,8 @@ def read_split(root: str, split: str, *, video_dir: str | None = None,
   pkl_path = C.require_file(root, "raw-captions.pkl", NAME)
   captions = load_captions_pickle(pkl_path)
   items = []
-  for i, vid in C.read_lines(list_path, report, strict):
-    if vid not in captions:
-      skip_or_raise(report, strict, f"{list_path}:{i}", C.REASON_NO_ANNOTATION,
-                    f"video id {vid} not in raw-captions.pkl")
-      continue
-    entry = captions[vid]
-    if not isinstance(entry, (list, tuple)):
-      skip_or_raise(report, strict, f"{pkl_path}[{vid}]", C.REASON_BAD_ROW,
-                    f"captions are {type(entry).__name__}, expected a list")
-      continue
+  for vid, entry in C.listed_caption_entries(list_path, captions, pkl_path, report, strict,
+                                             entry_types=(list, tuple)):
     caps = []
     for j, tokens in enumerate(entry):
       where = f"{pkl_path}[{vid}][{j}]"

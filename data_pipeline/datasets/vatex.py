@@ -11,7 +11,7 @@ multi-sentence (one record per video with all its captions, the default).
 from __future__ import annotations
 
 from data_pipeline.datasets import _common as C
-from data_pipeline.records import ClipRecord, SkipReport, skip_or_raise
+from data_pipeline.records import ClipRecord, SkipReport
 
 NAME = "vatex"
 SPLITS = ("train", "val", "test")
@@ -29,16 +29,7 @@ def read_split(root: str, split: str, *, video_dir: str | None = None,
   if not isinstance(ann, dict):
     raise C.DataError(f"{cap_path}: expected an object {{video_id: [captions]}}")
   items = []
-  for i, vid in C.read_lines(list_path, report, strict):
-    if vid not in ann:
-      skip_or_raise(report, strict, f"{list_path}:{i}", C.REASON_NO_ANNOTATION,
-                    f"video id {vid} not in ref_captions.json")
-      continue
-    entry = ann[vid]
-    if not isinstance(entry, list):
-      skip_or_raise(report, strict, f"{cap_path}[{vid}]", C.REASON_BAD_ROW,
-                    f"captions are {type(entry).__name__}, expected a list")
-      continue
+  for vid, entry in C.listed_caption_entries(list_path, ann, cap_path, report, strict):
     caps = [C.clean_caption(c, f"{cap_path}[{vid}][{k}]", report, strict)
             for k, c in enumerate(entry)]
     items.append((vid, [c for c in caps if c is not None], None, None))
