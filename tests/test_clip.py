@@ -55,25 +55,26 @@ def _parity(sizes, batch, length):
     return cfg, params, images, ids, got
 
 
+def _bf16_errors(cfg, params, images, ids, f32, label):
+    """Relative errors of bfloat16 compute against our float32 outputs, printed (no silent pass)."""
+    bf = _ours(clip.CLIPConfig(**{**cfg.sizes(), "dtype": "bfloat16"}), params, images,
+               ids.astype(np.int32))
+    errs = [_rel_err(b, f) for b, f in zip(bf, f32)]
+    print(f"bf16 vs f32 ({label}): image {errs[0]:.2e}, text {errs[1]:.2e}, logits {errs[2]:.2e}")
+    return errs
+
+
 def test_parity_tiny():
     cfg, params, images, ids, f32 = _parity(TINY, batch=3, length=12)
     # bfloat16 compute: error against our float32 output, printed and bounded. bf16 keeps 8
     # mantissa bits (~4e-3 relative rounding per op); over 2 blocks ~1e-2 is expected.
-    bf = _ours(clip.CLIPConfig(**{**cfg.sizes(), "dtype": "bfloat16"}), params, images,
-               ids.astype(np.int32))
-    errs = [_rel_err(b, f) for b, f in zip(bf, f32)]
-    print(f"bf16 vs f32 (tiny): image {errs[0]:.2e}, text {errs[1]:.2e}, logits {errs[2]:.2e}")
-    assert max(errs) < 5e-2
+    assert max(_bf16_errors(cfg, params, images, ids, f32, "tiny")) < 5e-2
 
 
 @pytest.mark.slow
 def test_parity_vit_b32():
     cfg, params, images, ids, f32 = _parity(VIT_B32, batch=2, length=32)
-    bf = _ours(clip.CLIPConfig(**{**cfg.sizes(), "dtype": "bfloat16"}), params, images,
-               ids.astype(np.int32))
-    errs = [_rel_err(b, f) for b, f in zip(bf, f32)]
-    print(f"bf16 vs f32 (ViT-B/32): image {errs[0]:.2e}, text {errs[1]:.2e}, logits {errs[2]:.2e}")
-    assert max(errs) < 1e-1
+    assert max(_bf16_errors(cfg, params, images, ids, f32, "ViT-B/32")) < 1e-1
 
 
 @pytest.fixture(scope="module")
