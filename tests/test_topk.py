@@ -74,3 +74,27 @@ def test_noise_prng_hash_draws_hash_normal():
     np.testing.assert_array_equal(np.asarray(c), np.asarray(d))
     with pytest.raises(ValueError, match="noise_prng"):
         perturbed_topk(s, 2, 50, 0.05, rng=k, noise_prng="mt19937")
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_sorted_indices_equal_lax_top_k_ties_included(k):
+    # The insertion pass must pick exactly lax.top_k's set (lower position first among equal
+    # values) -- heavy ties from rounding, and rows lax.top_k ranks that insertion cannot
+    # (NaN, too many -inf) going through the fallback.
+    from ucofia_jax.ops.topk import _topk_by_insertion, _topk_sorted_indices
+    r = np.random.RandomState(k)
+    x = np.round(r.randn(3000, 49) * 2) / 2                             # many ties
+    x[:5] = 1.0                                                         # all equal
+    x = x.astype(np.float32)
+    ref = np.sort(np.asarray(jax.lax.top_k(jnp.asarray(x), k)[1]), -1)
+    fast, ok = jax.jit(lambda a: _topk_by_insertion(a, k))(jnp.asarray(x))
+    assert bool(np.all(np.asarray(ok)))
+    np.testing.assert_array_equal(np.sort(np.asarray(fast), -1), ref)
+    bad = x.copy()
+    bad[7, 3] = np.nan
+    bad[9, : 49 - k + 1] = -np.inf                                      # only k-1 finite
+    ok = np.asarray(_topk_by_insertion(jnp.asarray(bad), k)[1])
+    assert not ok[7] and not ok[9] and ok[8]
+    np.testing.assert_array_equal(
+        np.asarray(_topk_sorted_indices(jnp.asarray(bad), k)),
+        np.sort(np.asarray(jax.lax.top_k(jnp.asarray(bad), k)[1]), -1))

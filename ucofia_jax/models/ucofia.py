@@ -37,6 +37,24 @@ def _eye_init(key, shape, dtype=jnp.float32):
 _linear_init = nn.initializers.normal(0.02)   # until_module.init_weights: N(0, 0.02)
 
 
+class _ConcatDense(nn.Module):
+    """``Dense(concat([x, ctx], -1))`` without bias, for a ``ctx`` shared along axis 1.
+
+    x '(b f) n a', ctx '(b f) 1 c' -> '(b f) n features'. The kernel is the Dense's
+    ([a + c, features], same name and init), split by rows so that the context half is
+    multiplied once per row of ctx instead of once per token: half the FLOPs of the
+    selector's largest GEMM. Equal to the concatenated form up to float32 summation order.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, ctx: jax.Array) -> jax.Array:
+        a = x.shape[-1]
+        kernel = self.param("kernel", _linear_init, (a + ctx.shape[-1], self.features))
+        return x @ kernel[:a] + ctx @ kernel[a:]
+
+
 class PredictorLG(nn.Module):
     """Token score predictor, both versions of the original (SPEC §4.2).
 
@@ -57,9 +75,8 @@ class PredictorLG(nn.Module):
         if self.version == "new":
             h = LayerNorm(1e-5, name="in_norm")(x)
             h = gelu(nn.Dense(d // 2, use_bias=False, kernel_init=_linear_init, name="in_proj")(h))
-            ctx = jnp.broadcast_to(h[:, :1], h.shape)
-            h = jnp.concatenate([h, ctx], axis=-1)                          # '(b f) n d'
-            h = gelu(nn.Dense(d // 2, use_bias=False, kernel_init=_linear_init, name="out_fc1")(h))
+            # out_fc1([h, h_cls]): the frame's CLS context, '(b f) 1 d/2'
+            h = gelu(_ConcatDense(d // 2, name="out_fc1")(h, h[:, :1]))
         elif self.version == "old":
             x2 = jnp.concatenate([x, jnp.broadcast_to(x[:, :1], x.shape)], axis=-1)  # 2d
             h = LayerNorm(1e-5, name="in_norm")(x2)
@@ -67,9 +84,8 @@ class PredictorLG(nn.Module):
             bf, n = h.shape[0], h.shape[1]
             hv = h.reshape(bf // num_frames, num_frames, n, d)
             ctx = jnp.sum(hv[:, :, 0], axis=1)                              # 'b d', sum!
-            ctx = jnp.broadcast_to(ctx[:, None, None, :], hv.shape).reshape(bf, n, d)
-            h = jnp.concatenate([h, ctx], axis=-1)
-            h = gelu(nn.Dense(d, use_bias=False, kernel_init=_linear_init, name="out_fc1")(h))
+            ctx = jnp.broadcast_to(ctx[:, None, None, :], (bf // num_frames, num_frames, 1, d))
+            h = gelu(_ConcatDense(d, name="out_fc1")(h, ctx.reshape(bf, 1, d)))
         else:
             raise ValueError(f"predictor must be 'new' or 'old', got {self.version!r}")
         s = nn.Dense(1, use_bias=False, kernel_init=_linear_init, name="out_fc2")(h)
