@@ -77,9 +77,9 @@ def _topk_by_insertion(x: jax.Array, k: int):
     beats strictly and every slot below shifts down, so among equal values the lower position
     ranks higher -- the tie rule of ``lax.top_k``. Everything is elementwise over '...', so
     XLA fuses it into one loop (XLA:CPU's TopK custom call is a serial per-row sort, ~4x
-    slower at the selector's '(b f) 500 49'). Returns (idx '... k' by rank, ok '...'): ok is
-    False where the row has a NaN or fewer than k values above -inf, which this pass does not
-    rank like ``lax.top_k``.
+    slower at the selector's '(b f) 500 49'). Returns (k arrays '...' of positions by rank,
+    ok '...'): ok is False where the row has a NaN or fewer than k values above -inf, which
+    this pass does not rank like ``lax.top_k``.
     """
     d, lead = x.shape[-1], x.shape[:-1]
     vals = [jnp.full(lead, -jnp.inf, x.dtype)] * k
@@ -93,20 +93,28 @@ def _topk_by_insertion(x: jax.Array, k: int):
             shift = shift | (cv > vals[s])
             vals[s], cv = jnp.where(shift, cv, vals[s]), jnp.where(shift, vals[s], cv)
             idxs[s], ci = jnp.where(shift, ci, idxs[s]), jnp.where(shift, idxs[s], ci)
-    return jnp.stack(idxs, axis=-1), (idxs[-1] < d) & ~has_nan
+    return idxs, (idxs[-1] < d) & ~has_nan
+
+
+def _sort_small(xs):
+    # Ascending order of k arrays, elementwise (odd-even transposition network): fuses into
+    # the surrounding loop, where XLA:CPU's sort of a '... k' axis is a separate serial op.
+    xs = list(xs)
+    for step in range(len(xs)):
+        for i in range(step % 2, len(xs) - 1, 2):
+            xs[i], xs[i + 1] = jnp.minimum(xs[i], xs[i + 1]), jnp.maximum(xs[i], xs[i + 1])
+    return jnp.stack(xs, axis=-1)
 
 
 def _topk_sorted_indices(x: jax.Array, k: int) -> jax.Array:
     # x: '... d' -> '... k' int32, ascending position order (torch: topk(sorted=False).sort()).
     # Same indices as lax.top_k (ties included); rows the insertion pass cannot rank (NaN,
     # -inf) send the whole array through lax.top_k.
-    reference = lambda: jax.lax.top_k(x, k)[1]
+    reference = lambda: jnp.sort(jax.lax.top_k(x, k)[1], axis=-1)
     if x.shape[-1] > _INSERTION_MAX_D or k > _INSERTION_MAX_K:
-        idx = reference()
-    else:
-        fast, ok = _topk_by_insertion(x, k)
-        idx = jax.lax.cond(jnp.all(ok), lambda: fast, reference)
-    return jnp.sort(idx, axis=-1)
+        return reference()
+    ranked, ok = _topk_by_insertion(x, k)
+    return jax.lax.cond(jnp.all(ok), lambda: _sort_small(ranked), reference)
 
 
 def _scatter_mean(idx: jax.Array, values: Optional[jax.Array], d: int) -> jax.Array:
