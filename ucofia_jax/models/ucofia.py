@@ -288,7 +288,7 @@ class UCoFiAHead(nn.Module):
         return blockwise_similarity(sim_ops.pair_levels, self.project_text(text_side),
                                     self.project_video(video_side, train=train), shared,
                                     text_block=text_block, video_block=video_block, mesh=mesh,
-                                    axis=axis)
+                                    axis=axis, video_block_fn=sim_ops.prepare_video_block)
 
     def __call__(self, text_cls, text_tokens, frame_cls, patch_tokens, video_mask,
                  logit_scale_log, *, text_mask=None, rng=None, noise=None, indicator=None,

@@ -49,14 +49,17 @@ def _map_pairs(pair_fn, tblocks, vblocks, shared):
 
 
 @partial(jax.jit, static_argnames=("pair_fn", "n", "m", "text_block", "video_block", "mesh",
-                                   "axis"))
-def _blockwise(text, video, shared, *, pair_fn, n, m, text_block, video_block, mesh, axis):
+                                   "axis", "video_block_fn"))
+def _blockwise(text, video, shared, *, pair_fn, n, m, text_block, video_block, mesh, axis,
+               video_block_fn):
     n_dev = 1 if mesh is None else mesh.shape[axis]
     n_tb = -(-n // text_block)
     n_tb = -(-n_tb // n_dev) * n_dev                      # whole text blocks per device
     n_vb = -(-m // video_block)
     tblocks = _pad_blocks(text, n, text_block, n_tb)
     vblocks = _pad_blocks(video, m, video_block, n_vb)
+    if video_block_fn is not None:                        # once per video block, not per pair
+        vblocks = jax.lax.map(video_block_fn, vblocks)
     if mesh is None:
         out = _map_pairs(pair_fn, tblocks, vblocks, shared)
     else:
@@ -75,13 +78,17 @@ def _blockwise(text, video, shared, *, pair_fn, n, m, text_block, video_block, m
 def blockwise_similarity(pair_fn: Callable[[PyTree, PyTree, PyTree], Any], text: PyTree,
                          video: PyTree, shared: PyTree = None, *, text_block: int = 128,
                          video_block: int = 128, mesh: Optional[Mesh] = None,
-                         axis: str = "data"):
+                         axis: str = "data",
+                         video_block_fn: Optional[Callable[[PyTree], PyTree]] = None):
     """N x M similarities (one array, or a tuple/pytree of them, e.g. the three levels).
 
     pair_fn(text_block_tree, video_block_tree, shared) -> pytree of [tb, vb] arrays; it must
     be hashable and stable (a module-level function, not a fresh lambda per call) since it is
     a static argument of the jitted kernel. ``text``: pytree of [N, ...] arrays (per-text
     features), ``video``: pytree of [M, ...] arrays, ``shared``: arrays every block needs.
+    ``video_block_fn`` (same rules), if given, maps each [vb, ...] video block once before the
+    pairs are formed (e.g. to lay out a block-level GEMM operand); pair_fn then receives its
+    output instead of the raw block.
     """
     if text_block < 1 or video_block < 1:
         raise ValueError(f"block sizes must be >= 1, got {text_block} x {video_block}")
@@ -91,7 +98,7 @@ def blockwise_similarity(pair_fn: Callable[[PyTree, PyTree, PyTree], Any], text:
     m = _leading(video, "video")
     return _blockwise(text, video, shared, pair_fn=pair_fn, n=n, m=m,
                       text_block=min(text_block, n), video_block=min(video_block, m),
-                      mesh=mesh, axis=axis)
+                      mesh=mesh, axis=axis, video_block_fn=video_block_fn)
 
 
 def map_in_blocks(fn: Callable[[PyTree], PyTree], tree: PyTree, block: int) -> PyTree:
