@@ -170,9 +170,11 @@ def _child(cfg, args):
         t0, c0 = time.time(), _cpu_s()
         v = jax.block_until_ready(videos(1000))
         t_sel = time.time() - t0
-        t = texts(1000, 0)
+        t = jax.block_until_ready(texts(1000, 0))
+        t_txt = time.time() - t0 - t_sel
         s = jax.block_until_ready(levels(t, v))
         out.update(wall_s=time.time() - t0, cpu_s=_cpu_s() - c0, select_wall_s=t_sel,
+                   texts_wall_s=t_txt, levels_wall_s=time.time() - t0 - t_sel - t_txt,
                    base_rss_mb=base, shape=list(s[0].shape))
     elif cfg == "oneshot":
         n = args.oneshot_n
