@@ -33,15 +33,25 @@ import time
 D, NW, F, NTOK, LAYERS = 512, 32, 12, 50, 4
 
 
-def _rss_mb():
-    """Peak RSS since the last ``_reset_peak`` (VmHWM), in MB; ru_maxrss where unavailable."""
+def _proc_status_mb(*fields):
+    """{field: MB} for the kB fields of /proc/self/status (empty where unavailable)."""
+    out = {}
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
+                name = line.split(":")[0]
+                if name in fields:
+                    out[name] = int(line.split()[1]) / 1024.0
     except OSError:
         pass
+    return out
+
+
+def _rss_mb():
+    """Peak RSS since the last ``_reset_peak`` (VmHWM), in MB; ru_maxrss where unavailable."""
+    peak = _proc_status_mb("VmHWM").get("VmHWM")
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -61,15 +71,8 @@ def _rss_parts_mb():
     """Current resident memory split into anonymous (heap: arrays, compiled programs) and
     file-backed (pages of mapped shared libraries such as jaxlib's 350 MB libjax_common.so:
     shared between processes and evictable), in MB."""
-    out = {}
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(("RssAnon:", "RssFile:")):
-                    out[line.split(":")[0][3:].lower()] = int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return out
+    parts = _proc_status_mb("RssAnon", "RssFile")
+    return {name[3:].lower(): mb for name, mb in parts.items()}
 
 
 def _malloc_trim():
