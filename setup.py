@@ -36,7 +36,8 @@ setup(
     version="0.1.0",
     description="UCoFiA: Unified Coarse-to-Fine Alignment for video-text retrieval, in JAX/Flax",
     packages=find_packages(include=["ucofia_jax", "ucofia_jax.*", "data_pipeline", "data_pipeline.*", "configs"]),
-    package_data={"ucofia_jax": ["assets/*.gz", "assets/LICENSE-*"]},
+    # kernels/*.cc: the native CPU kernel is compiled from source on first use
+    package_data={"ucofia_jax": ["assets/*.gz", "assets/LICENSE-*", "kernels/*.cc"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

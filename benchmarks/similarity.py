@@ -18,7 +18,8 @@ input synthesis alone, so it can be subtracted from ``select`` / ``full``. CPU t
 
     python benchmarks/similarity.py [--configs select,full,oneshot,bank] [--bank-texts 9000]
         [--bank-videos 1000] [--text-block 50] [--video-block 50] [--json OUT]
-        [--inputs hash|threefry] [--noise-prng hash|threefry] (configs also: synth)
+        [--inputs hash|threefry] [--noise-prng hash|threefry] [--level3-kernel auto|xla|native]
+        (configs also: synth)
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def _child(cfg, args):
     normal = hash_normal if args.inputs == "hash" else jax.random.normal
 
     head = UCoFiAHead(embed_dim=D, max_frames=F, max_words=NW, seq_layers=LAYERS,
-                      eval_noise_prng=args.noise_prng)
+                      eval_noise_prng=args.noise_prng, level3_kernel=args.level3_kernel)
     key = jax.random.PRNGKey(0)
     z = lambda *s: jnp.zeros(s, jnp.float32)
     params = jax.jit(lambda k: head.init(k, z(1, D), z(1, NW, D), z(1, F, D),
@@ -239,6 +240,8 @@ def main():
                     help="generator of the synthetic CLIP features")
     ap.add_argument("--noise-prng", default="hash", choices=["hash", "threefry"],
                     help="the head's eval_noise_prng (selection noise)")
+    ap.add_argument("--level3-kernel", default="auto", choices=["auto", "xla", "native"],
+                    help="the head's level3_kernel (native: fused CPU kernel after the GEMM)")
     ap.add_argument("--bank-texts", type=int, default=9000)
     ap.add_argument("--bank-videos", type=int, default=1000)
     ap.add_argument("--json", default=None)

@@ -42,6 +42,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       # Generator of the inference selection noise: 'hash' (cheap counter hash, default) or
       # 'threefry' (jax.random.normal); same N(0, 1), different draws. Training: threefry.
       eval_noise_prng="hash",
+      # Level 3 of blockwise evaluation after its GEMM: 'auto' (the fused native CPU kernel on
+      # a CPU backend when a C++ compiler builds it, else XLA), 'xla' or 'native' (insist).
+      # Same values to float32 rounding (docs/head.md, "Native CPU kernel").
+      level3_kernel="auto",
   ))
   # A released UCoFiA state dict (pytorch_model.bin) for --mode=eval; '' = none.
   c.model.ucofia_checkpoint = ""

@@ -26,6 +26,7 @@ _CHOICES = {
     "model.clip.dtype": ("float32", "bfloat16"),
     "model.head.predictor": ("new", "old"),
     "model.head.eval_noise_prng": ("hash", "threefry"),
+    "model.head.level3_kernel": ("auto", "xla", "native"),
     "train.optimizer": ("bertadam", "adamw"),
     "train.schedule": ("warmup_cosine", "constant"),
     "eval.sk_domain": ("plain", "log"),
@@ -163,6 +164,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           "needs model.clip.context_length == 77 (the frame position table is CLIP's)")
     if flat["model.head.seq_layers"] > clip["text_layers"]:
       bad("model.head.seq_layers", f"more than the {clip['text_layers']} CLIP text blocks to copy")
+  if flat.get("model.head.level3_kernel") == "native" and flat["model.head.mask_padding"]:
+    bad("model.head.level3_kernel", "'native' takes no masks; model.head.mask_padding=True "
+        "needs 'auto' or 'xla'")
   if flat["train.logit_scale_max"] <= 0 or not math.isfinite(flat["train.logit_scale_max"]):
     bad("train.logit_scale_max", "must be a positive finite log-scale")
   for k in ("mesh.data", "mesh.fsdp", "mesh.model"):

@@ -108,6 +108,12 @@ class UCoFiAHead(nn.Module):
     from ``rng`` ("hash": ``ops.topk.hash_normal``, ~4x cheaper on CPU, the default; "threefry":
     ``jax.random.normal``). Same N(0, 1) distribution, different draws. Training always uses
     ``jax.random.normal``; given ``noise=``/``indicator=`` nothing is drawn.
+
+    Not a quirk either: ``level3_kernel`` ("auto" | "xla" | "native") picks how blockwise
+    evaluation runs level 3 after its GEMM: "native" is the fused CPU kernel of
+    ``kernels.native`` (built with the system C++ compiler on first use, 2-3x faster than
+    XLA:CPU there), "xla" the pure-JAX code, "auto" native on a CPU backend when it builds and
+    without ``mask_padding``. Same values to float32 rounding. Training always uses XLA.
     """
 
     embed_dim: int
@@ -124,6 +130,7 @@ class UCoFiAHead(nn.Module):
     scale_pixel_word: bool = False
     eval_local_mat_weight1: bool = False
     eval_noise_prng: str = "hash"
+    level3_kernel: str = "auto"
 
     @property
     def num_pixels(self) -> int:
@@ -274,9 +281,9 @@ class UCoFiAHead(nn.Module):
 
     def similarity_levels(self, text_side, video_side, logit_scale_log, *, train: bool):
         """(S1, S2, S3) [Bt, Bv]: video-sentence, sentence-frame, patch-word."""
-        return sim_ops.pair_levels(self.project_text(text_side),
-                                   self.project_video(video_side, train=train),
-                                   self.shared_inputs(logit_scale_log), self.tau)
+        shared = dict(self.shared_inputs(logit_scale_log), tau=jnp.float32(self.tau))
+        return self._pair_fn(train)(self.project_text(text_side),
+                                    self.project_video(video_side, train=train), shared)
 
     def blockwise_levels(self, text_side, video_side, logit_scale_log, *, train: bool = False,
                          text_block: int = 128, video_block: int = 128, mesh=None,
@@ -285,10 +292,20 @@ class UCoFiAHead(nn.Module):
         one-shot ``similarity_levels``; projections run once per text / video."""
         from ucofia_jax.ops.blockwise import blockwise_similarity
         shared = dict(self.shared_inputs(logit_scale_log), tau=jnp.float32(self.tau))
-        return blockwise_similarity(sim_ops.pair_levels, self.project_text(text_side),
+        return blockwise_similarity(self._pair_fn(train), self.project_text(text_side),
                                     self.project_video(video_side, train=train), shared,
                                     text_block=text_block, video_block=video_block, mesh=mesh,
                                     axis=axis, video_block_fn=sim_ops.prepare_video_block)
+
+    def _pair_fn(self, train: bool):
+        # A module-level function (stable: blockwise_similarity's static pair_fn).
+        from ucofia_jax.kernels.native import resolve_level3_kernel
+        if self.mask_padding and self.level3_kernel == "native":
+            raise ValueError("level3_kernel='native' takes no masks; mask_padding=True needs "
+                             "'auto' or 'xla'")
+        if train or self.mask_padding or resolve_level3_kernel(self.level3_kernel) == "xla":
+            return sim_ops.pair_levels
+        return sim_ops.pair_levels_native
 
     def __call__(self, text_cls, text_tokens, frame_cls, patch_tokens, video_mask,
                  logit_scale_log, *, text_mask=None, rng=None, noise=None, indicator=None,
@@ -320,7 +337,8 @@ def head_from_config(config) -> UCoFiAHead:
         mask_padding=bool(get("mask_padding", False)),
         scale_pixel_word=bool(get("scale_pixel_word", False)),
         eval_local_mat_weight1=bool(get("eval_local_mat_weight1", False)),
-        eval_noise_prng=str(get("eval_noise_prng", "hash")))
+        eval_noise_prng=str(get("eval_noise_prng", "hash")),
+        level3_kernel=str(get("level3_kernel", "auto")))
 
 
 UCoFiAHead.from_config = staticmethod(head_from_config)

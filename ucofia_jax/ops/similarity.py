@@ -67,13 +67,16 @@ def prepare_video_block(video: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
 
 def pixel_word(words_l: jax.Array, pixels_l: jax.Array, mats: IsaMatrices, tau: float = TAU,
                word_mask: Optional[jax.Array] = None, pixel_mask: Optional[jax.Array] = None,
-               return_intermediates: bool = False, pixels_dvp: Optional[jax.Array] = None):
+               return_intermediates: bool = False, pixels_dvp: Optional[jax.Array] = None,
+               native: bool = False):
     """Level 3 (no logit scale in the original): two ISA stages in two directions.
 
     words_l 't w d' (normalised words times Wl), pixels_l 'v p d' (selected tokens, not
     normalised, times Wl1 in training) -> 't v'. Masks ('t w', 'v p' bool) only when padding
     is excluded (not the original). ``pixels_dvp``: the same tokens as 'd (v p)' (see
-    ``prepare_video_block``), used for the GEMM when given.
+    ``prepare_video_block``), used for the GEMM when given. ``native``: everything after the
+    GEMM runs in the fused CPU kernel ``kernels.native.pixel_word_isa`` (evaluation only: no
+    gradient, no masks, no intermediates; same values to float32 rounding).
     """
     # Layouts are chosen so that every softmax / ISA GEMM / weighted sum runs along the last
     # (contiguous) axis: G comes out of the GEMM as 't w v p' (dot_general's natural order, no
@@ -85,6 +88,13 @@ def pixel_word(words_l: jax.Array, pixels_l: jax.Array, mats: IsaMatrices, tau: 
     else:
         (t, w, d), (v, p) = words_l.shape, pixels_l.shape[:2]
         g = (words_l.reshape(t * w, d) @ pixels_dvp).reshape(t, w, v, p)
+    if native:
+        if word_mask is not None or pixel_mask is not None or return_intermediates:
+            raise ValueError("the native pixel-word kernel takes no masks and returns no "
+                             "intermediates; use native=False")
+        from ucofia_jax.kernels.native import pixel_word_isa
+        return pixel_word_isa(g, mats.pixel_mat_weight, mats.word_mat_weight2,
+                              mats.word_mat_weight, mats.pixel_mat_weight2, tau)
     # Aggregate pixels for every word, then words (video -> word).
     pm = None if pixel_mask is None else pixel_mask[None, None, :, :]
     pix_w = isa_weights(g, mats.pixel_mat_weight, axis=-1, tau=tau, mask=pm)   # 't w v p'
@@ -112,14 +122,15 @@ def pixel_word(words_l: jax.Array, pixels_l: jax.Array, mats: IsaMatrices, tau: 
 
 
 def pair_levels(text: Dict[str, jax.Array], video: Dict[str, jax.Array], shared: Dict,
-                tau: float = TAU):
+                tau: float = TAU, native_level3: bool = False):
     """(S1, S2, S3) ['t v'] from projected text/video features (see UCoFiAHead.project_*).
 
     text: 'sentence' 't d', 'sentence_g' 't d', 'words_l' 't w d', optional 'word_mask'.
     video: 'video_g' 'v d', 'frame_features' 'v f d', 'pixels_l' 'v p d', optional
     'frame_mask', 'pixel_mask', 'pixels_dvp' (``prepare_video_block``). shared: 'mats'
     (IsaMatrices), 'scale' [], 'scale3' [], optional 'tau' (overrides the argument; lets
-    blockwise kernels keep one stable pair_fn).
+    blockwise kernels keep one stable pair_fn). ``native_level3``: level 3 after its GEMM in
+    the fused CPU kernel (``pixel_word(native=True)``).
     """
     mats = shared["mats"]
     tau = shared.get("tau", tau)
@@ -128,8 +139,15 @@ def pair_levels(text: Dict[str, jax.Array], video: Dict[str, jax.Array], shared:
                         shared["scale"], tau, video.get("frame_mask"))
     s3 = shared["scale3"] * pixel_word(text["words_l"], video["pixels_l"], mats, tau,
                                        text.get("word_mask"), video.get("pixel_mask"),
-                                       pixels_dvp=video.get("pixels_dvp"))
+                                       pixels_dvp=video.get("pixels_dvp"),
+                                       native=native_level3)
     return s1, s2, s3
+
+
+def pair_levels_native(text: Dict[str, jax.Array], video: Dict[str, jax.Array], shared: Dict):
+    """``pair_levels`` with level 3 in the native CPU kernel: a stable module-level pair_fn for
+    ``blockwise_similarity`` (``UCoFiAHead.level3_kernel``)."""
+    return pair_levels(text, video, shared, native_level3=True)
 
 
 def combine_levels(s1: jax.Array, s2: jax.Array, s3: jax.Array) -> jax.Array:
