@@ -38,3 +38,32 @@ def test_blockwise_levels_sharded_equal_one_shot():
   s_v2t = evaluate.sk_normalised(one, bank_v, "v2t", 4, "plain")
   shift = s_v2t - one.mean(0)
   np.testing.assert_allclose(shift, np.broadcast_to(shift[:, :1], shift.shape), atol=1e-4)
+
+
+def test_evaluate_reuses_a_given_encoder(monkeypatch):
+  # Evaluation after every epoch passes one Encoder: its jitted encoders compile once.
+  import pytest
+  c = tiny_config()
+  c.mesh.data = 1
+  c.eval.update(dict(text_block=4, video_block=4, batch_size=4))
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+  model = RetrievalModel.from_config(c)
+  params = train.create_train_state(model, c, 0)["params"]
+  a = random_arrays(4, c, seed=2)
+
+  class Data:
+    text_to_video = np.arange(4)
+
+    def eval_text_batches(self, global_batch):
+      yield {"input_ids": a["input_ids"]}
+
+    def eval_video_batches(self, global_batch):
+      yield {"frames": a["frames"], "frame_mask": a["frame_mask"]}
+
+  enc = evaluate.Encoder(model, mesh, c.eval)
+  monkeypatch.setattr(evaluate, "Encoder", lambda *_, **__: pytest.fail("a new Encoder"))
+  results = [evaluate.evaluate(model, params, mesh, c, Data(), rng=jax.random.PRNGKey(0),
+                               step=s, sk_norm=False, encoder=enc) for s in (1, 2)]
+  assert [r["step"] for r in results] == [1, 2]
+  np.testing.assert_array_equal(results[0]["_similarity"], results[1]["_similarity"])
+  assert enc._text._cache_size() == 1 and enc._video._cache_size() == 1

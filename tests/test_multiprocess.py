@@ -432,3 +432,26 @@ def test_train_and_eval_two_processes_equal_one(tmp_path):
 
 if __name__ == "__main__":
   main(sys.argv[1:])
+
+
+def test_setup_logging_quiets_and_prefixes_other_processes(monkeypatch):
+  import logging
+  import jax
+  from ucofia_jax import distributed as d
+  root = logging.getLogger()
+  handler = logging.StreamHandler()
+  old_level, old_handlers = root.level, list(root.handlers)
+  root.handlers = [handler]
+  try:
+    monkeypatch.setattr(jax, "process_index", lambda: 2)
+    d.setup_logging()
+    assert root.level == logging.WARNING
+    line = handler.format(logging.LogRecord("x", logging.WARNING, "f", 1, "disk full", None, None))
+    assert line == "[process 2] WARNING disk full"
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    logging.getLogger("orbax").setLevel(logging.WARNING)
+    d.setup_logging()
+    assert root.level == logging.INFO
+    assert logging.getLogger("orbax").level == logging.WARNING    # quieted loggers stay quiet
+  finally:
+    root.handlers, _ = old_handlers, root.setLevel(old_level)

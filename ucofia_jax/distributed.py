@@ -396,16 +396,20 @@ def sync(name: str) -> None:
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-  """INFO logs on process 0; warnings and errors only on the others (prefixed)."""
+  """Process 0 logs at ``level``; the others log warnings and errors only, each line prefixed
+  with ``[process i]``. Loggers given a level of their own keep it on process 0 (main.py quiets
+  absl, orbax, jax and tensorflow)."""
   import jax
   idx = jax.process_index()
+  root = logging.getLogger()
+  if idx == 0:
+    root.setLevel(level)
+    return
   try:
     from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.INFO if idx == 0 else absl_logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.WARNING)
   except ImportError:
     pass
-  root = logging.getLogger()
-  root.setLevel(level if idx == 0 else max(level, logging.WARNING))
-  if idx != 0:
-    for handler in root.handlers:
-      handler.setFormatter(logging.Formatter(f"[process {idx}] %(levelname)s %(message)s"))
+  root.setLevel(max(level, logging.WARNING))
+  for handler in root.handlers:
+    handler.setFormatter(logging.Formatter(f"[process {idx}] %(levelname)s %(message)s"))

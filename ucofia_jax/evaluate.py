@@ -132,14 +132,18 @@ def sk_normalised(levels_test: np.ndarray, bank_levels: np.ndarray, direction: s
 
 
 def evaluate(model, params, mesh, config, test_data, *, train_data=None, rng: jax.Array,
-             step: int = 0, sk_norm: Optional[bool] = None) -> Dict[str, Any]:
+             step: int = 0, sk_norm: Optional[bool] = None,
+             encoder: Optional[Encoder] = None) -> Dict[str, Any]:
   """Metrics of ``params`` on ``test_data`` (a ``pipeline.VideoTextData``).
+
+  ``encoder``: an ``Encoder(model, mesh, config.eval)`` kept across calls (evaluation after
+  every epoch), so its jitted encoders compile once; a fresh one per call otherwise.
 
   ``train_data`` (the training split) supplies the SK-norm query banks; without it, or with
   ``sk_norm=False``, only the plain metrics are computed.
   """
   ec = config.eval
-  enc = Encoder(model, mesh, ec)
+  enc = encoder if encoder is not None else Encoder(model, mesh, ec)
   sk_norm = ec.sk_norm if sk_norm is None else sk_norm
   t0 = time.time()
   r_test, r_bank = jax.random.split(rng)

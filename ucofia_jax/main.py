@@ -73,6 +73,8 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> dict:
   """The whole program (importable for tests): validate, data, train, evaluate, report."""
   from ucofia_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize(config)  # before anything touches jax.devices()
+  if distributed.process_count() > 1:
+    distributed.setup_logging()           # INFO from process 0 only, the others prefixed
 
   from ucofia_jax import config_validation  # pylint: disable=g-import-not-at-top
   config_validation.resolve_paths(config, workdir)
@@ -147,13 +149,16 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> dict:
       guard = checkpoints.PreemptionGuard()
       data = _PipelineTrainData(train_data, config)
 
+      val_encoder = evaluate.Encoder(model, mesh, config.eval)   # compiled once, every epoch
+
       def on_epoch_end(epoch, st):
         every = config.train.eval_every_epochs
         if not every or (epoch + 1) % every or test_data is None:
           return None
         res = evaluate.evaluate(model, st["params"], mesh, config, test_data,
                                 rng=jax.random.PRNGKey(config.seed + 1),
-                                step=int(jax.device_get(st["step"])), sk_norm=False)
+                                step=int(jax.device_get(st["step"])), sk_norm=False,
+                                encoder=val_encoder)
         writer.scalars(res["step"], res["t2v"], prefix="val/t2v/")
         say(f"epoch {epoch + 1}: val t2v R@1 {res['t2v']['R@1']:.1f}")
         return res["t2v"]["R@1"]
@@ -186,8 +191,9 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> dict:
                               rng=jax.random.PRNGKey(config.seed + 1), step=step)
       sim = res.pop("_similarity")
       path = evaluate.write_results(workdir, res, writer)
-      say(f"wrote {path} ({res['seconds']} s):\n" + open(
-          os.path.join(workdir, "results.md"), encoding="utf-8").read())
+      if main_proc:
+        with open(os.path.join(workdir, "results.md"), encoding="utf-8") as fh:
+          say(f"wrote {path} ({res['seconds']} s):\n" + fh.read())
       result = res
       if config.eval.write_report and main_proc:
         from ucofia_jax import report  # pylint: disable=g-import-not-at-top
