@@ -144,7 +144,10 @@ def pixel_word_isa(g: jax.Array, pixel_w: jax.Array, word_w2: jax.Array, word_w:
     """Level 3 after the GEMM: G 't w v p' -> 't v' (no logit scale), see pixel_word_cpu.cc.
 
     Same maths as ``ops.similarity.pixel_word`` without masks; agrees with it to float32
-    rounding. Call ``load()`` first (``resolve_level3_kernel`` does)."""
+    rounding. Builds and registers the kernel on first use (RuntimeError when it cannot)."""
+    ok, reason = load()
+    if not ok:
+        raise RuntimeError(f"the native pixel-word kernel is unavailable: {reason}")
     if g.ndim != 4:
         raise ValueError(f"G must be 't w v p', got shape {tuple(g.shape)}")
     t, w, v, p = g.shape

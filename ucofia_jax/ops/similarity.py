@@ -75,8 +75,8 @@ def pixel_word(words_l: jax.Array, pixels_l: jax.Array, mats: IsaMatrices, tau: 
     normalised, times Wl1 in training) -> 't v'. Masks ('t w', 'v p' bool) only when padding
     is excluded (not the original). ``pixels_dvp``: the same tokens as 'd (v p)' (see
     ``prepare_video_block``), used for the GEMM when given. ``native``: everything after the
-    GEMM runs in the fused CPU kernel ``kernels.native.pixel_word_isa`` (evaluation only: no
-    gradient, no masks, no intermediates; same values to float32 rounding).
+    GEMM runs in the fused CPU kernel ``kernels.native.pixel_word_isa`` (no masks, no
+    intermediates; same values to float32 rounding; gradients are the XLA code's).
     """
     # Layouts are chosen so that every softmax / ISA GEMM / weighted sum runs along the last
     # (contiguous) axis: G comes out of the GEMM as 't w v p' (dot_general's natural order, no
@@ -92,9 +92,13 @@ def pixel_word(words_l: jax.Array, pixels_l: jax.Array, mats: IsaMatrices, tau: 
         if word_mask is not None or pixel_mask is not None or return_intermediates:
             raise ValueError("the native pixel-word kernel takes no masks and returns no "
                              "intermediates; use native=False")
-        from ucofia_jax.kernels.native import pixel_word_isa
-        return pixel_word_isa(g, mats.pixel_mat_weight, mats.word_mat_weight2,
-                              mats.word_mat_weight, mats.pixel_mat_weight2, tau)
+        return _level3_native(g, mats, jnp.asarray(tau, jnp.float32))
+    return _level3_from_g(g, mats, tau, word_mask, pixel_mask, return_intermediates)
+
+
+def _level3_from_g(g, mats: IsaMatrices, tau, word_mask=None, pixel_mask=None,
+                   return_intermediates: bool = False):
+    # g 't w v p' -> 't v' (and the intermediates): both ISA directions and second stages.
     # Aggregate pixels for every word, then words (video -> word).
     pm = None if pixel_mask is None else pixel_mask[None, None, :, :]
     pix_w = isa_weights(g, mats.pixel_mat_weight, axis=-1, tau=tau, mask=pm)   # 't w v p'
@@ -119,6 +123,26 @@ def pixel_word(words_l: jax.Array, pixels_l: jax.Array, mats: IsaMatrices, tau: 
                      pixel_isa_weights=tvwp(pix_w), pixel_level_logit=pixel_level,
                      sent2pixel_isa_weights=s2p_w, sent2pixel_logit=s2p,
                      video2word_isa_weights=v2w_w, video2word_logit=v2w)
+
+
+@jax.custom_vjp
+def _level3_native(g, mats: IsaMatrices, tau):
+    """``_level3_from_g`` in the native CPU kernel. Its gradient is that of the XLA code
+    (recomputed in the backward pass), so differentiating an evaluation path still works."""
+    from ucofia_jax.kernels.native import pixel_word_isa
+    return pixel_word_isa(g, mats.pixel_mat_weight, mats.word_mat_weight2,
+                          mats.word_mat_weight, mats.pixel_mat_weight2, tau)
+
+
+def _level3_native_fwd(g, mats, tau):
+    return _level3_native(g, mats, tau), (g, mats, tau)
+
+
+def _level3_native_bwd(residuals, cotangent):
+    return jax.vjp(_level3_from_g, *residuals)[1](cotangent)
+
+
+_level3_native.defvjp(_level3_native_fwd, _level3_native_bwd)
 
 
 def pair_levels(text: Dict[str, jax.Array], video: Dict[str, jax.Array], shared: Dict,
