@@ -22,8 +22,8 @@ from ucofia_jax.ops import similarity as S
 
 RTOL, ATOL = 1e-5, 1e-6
 
-needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                                    reason="no C++ compiler on this machine")
+needs_compiler = pytest.mark.skipif(
+    not any(map(shutil.which, ("c++", "g++", "clang++"))), reason="no C++ compiler here")
 
 
 @pytest.fixture(scope="module")

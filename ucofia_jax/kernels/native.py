@@ -6,8 +6,8 @@ evaluation-only fast path: no gradient, no masks, float32, CPU backend. Everythi
 every platform without a C++ compiler, uses the pure-JAX code in ``ops.similarity``, which stays
 the reference (tests compare the two).
 
-Build: ``$CXX`` (default ``c++``) with ``-O3 -march=native`` against the FFI headers that ship
-with jaxlib; the shared library is cached under ``$UCOFIA_KERNEL_CACHE`` (default
+Build: ``$CXX`` (default: the first of ``c++``, ``g++``, ``clang++`` on PATH) with
+``-O3 -march=native`` against the FFI headers that ship with jaxlib; the shared library is cached under ``$UCOFIA_KERNEL_CACHE`` (default
 ``~/.cache/ucofia_jax/kernels``) keyed by the source, the jaxlib version, the compiler and the
 CPU's feature flags, so a cache shared by different machines never hands one a library built
 for another's instruction set. Written to a temporary name and renamed, so concurrent processes
@@ -58,10 +58,10 @@ def cache_dir() -> Path:
 
 
 def _compiler() -> Tuple[Optional[str], str]:
-    cxx = os.environ.get("CXX", "c++")
-    path = shutil.which(cxx)
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    path = next((p for p in map(shutil.which, names) if p), None)
     if path is None:
-        return None, f"no C++ compiler: {cxx!r} not found (set $CXX)"
+        return None, f"no C++ compiler: {' / '.join(map(repr, names))} not found (set $CXX)"
     try:
         version = subprocess.run([path, "--version"], capture_output=True, text=True,
                                  timeout=30).stdout.splitlines()[:1]
