@@ -38,7 +38,7 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 BUILD_TIMEOUT_S = 300
 
 _lock = threading.Lock()
-_state: dict = {}            # "ok": bool, "reason": str, "path": str
+_state: dict = {}            # "ok": bool, "reason": str (the library path when ok), "lib"
 
 
 def _cpu_flags() -> str:
