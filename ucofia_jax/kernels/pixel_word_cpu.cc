@@ -18,8 +18,9 @@
 // share one AVX-512 vector, so no reduction crosses SIMD lanes. The second-stage ISAs (over the
 // words / tokens of one pair) are batched over the videos of the block the same way.
 //
-// Numerics follow the XLA path: x / tau (a division), max-shift, exp, multiply by 1 / sum;
-// exp is a Cephes-style polynomial (<= 2 ulp; results below FLT_MIN are flushed to 0, which
+// Numerics follow the XLA path: scale by 1 / tau, max-shift, exp, multiply by 1 / sum. x / tau
+// is computed as x * (1 / tau) (at most one ulp apart for tau = 0.01, see VerticalIsa); exp is
+// a Cephes-style polynomial (<= 2 ulp; results below FLT_MIN are flushed to 0, which
 // moves a softmax by < 1e-38 of its largest term). Sums run in a different order than XLA's,
 // so results agree to float32 rounding (tests: rtol 1e-5 on the level, see
 // tests/test_pixel_word_kernel.py), not bitwise.
