@@ -119,6 +119,7 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> dict:
       f"global batch {config.train.batch_size}")
 
   model = RetrievalModel.from_config(config)
+  encoder = evaluate.Encoder(model, mesh, config.eval)   # one per run: encoders compile once
   state = train.create_train_state(model, config, config.seed)
   if mode == "eval" and config.model.ucofia_checkpoint:
     state["params"] = load_released_checkpoint(model, state["params"],
@@ -149,8 +150,6 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> dict:
       guard = checkpoints.PreemptionGuard()
       data = _PipelineTrainData(train_data, config)
 
-      val_encoder = evaluate.Encoder(model, mesh, config.eval)   # compiled once, every epoch
-
       def on_epoch_end(epoch, st):
         every = config.train.eval_every_epochs
         if not every or (epoch + 1) % every or test_data is None:
@@ -158,7 +157,7 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> dict:
         res = evaluate.evaluate(model, st["params"], mesh, config, test_data,
                                 rng=jax.random.PRNGKey(config.seed + 1),
                                 step=int(jax.device_get(st["step"])), sk_norm=False,
-                                encoder=val_encoder)
+                                encoder=encoder)
         writer.scalars(res["step"], res["t2v"], prefix="val/t2v/")
         say(f"epoch {epoch + 1}: val t2v R@1 {res['t2v']['R@1']:.1f}")
         return res["t2v"]["R@1"]
@@ -188,7 +187,8 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> dict:
 
     if mode in ("eval", "train_and_eval"):
       res = evaluate.evaluate(model, params, mesh, config, test_data, train_data=train_data,
-                              rng=jax.random.PRNGKey(config.seed + 1), step=step)
+                              rng=jax.random.PRNGKey(config.seed + 1), step=step,
+                              encoder=encoder)
       sim = res.pop("_similarity")
       path = evaluate.write_results(workdir, res, writer)
       if main_proc:

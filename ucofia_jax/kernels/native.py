@@ -2,15 +2,15 @@
 
 One kernel so far: ``pixel_word_isa``, level 3 of the head after its GEMM (see
 ``pixel_word_cpu.cc``), 2-3x faster than the XLA:CPU fusions of the same maths. It is an
-evaluation-only fast path: no gradient, no masks, float32, CPU backend. Everything else, and
-every platform without a C++ compiler, uses the pure-JAX code in ``ops.similarity``, which stays
-the reference (tests compare the two).
+evaluation fast path: no masks, float32, CPU backend, forward only (``ops.similarity`` gives it
+the XLA code's gradient). Everything else, and every platform without a C++ compiler, uses the
+pure-JAX code in ``ops.similarity``, which stays the reference (tests compare the two).
 
 Build: ``$CXX`` (default: the first of ``c++``, ``g++``, ``clang++`` on PATH) with
-``-O3 -march=native`` against the FFI headers that ship with jaxlib; the shared library is cached under ``$UCOFIA_KERNEL_CACHE`` (default
-``~/.cache/ucofia_jax/kernels``) keyed by the source, the jaxlib version, the compiler and the
-CPU's feature flags, so a cache shared by different machines never hands one a library built
-for another's instruction set. Written to a temporary name and renamed, so concurrent processes
+``-O3 -march=native`` against the FFI headers that ship with jaxlib; the shared library is
+cached under ``$UCOFIA_KERNEL_CACHE`` (default ``~/.cache/ucofia_jax/kernels``) keyed by the
+source, the jaxlib version, the compiler and the CPU's feature flags, so a cache shared by
+different machines never hands one a library built for another's instruction set. Written to a temporary name and renamed, so concurrent processes
 (multi-process runs) can build at once.
 """
 from __future__ import annotations
