@@ -1,4 +1,5 @@
 """ucofia-jax: UCoFiA (ICCV 2023) video-text retrieval in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
@@ -35,7 +36,9 @@ setup(
     name="ucofia-jax",
     version="0.1.0",
     description="UCoFiA: Unified Coarse-to-Fine Alignment for video-text retrieval, in JAX/Flax",
-    packages=find_packages(include=["ucofia_jax", "ucofia_jax.*", "data_pipeline", "data_pipeline.*", "configs"]),
+    packages=find_packages(
+        include=["ucofia_jax", "ucofia_jax.*", "data_pipeline", "data_pipeline.*", "configs"]
+    ),
     # kernels/*.cc: the native CPU kernel is compiled from source on first use
     package_data={"ucofia_jax": ["assets/*.gz", "assets/LICENSE-*", "kernels/*.cc"]},
     python_requires=">=3.10",

@@ -21,6 +21,7 @@ input synthesis alone, so it can be subtracted from ``select`` / ``full``. CPU t
         [--inputs hash|threefry] [--noise-prng hash|threefry] [--level3-kernel auto|xla|native]
         (configs also: synth)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,6 +80,7 @@ def _rss_parts_mb():
 def _malloc_trim():
     try:
         import ctypes
+
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -101,18 +103,27 @@ def _child(cfg, args):
 
     normal = hash_normal if args.inputs == "hash" else jax.random.normal
 
-    head = UCoFiAHead(embed_dim=D, max_frames=F, max_words=NW, seq_layers=LAYERS,
-                      eval_noise_prng=args.noise_prng, level3_kernel=args.level3_kernel)
+    head = UCoFiAHead(
+        embed_dim=D,
+        max_frames=F,
+        max_words=NW,
+        seq_layers=LAYERS,
+        eval_noise_prng=args.noise_prng,
+        level3_kernel=args.level3_kernel,
+    )
     key = jax.random.PRNGKey(0)
     z = lambda *s: jnp.zeros(s, jnp.float32)
-    params = jax.jit(lambda k: head.init(k, z(1, D), z(1, NW, D), z(1, F, D),
-                                         z(1, F * NTOK, D), jnp.ones((1, F)), 0.0, rng=k))(key)
+    params = jax.jit(
+        lambda k: head.init(
+            k, z(1, D), z(1, NW, D), z(1, F, D), z(1, F * NTOK, D), jnp.ones((1, F)), 0.0, rng=k
+        )
+    )(key)
     # Initialisation compiles a program of its own (and, op by op, many small ones); drop
     # those executables so that the resident base is what evaluation itself holds.
     jax.clear_caches()
     ls = jnp.log(100.0)
 
-    def _synth(i):             # i: [block] video ids -> random CLIP features of the block
+    def _synth(i):  # i: [block] video ids -> random CLIP features of the block
         kf, kp, ks = jax.random.split(jax.random.fold_in(key, i[0]), 3)
         b = i.shape[0]
         fc = normal(kf, (b, F, D)) * 0.5
@@ -121,12 +132,14 @@ def _child(cfg, args):
         return fc, pt, ks
 
     def _videos(params, idx, block=args.select_block, synth_only=False):
-        def one(i):            # i: [block] video ids -> that block's features + selection
+        def one(i):  # i: [block] video ids -> that block's features + selection
             fc, pt, ks = _synth(i)
             if synth_only:
                 return {"sum": jnp.sum(pt, axis=(1, 2)) + jnp.sum(fc, axis=(1, 2))}
-            return head.apply(params, fc, pt, jnp.ones((i.shape[0], F)), rng=ks,
-                              method=head.encode_video)
+            return head.apply(
+                params, fc, pt, jnp.ones((i.shape[0], F)), rng=ks, method=head.encode_video
+            )
+
         return map_in_blocks(one, idx, block)
 
     videos_j = jax.jit(_videos)
@@ -136,9 +149,18 @@ def _child(cfg, args):
         tt = jnp.asarray(np.random.default_rng(seed).standard_normal((n, NW, D), np.float32) * 0.5)
         return head.apply(params, tt[:, -1], tt, method=head.encode_text)
 
-    levels_j = jax.jit(lambda t, v: head.apply(
-        params, t, v, ls, method=head.blockwise_levels, train=False,
-        text_block=args.text_block, video_block=args.video_block))
+    levels_j = jax.jit(
+        lambda t, v: head.apply(
+            params,
+            t,
+            v,
+            ls,
+            method=head.blockwise_levels,
+            train=False,
+            text_block=args.text_block,
+            video_block=args.video_block,
+        )
+    )
     levels = levels_j
 
     def warm(n_texts=None, n_videos=None):
@@ -157,8 +179,11 @@ def _child(cfg, args):
         _reset_peak()
         t0, c0 = time.time(), _cpu_s()
         jax.block_until_ready(synth_j(jnp.arange(1000)))
-        out.update(wall_s=time.time() - t0, cpu_s=_cpu_s() - c0,
-                   note=f"input synthesis only ({args.inputs}), 1k videos")
+        out.update(
+            wall_s=time.time() - t0,
+            cpu_s=_cpu_s() - c0,
+            note=f"input synthesis only ({args.inputs}), 1k videos",
+        )
     elif cfg == "select":
         warm(None, 1000)
         _reset_peak()
@@ -177,32 +202,46 @@ def _child(cfg, args):
         t = jax.block_until_ready(texts(1000, 0))
         t_txt = time.time() - t0 - t_sel
         s = jax.block_until_ready(levels(t, v))
-        out.update(wall_s=time.time() - t0, cpu_s=_cpu_s() - c0, select_wall_s=t_sel,
-                   texts_wall_s=t_txt, levels_wall_s=time.time() - t0 - t_sel - t_txt,
-                   base_rss_mb=base, shape=list(s[0].shape))
+        out.update(
+            wall_s=time.time() - t0,
+            cpu_s=_cpu_s() - c0,
+            select_wall_s=t_sel,
+            texts_wall_s=t_txt,
+            levels_wall_s=time.time() - t0 - t_sel - t_txt,
+            base_rss_mb=base,
+            shape=list(s[0].shape),
+        )
     elif cfg == "oneshot":
         n = args.oneshot_n
         v = jax.block_until_ready(videos(n))
         t = texts(n, 0)
-        one = jax.jit(lambda p, t, v: head.apply(p, t, v, ls, method=head.similarity_levels,
-                                                  train=False))
+        one = jax.jit(
+            lambda p, t, v: head.apply(p, t, v, ls, method=head.similarity_levels, train=False)
+        )
         jax.block_until_ready(one(params, t, v))
         jax.block_until_ready(levels(t, v))
         _reset_peak()
         r0 = _rss_mb()
         t0, c0 = time.time(), _cpu_s()
         a = jax.block_until_ready(one(params, t, v))
-        out.update(oneshot_wall_s=time.time() - t0, oneshot_cpu_s=_cpu_s() - c0,
-                   oneshot_peak_rss_mb=_rss_mb())
+        out.update(
+            oneshot_wall_s=time.time() - t0,
+            oneshot_cpu_s=_cpu_s() - c0,
+            oneshot_peak_rss_mb=_rss_mb(),
+        )
         _reset_peak()
         t0 = time.time()
         b = jax.block_until_ready(levels(t, v))
         out.update(blockwise_peak_rss_mb=_rss_mb())
-        out.update(blockwise_wall_s=time.time() - t0, n=n,
-                   max_abs_diff=float(max(np.abs(np.asarray(x) - np.asarray(y)).max()
-                                          for x, y in zip(a, b))),
-                   bitwise_equal=all(np.array_equal(np.asarray(x), np.asarray(y))
-                                     for x, y in zip(a, b)), rss_before_mb=r0)
+        out.update(
+            blockwise_wall_s=time.time() - t0,
+            n=n,
+            max_abs_diff=float(
+                max(np.abs(np.asarray(x) - np.asarray(y)).max() for x, y in zip(a, b))
+            ),
+            bitwise_equal=all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b)),
+            rss_before_mb=r0,
+        )
     elif cfg == "bank":
         nq, nv, chunk = args.bank_texts, args.bank_videos, 1000
         v = jax.block_until_ready(videos(nv))
@@ -219,9 +258,15 @@ def _child(cfg, args):
         banks = [jnp.asarray(np.concatenate(r, 0)) for r in rows]
         t_sim = time.time() - t0
         pri = jax.block_until_ready(sk_prior_t2v(banks))
-        out.update(wall_s=time.time() - t0, cpu_s=_cpu_s() - c0, sim_wall_s=t_sim,
-                   sinkhorn_wall_s=time.time() - t0 - t_sim, base_rss_mb=base,
-                   bank=[nq, nv], finite=bool(all(np.isfinite(np.asarray(p)).all() for p in pri)))
+        out.update(
+            wall_s=time.time() - t0,
+            cpu_s=_cpu_s() - c0,
+            sim_wall_s=t_sim,
+            sinkhorn_wall_s=time.time() - t0 - t_sim,
+            base_rss_mb=base,
+            bank=[nq, nv],
+            finite=bool(all(np.isfinite(np.asarray(p)).all() for p in pri)),
+        )
     else:
         raise ValueError(cfg)
     out["peak_rss_mb"] = _rss_mb()
@@ -236,12 +281,24 @@ def main():
     ap.add_argument("--video-block", type=int, default=50)
     ap.add_argument("--oneshot-n", type=int, default=128)
     ap.add_argument("--select-block", type=int, default=10, help="videos per selection block")
-    ap.add_argument("--inputs", default="hash", choices=["hash", "threefry"],
-                    help="generator of the synthetic CLIP features")
-    ap.add_argument("--noise-prng", default="hash", choices=["hash", "threefry"],
-                    help="the head's eval_noise_prng (selection noise)")
-    ap.add_argument("--level3-kernel", default="auto", choices=["auto", "xla", "native"],
-                    help="the head's level3_kernel (native: fused CPU kernel after the GEMM)")
+    ap.add_argument(
+        "--inputs",
+        default="hash",
+        choices=["hash", "threefry"],
+        help="generator of the synthetic CLIP features",
+    )
+    ap.add_argument(
+        "--noise-prng",
+        default="hash",
+        choices=["hash", "threefry"],
+        help="the head's eval_noise_prng (selection noise)",
+    )
+    ap.add_argument(
+        "--level3-kernel",
+        default="auto",
+        choices=["auto", "xla", "native"],
+        help="the head's level3_kernel (native: fused CPU kernel after the GEMM)",
+    )
     ap.add_argument("--bank-texts", type=int, default=9000)
     ap.add_argument("--bank-videos", type=int, default=1000)
     ap.add_argument("--json", default=None)
@@ -254,7 +311,8 @@ def main():
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for cfg in args.configs.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", cfg] + [
-            a for a in sys.argv[1:] if not a.startswith("--configs") and a != args.configs]
+            a for a in sys.argv[1:] if not a.startswith("--configs") and a != args.configs
+        ]
         t0 = time.time()
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
@@ -266,15 +324,20 @@ def main():
         results.append(r)
         print(json.dumps(r), flush=True)
     load = os.getloadavg()
-    print(f"\nload average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs "
-          f"(shared machine: compare cpu_s, not only wall_s)")
+    print(
+        f"\nload average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs "
+        f"(shared machine: compare cpu_s, not only wall_s)"
+    )
     print(f"{'config':8s} {'wall s':>8s} {'cpu s':>8s} {'peak RSS MB':>12s}  notes")
     for r in results:
         wall = r.get("wall_s", r.get("oneshot_wall_s"))
         cpu = r.get("cpu_s", r.get("oneshot_cpu_s"))
-        notes = {k: v for k, v in r.items() if k not in ("config", "wall_s", "cpu_s",
-                                                         "peak_rss_mb", "oneshot_wall_s",
-                                                         "oneshot_cpu_s")}
+        notes = {
+            k: v
+            for k, v in r.items()
+            if k
+            not in ("config", "wall_s", "cpu_s", "peak_rss_mb", "oneshot_wall_s", "oneshot_cpu_s")
+        }
         print(f"{r['config']:8s} {wall:8.1f} {cpu:8.1f} {r['peak_rss_mb']:12.0f}  {notes}")
     if args.json:
         with open(args.json, "w") as fh:

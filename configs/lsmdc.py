@@ -5,13 +5,14 @@
 Hyperparameters beyond MSR-VTT/VATEX are not in the original scripts; they follow the paper
 (batch 128, 15 epochs, lr 1e-4 head / 1e-7 CLIP) as far as SPEC §9.3 could establish.
 """
+
 from configs import common
 
 
 def get_config():
-  c = common.get_base_config()
-  c.experiment = "lsmdc"
-  c.data.dataset = "lsmdc"
-  c.data.manual_dir = "data/raw/lsmdc"
-  c.data.expand_sentences = False  # one caption per clip already
-  return c
+    c = common.get_base_config()
+    c.experiment = "lsmdc"
+    c.data.dataset = "lsmdc"
+    c.data.manual_dir = "data/raw/lsmdc"
+    c.data.expand_sentences = False  # one caption per clip already
+    return c

@@ -15,6 +15,7 @@ when every split is written (so no partial dataset or duplicates), temp director
 killed builds are removed, and already decoded clips come from the decode cache
 (``OUT/.ucofia_cache/<config>``, deleted after a successful build unless --keep_cache).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,118 +28,197 @@ from data_pipeline.records import DataError
 
 
 def _parser() -> argparse.ArgumentParser:
-  from data_pipeline import builder as builder_lib  # pylint: disable=g-import-not-at-top
-  layouts = "\n\n".join(f"{n}:\n{builder_lib.layout_text(n)}" for n in builder_lib.DATASETS)
-  p = argparse.ArgumentParser(
-      prog="python -m data_pipeline.build", description=__doc__.split("\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="Layouts of --manual_dir:\n\n" + layouts)
-  p.add_argument("--dataset", required=True, choices=sorted(builder_lib.DATASETS))
-  p.add_argument("--manual_dir", required=True, help="raw annotation files (+ videos/)")
-  p.add_argument("--data_dir", required=True, help="TFDS output directory")
-  p.add_argument("--video_dir", default=None, help="video folder (default MANUAL_DIR/videos)")
-  p.add_argument("--max_frames", type=int, default=None,
-                 help="frames per clip (default 12; 64 for activitynet/didemo)")
-  p.add_argument("--image_size", type=int, default=224)
-  p.add_argument("--feature_framerate", type=int, default=1)
-  p.add_argument("--slice_framepos", type=int, default=2, choices=(0, 1, 2))
-  p.add_argument("--splits", default=None,
-                 help="comma-separated splits to build (default: the dataset's usual ones; "
-                      "e.g. train,test,train_7k for MSR-VTT's 7k list too)")
-  p.add_argument("--strict", action="store_true",
-                 help="fail at the first bad annotation row or video instead of skipping it")
-  p.add_argument("--workers", type=int, default=None, help="decode processes (default: all CPUs)")
-  p.add_argument("--keep_cache", action="store_true",
-                 help="keep the per-clip decode cache after a successful build")
-  p.add_argument("--no_progress", action="store_true")
-  return p
+    from data_pipeline import builder as builder_lib  # pylint: disable=g-import-not-at-top
+
+    layouts = "\n\n".join(f"{n}:\n{builder_lib.layout_text(n)}" for n in builder_lib.DATASETS)
+    p = argparse.ArgumentParser(
+        prog="python -m data_pipeline.build",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Layouts of --manual_dir:\n\n" + layouts,
+    )
+    p.add_argument("--dataset", required=True, choices=sorted(builder_lib.DATASETS))
+    p.add_argument("--manual_dir", required=True, help="raw annotation files (+ videos/)")
+    p.add_argument("--data_dir", required=True, help="TFDS output directory")
+    p.add_argument("--video_dir", default=None, help="video folder (default MANUAL_DIR/videos)")
+    p.add_argument(
+        "--max_frames",
+        type=int,
+        default=None,
+        help="frames per clip (default 12; 64 for activitynet/didemo)",
+    )
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--feature_framerate", type=int, default=1)
+    p.add_argument("--slice_framepos", type=int, default=2, choices=(0, 1, 2))
+    p.add_argument(
+        "--splits",
+        default=None,
+        help="comma-separated splits to build (default: the dataset's usual ones; "
+        "e.g. train,test,train_7k for MSR-VTT's 7k list too)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail at the first bad annotation row or video instead of skipping it",
+    )
+    p.add_argument("--workers", type=int, default=None, help="decode processes (default: all CPUs)")
+    p.add_argument(
+        "--keep_cache",
+        action="store_true",
+        help="keep the per-clip decode cache after a successful build",
+    )
+    p.add_argument("--no_progress", action="store_true")
+    return p
 
 
-def build(dataset: str, *, manual_dir: str, data_dir: str, video_dir: str | None = None,
-          max_frames: int | None = None, image_size: int = 224, feature_framerate: int = 1,
-          slice_framepos: int = 2, strict: bool = False, workers: int | None = None,
-          keep_cache: bool = False, progress: bool = True, splits=None,
-          fail_after: int | None = None, log=print) -> dict:
-  """Builds (or finds already built) one dataset. Returns a summary dict.
+def build(
+    dataset: str,
+    *,
+    manual_dir: str,
+    data_dir: str,
+    video_dir: str | None = None,
+    max_frames: int | None = None,
+    image_size: int = 224,
+    feature_framerate: int = 1,
+    slice_framepos: int = 2,
+    strict: bool = False,
+    workers: int | None = None,
+    keep_cache: bool = False,
+    progress: bool = True,
+    splits=None,
+    fail_after: int | None = None,
+    log=print,
+) -> dict:
+    """Builds (or finds already built) one dataset. Returns a summary dict.
 
-  Keys: ``config``, ``path`` (the TFDS version dir), ``written`` (clips per split),
-  ``skipped`` (count per reason), ``report`` (report file or None), ``reused`` (bool).
-  Raises `DataError` for a bad layout, and in strict mode for any bad input.
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from data_pipeline import builder as builder_lib  # pylint: disable=g-import-not-at-top
+    Keys: ``config``, ``path`` (the TFDS version dir), ``written`` (clips per split),
+    ``skipped`` (count per reason), ``report`` (report file or None), ``reused`` (bool).
+    Raises `DataError` for a bad layout, and in strict mode for any bad input.
+    """
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  if not progress:
-    tfds.disable_progress_bar()  # TFDS's own per-split bars
-  manual_dir = os.path.abspath(manual_dir)
-  data_dir = os.path.abspath(data_dir)
-  video_dir = os.path.abspath(video_dir) if video_dir else None
-  b = builder_lib.get_builder(
-      dataset, data_dir=data_dir, max_frames=max_frames, image_size=image_size,
-      feature_framerate=feature_framerate, slice_framepos=slice_framepos,
-      video_dir=video_dir, workers=workers, strict=strict, progress=progress,
-      splits=tuple(splits) if splits else None, fail_after=fail_after)
-  name = b.builder_config.name
-  if b.is_prepared():
-    missing = [s for s in splits or () if s not in b.info.splits]
-    if missing:
-      raise DataError(f"{name} in {b.data_dir} was built without split(s) {missing} (it has "
-                      f"{sorted(b.info.splits)}); delete {b.dataset_root} and build again with "
-                      f"--splits={','.join(sorted(set(b.info.splits) | set(splits)))}")
-    log(f"{name}: already built at {b.data_dir}; delete it to rebuild.")
-    return {"config": name, "path": os.fspath(b.data_dir), "reused": True,
+    from data_pipeline import builder as builder_lib  # pylint: disable=g-import-not-at-top
+
+    if not progress:
+        tfds.disable_progress_bar()  # TFDS's own per-split bars
+    manual_dir = os.path.abspath(manual_dir)
+    data_dir = os.path.abspath(data_dir)
+    video_dir = os.path.abspath(video_dir) if video_dir else None
+    b = builder_lib.get_builder(
+        dataset,
+        data_dir=data_dir,
+        max_frames=max_frames,
+        image_size=image_size,
+        feature_framerate=feature_framerate,
+        slice_framepos=slice_framepos,
+        video_dir=video_dir,
+        workers=workers,
+        strict=strict,
+        progress=progress,
+        splits=tuple(splits) if splits else None,
+        fail_after=fail_after,
+    )
+    name = b.builder_config.name
+    if b.is_prepared():
+        missing = [s for s in splits or () if s not in b.info.splits]
+        if missing:
+            raise DataError(
+                f"{name} in {b.data_dir} was built without split(s) {missing} (it has "
+                f"{sorted(b.info.splits)}); delete {b.dataset_root} and build again with "
+                f"--splits={','.join(sorted(set(b.info.splits) | set(splits)))}"
+            )
+        log(f"{name}: already built at {b.data_dir}; delete it to rebuild.")
+        return {
+            "config": name,
+            "path": os.fspath(b.data_dir),
+            "reused": True,
             "written": {s: v.num_examples for s, v in b.info.splits.items()},
-            "skipped": {}, "report": None}
-  builder_lib.check_manual_dir(dataset, manual_dir, video_dir, tuple(splits) if splits else None)
-  stale = builder_lib.clean_stale_incomplete_dirs(b)
-  if stale:
-    log(f"{name}: removed {len(stale)} temp dir(s) of an interrupted build: {', '.join(stale)}")
-  t0 = time.time()
-  config = tfds.download.DownloadConfig(
-      manual_dir=manual_dir, try_download_gcs=False,
-      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  try:
-    b.download_and_prepare(download_config=config, file_format="array_record",
-                           download_dir=os.path.join(data_dir, "downloads"))
-  finally:
-    # Written also when the build fails (e.g. --strict), so that the reasons are on disk.
-    # Always written (also when empty) so that a finished build has a report to look at.
-    report = b.skip_report.write(os.path.join(b.dataset_root, "skip_report.txt"))
-    b.skip_report.write(os.path.join(b.dataset_root, "skip_report.json"))
-  if not keep_cache:
-    shutil.rmtree(b.default_cache_dir(), ignore_errors=True)
-  # The captions/ids sidecar of each split, so that the pipeline does not read every frame
-  # byte at start-up to learn them.
-  from data_pipeline import pipeline  # pylint: disable=g-import-not-at-top
-  reader = builder_lib.get_builder(
-      dataset, data_dir=data_dir, max_frames=max_frames, image_size=image_size,
-      feature_framerate=feature_framerate, slice_framepos=slice_framepos)
-  for split in reader.info.splits:
-    pipeline.load_tables(reader.as_data_source(
-        split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES), reader.data_dir, split)
-  written = dict(b.written)
-  total = sum(written.values())
-  per_split = ", ".join(f"{s} {n}" for s, n in written.items())
-  log(f"{name}: wrote {total} clips ({per_split}) to {b.data_dir} in {time.time() - t0:.1f} s")
-  log(f"{name}: {b.skip_report.summary()}; report: {report}")
-  return {"config": name, "path": os.fspath(b.data_dir), "written": written,
-          "skipped": b.skip_report.counts(), "report": report, "reused": False}
+            "skipped": {},
+            "report": None,
+        }
+    builder_lib.check_manual_dir(dataset, manual_dir, video_dir, tuple(splits) if splits else None)
+    stale = builder_lib.clean_stale_incomplete_dirs(b)
+    if stale:
+        log(f"{name}: removed {len(stale)} temp dir(s) of an interrupted build: {', '.join(stale)}")
+    t0 = time.time()
+    config = tfds.download.DownloadConfig(
+        manual_dir=manual_dir,
+        try_download_gcs=False,
+        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+    )
+    try:
+        b.download_and_prepare(
+            download_config=config,
+            file_format="array_record",
+            download_dir=os.path.join(data_dir, "downloads"),
+        )
+    finally:
+        # Written also when the build fails (e.g. --strict), so that the reasons are on disk.
+        # Always written (also when empty) so that a finished build has a report to look at.
+        report = b.skip_report.write(os.path.join(b.dataset_root, "skip_report.txt"))
+        b.skip_report.write(os.path.join(b.dataset_root, "skip_report.json"))
+    if not keep_cache:
+        shutil.rmtree(b.default_cache_dir(), ignore_errors=True)
+    # The captions/ids sidecar of each split, so that the pipeline does not read every frame
+    # byte at start-up to learn them.
+    from data_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+
+    reader = builder_lib.get_builder(
+        dataset,
+        data_dir=data_dir,
+        max_frames=max_frames,
+        image_size=image_size,
+        feature_framerate=feature_framerate,
+        slice_framepos=slice_framepos,
+    )
+    for split in reader.info.splits:
+        pipeline.load_tables(
+            reader.as_data_source(
+                split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+            ),
+            reader.data_dir,
+            split,
+        )
+    written = dict(b.written)
+    total = sum(written.values())
+    per_split = ", ".join(f"{s} {n}" for s, n in written.items())
+    log(f"{name}: wrote {total} clips ({per_split}) to {b.data_dir} in {time.time() - t0:.1f} s")
+    log(f"{name}: {b.skip_report.summary()}; report: {report}")
+    return {
+        "config": name,
+        "path": os.fspath(b.data_dir),
+        "written": written,
+        "skipped": b.skip_report.counts(),
+        "report": report,
+        "reused": False,
+    }
 
 
 def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
-  try:
-    build(args.dataset, manual_dir=args.manual_dir, data_dir=args.data_dir,
-          video_dir=args.video_dir, max_frames=args.max_frames, image_size=args.image_size,
-          feature_framerate=args.feature_framerate, slice_framepos=args.slice_framepos,
-          strict=args.strict, workers=args.workers, keep_cache=args.keep_cache,
-          progress=not args.no_progress,
-          splits=[s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None)
-  except (DataError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+    args = _parser().parse_args(argv)
+    try:
+        build(
+            args.dataset,
+            manual_dir=args.manual_dir,
+            data_dir=args.data_dir,
+            video_dir=args.video_dir,
+            max_frames=args.max_frames,
+            image_size=args.image_size,
+            feature_framerate=args.feature_framerate,
+            slice_framepos=args.slice_framepos,
+            strict=args.strict,
+            workers=args.workers,
+            keep_cache=args.keep_cache,
+            progress=not args.no_progress,
+            splits=[s.strip() for s in args.splits.split(",") if s.strip()]
+            if args.splits
+            else None,
+        )
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

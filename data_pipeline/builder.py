@@ -20,6 +20,7 @@ Features of one example (one clip = one video, or one LSMDC clip):
   captions    Sequence(Text): all captions of the clip (the pipeline expands or samples)
   start, end  float32 seconds, -1 meaning "start / end of the file"
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,401 +46,528 @@ CACHE_DIRNAME = ".ucofia_cache"
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-  """What a dataset needs on disk and how it is sampled by default (SPEC §9.3, §11)."""
-  splits: tuple[str, ...]
-  # Annotation files that must be at the root of manual_dir, per split ("*" = every split).
-  files: dict
-  max_frames: int = 12
-  # Shown in the manual download instructions: where the original files come from.
-  source: str = ""
+    """What a dataset needs on disk and how it is sampled by default (SPEC §9.3, §11)."""
+
+    splits: tuple[str, ...]
+    # Annotation files that must be at the root of manual_dir, per split ("*" = every split).
+    files: dict
+    max_frames: int = 12
+    # Shown in the manual download instructions: where the original files come from.
+    source: str = ""
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "msrvtt": DatasetSpec(
         splits=("train", "test"),
-        files={"*": ("MSRVTT_data.json",), "train": ("MSRVTT_train.9k.csv",),
-               "test": ("MSRVTT_JSFUSION_test.csv",), "train_7k": ("MSRVTT_train.7k.csv",)},
+        files={
+            "*": ("MSRVTT_data.json",),
+            "train": ("MSRVTT_train.9k.csv",),
+            "test": ("MSRVTT_JSFUSION_test.csv",),
+            "train_7k": ("MSRVTT_train.7k.csv",),
+        },
         source="CLIP4Clip's msrvtt_data.zip + the MSRVTT_Videos archive; add "
-               "MSRVTT_train.7k.csv and --splits=train,test,train_7k for the 7k split"),
+        "MSRVTT_train.7k.csv and --splits=train,test,train_7k for the 7k split",
+    ),
     "msvd": DatasetSpec(
         splits=("train", "val", "test"),
-        files={"*": ("raw-captions.pkl",), "train": ("train_list.txt",),
-               "val": ("val_list.txt",), "test": ("test_list.txt",)},
+        files={
+            "*": ("raw-captions.pkl",),
+            "train": ("train_list.txt",),
+            "val": ("val_list.txt",),
+            "test": ("test_list.txt",),
+        },
         source="CLIP4Clip's msvd_data.zip + YouTubeClips.tar; val_list.txt is built but "
-               "unused by the recipe"),
+        "unused by the recipe",
+    ),
     "lsmdc": DatasetSpec(
         splits=("train", "val", "test"),
-        files={"train": ("LSMDC16_annos_training.csv",), "val": ("LSMDC16_annos_val.csv",),
-               "test": ("LSMDC16_challenge_1000_publictect.csv",)},
-        source="the LSMDC 2016 release (requires registration with MPII)"),
+        files={
+            "train": ("LSMDC16_annos_training.csv",),
+            "val": ("LSMDC16_annos_val.csv",),
+            "test": ("LSMDC16_challenge_1000_publictect.csv",),
+        },
+        source="the LSMDC 2016 release (requires registration with MPII)",
+    ),
     "activitynet": DatasetSpec(
         splits=("train", "test"),
         files={"train": ("train.json",), "test": ("val_1.json",)},
         max_frames=64,
         source="ActivityNet Captions annotations, test split = val_1; train_ids.json and "
-               "val_ids.json are optional"),
+        "val_ids.json are optional",
+    ),
     "didemo": DatasetSpec(
         splits=("train", "val", "test"),
         files={s: (f"{s}_list.txt", f"{s}_data.json") for s in ("train", "val", "test")},
         max_frames=64,
-        source="the DiDeMo release (LocalizingMoments) + its videos"),
+        source="the DiDeMo release (LocalizingMoments) + its videos",
+    ),
     "vatex": DatasetSpec(
         splits=("train", "test"),
-        files={"*": ("ref_captions.json",), "train": ("train_list.txt",),
-               "test": ("test_list.txt",)},
-        source="VATEX English captions as ref_captions.json + train/test id lists + videos"),
+        files={
+            "*": ("ref_captions.json",),
+            "train": ("train_list.txt",),
+            "test": ("test_list.txt",),
+        },
+        source="VATEX English captions as ref_captions.json + train/test id lists + videos",
+    ),
 }
 
 
 def required_files(dataset: str, split: str | None = None) -> list[str]:
-  """Annotation file names that must exist at the root of manual_dir (one split or the defaults)."""
-  spec = _spec(dataset)
-  splits = spec.splits if split is None else (split,)
-  out = list(spec.files.get("*", ()))
-  for s in splits:
-    out += [f for f in spec.files.get(s, ()) if f not in out]
-  return out
+    """Annotation file names that must exist at the root of manual_dir (one split or the defaults)."""
+    spec = _spec(dataset)
+    splits = spec.splits if split is None else (split,)
+    out = list(spec.files.get("*", ()))
+    for s in splits:
+        out += [f for f in spec.files.get(s, ()) if f not in out]
+    return out
 
 
 def _spec(dataset: str) -> DatasetSpec:
-  if dataset not in DATASETS:
-    raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
-  return DATASETS[dataset]
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[dataset]
 
 
 def layout_text(dataset: str) -> str:
-  """The manual_dir layout a dataset needs, as shown in instructions and error messages."""
-  files = "\n".join(f"      {f}" for f in required_files(dataset))
-  return (f"  <manual_dir>/          ({_spec(dataset).source})\n{files}\n"
-          f"      videos/<video_id>.mp4   (or .webm/.mkv/.avi; another folder with --video_dir)")
+    """The manual_dir layout a dataset needs, as shown in instructions and error messages."""
+    files = "\n".join(f"      {f}" for f in required_files(dataset))
+    return (
+        f"  <manual_dir>/          ({_spec(dataset).source})\n{files}\n"
+        f"      videos/<video_id>.mp4   (or .webm/.mkv/.avi; another folder with --video_dir)"
+    )
 
 
 class VideoTextConfig(tfds.core.BuilderConfig):
-  """Dataset + frame sampling. The name encodes everything that changes the stored frames."""
+    """Dataset + frame sampling. The name encodes everything that changes the stored frames."""
 
-  def __init__(self, *, dataset: str, max_frames: int | None = None, image_size: int = 224,
-               feature_framerate: int = 1, slice_framepos: int = 2, **kwargs):
-    spec = _spec(dataset)
-    max_frames = spec.max_frames if max_frames is None else int(max_frames)
-    name = config_name(dataset, max_frames=max_frames, image_size=image_size,
-                       feature_framerate=feature_framerate, slice_framepos=slice_framepos)
-    super().__init__(name=name, version=DATASET_VERSION,
-                     description=f"{dataset}: {max_frames} frames of {image_size}px", **kwargs)
-    self.dataset = dataset
-    self.max_frames = max_frames
-    self.image_size = int(image_size)
-    self.feature_framerate = int(feature_framerate)
-    self.slice_framepos = int(slice_framepos)
+    def __init__(
+        self,
+        *,
+        dataset: str,
+        max_frames: int | None = None,
+        image_size: int = 224,
+        feature_framerate: int = 1,
+        slice_framepos: int = 2,
+        **kwargs,
+    ):
+        spec = _spec(dataset)
+        max_frames = spec.max_frames if max_frames is None else int(max_frames)
+        name = config_name(
+            dataset,
+            max_frames=max_frames,
+            image_size=image_size,
+            feature_framerate=feature_framerate,
+            slice_framepos=slice_framepos,
+        )
+        super().__init__(
+            name=name,
+            version=DATASET_VERSION,
+            description=f"{dataset}: {max_frames} frames of {image_size}px",
+            **kwargs,
+        )
+        self.dataset = dataset
+        self.max_frames = max_frames
+        self.image_size = int(image_size)
+        self.feature_framerate = int(feature_framerate)
+        self.slice_framepos = int(slice_framepos)
 
 
-def config_name(dataset: str, *, max_frames: int | None = None, image_size: int = 224,
-                feature_framerate: int = 1, slice_framepos: int = 2) -> str:
-  """``msrvtt_f12_s224`` (+ ``_fps2`` / ``_pos0`` when not the original 1 fps / linspace)."""
-  if max_frames is None:
-    max_frames = _spec(dataset).max_frames
-  name = f"{dataset}_f{max_frames}_s{image_size}"
-  if feature_framerate != 1:
-    name += f"_fps{feature_framerate}"
-  if slice_framepos != 2:
-    name += f"_pos{slice_framepos}"
-  return name
+def config_name(
+    dataset: str,
+    *,
+    max_frames: int | None = None,
+    image_size: int = 224,
+    feature_framerate: int = 1,
+    slice_framepos: int = 2,
+) -> str:
+    """``msrvtt_f12_s224`` (+ ``_fps2`` / ``_pos0`` when not the original 1 fps / linspace)."""
+    if max_frames is None:
+        max_frames = _spec(dataset).max_frames
+    name = f"{dataset}_f{max_frames}_s{image_size}"
+    if feature_framerate != 1:
+        name += f"_fps{feature_framerate}"
+    if slice_framepos != 2:
+        name += f"_pos{slice_framepos}"
+    return name
 
 
 def _manual_instructions() -> str:
-  parts = ["Put each dataset's annotation files at the root of --manual_dir under their "
-           "original names and the videos in <manual_dir>/videos/ (or pass --video_dir). "
-           "Then run `python -m data_pipeline.build --dataset=NAME --manual_dir=RAW "
-           "--data_dir=OUT`.\n"]
-  for name in DATASETS:
-    parts.append(f"{name}:\n{layout_text(name)}\n")
-  return "\n".join(parts)
+    parts = [
+        "Put each dataset's annotation files at the root of --manual_dir under their "
+        "original names and the videos in <manual_dir>/videos/ (or pass --video_dir). "
+        "Then run `python -m data_pipeline.build --dataset=NAME --manual_dir=RAW "
+        "--data_dir=OUT`.\n"
+    ]
+    for name in DATASETS:
+        parts.append(f"{name}:\n{layout_text(name)}\n")
+    return "\n".join(parts)
 
 
 # ---------------------------------------------------------------------------------------
 # Worker side: runs in spawned processes; must not touch TensorFlow.
 
+
 @dataclasses.dataclass(frozen=True)
 class _Job:
-  index: int
-  video_id: str
-  video_path: str
-  start: float | None
-  end: float | None
-  max_frames: int
-  image_size: int
-  feature_framerate: int
-  slice_framepos: int
-  cache_dir: str | None
+    index: int
+    video_id: str
+    video_path: str
+    start: float | None
+    end: float | None
+    max_frames: int
+    image_size: int
+    feature_framerate: int
+    slice_framepos: int
+    cache_dir: str | None
 
 
 def _cache_path(job: _Job) -> str | None:
-  if not job.cache_dir:
-    return None
-  try:
-    st = os.stat(job.video_path)
-  except OSError:
-    return None
-  # Everything that changes the stored frames is in the key, including the file's identity,
-  # so a replaced video is decoded again.
-  key = repr((os.path.abspath(job.video_path), st.st_size, st.st_mtime_ns, job.start, job.end,
-              job.max_frames, job.image_size, job.feature_framerate, job.slice_framepos,
-              JPEG_QUALITY))
-  digest = hashlib.sha1(key.encode("utf-8")).hexdigest()
-  return os.path.join(job.cache_dir, digest[:2], digest + ".npz")
+    if not job.cache_dir:
+        return None
+    try:
+        st = os.stat(job.video_path)
+    except OSError:
+        return None
+    # Everything that changes the stored frames is in the key, including the file's identity,
+    # so a replaced video is decoded again.
+    key = repr(
+        (
+            os.path.abspath(job.video_path),
+            st.st_size,
+            st.st_mtime_ns,
+            job.start,
+            job.end,
+            job.max_frames,
+            job.image_size,
+            job.feature_framerate,
+            job.slice_framepos,
+            JPEG_QUALITY,
+        )
+    )
+    digest = hashlib.sha1(key.encode("utf-8")).hexdigest()
+    return os.path.join(job.cache_dir, digest[:2], digest + ".npz")
 
 
 def _encode_jpeg(frame: np.ndarray) -> bytes:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  buf = io.BytesIO()
-  Image.fromarray(frame).save(buf, format="JPEG", quality=JPEG_QUALITY)
-  return buf.getvalue()
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
 
 
 def _load_cached(path: str):
-  with np.load(path, allow_pickle=False) as z:
-    data, offsets, mask = z["data"].tobytes(), z["offsets"], z["mask"]
-  jpegs = [data[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
-  return jpegs, mask
+    with np.load(path, allow_pickle=False) as z:
+        data, offsets, mask = z["data"].tobytes(), z["offsets"], z["mask"]
+    jpegs = [data[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    return jpegs, mask
 
 
 def _save_cached(path: str, jpegs: list[bytes], mask: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  offsets = np.cumsum([0] + [len(j) for j in jpegs]).astype(np.int64)
-  tmp = f"{path}.tmp{os.getpid()}.npz"
-  np.savez(tmp, data=np.frombuffer(b"".join(jpegs), np.uint8), offsets=offsets, mask=mask)
-  os.replace(tmp, path)  # atomic: a killed worker never leaves a half-written cache entry
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    offsets = np.cumsum([0] + [len(j) for j in jpegs]).astype(np.int64)
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, data=np.frombuffer(b"".join(jpegs), np.uint8), offsets=offsets, mask=mask)
+    os.replace(tmp, path)  # atomic: a killed worker never leaves a half-written cache entry
 
 
 def process_clip(job: _Job):
-  """Decodes one clip -> ``(index, jpegs, mask, None)`` or ``(index, None, None, (reason, detail))``."""
-  cache = _cache_path(job)
-  if cache and os.path.exists(cache):
+    """Decodes one clip -> ``(index, jpegs, mask, None)`` or ``(index, None, None, (reason, detail))``."""
+    cache = _cache_path(job)
+    if cache and os.path.exists(cache):
+        try:
+            jpegs, mask = _load_cached(cache)
+            return job.index, jpegs, mask, None
+        except Exception:  # pylint: disable=broad-except
+            pass  # a corrupt cache entry is simply recomputed
     try:
-      jpegs, mask = _load_cached(cache)
-      return job.index, jpegs, mask, None
-    except Exception:  # pylint: disable=broad-except
-      pass  # a corrupt cache entry is simply recomputed
-  try:
-    frames, mask = video_lib.decode_clip(
-        job.video_path, start=job.start, end=job.end, max_frames=job.max_frames,
-        feature_framerate=job.feature_framerate, slice_framepos=job.slice_framepos,
-        image_size=job.image_size)
-  except video_lib.VideoDecodeError as e:
-    return job.index, None, None, (e.reason, e.detail)
-  except Exception as e:  # pylint: disable=broad-except
-    # Anything unexpected from FFmpeg/PIL is a skip with the exception text, not a crash of
-    # a multi-hour build; --strict turns it into an error in the parent.
-    return job.index, None, None, ("decode error", f"{type(e).__name__}: {e}")
-  jpegs = [_encode_jpeg(f) for f in frames]
-  if cache:
-    try:
-      _save_cached(cache, jpegs, mask)
-    except OSError:
-      pass  # the cache is an optimisation only
-  return job.index, jpegs, mask, None
+        frames, mask = video_lib.decode_clip(
+            job.video_path,
+            start=job.start,
+            end=job.end,
+            max_frames=job.max_frames,
+            feature_framerate=job.feature_framerate,
+            slice_framepos=job.slice_framepos,
+            image_size=job.image_size,
+        )
+    except video_lib.VideoDecodeError as e:
+        return job.index, None, None, (e.reason, e.detail)
+    except Exception as e:  # pylint: disable=broad-except
+        # Anything unexpected from FFmpeg/PIL is a skip with the exception text, not a crash of
+        # a multi-hour build; --strict turns it into an error in the parent.
+        return job.index, None, None, ("decode error", f"{type(e).__name__}: {e}")
+    jpegs = [_encode_jpeg(f) for f in frames]
+    if cache:
+        try:
+            _save_cached(cache, jpegs, mask)
+        except OSError:
+            pass  # the cache is an optimisation only
+    return job.index, jpegs, mask, None
 
 
 # ---------------------------------------------------------------------------------------
 
 
 class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
-  """Video-text retrieval datasets (MSR-VTT, MSVD, LSMDC, ActivityNet, DiDeMo, VATEX)."""
+    """Video-text retrieval datasets (MSR-VTT, MSVD, LSMDC, ActivityNet, DiDeMo, VATEX)."""
 
-  VERSION = tfds.core.Version(DATASET_VERSION)
-  RELEASE_NOTES = {DATASET_VERSION: "Sampled JPEG frames + all captions per clip."}
-  BUILDER_CONFIGS = [VideoTextConfig(dataset=name) for name in DATASETS]
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _manual_instructions()
+    VERSION = tfds.core.Version(DATASET_VERSION)
+    RELEASE_NOTES = {DATASET_VERSION: "Sampled JPEG frames + all captions per clip."}
+    BUILDER_CONFIGS = [VideoTextConfig(dataset=name) for name in DATASETS]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = _manual_instructions()
 
-  # TFDS 4.9's default looks the module up through `importlib_resources`, a package it does
-  # not declare as a dependency; the file of this class is all it needs.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):
-    from etils import epath  # pylint: disable=g-import-not-at-top
-    return epath.Path(os.path.abspath(__file__))
+    # TFDS 4.9's default looks the module up through `importlib_resources`, a package it does
+    # not declare as a dependency; the file of this class is all it needs.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        from etils import epath  # pylint: disable=g-import-not-at-top
 
-  def __init__(self, *, video_dir: str | None = None, workers: int | None = None,
-               strict: bool = False, cache_dir: str | None = None, progress: bool = True,
-               splits: tuple[str, ...] | None = None, fail_after: int | None = None,
-               **kwargs):
-    """Extra arguments (only used when building).
+        return epath.Path(os.path.abspath(__file__))
 
-    Args:
-      splits: the splits to build; default `DatasetSpec.splits` (e.g. add ``train_7k`` for
-        MSR-VTT's 7k training list).
-      video_dir: folder of the video files; default ``<manual_dir>/videos``.
-      workers: decode processes; default all CPUs. 0 decodes in this process.
-      strict: raise `DataError` at the first bad annotation or video instead of skipping.
-      cache_dir: per-clip decode cache (resume); default ``<data_dir>/.ucofia_cache/<config>``;
-        '' disables it.
-      progress: show a tqdm bar per split.
-      fail_after: testing hook: raise after this many examples (simulates an interruption).
-    """
-    super().__init__(**kwargs)
-    self._video_dir = video_dir
-    self._workers = (os.cpu_count() or 1) if workers is None else int(workers)
-    self._strict = strict
-    self._cache_dir = cache_dir
-    self._progress = progress
-    self._fail_after = fail_after
-    self._splits = tuple(splits) if splits else None
-    self.skip_report = records_lib.SkipReport()
-    self.written: dict[str, int] = {}
+    def __init__(
+        self,
+        *,
+        video_dir: str | None = None,
+        workers: int | None = None,
+        strict: bool = False,
+        cache_dir: str | None = None,
+        progress: bool = True,
+        splits: tuple[str, ...] | None = None,
+        fail_after: int | None = None,
+        **kwargs,
+    ):
+        """Extra arguments (only used when building).
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    c = self.builder_config
-    s = c.image_size
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "video_id": tfds.features.Text(),
-            "frames": tfds.features.Sequence(
-                tfds.features.Image(shape=(s, s, 3), encoding_format="jpeg"),
-                length=c.max_frames),
-            "frame_mask": tfds.features.Tensor(shape=(c.max_frames,), dtype=np.int32),
-            "captions": tfds.features.Sequence(tfds.features.Text()),
-            "start": tfds.features.Scalar(dtype=np.float32),
-            "end": tfds.features.Scalar(dtype=np.float32),
-        }),
-        description=(f"{c.dataset}: {c.max_frames} frames sampled at {c.feature_framerate} fps "
-                     f"(slice_framepos {c.slice_framepos}), {s}px, with all captions per clip."),
-    )
+        Args:
+          splits: the splits to build; default `DatasetSpec.splits` (e.g. add ``train_7k`` for
+            MSR-VTT's 7k training list).
+          video_dir: folder of the video files; default ``<manual_dir>/videos``.
+          workers: decode processes; default all CPUs. 0 decodes in this process.
+          strict: raise `DataError` at the first bad annotation or video instead of skipping.
+          cache_dir: per-clip decode cache (resume); default ``<data_dir>/.ucofia_cache/<config>``;
+            '' disables it.
+          progress: show a tqdm bar per split.
+          fail_after: testing hook: raise after this many examples (simulates an interruption).
+        """
+        super().__init__(**kwargs)
+        self._video_dir = video_dir
+        self._workers = (os.cpu_count() or 1) if workers is None else int(workers)
+        self._strict = strict
+        self._cache_dir = cache_dir
+        self._progress = progress
+        self._fail_after = fail_after
+        self._splits = tuple(splits) if splits else None
+        self.skip_report = records_lib.SkipReport()
+        self.written: dict[str, int] = {}
 
-  @property
-  def dataset_root(self) -> str:
-    """``<data_dir>/ucofia_video_text/<config>`` (stable, outside TFDS's temp directory)."""
-    return os.path.join(os.fspath(self.data_dir_root), self.name, self.builder_config.name)
+    def _info(self) -> tfds.core.DatasetInfo:
+        c = self.builder_config
+        s = c.image_size
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict(
+                {
+                    "video_id": tfds.features.Text(),
+                    "frames": tfds.features.Sequence(
+                        tfds.features.Image(shape=(s, s, 3), encoding_format="jpeg"),
+                        length=c.max_frames,
+                    ),
+                    "frame_mask": tfds.features.Tensor(shape=(c.max_frames,), dtype=np.int32),
+                    "captions": tfds.features.Sequence(tfds.features.Text()),
+                    "start": tfds.features.Scalar(dtype=np.float32),
+                    "end": tfds.features.Scalar(dtype=np.float32),
+                }
+            ),
+            description=(
+                f"{c.dataset}: {c.max_frames} frames sampled at {c.feature_framerate} fps "
+                f"(slice_framepos {c.slice_framepos}), {s}px, with all captions per clip."
+            ),
+        )
 
-  def default_cache_dir(self) -> str:
-    return os.path.join(os.fspath(self.data_dir_root), CACHE_DIRNAME, self.builder_config.name)
+    @property
+    def dataset_root(self) -> str:
+        """``<data_dir>/ucofia_video_text/<config>`` (stable, outside TFDS's temp directory)."""
+        return os.path.join(os.fspath(self.data_dir_root), self.name, self.builder_config.name)
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    manual_dir = os.fspath(dl_manager.manual_dir)
-    c = self.builder_config
-    splits = self._splits or _spec(c.dataset).splits
-    check_manual_dir(c.dataset, manual_dir, self._video_dir, splits)
-    return {split: self._generate_examples(manual_dir, split) for split in splits}
+    def default_cache_dir(self) -> str:
+        return os.path.join(os.fspath(self.data_dir_root), CACHE_DIRNAME, self.builder_config.name)
 
-  def _read_records(self, manual_dir: str, split: str) -> list[records_lib.ClipRecord]:
-    from data_pipeline import datasets  # pylint: disable=g-import-not-at-top
-    reader = datasets.get_reader(self.builder_config.dataset)
-    # One record per clip with all its captions; the pipeline expands or samples captions.
-    recs = reader(manual_dir, split, video_dir=self._video_dir, expand_sentences=False,
-                  strict=self._strict, report=self.skip_report)
-    return records_lib.check_records(recs, f"{self.builder_config.dataset} {split} ({manual_dir})")
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        manual_dir = os.fspath(dl_manager.manual_dir)
+        c = self.builder_config
+        splits = self._splits or _spec(c.dataset).splits
+        check_manual_dir(c.dataset, manual_dir, self._video_dir, splits)
+        return {split: self._generate_examples(manual_dir, split) for split in splits}
 
-  def _generate_examples(self, manual_dir: str, split: str) -> Iterator[tuple[str, dict]]:
-    c = self.builder_config
-    recs = self._read_records(manual_dir, split)
-    cache_dir = self.default_cache_dir() if self._cache_dir is None else self._cache_dir
-    jobs = [_Job(i, r.video_id, r.video_path, r.start, r.end, c.max_frames,
-                 c.image_size, c.feature_framerate, c.slice_framepos,
-                 cache_dir or None)  # shared by the splits: train_7k reuses train's decodes
-            for i, r in enumerate(recs)]
-    self.written[split] = 0
-    pbar = None
-    if self._progress:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-      pbar = tqdm(total=len(jobs), desc=f"{c.name} {split}", unit="clip", file=sys.stderr)
-    results = _run_jobs(jobs, self._workers)
-    try:
-      yield from self._write(results, recs, split, pbar)
-    finally:
-      # Stops the pool now (not at garbage collection) when --strict or an interruption
-      # ends the split early.
-      results.close()
-      if pbar is not None:
-        pbar.close()
-    if self.written[split] == 0:
-      raise records_lib.DataError(
-          f"{c.dataset} {split}: every clip failed to decode ({self.skip_report.summary()})")
+    def _read_records(self, manual_dir: str, split: str) -> list[records_lib.ClipRecord]:
+        from data_pipeline import datasets  # pylint: disable=g-import-not-at-top
 
-  def _write(self, results, recs, split, pbar):
-    for index, jpegs, mask, error in results:
-      if pbar is not None:
-        pbar.update(1)
-      r = recs[index]
-      if error is not None:
-        reason, detail = error
-        records_lib.skip_or_raise(self.skip_report, self._strict, r.video_path, reason, detail)
-        continue
-      if self._fail_after is not None and sum(self.written.values()) >= self._fail_after:
-        raise RuntimeError(f"fail_after={self._fail_after}: simulated interruption")
-      self.written[split] += 1
-      # The key includes the record index: LSMDC/DiDeMo-style datasets may have several
-      # clips of one video, and TFDS rejects duplicate keys.
-      yield f"{index:08d}_{r.video_id}", {
-          "video_id": r.video_id,
-          "frames": jpegs,
-          "frame_mask": np.asarray(mask, np.int32),
-          "captions": list(r.captions),
-          "start": np.float32(-1 if r.start is None else r.start),
-          "end": np.float32(-1 if r.end is None else r.end),
-      }
+        reader = datasets.get_reader(self.builder_config.dataset)
+        # One record per clip with all its captions; the pipeline expands or samples captions.
+        recs = reader(
+            manual_dir,
+            split,
+            video_dir=self._video_dir,
+            expand_sentences=False,
+            strict=self._strict,
+            report=self.skip_report,
+        )
+        return records_lib.check_records(
+            recs, f"{self.builder_config.dataset} {split} ({manual_dir})"
+        )
+
+    def _generate_examples(self, manual_dir: str, split: str) -> Iterator[tuple[str, dict]]:
+        c = self.builder_config
+        recs = self._read_records(manual_dir, split)
+        cache_dir = self.default_cache_dir() if self._cache_dir is None else self._cache_dir
+        jobs = [
+            _Job(
+                i,
+                r.video_id,
+                r.video_path,
+                r.start,
+                r.end,
+                c.max_frames,
+                c.image_size,
+                c.feature_framerate,
+                c.slice_framepos,
+                cache_dir or None,
+            )  # shared by the splits: train_7k reuses train's decodes
+            for i, r in enumerate(recs)
+        ]
+        self.written[split] = 0
+        pbar = None
+        if self._progress:
+            from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+            pbar = tqdm(total=len(jobs), desc=f"{c.name} {split}", unit="clip", file=sys.stderr)
+        results = _run_jobs(jobs, self._workers)
+        try:
+            yield from self._write(results, recs, split, pbar)
+        finally:
+            # Stops the pool now (not at garbage collection) when --strict or an interruption
+            # ends the split early.
+            results.close()
+            if pbar is not None:
+                pbar.close()
+        if self.written[split] == 0:
+            raise records_lib.DataError(
+                f"{c.dataset} {split}: every clip failed to decode ({self.skip_report.summary()})"
+            )
+
+    def _write(self, results, recs, split, pbar):
+        for index, jpegs, mask, error in results:
+            if pbar is not None:
+                pbar.update(1)
+            r = recs[index]
+            if error is not None:
+                reason, detail = error
+                records_lib.skip_or_raise(
+                    self.skip_report, self._strict, r.video_path, reason, detail
+                )
+                continue
+            if self._fail_after is not None and sum(self.written.values()) >= self._fail_after:
+                raise RuntimeError(f"fail_after={self._fail_after}: simulated interruption")
+            self.written[split] += 1
+            # The key includes the record index: LSMDC/DiDeMo-style datasets may have several
+            # clips of one video, and TFDS rejects duplicate keys.
+            yield (
+                f"{index:08d}_{r.video_id}",
+                {
+                    "video_id": r.video_id,
+                    "frames": jpegs,
+                    "frame_mask": np.asarray(mask, np.int32),
+                    "captions": list(r.captions),
+                    "start": np.float32(-1 if r.start is None else r.start),
+                    "end": np.float32(-1 if r.end is None else r.end),
+                },
+            )
 
 
 def _run_jobs(jobs: list[_Job], workers: int):
-  if workers <= 0 or len(jobs) <= 1:
-    for job in jobs:
-      yield process_clip(job)
-    return
-  # spawn, not fork: the parent has TensorFlow loaded and forking a threaded process can
-  # deadlock; the workers only import av/PIL/numpy (+ tfds, ~1 s once per worker).
-  ctx = multiprocessing.get_context("spawn")
-  with ctx.Pool(min(workers, len(jobs))) as pool:
-    # Unordered: TFDS shuffles by key anyway, and slow videos should not stall the bar.
-    yield from pool.imap_unordered(process_clip, jobs, chunksize=1)
+    if workers <= 0 or len(jobs) <= 1:
+        for job in jobs:
+            yield process_clip(job)
+        return
+    # spawn, not fork: the parent has TensorFlow loaded and forking a threaded process can
+    # deadlock; the workers only import av/PIL/numpy (+ tfds, ~1 s once per worker).
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(workers, len(jobs))) as pool:
+        # Unordered: TFDS shuffles by key anyway, and slow videos should not stall the bar.
+        yield from pool.imap_unordered(process_clip, jobs, chunksize=1)
 
 
-def check_manual_dir(dataset: str, manual_dir: str, video_dir: str | None = None,
-                     splits: tuple[str, ...] | None = None) -> None:
-  """Raises `DataError` naming every missing annotation file / the missing video folder."""
-  spec = _spec(dataset)
-  from data_pipeline import datasets  # pylint: disable=g-import-not-at-top
-  known = datasets.SPLITS[dataset]
-  bad = [s for s in splits or () if s not in known]
-  if bad:
-    raise ValueError(f"{dataset}: unknown split(s) {bad}; the reader knows {list(known)}")
-  if not os.path.isdir(manual_dir):
-    raise records_lib.DataError(
-        f"manual_dir {manual_dir} does not exist. Expected layout for {dataset}:\n"
-        f"{layout_text(dataset)}")
-  missing = []
-  for split in splits or spec.splits:
-    for f in required_files(dataset, split):
-      p = os.path.join(manual_dir, f)
-      if not os.path.isfile(p) and p not in missing:
-        missing.append(p)
-  vdir = video_dir or os.path.join(manual_dir, "videos")
-  if not os.path.isdir(vdir):
-    missing.append(f"{vdir}/ (video folder; pass --video_dir if the videos are elsewhere)")
-  if missing:
-    raise records_lib.DataError(
-        f"{dataset}: missing in {manual_dir}:\n" + "\n".join(f"  {m}" for m in missing)
-        + f"\nExpected layout:\n{layout_text(dataset)}")
+def check_manual_dir(
+    dataset: str,
+    manual_dir: str,
+    video_dir: str | None = None,
+    splits: tuple[str, ...] | None = None,
+) -> None:
+    """Raises `DataError` naming every missing annotation file / the missing video folder."""
+    spec = _spec(dataset)
+    from data_pipeline import datasets  # pylint: disable=g-import-not-at-top
+
+    known = datasets.SPLITS[dataset]
+    bad = [s for s in splits or () if s not in known]
+    if bad:
+        raise ValueError(f"{dataset}: unknown split(s) {bad}; the reader knows {list(known)}")
+    if not os.path.isdir(manual_dir):
+        raise records_lib.DataError(
+            f"manual_dir {manual_dir} does not exist. Expected layout for {dataset}:\n"
+            f"{layout_text(dataset)}"
+        )
+    missing = []
+    for split in splits or spec.splits:
+        for f in required_files(dataset, split):
+            p = os.path.join(manual_dir, f)
+            if not os.path.isfile(p) and p not in missing:
+                missing.append(p)
+    vdir = video_dir or os.path.join(manual_dir, "videos")
+    if not os.path.isdir(vdir):
+        missing.append(f"{vdir}/ (video folder; pass --video_dir if the videos are elsewhere)")
+    if missing:
+        raise records_lib.DataError(
+            f"{dataset}: missing in {manual_dir}:\n"
+            + "\n".join(f"  {m}" for m in missing)
+            + f"\nExpected layout:\n{layout_text(dataset)}"
+        )
 
 
 def clean_stale_incomplete_dirs(builder: UcofiaVideoText) -> list[str]:
-  """Removes TFDS temp dirs of this config left by a killed build (TFDS only cleans on exceptions).
+    """Removes TFDS temp dirs of this config left by a killed build (TFDS only cleans on exceptions).
 
-  Not safe while another build of the same config is running into the same data_dir.
-  """
-  root = builder.dataset_root
-  removed = []
-  if os.path.isdir(root):
-    for name in os.listdir(root):
-      if name.startswith("incomplete."):
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        removed.append(name)
-  return removed
+    Not safe while another build of the same config is running into the same data_dir.
+    """
+    root = builder.dataset_root
+    removed = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith("incomplete."):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                removed.append(name)
+    return removed
 
 
-def get_builder(dataset: str, *, data_dir: str, max_frames: int | None = None,
-                image_size: int = 224, feature_framerate: int = 1, slice_framepos: int = 2,
-                **kwargs) -> UcofiaVideoText:
-  """The builder for one dataset + sampling (reading or building)."""
-  config = VideoTextConfig(dataset=dataset, max_frames=max_frames, image_size=image_size,
-                           feature_framerate=feature_framerate, slice_framepos=slice_framepos)
-  # TFDS refuses a new config object named like a predefined one: pass the name then.
-  if any(c.name == config.name for c in UcofiaVideoText.BUILDER_CONFIGS):
-    config = config.name
-  return UcofiaVideoText(config=config, data_dir=data_dir, **kwargs)
+def get_builder(
+    dataset: str,
+    *,
+    data_dir: str,
+    max_frames: int | None = None,
+    image_size: int = 224,
+    feature_framerate: int = 1,
+    slice_framepos: int = 2,
+    **kwargs,
+) -> UcofiaVideoText:
+    """The builder for one dataset + sampling (reading or building)."""
+    config = VideoTextConfig(
+        dataset=dataset,
+        max_frames=max_frames,
+        image_size=image_size,
+        feature_framerate=feature_framerate,
+        slice_framepos=slice_framepos,
+    )
+    # TFDS refuses a new config object named like a predefined one: pass the name then.
+    if any(c.name == config.name for c in UcofiaVideoText.BUILDER_CONFIGS):
+        config = config.name
+    return UcofiaVideoText(config=config, data_dir=data_dir, **kwargs)

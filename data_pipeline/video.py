@@ -39,6 +39,7 @@ missing video into zeros and later into NaN losses). The rules, checked in this 
   so the clip would be represented by a single frame of an unknown part of the scene;
 * ``empty window``: ``start``/``end`` select no frame (e.g. start beyond the end of the file).
 """
+
 from __future__ import annotations
 
 import os
@@ -53,227 +54,262 @@ VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi")
 
 
 class VideoDecodeError(DataError):
-  """A video file that cannot give frames; `reason` is one of the categories in the module doc."""
+    """A video file that cannot give frames; `reason` is one of the categories in the module doc."""
 
-  def __init__(self, path: str, reason: str, detail: str = ""):
-    self.path = str(path)
-    self.reason = reason
-    self.detail = detail
-    super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
+    def __init__(self, path: str, reason: str, detail: str = ""):
+        self.path = str(path)
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
 
 
-def frame_indices(num_frames: int, fps: int, *, start: float | None = None,
-                  end: float | None = None, feature_framerate: int = 1) -> np.ndarray:
-  """Indices of the frames the original takes from a file of `num_frames` frames at int `fps`."""
-  if fps < 1:
-    raise ValueError(f"fps must be >= 1, got {fps}")
-  total_duration = (num_frames + fps - 1) // fps
-  if start is None and end is None:
-    start_sec, end_sec = 0, total_duration
-  else:
-    start_sec = 0 if start is None else start
-    end_sec = total_duration if end is None else min(end, total_duration)
-  interval = max(fps // feature_framerate, 1) if feature_framerate > 0 else 1
-  sample_fp = feature_framerate if feature_framerate > 0 else fps
-  inds = np.arange(0, fps, interval)[:sample_fp]
-  out = [int(sec * fps) + int(i) for sec in np.arange(start_sec, end_sec + 1) for i in inds]
-  out = np.asarray(out, dtype=np.int64)
-  return out[out < num_frames]
+def frame_indices(
+    num_frames: int,
+    fps: int,
+    *,
+    start: float | None = None,
+    end: float | None = None,
+    feature_framerate: int = 1,
+) -> np.ndarray:
+    """Indices of the frames the original takes from a file of `num_frames` frames at int `fps`."""
+    if fps < 1:
+        raise ValueError(f"fps must be >= 1, got {fps}")
+    total_duration = (num_frames + fps - 1) // fps
+    if start is None and end is None:
+        start_sec, end_sec = 0, total_duration
+    else:
+        start_sec = 0 if start is None else start
+        end_sec = total_duration if end is None else min(end, total_duration)
+    interval = max(fps // feature_framerate, 1) if feature_framerate > 0 else 1
+    sample_fp = feature_framerate if feature_framerate > 0 else fps
+    inds = np.arange(0, fps, interval)[:sample_fp]
+    out = [int(sec * fps) + int(i) for sec in np.arange(start_sec, end_sec + 1) for i in inds]
+    out = np.asarray(out, dtype=np.int64)
+    return out[out < num_frames]
 
 
 def subsample(n: int, max_frames: int, slice_framepos: int) -> np.ndarray:
-  """Positions (into the `n` sampled frames) that are kept, per the original `slice_framepos`."""
-  if n <= max_frames:
-    return np.arange(n)
-  if slice_framepos == 0:
-    return np.arange(max_frames)
-  if slice_framepos == 1:
-    return np.arange(n - max_frames, n)
-  if slice_framepos == 2:
-    return np.linspace(0, n - 1, num=max_frames, dtype=int)
-  raise ValueError(f"slice_framepos must be 0, 1 or 2, got {slice_framepos}")
+    """Positions (into the `n` sampled frames) that are kept, per the original `slice_framepos`."""
+    if n <= max_frames:
+        return np.arange(n)
+    if slice_framepos == 0:
+        return np.arange(max_frames)
+    if slice_framepos == 1:
+        return np.arange(n - max_frames, n)
+    if slice_framepos == 2:
+        return np.linspace(0, n - 1, num=max_frames, dtype=int)
+    raise ValueError(f"slice_framepos must be 0, 1 or 2, got {slice_framepos}")
 
 
 def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
-  """torchvision ``Resize(size, BICUBIC)`` + ``CenterCrop(size)`` on a PIL image -> uint8 HWC."""
-  w, h = image.size
-  short, long = (w, h) if w <= h else (h, w)
-  new_short, new_long = size, int(size * long / short)
-  new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-  if (new_w, new_h) != (w, h):
-    image = image.resize((new_w, new_h), Image.BICUBIC)
-  # torchvision rounds with Python's round (half to even); keep it for pixel parity.
-  top = int(round((new_h - size) / 2.0))
-  left = int(round((new_w - size) / 2.0))
-  image = image.crop((left, top, left + size, top + size))
-  return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    """torchvision ``Resize(size, BICUBIC)`` + ``CenterCrop(size)`` on a PIL image -> uint8 HWC."""
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+    # torchvision rounds with Python's round (half to even); keep it for pixel parity.
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def _candidates(fps: int, *, start, end, feature_framerate: int):
-  """Increasing frame indices the sampling rule may take, for a file of unknown length."""
-  interval = max(fps // feature_framerate, 1)
-  inds = list(range(0, fps, interval))[:feature_framerate]
-  sec = 0 if start is None else start
-  while end is None or sec <= end:
-    for i in inds:
-      yield int(sec * fps) + i
-    sec += 1
+    """Increasing frame indices the sampling rule may take, for a file of unknown length."""
+    interval = max(fps // feature_framerate, 1)
+    inds = list(range(0, fps, interval))[:feature_framerate]
+    sec = 0 if start is None else start
+    while end is None or sec <= end:
+        for i in inds:
+            yield int(sec * fps) + i
+        sec += 1
 
 
 def _stream_fps(stream) -> float:
-  for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
-    if rate:
-      return float(rate)
-  return 0.0
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate:
+            return float(rate)
+    return 0.0
 
 
-def decode_clip(path: str, *, start: float | None = None, end: float | None = None,
-                max_frames: int = 12, feature_framerate: int = 1, slice_framepos: int = 2,
-                image_size: int = 224, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-  """Decodes a clip to ``frames`` uint8 [max_frames, S, S, 3] and ``frame_mask`` int32 [max_frames].
+def decode_clip(
+    path: str,
+    *,
+    start: float | None = None,
+    end: float | None = None,
+    max_frames: int = 12,
+    feature_framerate: int = 1,
+    slice_framepos: int = 2,
+    image_size: int = 224,
+    threads: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decodes a clip to ``frames`` uint8 [max_frames, S, S, 3] and ``frame_mask`` int32 [max_frames].
 
-  `threads` is the FFmpeg decoder thread count; 1 by default because the builders
-  parallelise over processes.
-  Raises:
-    VideoDecodeError: for any of the broken-input rules in the module docstring.
-  """
-  if feature_framerate < 1:
-    raise ValueError(f"feature_framerate must be >= 1, got {feature_framerate}")
-  path = str(path)
-  if not os.path.isfile(path):
-    raise VideoDecodeError(path, "missing file")
-  if os.path.getsize(path) == 0:
-    raise VideoDecodeError(path, "empty file", "0 bytes")
-  if (start is not None and start < 0) or (end is not None and end < 0):
-    raise VideoDecodeError(path, "empty window", f"negative start/end {start}/{end}")
-  if start is not None and end is not None and start > end:
-    raise VideoDecodeError(path, "empty window", f"start {start} > end {end}")
-  try:
-    container = av.open(path)
-  except (av.error.FFmpegError, OSError, ValueError) as e:
-    raise VideoDecodeError(path, "unreadable container", str(e)) from e
-  with container:
-    if not container.streams.video:
-      raise VideoDecodeError(path, "unreadable container", "no video stream")
-    stream = container.streams.video[0]
-    stream.thread_count = max(int(threads), 1)
-    fps = int(_stream_fps(stream))
-    if fps < 1:
-      raise VideoDecodeError(path, "bad frame rate", f"fps {_stream_fps(stream):.3f} < 1")
-    if feature_framerate > fps:
-      raise VideoDecodeError(path, "bad frame rate",
-                             f"feature_framerate {feature_framerate} > video fps {fps}")
-    declared = int(stream.frames or 0)
+    `threads` is the FFmpeg decoder thread count; 1 by default because the builders
+    parallelise over processes.
+    Raises:
+      VideoDecodeError: for any of the broken-input rules in the module docstring.
+    """
+    if feature_framerate < 1:
+        raise ValueError(f"feature_framerate must be >= 1, got {feature_framerate}")
+    path = str(path)
+    if not os.path.isfile(path):
+        raise VideoDecodeError(path, "missing file")
+    if os.path.getsize(path) == 0:
+        raise VideoDecodeError(path, "empty file", "0 bytes")
+    if (start is not None and start < 0) or (end is not None and end < 0):
+        raise VideoDecodeError(path, "empty window", f"negative start/end {start}/{end}")
+    if start is not None and end is not None and start > end:
+        raise VideoDecodeError(path, "empty window", f"start {start} > end {end}")
+    try:
+        container = av.open(path)
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise VideoDecodeError(path, "unreadable container", str(e)) from e
+    with container:
+        if not container.streams.video:
+            raise VideoDecodeError(path, "unreadable container", "no video stream")
+        stream = container.streams.video[0]
+        stream.thread_count = max(int(threads), 1)
+        fps = int(_stream_fps(stream))
+        if fps < 1:
+            raise VideoDecodeError(path, "bad frame rate", f"fps {_stream_fps(stream):.3f} < 1")
+        if feature_framerate > fps:
+            raise VideoDecodeError(
+                path, "bad frame rate", f"feature_framerate {feature_framerate} > video fps {fps}"
+            )
+        declared = int(stream.frames or 0)
 
-    # Which frames to keep while decoding. With an explicit end the window is short and its
-    # candidates (1 per second) are kept. Without one, the final indices depend on the frame
-    # count; when the container declares it they are predicted and only those (<= max_frames)
-    # are kept, so an hour-long video does not hold one decoded frame per second in memory.
-    # Should the decoded count differ from the declared one, a second pass fetches the frames.
-    stop_after = None
-    if end is not None:
-      want = set(frame_indices(10**12, fps, start=start, end=end,
-                               feature_framerate=feature_framerate).tolist())
-      # No need to decode past the window (DiDeMo: 31 s of long videos), but at least one
-      # second so that the duration rule still applies.
-      stop_after = max(max(want, default=0), fps - 1)
-    elif declared > 0:
-      want = set(_final_indices(declared, fps, start, end, feature_framerate, max_frames,
-                                slice_framepos).tolist())
-    else:
-      want = _candidates(fps, start=start, end=end, feature_framerate=feature_framerate)
-    n, reached_end, kept = _decode_pass(container, stream, path, want, stop_after)
-    if n == 0:
-      raise VideoDecodeError(path, "no frames", "nothing decodes")
-    if reached_end and declared > 0 and n < max(declared - 2, 0.95 * declared):
-      raise VideoDecodeError(path, "truncated", f"decoded {n} of {declared} declared frames")
-    if n < fps:
-      raise VideoDecodeError(path, "shorter than one second", f"{n} frames at {fps} fps")
+        # Which frames to keep while decoding. With an explicit end the window is short and its
+        # candidates (1 per second) are kept. Without one, the final indices depend on the frame
+        # count; when the container declares it they are predicted and only those (<= max_frames)
+        # are kept, so an hour-long video does not hold one decoded frame per second in memory.
+        # Should the decoded count differ from the declared one, a second pass fetches the frames.
+        stop_after = None
+        if end is not None:
+            want = set(
+                frame_indices(
+                    10**12, fps, start=start, end=end, feature_framerate=feature_framerate
+                ).tolist()
+            )
+            # No need to decode past the window (DiDeMo: 31 s of long videos), but at least one
+            # second so that the duration rule still applies.
+            stop_after = max(max(want, default=0), fps - 1)
+        elif declared > 0:
+            want = set(
+                _final_indices(
+                    declared, fps, start, end, feature_framerate, max_frames, slice_framepos
+                ).tolist()
+            )
+        else:
+            want = _candidates(fps, start=start, end=end, feature_framerate=feature_framerate)
+        n, reached_end, kept = _decode_pass(container, stream, path, want, stop_after)
+        if n == 0:
+            raise VideoDecodeError(path, "no frames", "nothing decodes")
+        if reached_end and declared > 0 and n < max(declared - 2, 0.95 * declared):
+            raise VideoDecodeError(path, "truncated", f"decoded {n} of {declared} declared frames")
+        if n < fps:
+            raise VideoDecodeError(path, "shorter than one second", f"{n} frames at {fps} fps")
 
-  idx = _final_indices(n, fps, start, end, feature_framerate, max_frames, slice_framepos)
-  if len(idx) == 0:
-    raise VideoDecodeError(path, "empty window",
-                           f"start {start} end {end}, video {n} frames at {fps} fps")
-  if any(int(i) not in kept for i in idx):
-    with av.open(path) as container:
-      stream = container.streams.video[0]
-      stream.thread_count = max(int(threads), 1)
-      _, _, kept = _decode_pass(container, stream, path, set(idx.tolist()), int(idx[-1]))
+    idx = _final_indices(n, fps, start, end, feature_framerate, max_frames, slice_framepos)
+    if len(idx) == 0:
+        raise VideoDecodeError(
+            path, "empty window", f"start {start} end {end}, video {n} frames at {fps} fps"
+        )
     if any(int(i) not in kept for i in idx):
-      raise VideoDecodeError(path, "corrupt stream", "frame count differs between two decodes")
-  frames = np.zeros((max_frames, image_size, image_size, 3), np.uint8)
-  mask = np.zeros((max_frames,), np.int32)
-  for j, i in enumerate(idx):
-    frames[j] = resize_center_crop(kept[int(i)].to_image(), image_size)
-    mask[j] = 1
-  return frames, mask
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_count = max(int(threads), 1)
+            _, _, kept = _decode_pass(container, stream, path, set(idx.tolist()), int(idx[-1]))
+        if any(int(i) not in kept for i in idx):
+            raise VideoDecodeError(
+                path, "corrupt stream", "frame count differs between two decodes"
+            )
+    frames = np.zeros((max_frames, image_size, image_size, 3), np.uint8)
+    mask = np.zeros((max_frames,), np.int32)
+    for j, i in enumerate(idx):
+        frames[j] = resize_center_crop(kept[int(i)].to_image(), image_size)
+        mask[j] = 1
+    return frames, mask
 
 
 def _final_indices(n, fps, start, end, feature_framerate, max_frames, slice_framepos):
-  idx = frame_indices(n, fps, start=start, end=end, feature_framerate=feature_framerate)
-  return idx[subsample(len(idx), max_frames, slice_framepos)]
+    idx = frame_indices(n, fps, start=start, end=end, feature_framerate=feature_framerate)
+    return idx[subsample(len(idx), max_frames, slice_framepos)]
 
 
 def _decode_pass(container, stream, path, want, stop_after):
-  """Decodes in order, keeping frames whose index is in `want` (a set or an increasing
-  iterator); returns (frames decoded, whether the end of the file was reached, {index: frame})."""
-  if isinstance(want, set):
-    is_wanted = want.__contains__
-  else:
-    nxt = [next(want, None)]
+    """Decodes in order, keeping frames whose index is in `want` (a set or an increasing
+    iterator); returns (frames decoded, whether the end of the file was reached, {index: frame})."""
+    if isinstance(want, set):
+        is_wanted = want.__contains__
+    else:
+        nxt = [next(want, None)]
 
-    def is_wanted(i):
-      if nxt[0] is not None and i == nxt[0]:
-        nxt[0] = next(want, None)
-        return True
-      return False
-  kept: dict[int, av.VideoFrame] = {}
-  n = 0
-  try:
-    for frame in container.decode(stream):
-      if is_wanted(n):
-        kept[n] = frame
-      n += 1
-      if stop_after is not None and n > stop_after:
-        return n, False, kept
-  except av.error.FFmpegError as e:
-    raise VideoDecodeError(path, "corrupt stream", f"after {n} frames: {e}") from e
-  return n, True, kept
+        def is_wanted(i):
+            if nxt[0] is not None and i == nxt[0]:
+                nxt[0] = next(want, None)
+                return True
+            return False
+
+    kept: dict[int, av.VideoFrame] = {}
+    n = 0
+    try:
+        for frame in container.decode(stream):
+            if is_wanted(n):
+                kept[n] = frame
+            n += 1
+            if stop_after is not None and n > stop_after:
+                return n, False, kept
+    except av.error.FFmpegError as e:
+        raise VideoDecodeError(path, "corrupt stream", f"after {n} frames: {e}") from e
+    return n, True, kept
 
 
 def find_video(video_dir: str, video_id: str) -> str | None:
-  """The first of ``<video_dir>/<video_id>{.mp4,.webm,.mkv,.avi}`` that exists, else None."""
-  for ext in VIDEO_EXTENSIONS:
-    p = os.path.join(video_dir, video_id + ext)
-    if os.path.isfile(p):
-      return p
-  return None
+    """The first of ``<video_dir>/<video_id>{.mp4,.webm,.mkv,.avi}`` that exists, else None."""
+    for ext in VIDEO_EXTENSIONS:
+        p = os.path.join(video_dir, video_id + ext)
+        if os.path.isfile(p):
+            return p
+    return None
 
 
-def write_video(path: str, frames, fps: int, *, codec: str = "libx264", crf: int = 23,
-                options: dict | None = None, container_options: dict | None = None) -> str:
-  """Encodes uint8 RGB frames [T, H, W, 3] (any iterable) to `path`; H and W must be even.
+def write_video(
+    path: str,
+    frames,
+    fps: int,
+    *,
+    codec: str = "libx264",
+    crf: int = 23,
+    options: dict | None = None,
+    container_options: dict | None = None,
+) -> str:
+    """Encodes uint8 RGB frames [T, H, W, 3] (any iterable) to `path`; H and W must be even.
 
-  yuv420p is used because it is what real datasets contain and what every decoder reads.
-  """
-  frames = iter(frames)
-  first = next(frames, None)
-  if first is None:
-    raise ValueError(f"{path}: no frames to write")
-  h, w = first.shape[:2]
-  opts = {"crf": str(crf), "preset": "veryfast"} if codec.startswith("libx264") else {}
-  opts.update(options or {})
-  with av.open(str(path), mode="w", options=container_options or {}) as out:
-    stream = out.add_stream(codec, rate=int(fps), options=opts)
-    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-    for img in _chain(first, frames):
-      for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
-        out.mux(packet)
-    for packet in stream.encode():
-      out.mux(packet)
-  return str(path)
+    yuv420p is used because it is what real datasets contain and what every decoder reads.
+    """
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError(f"{path}: no frames to write")
+    h, w = first.shape[:2]
+    opts = {"crf": str(crf), "preset": "veryfast"} if codec.startswith("libx264") else {}
+    opts.update(options or {})
+    with av.open(str(path), mode="w", options=container_options or {}) as out:
+        stream = out.add_stream(codec, rate=int(fps), options=opts)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for img in _chain(first, frames):
+            for packet in stream.encode(
+                av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            ):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)
 
 
 def _chain(first, rest):
-  yield first
-  yield from rest
+    yield first
+    yield from rest

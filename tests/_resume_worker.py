@@ -1,9 +1,10 @@
 """Subprocess side of test_resume.py.
 
-  python tests/_resume_worker.py first  DIR   # straight run to N in DIR/a, then DIR/b killed
-                                              # (SIGKILL, no cleanup) after step KILL_AT
-  python tests/_resume_worker.py resume DIR   # resume DIR/b to N
+python tests/_resume_worker.py first  DIR   # straight run to N in DIR/a, then DIR/b killed
+                                            # (SIGKILL, no cleanup) after step KILL_AT
+python tests/_resume_worker.py resume DIR   # resume DIR/b to N
 """
+
 import os
 import signal
 import sys
@@ -13,8 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
 from _tiny import random_arrays, tiny_config  # noqa: E402
+
 from ucofia_jax import checkpoints, sharding, train  # noqa: E402
 from ucofia_jax.models.retrieval import RetrievalModel  # noqa: E402
 
@@ -22,63 +23,75 @@ N, KILL_AT = 6, 5
 
 
 def setup():
-  c = tiny_config()
-  c.mesh.data = 1
-  c.train.checkpoint_every_steps = 2
-  c.train.schedule = "warmup_cosine"
-  mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-  model = RetrievalModel.from_config(c)
-  state = train.create_train_state(model, c, 0)
-  trainer = train.make_trainer(model, c, mesh, state, schedule_total=N)
-  # 3 steps per epoch, so the run crosses an epoch boundary (data position matters).
-  data = train.ArrayData(random_arrays(24, c), batch_size=8, seed=3)
-  return c, trainer, state, data
+    c = tiny_config()
+    c.mesh.data = 1
+    c.train.checkpoint_every_steps = 2
+    c.train.schedule = "warmup_cosine"
+    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+    model = RetrievalModel.from_config(c)
+    state = train.create_train_state(model, c, 0)
+    trainer = train.make_trainer(model, c, mesh, state, schedule_total=N)
+    # 3 steps per epoch, so the run crosses an epoch boundary (data position matters).
+    data = train.ArrayData(random_arrays(24, c), batch_size=8, seed=3)
+    return c, trainer, state, data
 
 
 class KillAfter:
-  """A 'guard' whose check kills the process with SIGKILL once the step is reached."""
+    """A 'guard' whose check kills the process with SIGKILL once the step is reached."""
 
-  def __init__(self, trainer_step):
-    self.requested = False
-    self.count = 0
-    self.trainer_step = trainer_step
+    def __init__(self, trainer_step):
+        self.requested = False
+        self.count = 0
+        self.trainer_step = trainer_step
 
-  def __getattribute__(self, name):
-    if name == "requested":
-      c = object.__getattribute__(self, "count") + 1
-      object.__setattr__(self, "count", c)
-      if c >= KILL_AT:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return object.__getattribute__(self, name)
+    def __getattribute__(self, name):
+        if name == "requested":
+            c = object.__getattribute__(self, "count") + 1
+            object.__setattr__(self, "count", c)
+            if c >= KILL_AT:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return object.__getattribute__(self, name)
 
 
 def run(workdir, trainer, state, data, guard=None):
-  ck = checkpoints.Checkpointer(workdir, keep=3)
-  placed = train.place_state(trainer, state)
-  if ck.latest_step() is not None:
-    placed, _ = ck.restore(placed)
-  out = train.train_loop(trainer, placed, data, workdir=workdir, total_steps=N,
-                         checkpointer=ck, guard=guard, progress=False)
-  ck.close()
-  return out
+    ck = checkpoints.Checkpointer(workdir, keep=3)
+    placed = train.place_state(trainer, state)
+    if ck.latest_step() is not None:
+        placed, _ = ck.restore(placed)
+    out = train.train_loop(
+        trainer,
+        placed,
+        data,
+        workdir=workdir,
+        total_steps=N,
+        checkpointer=ck,
+        guard=guard,
+        progress=False,
+    )
+    ck.close()
+    return out
 
 
 def main():
-  mode, root = sys.argv[1], sys.argv[2]
-  c, trainer, state, data = setup()
-  if mode == "first":
-    out = run(os.path.join(root, "a"), trainer, state, data)
-    flat = {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(out["params"]))[0]}
-    np.savez(os.path.join(root, "straight.npz"), **flat)
-    run(os.path.join(root, "b"), trainer, state, data, guard=KillAfter(None))
-    raise SystemExit("not killed")
-  out = run(os.path.join(root, "b"), trainer, state, data)
-  flat = {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(out["params"]))[0]}
-  np.savez(os.path.join(root, "resumed.npz"), **flat)
-  print("resumed to", int(jax.device_get(out["step"])))
+    mode, root = sys.argv[1], sys.argv[2]
+    c, trainer, state, data = setup()
+    if mode == "first":
+        out = run(os.path.join(root, "a"), trainer, state, data)
+        flat = {
+            jax.tree_util.keystr(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(out["params"]))[0]
+        }
+        np.savez(os.path.join(root, "straight.npz"), **flat)
+        run(os.path.join(root, "b"), trainer, state, data, guard=KillAfter(None))
+        raise SystemExit("not killed")
+    out = run(os.path.join(root, "b"), trainer, state, data)
+    flat = {
+        jax.tree_util.keystr(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(out["params"]))[0]
+    }
+    np.savez(os.path.join(root, "resumed.npz"), **flat)
+    print("resumed to", int(jax.device_get(out["step"])))
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -1,29 +1,65 @@
 """Shared helpers of the CLIP tests: a randomly initialised ``transformers.CLIPModel``."""
+
 import numpy as np
 import torch
 import transformers
 
-TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128,
-            vision_patch_size=8, context_length=16, vocab_size=99, text_width=128, text_heads=2,
-            text_layers=2)
-VIT_B32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-               vision_patch_size=32, context_length=77, vocab_size=49408, text_width=512,
-               text_heads=8, text_layers=12)
+TINY = dict(
+    embed_dim=32,
+    image_resolution=32,
+    vision_layers=2,
+    vision_width=128,
+    vision_patch_size=8,
+    context_length=16,
+    vocab_size=99,
+    text_width=128,
+    text_heads=2,
+    text_layers=2,
+)
+VIT_B32 = dict(
+    embed_dim=512,
+    image_resolution=224,
+    vision_layers=12,
+    vision_width=768,
+    vision_patch_size=32,
+    context_length=77,
+    vocab_size=49408,
+    text_width=512,
+    text_heads=8,
+    text_layers=12,
+)
 
 
 def hf_config(s: dict) -> transformers.CLIPConfig:
-    text = dict(vocab_size=s["vocab_size"], hidden_size=s["text_width"],
-                intermediate_size=4 * s["text_width"], num_hidden_layers=s["text_layers"],
-                num_attention_heads=s["text_heads"], max_position_embeddings=s["context_length"],
-                hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=s["embed_dim"],
-                # EOT is the largest id: HF pools at its first occurrence, we at argmax(ids).
-                eos_token_id=s["vocab_size"] - 1, bos_token_id=s["vocab_size"] - 2, pad_token_id=0)
-    vision = dict(hidden_size=s["vision_width"], intermediate_size=4 * s["vision_width"],
-                  num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_width"] // 64,
-                  image_size=s["image_resolution"], patch_size=s["vision_patch_size"],
-                  hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=s["embed_dim"])
-    cfg = transformers.CLIPConfig(text_config=text, vision_config=vision,
-                                  projection_dim=s["embed_dim"])
+    text = dict(
+        vocab_size=s["vocab_size"],
+        hidden_size=s["text_width"],
+        intermediate_size=4 * s["text_width"],
+        num_hidden_layers=s["text_layers"],
+        num_attention_heads=s["text_heads"],
+        max_position_embeddings=s["context_length"],
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=s["embed_dim"],
+        # EOT is the largest id: HF pools at its first occurrence, we at argmax(ids).
+        eos_token_id=s["vocab_size"] - 1,
+        bos_token_id=s["vocab_size"] - 2,
+        pad_token_id=0,
+    )
+    vision = dict(
+        hidden_size=s["vision_width"],
+        intermediate_size=4 * s["vision_width"],
+        num_hidden_layers=s["vision_layers"],
+        num_attention_heads=s["vision_width"] // 64,
+        image_size=s["image_resolution"],
+        patch_size=s["vision_patch_size"],
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=s["embed_dim"],
+    )
+    cfg = transformers.CLIPConfig(
+        text_config=text, vision_config=vision, projection_dim=s["embed_dim"]
+    )
     cfg._attn_implementation = "eager"
     return cfg
 
@@ -54,7 +90,7 @@ def inputs(s: dict, batch: int = 2, length: int = 12, seed: int = 0):
     for b in range(batch):
         n = length - 3 * b  # different lengths; padding positions get features too
         ids[b, 0] = s["vocab_size"] - 2
-        ids[b, 1:n - 1] = rng.integers(1, s["vocab_size"] - 2, n - 2)
+        ids[b, 1 : n - 1] = rng.integers(1, s["vocab_size"] - 2, n - 2)
         ids[b, n - 1] = s["vocab_size"] - 1
     return images, ids
 

@@ -3,6 +3,7 @@
 Four virtual CPU devices let the sharded code paths (mesh over 'data') run here; the flag
 must be set before jax is first imported, which is why it lives in conftest.
 """
+
 import os
 
 _flags = os.environ.get("XLA_FLAGS", "")

@@ -1,4 +1,5 @@
 """Blockwise N x M similarity == one-shot, with padding, several block sizes and a 4-device mesh."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,10 +17,16 @@ P = 4 * F
 def _inputs(n, m, seed=0):
     r = np.random.RandomState(seed)
     norm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
-    text = dict(sentence=norm(r.randn(n, D)), sentence_g=r.randn(n, D) * 0.2,
-                words_l=norm(r.randn(n, NW, D)))
-    video = dict(video_g=r.randn(m, D) * 0.2, frame_features=norm(r.randn(m, F, D)),
-                 pixels_l=r.randn(m, P, D) * 0.3)
+    text = dict(
+        sentence=norm(r.randn(n, D)),
+        sentence_g=r.randn(n, D) * 0.2,
+        words_l=norm(r.randn(n, NW, D)),
+    )
+    video = dict(
+        video_g=r.randn(m, D) * 0.2,
+        frame_features=norm(r.randn(m, F, D)),
+        pixels_l=r.randn(m, P, D) * 0.3,
+    )
     mats = IsaMatrices(*[np.eye(k) + 0.1 * r.randn(k, k) for k in (F, NW, P, P, NW)])
     cast = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), t)
     shared = dict(mats=mats, scale=100.0, scale3=1.0, tau=0.01)
@@ -43,8 +50,9 @@ def test_blockwise_sharded_over_mesh():
     mesh = Mesh(devices, ("data",))
     text, video, shared = _inputs(9, 7, seed=1)
     ref = pair_levels(text, video, shared)
-    got = blockwise_similarity(pair_levels, text, video, shared, text_block=2, video_block=4,
-                               mesh=mesh)
+    got = blockwise_similarity(
+        pair_levels, text, video, shared, text_block=2, video_block=4, mesh=mesh
+    )
     for r, g in zip(ref, got):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-6, atol=2e-6)
 
@@ -70,8 +78,16 @@ def test_head_blockwise_levels_equal_similarity_levels():
     fc = jnp.asarray(r.randn(m, F, D), jnp.float32)
     pt = jnp.asarray(r.randn(m, F * NTOK, D), jnp.float32)
     vm = jnp.ones((m, F), jnp.int32)
-    params = head.init(jax.random.PRNGKey(0), tc[:1], tt[:1], fc[:1], pt[:1], vm[:1], 0.0,
-                       rng=jax.random.PRNGKey(1))
+    params = head.init(
+        jax.random.PRNGKey(0),
+        tc[:1],
+        tt[:1],
+        fc[:1],
+        pt[:1],
+        vm[:1],
+        0.0,
+        rng=jax.random.PRNGKey(1),
+    )
 
     def run(mod):
         t = mod.encode_text(tc, tt)
@@ -79,6 +95,7 @@ def test_head_blockwise_levels_equal_similarity_levels():
         one = mod.similarity_levels(t, v, jnp.log(100.0), train=False)
         blk = mod.blockwise_levels(t, v, jnp.log(100.0), text_block=4, video_block=2)
         return one, blk
+
     one, blk = jax.jit(lambda p: head.apply(p, method=run))(params)
     for a, b in zip(one, blk):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-6, atol=2e-6)

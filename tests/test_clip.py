@@ -6,14 +6,15 @@ in summation order (XLA vs oneDNN matmuls, packed vs separate q/k/v projections)
 real mistake (an untransposed kernel, a wrong LayerNorm, a missing mask) errs at O(1).
 bfloat16 mode is compared with our own float32 output; the error is printed and bounded.
 """
+
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from clip_testutil import TINY, VIT_B32, hf_outputs, inputs, random_hf_clip, state_dict_numpy
+
 from ucofia_jax.models import clip
 from ucofia_jax.models.clip_import import convert_hf_state_dict
 
@@ -22,7 +23,9 @@ RTOL = 1e-4
 
 def _ours(cfg, params, images, ids):
     model = clip.CLIP(cfg)
-    img = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode_image))(params, images)
+    img = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode_image))(
+        params, images
+    )
     txt = jax.jit(lambda p, t: model.apply({"params": p}, t, method=model.encode_text))(params, ids)
     logits = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)[0])(params, images, ids)
     return [np.asarray(a, np.float64) for a in (img, txt, logits)]
@@ -44,9 +47,11 @@ def _parity(sizes, batch, length):
     for name, g, r in zip(("image tokens", "text positions", "logits"), got, ref):
         assert g.shape == r.shape, name
         errs[name] = _rel_err(g, r)
-    print(f"\nparity vs HF CLIPModel ({sizes['vision_width']}w/{sizes['vision_layers']}L): "
-          + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
-          + f" (max abs err / max |ref|), {time.perf_counter() - t0:.1f}s")
+    print(
+        f"\nparity vs HF CLIPModel ({sizes['vision_width']}w/{sizes['vision_layers']}L): "
+        + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
+        + f" (max abs err / max |ref|), {time.perf_counter() - t0:.1f}s"
+    )
     for k, v in errs.items():
         assert v <= RTOL, f"{k}: {v:.3e} > {RTOL}"
     # The sentence feature is the EOT position of the all-position output.
@@ -57,8 +62,12 @@ def _parity(sizes, batch, length):
 
 def _bf16_errors(cfg, params, images, ids, f32, label):
     """Relative errors of bfloat16 compute against our float32 outputs, printed (no silent pass)."""
-    bf = _ours(clip.CLIPConfig(**{**cfg.sizes(), "dtype": "bfloat16"}), params, images,
-               ids.astype(np.int32))
+    bf = _ours(
+        clip.CLIPConfig(**{**cfg.sizes(), "dtype": "bfloat16"}),
+        params,
+        images,
+        ids.astype(np.int32),
+    )
     errs = [_rel_err(b, f) for b, f in zip(bf, f32)]
     print(f"bf16 vs f32 ({label}): image {errs[0]:.2e}, text {errs[1]:.2e}, logits {errs[2]:.2e}")
     return errs
@@ -100,7 +109,7 @@ def test_encode_video_matches_frames_without_shift(tiny_params):
 def test_token_shift_in_video(tiny_params):
     """Shift on the last block only: equals a forward written out by hand that shifts the
     LayerNormed attention input (the residual keeps the unshifted tokens)."""
-    from ucofia_jax.models.layers import LayerNorm, MultiHeadAttention, MLP
+    from ucofia_jax.models.layers import MLP, LayerNorm, MultiHeadAttention
     from ucofia_jax.ops.token_shift import token_shift
 
     cfg = clip.CLIPConfig(**TINY, token_shift_blocks=(1,))
@@ -113,8 +122,9 @@ def test_token_shift_in_video(tiny_params):
     # ... and equals the blocks written out by hand.
     @jax.jit
     def manual(vp, x):
-        conv = jax.lax.conv_general_dilated(x, vp["conv1"]["kernel"], (8, 8), "VALID",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        conv = jax.lax.conv_general_dilated(
+            x, vp["conv1"]["kernel"], (8, 8), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
         x = conv.reshape(8, 16, 128)
         x = jnp.concatenate([jnp.broadcast_to(vp["class_embedding"], (8, 1, 128)), x], 1)
         x = x + vp["positional_embedding"]
@@ -135,8 +145,14 @@ def test_token_shift_in_video(tiny_params):
 
 def test_config_and_helpers(tiny_params):
     from ml_collections import ConfigDict
-    c = clip.CLIPConfig.from_ml(ConfigDict(dict(TINY, checkpoint="", token_shift_blocks=(1,),
-                                                token_shift_n_div=7, dtype="bfloat16")))
+
+    c = clip.CLIPConfig.from_ml(
+        ConfigDict(
+            dict(
+                TINY, checkpoint="", token_shift_blocks=(1,), token_shift_n_div=7, dtype="bfloat16"
+            )
+        )
+    )
     assert c.token_shift_blocks == (1,) and c.vision_heads == 2 and c.grid_size == 4
     with pytest.raises(ValueError, match="clip.py"):
         clip.CLIPConfig.from_ml(dict(TINY, bogus=1))
@@ -146,12 +162,13 @@ def test_config_and_helpers(tiny_params):
         clip.CLIPConfig(**TINY, dtype="float16")
     img = np.full((2, 4, 4, 3), 255, np.uint8)
     out = np.asarray(jax.jit(clip.normalize_images)(img))
-    np.testing.assert_allclose(out[0, 0, 0], (1 - np.array(clip.CLIP_MEAN)) / np.array(clip.CLIP_STD),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        out[0, 0, 0], (1 - np.array(clip.CLIP_MEAN)) / np.array(clip.CLIP_STD), rtol=1e-6
+    )
     np.testing.assert_allclose(float(tiny_params["logit_scale"]), np.log(1 / 0.07), rtol=1e-6)
     # OpenAI-like init: text block in_proj std = width^-1/2 (width 128).
     k = np.asarray(tiny_params["transformer"]["resblocks_0"]["attn"]["in_proj"]["kernel"])
-    assert abs(k.std() - 128 ** -0.5) < 0.1 * 128 ** -0.5
+    assert abs(k.std() - 128**-0.5) < 0.1 * 128**-0.5
     with pytest.raises(ValueError, match="clip.py"):
         _apply(clip.CLIPConfig(**TINY), "encode_image")(tiny_params, jnp.zeros((1, 16, 16, 3)))
 
@@ -167,4 +184,6 @@ def test_text_gradients_finite(tiny_params):
 
     grads = jax.jit(jax.grad(loss))(tiny_params)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
-    assert float(jnp.abs(grads["transformer"]["resblocks_0"]["attn"]["in_proj"]["kernel"]).max()) > 0
+    assert (
+        float(jnp.abs(grads["transformer"]["resblocks_0"]["attn"]["in_proj"]["kernel"]).max()) > 0
+    )

@@ -1,5 +1,6 @@
 """Weight import: HF directory, OpenAI-layout files (torch.save zip, TorchScript archive,
 safetensors) and the errors a user can meet. All checkpoints are written by the tests."""
+
 import json
 import os
 import pickle
@@ -9,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-
 from clip_testutil import TINY, hf_outputs, inputs, random_hf_clip, state_dict_numpy
+
 from ucofia_jax.models import clip, clip_import
 from ucofia_jax.models.clip_import import CheckpointError
 
@@ -35,13 +36,16 @@ def openai_layout(model) -> dict:
         "visual.ln_post.bias": sd["vision_model.post_layernorm.bias"],
         "visual.proj": sd["visual_projection.weight"].T,
     }
-    for hf, oa, n in (("text_model", "transformer", TINY["text_layers"]),
-                      ("vision_model", "visual.transformer", TINY["vision_layers"])):
+    for hf, oa, n in (
+        ("text_model", "transformer", TINY["text_layers"]),
+        ("vision_model", "visual.transformer", TINY["vision_layers"]),
+    ):
         for i in range(n):
             h, o = f"{hf}.encoder.layers.{i}.", f"{oa}.resblocks.{i}."
             for kind in ("weight", "bias"):
                 out[o + f"attn.in_proj_{kind}"] = torch.cat(
-                    [sd[h + f"self_attn.{x}_proj.{kind}"] for x in "qkv"], 0)
+                    [sd[h + f"self_attn.{x}_proj.{kind}"] for x in "qkv"], 0
+                )
                 out[o + f"attn.out_proj.{kind}"] = sd[h + f"self_attn.out_proj.{kind}"]
                 out[o + f"ln_1.{kind}"] = sd[h + f"layer_norm1.{kind}"]
                 out[o + f"ln_2.{kind}"] = sd[h + f"layer_norm2.{kind}"]
@@ -86,8 +90,9 @@ def _assert_same_params(a, b, atol=0.0):
     la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
     assert [p for p, _ in la] == [p for p, _ in lb]
     for (p, x), (_, y) in zip(la, lb):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0,
-                                   err_msg=jax.tree_util.keystr(p))
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), atol=atol, rtol=0, err_msg=jax.tree_util.keystr(p)
+        )
 
 
 def test_hf_directory(tmp_path, hf_model, hf_import):
@@ -114,6 +119,7 @@ def test_openai_torch_save(tmp_path, hf_model, hf_import):
 
 def test_openai_safetensors_and_prefix(tmp_path, hf_model, hf_import):
     from safetensors.numpy import save_file
+
     sd = {k: v.numpy() for k, v in openai_layout(hf_model).items()}
     save_file(sd, str(tmp_path / "openai.safetensors"))
     _, params = clip.load_pretrained(str(tmp_path / "openai.safetensors"))
@@ -132,11 +138,13 @@ def test_openai_torchscript_archive(tmp_path, hf_model, hf_import):
     cfg, params = clip_import.load_checkpoint(path)
     assert cfg == hf_import[0]
     # The archive stores fp16, as OpenAI's: equal to the fp16-rounded float32 weights.
-    rounded = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float16).astype(np.float32),
-                                     hf_import[1])
+    rounded = jax.tree_util.tree_map(
+        lambda a: np.asarray(a, np.float16).astype(np.float32), hf_import[1]
+    )
     _assert_same_params(params, rounded)
     # The conversion recipe of docs/clip.md: TorchScript -> safetensors (OpenAI layout).
     from safetensors.numpy import save_file
+
     save_file(clip_import.read_torch_file(path), str(tmp_path / "ViT-tiny.safetensors"))
     _, params2 = clip.load_pretrained(str(tmp_path / "ViT-tiny.safetensors"))
     _assert_same_params(params2, rounded)
@@ -146,6 +154,7 @@ def test_refuses_code_in_pickles(tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.system, ("echo pwned",))
+
     path = str(tmp_path / "evil.pt")
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("evil/data.pkl", pickle.dumps({"x": Evil()}, protocol=2))
@@ -159,6 +168,7 @@ def _sd(hf_model):
 
 def test_errors(tmp_path, hf_model):
     from safetensors.numpy import save_file
+
     sd = _sd(hf_model)
 
     def write(d, name="bad.safetensors"):
@@ -167,7 +177,9 @@ def test_errors(tmp_path, hf_model):
         return p
 
     p = write({k: v for k, v in sd.items() if k != "visual.ln_post.bias"})
-    with pytest.raises(CheckpointError, match=r"bad\.safetensors.*missing key 'visual\.ln_post\.bias'"):
+    with pytest.raises(
+        CheckpointError, match=r"bad\.safetensors.*missing key 'visual\.ln_post\.bias'"
+    ):
         clip.load_pretrained(p)
     p = write({**sd, "ln_final.bias": np.zeros(7, np.float32)})
     with pytest.raises(CheckpointError, match=r"bad\.safetensors.*ln_final/bias has shape \(7,\)"):

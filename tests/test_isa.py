@@ -1,4 +1,5 @@
 """ISA: first-index contraction, two tau-softmaxes, masking, and the saturation-exact VJP."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,7 @@ def _np_softmax(x, axis=-1):
 def test_isa_matches_numpy_with_non_symmetric_w():
     r = np.random.RandomState(0)
     s = r.randn(3, 5, 4) * 0.02
-    w = np.eye(5) + 0.3 * r.randn(5, 5)        # non-symmetric: a transposed W would differ
+    w = np.eye(5) + 0.3 * r.randn(5, 5)  # non-symmetric: a transposed W would differ
     p = _np_softmax(np.moveaxis(s, 1, -1) / 0.01)
     ref = np.moveaxis(_np_softmax((p @ w) / 0.01), -1, 1)
     got = isa_weights(jnp.asarray(s, jnp.float32), jnp.asarray(w, jnp.float32), axis=1)
@@ -34,6 +35,7 @@ def test_isa_mask_removes_positions():
 
 def test_isa_rejects_wrong_matrix_shape():
     import pytest
+
     with pytest.raises(ValueError, match="ISA matrix has shape"):
         isa_weights(jnp.ones((2, 4)), jnp.eye(3))
 

@@ -1,5 +1,6 @@
 """Our BertAdam chain vs a hand-written NumPy statement of the original update
 (CLIP4Clip optimization.py:52-167 + main_ucofia.py:188-206, 278, 287-290)."""
+
 import math
 
 import jax
@@ -13,117 +14,153 @@ TOL = dict(rtol=1e-5, atol=1e-7)
 
 
 def _params(rng):
-  r = lambda *s: rng.normal(size=s).astype(np.float32)
-  return {
-      "clip": {"token_embedding": {"embedding": r(10, 4)},
-               "transformer": {"kernel": r(4, 4), "bias": r(4)},
-               "ln_final": {"scale": r(4), "bias": r(4)},
-               "logit_scale": np.float32(math.log(100.0) - 1e-4)},
-      "head": {"global_mat_weight": np.eye(4, dtype=np.float32) + r(4, 4) * 0.1,
-               "dense": {"kernel": r(4, 3), "bias": r(3)}},
-  }
+    r = lambda *s: rng.normal(size=s).astype(np.float32)
+    return {
+        "clip": {
+            "token_embedding": {"embedding": r(10, 4)},
+            "transformer": {"kernel": r(4, 4), "bias": r(4)},
+            "ln_final": {"scale": r(4), "bias": r(4)},
+            "logit_scale": np.float32(math.log(100.0) - 1e-4),
+        },
+        "head": {
+            "global_mat_weight": np.eye(4, dtype=np.float32) + r(4, 4) * 0.1,
+            "dense": {"kernel": r(4, 3), "bias": r(3)},
+        },
+    }
 
 
 def _flat(tree):
-  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in
-          jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        jax.tree_util.keystr(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
-def _reference_bertadam(params, grads_seq, *, total, lr, clip_lr, warmup, wd, frozen_keys,
-                        b1=0.9, b2=0.98, e=1e-6, max_grad_norm=1.0, logit_max=math.log(100)):
-  """The original, literally: torch clip_grad_norm_ semantics, BertAdam loop, clamp."""
-  p = {k: v.astype(np.float64).copy() for k, v in _flat(params).items()}
-  m = {k: np.zeros_like(v) for k, v in p.items()}
-  v_ = {k: np.zeros_like(v) for k, v in p.items()}
-  step = 0
-  for grads in grads_seq:
-    g = {k: np.asarray(x, np.float64) for k, x in _flat(grads).items() if k not in frozen_keys}
-    # main_ucofia.py:278 clip_grad_norm_(model.parameters(), 1.0): params with grads only.
-    total_norm = math.sqrt(sum(float(np.sum(x * x)) for x in g.values()))
-    coef = min(1.0, 1.0 / (total_norm + 1e-6))
-    g = {k: x * coef for k, x in g.items()}
-    x_prog = step / total
-    sched = x_prog / warmup if x_prog < warmup else 0.5 * (1.0 + math.cos(math.pi * x_prog))
-    for k, gk in g.items():
-      n = math.sqrt(float(np.sum(gk * gk)))                         # per-tensor clip
-      gk = gk * min(1.0, max_grad_norm / (n + 1e-6))
-      m[k] = b1 * m[k] + (1 - b1) * gk
-      v_[k] = b2 * v_[k] + (1 - b2) * gk * gk
-      update = m[k] / (np.sqrt(v_[k]) + e)
-      if "bias" not in k:                                           # decay group
-        update = update + wd * p[k]
-      group_lr = clip_lr if k.startswith("['clip']") else lr
-      p[k] = p[k] - group_lr * sched * update
-    step += 1
-    key = "['clip']['logit_scale']"
-    p[key] = np.minimum(p[key], logit_max)
-  return p
+def _reference_bertadam(
+    params,
+    grads_seq,
+    *,
+    total,
+    lr,
+    clip_lr,
+    warmup,
+    wd,
+    frozen_keys,
+    b1=0.9,
+    b2=0.98,
+    e=1e-6,
+    max_grad_norm=1.0,
+    logit_max=math.log(100),
+):
+    """The original, literally: torch clip_grad_norm_ semantics, BertAdam loop, clamp."""
+    p = {k: v.astype(np.float64).copy() for k, v in _flat(params).items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v_ = {k: np.zeros_like(v) for k, v in p.items()}
+    step = 0
+    for grads in grads_seq:
+        g = {k: np.asarray(x, np.float64) for k, x in _flat(grads).items() if k not in frozen_keys}
+        # main_ucofia.py:278 clip_grad_norm_(model.parameters(), 1.0): params with grads only.
+        total_norm = math.sqrt(sum(float(np.sum(x * x)) for x in g.values()))
+        coef = min(1.0, 1.0 / (total_norm + 1e-6))
+        g = {k: x * coef for k, x in g.items()}
+        x_prog = step / total
+        sched = x_prog / warmup if x_prog < warmup else 0.5 * (1.0 + math.cos(math.pi * x_prog))
+        for k, gk in g.items():
+            n = math.sqrt(float(np.sum(gk * gk)))  # per-tensor clip
+            gk = gk * min(1.0, max_grad_norm / (n + 1e-6))
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v_[k] = b2 * v_[k] + (1 - b2) * gk * gk
+            update = m[k] / (np.sqrt(v_[k]) + e)
+            if "bias" not in k:  # decay group
+                update = update + wd * p[k]
+            group_lr = clip_lr if k.startswith("['clip']") else lr
+            p[k] = p[k] - group_lr * sched * update
+        step += 1
+        key = "['clip']['logit_scale']"
+        p[key] = np.minimum(p[key], logit_max)
+    return p
 
 
 @pytest.mark.parametrize("num_steps", [1, 3])
 def test_bertadam_matches_original(num_steps):
-  rng = np.random.default_rng(0)
-  params = _params(rng)
-  # Big gradients so that both the global and the per-tensor clip are active; one small
-  # tensor below the per-tensor threshold after the global clip.
-  grads_seq = []
-  for s in range(num_steps):
-    g = jax.tree.map(lambda x: (rng.normal(size=np.shape(x)) * 3.0).astype(np.float32), params)
-    g["head"]["dense"]["bias"] = (g["head"]["dense"]["bias"] * 1e-3).astype(np.float32)
-    grads_seq.append(g)
-  total, warmup = 10, 0.1
-  frozen = ("token_embedding",)
-  tx = optim.bertadam(params, total_steps=total, lr=1e-1, clip_lr=1e-2,
-                      warmup_proportion=warmup, weight_decay=0.2, frozen=frozen)
-  p = jax.tree.map(jnp.asarray, params)
-  state = tx.init(p)
-  for g in grads_seq:
-    updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, p)
-    p = optim.clamp_logit_scale(jax.tree.map(lambda a, u: a + u, p, updates))
-  ref = _reference_bertadam(params, grads_seq, total=total, lr=1e-1, clip_lr=1e-2,
-                            warmup=warmup, wd=0.2,
-                            frozen_keys={"['clip']['token_embedding']['embedding']"})
-  ours = _flat(p)
-  for k in ref:
-    np.testing.assert_allclose(ours[k], ref[k], err_msg=k, **TOL)
-  # Frozen embedding bit-identical; step 0 has lr 0 so one step changes nothing.
-  np.testing.assert_array_equal(ours["['clip']['token_embedding']['embedding']"],
-                                params["clip"]["token_embedding"]["embedding"])
-  if num_steps == 1:
+    rng = np.random.default_rng(0)
+    params = _params(rng)
+    # Big gradients so that both the global and the per-tensor clip are active; one small
+    # tensor below the per-tensor threshold after the global clip.
+    grads_seq = []
+    for s in range(num_steps):
+        g = jax.tree.map(lambda x: (rng.normal(size=np.shape(x)) * 3.0).astype(np.float32), params)
+        g["head"]["dense"]["bias"] = (g["head"]["dense"]["bias"] * 1e-3).astype(np.float32)
+        grads_seq.append(g)
+    total, warmup = 10, 0.1
+    frozen = ("token_embedding",)
+    tx = optim.bertadam(
+        params,
+        total_steps=total,
+        lr=1e-1,
+        clip_lr=1e-2,
+        warmup_proportion=warmup,
+        weight_decay=0.2,
+        frozen=frozen,
+    )
+    p = jax.tree.map(jnp.asarray, params)
+    state = tx.init(p)
+    for g in grads_seq:
+        updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, p)
+        p = optim.clamp_logit_scale(jax.tree.map(lambda a, u: a + u, p, updates))
+    ref = _reference_bertadam(
+        params,
+        grads_seq,
+        total=total,
+        lr=1e-1,
+        clip_lr=1e-2,
+        warmup=warmup,
+        wd=0.2,
+        frozen_keys={"['clip']['token_embedding']['embedding']"},
+    )
+    ours = _flat(p)
     for k in ref:
-      np.testing.assert_array_equal(ours[k], _flat(params)[k])
+        np.testing.assert_allclose(ours[k], ref[k], err_msg=k, **TOL)
+    # Frozen embedding bit-identical; step 0 has lr 0 so one step changes nothing.
+    np.testing.assert_array_equal(
+        ours["['clip']['token_embedding']['embedding']"],
+        params["clip"]["token_embedding"]["embedding"],
+    )
+    if num_steps == 1:
+        for k in ref:
+            np.testing.assert_array_equal(ours[k], _flat(params)[k])
 
 
 def test_schedule_shape():
-  s = optim.make_schedule(1.0, 100, 0.1)
-  np.testing.assert_allclose(float(s(0)), 0.0)
-  np.testing.assert_allclose(float(s(5)), 0.5)
-  # Jumps from ~1 to 0.5(1+cos(0.1 pi)) = 0.976 at x = 0.1: the cosine spans the whole run.
-  np.testing.assert_allclose(float(s(10)), 0.5 * (1 + math.cos(0.1 * math.pi)), rtol=1e-6)
-  np.testing.assert_allclose(float(s(100)), 0.0, atol=1e-7)
+    s = optim.make_schedule(1.0, 100, 0.1)
+    np.testing.assert_allclose(float(s(0)), 0.0)
+    np.testing.assert_allclose(float(s(5)), 0.5)
+    # Jumps from ~1 to 0.5(1+cos(0.1 pi)) = 0.976 at x = 0.1: the cosine spans the whole run.
+    np.testing.assert_allclose(float(s(10)), 0.5 * (1 + math.cos(0.1 * math.pi)), rtol=1e-6)
+    np.testing.assert_allclose(float(s(100)), 0.0, atol=1e-7)
 
 
 def test_labels_and_decay_mask():
-  params = _params(np.random.default_rng(1))
-  labels = _flat(optim.param_labels(params, ("token_embedding",)))
-  assert labels["['clip']['token_embedding']['embedding']"] == "frozen"
-  assert labels["['clip']['transformer']['kernel']"] == "clip"
-  assert labels["['head']['dense']['kernel']"] == "head"
-  mask = _flat(optim.decay_mask(params))
-  assert mask["['clip']['ln_final']['scale']"] and mask["['head']['global_mat_weight']"]
-  assert not mask["['clip']['transformer']['bias']"]
+    params = _params(np.random.default_rng(1))
+    labels = _flat(optim.param_labels(params, ("token_embedding",)))
+    assert labels["['clip']['token_embedding']['embedding']"] == "frozen"
+    assert labels["['clip']['transformer']['kernel']"] == "clip"
+    assert labels["['head']['dense']['kernel']"] == "head"
+    mask = _flat(optim.decay_mask(params))
+    assert mask["['clip']['ln_final']['scale']"] and mask["['head']['global_mat_weight']"]
+    assert not mask["['clip']['transformer']['bias']"]
 
 
 def test_adamw_alternative_runs():
-  params = jax.tree.map(jnp.asarray, _params(np.random.default_rng(2)))
-  tx = optim.adamw(params, total_steps=10, lr=1e-2, clip_lr=1e-3, frozen=("token_embedding",))
-  state = tx.init(params)
-  g = jax.tree.map(jnp.ones_like, params)
-  for _ in range(3):
-    u, state = tx.update(g, state, params)
-    params = optax_apply(params, u)
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    params = jax.tree.map(jnp.asarray, _params(np.random.default_rng(2)))
+    tx = optim.adamw(params, total_steps=10, lr=1e-2, clip_lr=1e-3, frozen=("token_embedding",))
+    state = tx.init(params)
+    g = jax.tree.map(jnp.ones_like, params)
+    for _ in range(3):
+        u, state = tx.update(g, state, params)
+        params = optax_apply(params, u)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
 def optax_apply(p, u):
-  return jax.tree.map(lambda a, b: a + b, p, u)
+    return jax.tree.map(lambda a, b: a + b, p, u)

@@ -1,248 +1,286 @@
 """tf.data pipeline on a built synthetic dataset (12 train / 6 test clips, 5 captions each)."""
+
 import ml_collections
 import numpy as np
 import pytest
 
 from data_pipeline import build as build_lib
-from data_pipeline import pipeline
-from data_pipeline import synthetic
+from data_pipeline import pipeline, synthetic
 
 F, S, NW = 4, 32, 16
 
 
 def _config(data_dir, expand=False):
-  return ml_collections.ConfigDict({
-      "seed": 0,
-      "data": {"dataset": "msrvtt", "data_dir": data_dir, "max_words": NW, "max_frames": F,
-               "image_size": S, "expand_sentences": expand},
-      "train": {"batch_size": 4},
-      "eval": {"batch_size": 4, "sk_bank_size": 7},
-  })
+    return ml_collections.ConfigDict(
+        {
+            "seed": 0,
+            "data": {
+                "dataset": "msrvtt",
+                "data_dir": data_dir,
+                "max_words": NW,
+                "max_frames": F,
+                "image_size": S,
+                "expand_sentences": expand,
+            },
+            "train": {"batch_size": 4},
+            "eval": {"batch_size": 4, "sk_bank_size": 7},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  raw = str(tmp_path_factory.mktemp("raw"))
-  out = str(tmp_path_factory.mktemp("tfds"))
-  synthetic.make_synthetic_dataset(raw, num_train=12, num_test=6, frame_size=32, seed=0)
-  build_lib.build("msrvtt", manual_dir=raw, data_dir=out, max_frames=F, image_size=S,
-                  workers=0, progress=False, log=lambda *_: None)
-  return out
+    raw = str(tmp_path_factory.mktemp("raw"))
+    out = str(tmp_path_factory.mktemp("tfds"))
+    synthetic.make_synthetic_dataset(raw, num_train=12, num_test=6, frame_size=32, seed=0)
+    build_lib.build(
+        "msrvtt",
+        manual_dir=raw,
+        data_dir=out,
+        max_frames=F,
+        image_size=S,
+        workers=0,
+        progress=False,
+        log=lambda *_: None,
+    )
+    return out
 
 
 @pytest.fixture(scope="module")
 def train(data_dir):
-  return pipeline.VideoTextData(_config(data_dir), split="train", process_index=0,
-                                process_count=1)
+    return pipeline.VideoTextData(
+        _config(data_dir), split="train", process_index=0, process_count=1
+    )
 
 
 def _stack(batches, key):
-  return np.stack([b[key] for b in batches])
+    return np.stack([b[key] for b in batches])
 
 
 def test_shapes_and_text_alignment(train):
-  batches = list(train.train_batches(epoch=0, seed=0, global_batch=4))
-  assert len(batches) == train.steps_per_epoch(4) == 3
-  b = batches[0]
-  assert b["input_ids"].shape == (4, NW) and b["input_ids"].dtype == np.int32
-  assert b["input_mask"].shape == (4, NW) and b["input_mask"].dtype == np.int32
-  assert b["frames"].shape == (4, F, S, S, 3) and b["frames"].dtype == np.uint8
-  assert b["frame_mask"].shape == (4, F) and b["frame_mask"].dtype == np.int32
-  assert b["video_index"].dtype == np.int32 and b["text_index"].dtype == np.int32
-  # Each text belongs to its row's video, and the tokens are the tokens of that text.
-  np.testing.assert_array_equal(train.text_to_video[b["text_index"]], b["video_index"])
-  from ucofia_jax import tokenizer
-  ids, _ = tokenizer.tokenize([train.texts[t] for t in b["text_index"]], NW)
-  np.testing.assert_array_equal(b["input_ids"], ids)
-  # Frames are the stored frames of the row's video.
-  src = train.builder.as_data_source("train")
-  for row, v in enumerate(b["video_index"]):
-    np.testing.assert_array_equal(b["frames"][row], np.stack(src[int(v)]["frames"]))
-  # One caption per video per epoch: 12 videos, 3 steps of 4, all different.
-  vids = _stack(batches, "video_index").ravel()
-  assert sorted(vids) == list(range(12))
+    batches = list(train.train_batches(epoch=0, seed=0, global_batch=4))
+    assert len(batches) == train.steps_per_epoch(4) == 3
+    b = batches[0]
+    assert b["input_ids"].shape == (4, NW) and b["input_ids"].dtype == np.int32
+    assert b["input_mask"].shape == (4, NW) and b["input_mask"].dtype == np.int32
+    assert b["frames"].shape == (4, F, S, S, 3) and b["frames"].dtype == np.uint8
+    assert b["frame_mask"].shape == (4, F) and b["frame_mask"].dtype == np.int32
+    assert b["video_index"].dtype == np.int32 and b["text_index"].dtype == np.int32
+    # Each text belongs to its row's video, and the tokens are the tokens of that text.
+    np.testing.assert_array_equal(train.text_to_video[b["text_index"]], b["video_index"])
+    from ucofia_jax import tokenizer
+
+    ids, _ = tokenizer.tokenize([train.texts[t] for t in b["text_index"]], NW)
+    np.testing.assert_array_equal(b["input_ids"], ids)
+    # Frames are the stored frames of the row's video.
+    src = train.builder.as_data_source("train")
+    for row, v in enumerate(b["video_index"]):
+        np.testing.assert_array_equal(b["frames"][row], np.stack(src[int(v)]["frames"]))
+    # One caption per video per epoch: 12 videos, 3 steps of 4, all different.
+    vids = _stack(batches, "video_index").ravel()
+    assert sorted(vids) == list(range(12))
 
 
 def test_order_is_deterministic_per_seed_and_epoch(train):
-  def order(epoch, seed):
-    bs = list(train.train_batches(epoch=epoch, seed=seed, global_batch=4))
-    return _stack(bs, "video_index"), _stack(bs, "text_index"), _stack(bs, "frames")
+    def order(epoch, seed):
+        bs = list(train.train_batches(epoch=epoch, seed=seed, global_batch=4))
+        return _stack(bs, "video_index"), _stack(bs, "text_index"), _stack(bs, "frames")
 
-  v0, t0, f0 = order(0, 0)
-  v0b, t0b, f0b = order(0, 0)
-  np.testing.assert_array_equal(v0, v0b)
-  np.testing.assert_array_equal(t0, t0b)
-  np.testing.assert_array_equal(f0, f0b)
-  v1, t1, _ = order(1, 0)
-  assert not np.array_equal(t0, t1)  # new order and caption draw each epoch
-  assert sorted(v1.ravel()) == list(range(12))
-  vs, ts, _ = order(0, 1)
-  assert not np.array_equal(t0, ts)
+    v0, t0, f0 = order(0, 0)
+    v0b, t0b, f0b = order(0, 0)
+    np.testing.assert_array_equal(v0, v0b)
+    np.testing.assert_array_equal(t0, t0b)
+    np.testing.assert_array_equal(f0, f0b)
+    v1, t1, _ = order(1, 0)
+    assert not np.array_equal(t0, t1)  # new order and caption draw each epoch
+    assert sorted(v1.ravel()) == list(range(12))
+    vs, ts, _ = order(0, 1)
+    assert not np.array_equal(t0, ts)
 
 
 def test_resume_at_step_sees_the_same_batches(train):
-  full = list(train.train_batches(epoch=2, seed=3, global_batch=4))
-  resumed = list(train.train_batches(epoch=2, seed=3, global_batch=4, start_step=1))
-  assert len(resumed) == len(full) - 1
-  for a, b in zip(full[1:], resumed):
-    assert a.keys() == b.keys()
-    for k in a:
-      np.testing.assert_array_equal(a[k], b[k])
-  assert list(train.train_batches(epoch=2, seed=3, global_batch=4, start_step=3)) == []
-  with pytest.raises(ValueError, match="start_step"):
-    next(train.train_batches(epoch=2, seed=3, global_batch=4, start_step=4))
+    full = list(train.train_batches(epoch=2, seed=3, global_batch=4))
+    resumed = list(train.train_batches(epoch=2, seed=3, global_batch=4, start_step=1))
+    assert len(resumed) == len(full) - 1
+    for a, b in zip(full[1:], resumed):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert list(train.train_batches(epoch=2, seed=3, global_batch=4, start_step=3)) == []
+    with pytest.raises(ValueError, match="start_step"):
+        next(train.train_batches(epoch=2, seed=3, global_batch=4, start_step=4))
 
 
 def test_two_processes_partition_every_global_batch(data_dir, train):
-  single = list(train.train_batches(epoch=0, seed=0, global_batch=4))
-  parts = []
-  for p in range(2):
-    d = pipeline.VideoTextData(_config(data_dir), split="train", process_index=p,
-                               process_count=2)
-    parts.append(list(d.train_batches(epoch=0, seed=0, global_batch=4)))
-  assert len(parts[0]) == len(parts[1]) == len(single)
-  for s, a, b in zip(single, *parts):
-    assert a["frames"].shape[0] == b["frames"].shape[0] == 2  # global batch // processes
-    for k in s:
-      np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), s[k])
-    assert not set(a["video_index"]) & set(b["video_index"])
-  with pytest.raises(ValueError, match="divisible"):
-    d3 = pipeline.VideoTextData(_config(data_dir), split="train", process_index=0,
-                                process_count=3)
-    next(d3.train_batches(epoch=0, seed=0, global_batch=4))
+    single = list(train.train_batches(epoch=0, seed=0, global_batch=4))
+    parts = []
+    for p in range(2):
+        d = pipeline.VideoTextData(
+            _config(data_dir), split="train", process_index=p, process_count=2
+        )
+        parts.append(list(d.train_batches(epoch=0, seed=0, global_batch=4)))
+    assert len(parts[0]) == len(parts[1]) == len(single)
+    for s, a, b in zip(single, *parts):
+        assert a["frames"].shape[0] == b["frames"].shape[0] == 2  # global batch // processes
+        for k in s:
+            np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), s[k])
+        assert not set(a["video_index"]) & set(b["video_index"])
+    with pytest.raises(ValueError, match="divisible"):
+        d3 = pipeline.VideoTextData(
+            _config(data_dir), split="train", process_index=0, process_count=3
+        )
+        next(d3.train_batches(epoch=0, seed=0, global_batch=4))
 
 
 def test_expand_sentences_uses_every_pair_once(data_dir):
-  d = pipeline.VideoTextData(_config(data_dir, expand=True), split="train", process_index=0,
-                             process_count=1)
-  assert d.num_texts == 60
-  vplan, tplan = pipeline.train_plan(d.text_offsets, seed=0, epoch=0, global_batch=8,
-                                     expand_sentences=True)
-  assert vplan.shape == (7, 8)  # 60 pairs, drop_remainder
-  vp, tp = pipeline.train_plan(d.text_offsets, seed=0, epoch=0, global_batch=4,
-                               expand_sentences=True)
-  assert sorted(tp.ravel()) == list(range(60))
-  np.testing.assert_array_equal(d.text_to_video[tp], vp)
-  batches = list(d.train_batches(epoch=0, seed=0, global_batch=20))
-  assert len(batches) == 3
-  np.testing.assert_array_equal(_stack(batches, "text_index"), tp.reshape(3, 20))
+    d = pipeline.VideoTextData(
+        _config(data_dir, expand=True), split="train", process_index=0, process_count=1
+    )
+    assert d.num_texts == 60
+    vplan, tplan = pipeline.train_plan(
+        d.text_offsets, seed=0, epoch=0, global_batch=8, expand_sentences=True
+    )
+    assert vplan.shape == (7, 8)  # 60 pairs, drop_remainder
+    vp, tp = pipeline.train_plan(
+        d.text_offsets, seed=0, epoch=0, global_batch=4, expand_sentences=True
+    )
+    assert sorted(tp.ravel()) == list(range(60))
+    np.testing.assert_array_equal(d.text_to_video[tp], vp)
+    batches = list(d.train_batches(epoch=0, seed=0, global_batch=20))
+    assert len(batches) == 3
+    np.testing.assert_array_equal(_stack(batches, "text_index"), tp.reshape(3, 20))
 
 
 @pytest.mark.parametrize("process_count", [1, 2])
 def test_eval_yields_every_item_once_with_padding(data_dir, process_count):
-  seen_v, seen_t, nbatches = [], [], []
-  for p in range(process_count):
-    ev = pipeline.eval_dataset(_config(data_dir), process_index=p, process_count=process_count)
-    assert ev["num_videos"] == 6 and ev["num_texts"] == 6  # MSR-VTT 1k-A: one text per video
-    vb = list(ev["videos"])
-    tb = list(ev["texts"])
-    nbatches.append((len(vb), len(tb)))
-    for b in vb:
-      assert b["frames"].shape == (4 // process_count, F, S, S, 3)
-      seen_v += list(b["video_index"][b["valid"] == 1])
-      assert (b["valid"] == 0).sum() == 0 or (b["video_index"][b["valid"] == 0] == 0).all()
-    for b in tb:
-      assert b["input_ids"].shape == (4 // process_count, NW)
-      seen_t += list(b["text_index"][b["valid"] == 1])
-      np.testing.assert_array_equal(b["video_index"], ev["text_to_video"][b["text_index"]])
-  assert sorted(seen_v) == list(range(6))  # 6 videos in 2 global batches of 4: 2 padding rows
-  assert sorted(seen_t) == list(range(6))
-  assert len(set(nbatches)) == 1 and nbatches[0] == (2, 2)  # same step count on every process
+    seen_v, seen_t, nbatches = [], [], []
+    for p in range(process_count):
+        ev = pipeline.eval_dataset(_config(data_dir), process_index=p, process_count=process_count)
+        assert ev["num_videos"] == 6 and ev["num_texts"] == 6  # MSR-VTT 1k-A: one text per video
+        vb = list(ev["videos"])
+        tb = list(ev["texts"])
+        nbatches.append((len(vb), len(tb)))
+        for b in vb:
+            assert b["frames"].shape == (4 // process_count, F, S, S, 3)
+            seen_v += list(b["video_index"][b["valid"] == 1])
+            assert (b["valid"] == 0).sum() == 0 or (b["video_index"][b["valid"] == 0] == 0).all()
+        for b in tb:
+            assert b["input_ids"].shape == (4 // process_count, NW)
+            seen_t += list(b["text_index"][b["valid"] == 1])
+            np.testing.assert_array_equal(b["video_index"], ev["text_to_video"][b["text_index"]])
+    assert sorted(seen_v) == list(range(6))  # 6 videos in 2 global batches of 4: 2 padding rows
+    assert sorted(seen_t) == list(range(6))
+    assert len(set(nbatches)) == 1 and nbatches[0] == (2, 2)  # same step count on every process
 
 
 def test_multi_sentence_text_stream_and_sk_bank(data_dir, train):
-  # The training split holds 5 captions per video: every caption is its own query.
-  tb = list(train.eval_text_batches(global_batch=8))
-  valid = np.concatenate([b["valid"] for b in tb]).astype(bool)
-  tidx = np.concatenate([b["text_index"] for b in tb])[valid]
-  vidx = np.concatenate([b["video_index"] for b in tb])[valid]
-  assert sorted(tidx) == list(range(60))
-  assert np.bincount(vidx).tolist() == [5] * 12
-  assert all(train.texts[t] in train.texts[train.text_offsets[v]:train.text_offsets[v + 1]]
-             for t, v in zip(tidx, vidx))
-  bank = pipeline.sk_text_bank(_config(data_dir))
-  assert bank["input_ids"].shape == (7, NW)  # config.eval.sk_bank_size
-  assert len(set(bank["text_index"])) == 7
-  again = pipeline.sk_text_bank(_config(data_dir))
-  np.testing.assert_array_equal(bank["text_index"], again["text_index"])
-  assert pipeline.sk_text_bank(_config(data_dir), size=-1)["input_ids"].shape == (60, NW)
+    # The training split holds 5 captions per video: every caption is its own query.
+    tb = list(train.eval_text_batches(global_batch=8))
+    valid = np.concatenate([b["valid"] for b in tb]).astype(bool)
+    tidx = np.concatenate([b["text_index"] for b in tb])[valid]
+    vidx = np.concatenate([b["video_index"] for b in tb])[valid]
+    assert sorted(tidx) == list(range(60))
+    assert np.bincount(vidx).tolist() == [5] * 12
+    assert all(
+        train.texts[t] in train.texts[train.text_offsets[v] : train.text_offsets[v + 1]]
+        for t, v in zip(tidx, vidx)
+    )
+    bank = pipeline.sk_text_bank(_config(data_dir))
+    assert bank["input_ids"].shape == (7, NW)  # config.eval.sk_bank_size
+    assert len(set(bank["text_index"])) == 7
+    again = pipeline.sk_text_bank(_config(data_dir))
+    np.testing.assert_array_equal(bank["text_index"], again["text_index"])
+    assert pipeline.sk_text_bank(_config(data_dir), size=-1)["input_ids"].shape == (60, NW)
 
 
 def test_unbuilt_dataset_names_the_build_command(tmp_path, data_dir):
-  msg = pipeline.dataset_problems(_config(str(tmp_path)))
-  assert "msrvtt_f4_s32 is not built" in msg
-  assert f"python -m data_pipeline.build --dataset=msrvtt --manual_dir=RAW " \
-         f"--data_dir={tmp_path} --max_frames=4 --image_size=32" in msg
-  with pytest.raises(Exception, match="python -m data_pipeline.build --dataset=msrvtt"):
-    pipeline.VideoTextData(_config(str(tmp_path)), split="train", process_index=0,
-                           process_count=1)
-  assert pipeline.dataset_problems(_config(data_dir)) == ""
-  assert "no split 'train_7k'" in pipeline.dataset_problems(_config(data_dir), "train_7k")
-  # MSR-VTT / VATEX / ActivityNet validate on their test files: 'val' and 'val_1' map to test.
-  assert pipeline.resolve_split("val_1", ["train", "test"]) == "test"
-  assert pipeline.resolve_split("val", ["train", "val", "test"]) == "val"
+    msg = pipeline.dataset_problems(_config(str(tmp_path)))
+    assert "msrvtt_f4_s32 is not built" in msg
+    assert (
+        f"python -m data_pipeline.build --dataset=msrvtt --manual_dir=RAW "
+        f"--data_dir={tmp_path} --max_frames=4 --image_size=32" in msg
+    )
+    with pytest.raises(Exception, match="python -m data_pipeline.build --dataset=msrvtt"):
+        pipeline.VideoTextData(
+            _config(str(tmp_path)), split="train", process_index=0, process_count=1
+        )
+    assert pipeline.dataset_problems(_config(data_dir)) == ""
+    assert "no split 'train_7k'" in pipeline.dataset_problems(_config(data_dir), "train_7k")
+    # MSR-VTT / VATEX / ActivityNet validate on their test files: 'val' and 'val_1' map to test.
+    assert pipeline.resolve_split("val_1", ["train", "test"]) == "test"
+    assert pipeline.resolve_split("val", ["train", "val", "test"]) == "val"
 
 
 def _vatex_from_synthetic(tmp_path_factory):
-  """The synthetic clips in VATEX layout: test videos keep all 5 captions (multi-sentence)."""
-  import json
-  import os
-  import shutil
-  raw = str(tmp_path_factory.mktemp("synth_for_vatex"))
-  synthetic.make_synthetic_dataset(raw, num_train=8, num_test=6, frame_size=32, seed=1)
-  vatex = str(tmp_path_factory.mktemp("vatex"))
-  shutil.copytree(os.path.join(raw, "videos"), os.path.join(vatex, "videos"))
-  with open(os.path.join(raw, "MSRVTT_data.json")) as f:
-    data = json.load(f)
-  caps = {}
-  for s in data["sentences"]:
-    caps.setdefault(s["video_id"], []).append(s["caption"])
-  with open(os.path.join(vatex, "ref_captions.json"), "w") as f:
-    json.dump(caps, f)
-  for split, ids in (("train", range(8)), ("test", range(8, 14))):
-    with open(os.path.join(vatex, f"{split}_list.txt"), "w") as f:
-      f.write("".join(f"video{i}\n" for i in ids))
-  return vatex, caps
+    """The synthetic clips in VATEX layout: test videos keep all 5 captions (multi-sentence)."""
+    import json
+    import os
+    import shutil
+
+    raw = str(tmp_path_factory.mktemp("synth_for_vatex"))
+    synthetic.make_synthetic_dataset(raw, num_train=8, num_test=6, frame_size=32, seed=1)
+    vatex = str(tmp_path_factory.mktemp("vatex"))
+    shutil.copytree(os.path.join(raw, "videos"), os.path.join(vatex, "videos"))
+    with open(os.path.join(raw, "MSRVTT_data.json")) as f:
+        data = json.load(f)
+    caps = {}
+    for s in data["sentences"]:
+        caps.setdefault(s["video_id"], []).append(s["caption"])
+    with open(os.path.join(vatex, "ref_captions.json"), "w") as f:
+        json.dump(caps, f)
+    for split, ids in (("train", range(8)), ("test", range(8, 14))):
+        with open(os.path.join(vatex, f"{split}_list.txt"), "w") as f:
+            f.write("".join(f"video{i}\n" for i in ids))
+    return vatex, caps
 
 
 def test_multi_sentence_eval_on_vatex(tmp_path_factory):
-  raw, caps = _vatex_from_synthetic(tmp_path_factory)
-  out = str(tmp_path_factory.mktemp("vatex_tfds"))
-  summary = build_lib.build("vatex", manual_dir=raw, data_dir=out, max_frames=F, image_size=S,
-                            workers=0, progress=False, log=lambda *_: None)
-  assert summary["written"] == {"train": 8, "test": 6}
-  config = _config(out)
-  config.data.dataset = "vatex"
-  ev = pipeline.eval_dataset(config, process_index=0, process_count=1)
-  data = ev["data"]
-  assert ev["num_videos"] == 6 and ev["num_texts"] == 30  # every caption is a query
-  texts = list(ev["texts"])
-  assert len(texts) == 8  # 30 texts in global batches of 4, last one padded
-  valid = np.concatenate([b["valid"] for b in texts]).astype(bool)
-  assert valid.sum() == 30
-  tidx = np.concatenate([b["text_index"] for b in texts])[valid]
-  vidx = np.concatenate([b["video_index"] for b in texts])[valid]
-  assert sorted(tidx) == list(range(30))
-  for t, v in zip(tidx, vidx):
-    assert data.texts[t] in caps[data.video_ids[v]]
-  videos = list(ev["videos"])
-  vvalid = np.concatenate([b["valid"] for b in videos]).astype(bool)
-  assert sorted(np.concatenate([b["video_index"] for b in videos])[vvalid]) == list(range(6))
+    raw, caps = _vatex_from_synthetic(tmp_path_factory)
+    out = str(tmp_path_factory.mktemp("vatex_tfds"))
+    summary = build_lib.build(
+        "vatex",
+        manual_dir=raw,
+        data_dir=out,
+        max_frames=F,
+        image_size=S,
+        workers=0,
+        progress=False,
+        log=lambda *_: None,
+    )
+    assert summary["written"] == {"train": 8, "test": 6}
+    config = _config(out)
+    config.data.dataset = "vatex"
+    ev = pipeline.eval_dataset(config, process_index=0, process_count=1)
+    data = ev["data"]
+    assert ev["num_videos"] == 6 and ev["num_texts"] == 30  # every caption is a query
+    texts = list(ev["texts"])
+    assert len(texts) == 8  # 30 texts in global batches of 4, last one padded
+    valid = np.concatenate([b["valid"] for b in texts]).astype(bool)
+    assert valid.sum() == 30
+    tidx = np.concatenate([b["text_index"] for b in texts])[valid]
+    vidx = np.concatenate([b["video_index"] for b in texts])[valid]
+    assert sorted(tidx) == list(range(30))
+    for t, v in zip(tidx, vidx):
+        assert data.texts[t] in caps[data.video_ids[v]]
+    videos = list(ev["videos"])
+    vvalid = np.concatenate([b["valid"] for b in videos]).astype(bool)
+    assert sorted(np.concatenate([b["video_index"] for b in videos])[vvalid]) == list(range(6))
 
 
 def test_tables_sidecar_matches_the_records(data_dir, train):
-  import json
-  import os
-  path = pipeline.tables_path(train.builder.data_dir, "train")
-  assert os.path.exists(path)  # written by the build
-  from_records = pipeline._read_tables(train._source)  # pylint: disable=protected-access
-  assert from_records.video_ids == train.video_ids
-  assert from_records.texts == train.texts
-  np.testing.assert_array_equal(from_records.text_offsets, train.text_offsets)
-  # A stale sidecar (other record count) is ignored and rewritten.
-  with open(path, "w") as f:
-    json.dump({"num_records": 3, "video_ids": [], "captions": []}, f)
-  again = pipeline.load_tables(train._source, train.builder.data_dir, "train")  # pylint: disable=protected-access
-  assert again.video_ids == train.video_ids
-  with open(path) as f:
-    assert json.load(f)["num_records"] == 12
+    import json
+    import os
+
+    path = pipeline.tables_path(train.builder.data_dir, "train")
+    assert os.path.exists(path)  # written by the build
+    from_records = pipeline._read_tables(train._source)  # pylint: disable=protected-access
+    assert from_records.video_ids == train.video_ids
+    assert from_records.texts == train.texts
+    np.testing.assert_array_equal(from_records.text_offsets, train.text_offsets)
+    # A stale sidecar (other record count) is ignored and rewritten.
+    with open(path, "w") as f:
+        json.dump({"num_records": 3, "video_ids": [], "captions": []}, f)
+    again = pipeline.load_tables(train._source, train.builder.data_dir, "train")  # pylint: disable=protected-access
+    assert again.video_ids == train.video_ids
+    with open(path) as f:
+        assert json.load(f)["num_records"] == 12

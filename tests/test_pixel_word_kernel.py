@@ -8,6 +8,7 @@ bar of the head, rtol 1e-4 / atol 1e-5).
 The kernel is built with the system C++ compiler; where there is none these tests skip (and
 'auto' falls back to XLA, tested below). Where a compiler exists, a build failure fails here.
 """
+
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,8 @@ from ucofia_jax.ops import similarity as S
 RTOL, ATOL = 1e-5, 1e-6
 
 needs_compiler = pytest.mark.skipif(
-    not any(map(shutil.which, ("c++", "g++", "clang++"))), reason="no C++ compiler here")
+    not any(map(shutil.which, ("c++", "g++", "clang++"))), reason="no C++ compiler here"
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +40,20 @@ def _inputs(t, w, v, p, d=64, seed=0, pixel_scale=0.3):
     words = S.l2_normalize(jax.random.normal(k[0], (t, w, d)))
     pixels = jax.random.normal(k[1], (v, p, d)) * pixel_scale
     near_eye = lambda i, n: jnp.eye(n) + 0.05 * jax.random.normal(k[i], (n, n))
-    mats = S.IsaMatrices(jnp.eye(3), near_eye(2, w), near_eye(3, p), near_eye(4, p),
-                         near_eye(5, w))
+    mats = S.IsaMatrices(jnp.eye(3), near_eye(2, w), near_eye(3, p), near_eye(4, p), near_eye(5, w))
     return words, pixels, mats
 
 
 @needs_compiler
-@pytest.mark.parametrize("t,w,v,p", [(3, 32, 5, 48),      # MSR-VTT sizes (whole vectors)
-                                     (4, 7, 19, 20),      # nothing a multiple of 16
-                                     (1, 1, 1, 1),        # degenerate
-                                     (2, 17, 33, 5)])     # > 2 vectors of videos
+@pytest.mark.parametrize(
+    "t,w,v,p",
+    [
+        (3, 32, 5, 48),  # MSR-VTT sizes (whole vectors)
+        (4, 7, 19, 20),  # nothing a multiple of 16
+        (1, 1, 1, 1),  # degenerate
+        (2, 17, 33, 5),
+    ],
+)  # > 2 vectors of videos
 def test_native_equals_xla(kernel, t, w, v, p):
     words, pixels, mats = _inputs(t, w, v, p, seed=t + w)
     ref = jax.jit(S.pixel_word)(words, pixels, mats, 0.01)
@@ -84,7 +90,7 @@ def test_native_tau_and_saturated_softmaxes(kernel):
 @needs_compiler
 def test_native_nan_stays_in_its_pair(kernel):
     words, pixels, mats = _inputs(3, 6, 4, 8, seed=1)
-    pixels = pixels.at[2, 5, 0].set(jnp.nan)          # video 2 only
+    pixels = pixels.at[2, 5, 0].set(jnp.nan)  # video 2 only
     got = np.asarray(S.pixel_word(words, pixels, mats, 0.01, native=True))
     assert np.isnan(got[:, 2]).all()
     assert np.isfinite(np.delete(got, 2, axis=1)).all()
@@ -99,8 +105,9 @@ def test_native_under_vmap_and_shape_errors(kernel):
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=RTOL, atol=ATOL)
     g = jnp.zeros((2, 5, 3, 6))
     with pytest.raises(ValueError, match=r"word_mat_weight2 has shape \(6, 6\), expected \(5, 5\)"):
-        native.pixel_word_isa(g, mats.pixel_mat_weight, jnp.eye(6), mats.word_mat_weight,
-                              mats.pixel_mat_weight2, 0.01)
+        native.pixel_word_isa(
+            g, mats.pixel_mat_weight, jnp.eye(6), mats.word_mat_weight, mats.pixel_mat_weight2, 0.01
+        )
     with pytest.raises(ValueError, match="no masks"):
         S.pixel_word(words, pixels, mats, 0.01, word_mask=jnp.ones((2, 5), bool), native=True)
 
@@ -108,26 +115,55 @@ def test_native_under_vmap_and_shape_errors(kernel):
 @needs_compiler
 def test_head_blockwise_native_equals_xla(kernel):
     from ucofia_jax.models.ucofia import UCoFiAHead
+
     d, f, w, ntok, n_text, n_video = 64, 4, 8, 10, 7, 5
-    heads = {k: UCoFiAHead(embed_dim=d, max_frames=f, max_words=w, seq_layers=1,
-                           level3_kernel=k) for k in ("xla", "native")}
+    heads = {
+        k: UCoFiAHead(embed_dim=d, max_frames=f, max_words=w, seq_layers=1, level3_kernel=k)
+        for k in ("xla", "native")
+    }
     r = np.random.default_rng(0)
     z = lambda *s: jnp.asarray(r.standard_normal(s, np.float32))
-    params = heads["xla"].init(jax.random.PRNGKey(0), z(1, d), z(1, w, d), z(1, f, d),
-                               z(1, f * ntok, d), jnp.ones((1, f)), 0.0, rng=jax.random.PRNGKey(1))
+    params = heads["xla"].init(
+        jax.random.PRNGKey(0),
+        z(1, d),
+        z(1, w, d),
+        z(1, f, d),
+        z(1, f * ntok, d),
+        jnp.ones((1, f)),
+        0.0,
+        rng=jax.random.PRNGKey(1),
+    )
     h = heads["xla"]
     txt = h.apply(params, z(n_text, d), z(n_text, w, d), method=h.encode_text)
-    vid = h.apply(params, z(n_video, f, d), z(n_video, f * ntok, d), jnp.ones((n_video, f)),
-                  rng=jax.random.PRNGKey(2), method=h.encode_video, train=False)
-    out = {k: hk.apply(params, txt, vid, jnp.log(100.0), method=hk.blockwise_levels,
-                       text_block=3, video_block=2) for k, hk in heads.items()}
+    vid = h.apply(
+        params,
+        z(n_video, f, d),
+        z(n_video, f * ntok, d),
+        jnp.ones((n_video, f)),
+        rng=jax.random.PRNGKey(2),
+        method=h.encode_video,
+        train=False,
+    )
+    out = {
+        k: hk.apply(
+            params,
+            txt,
+            vid,
+            jnp.log(100.0),
+            method=hk.blockwise_levels,
+            text_block=3,
+            video_block=2,
+        )
+        for k, hk in heads.items()
+    }
     for level, (a, b) in enumerate(zip(out["native"], out["xla"])):
-        tol = (RTOL, ATOL) if level == 2 else (0, 0)       # levels 1, 2 are the same XLA code
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol[0], atol=tol[1],
-                                   err_msg=f"level {level + 1}")
-    assert native.resolve_level3_kernel("auto") == "native"    # on this CPU backend
+        tol = (RTOL, ATOL) if level == 2 else (0, 0)  # levels 1, 2 are the same XLA code
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=tol[0], atol=tol[1], err_msg=f"level {level + 1}"
+        )
+    assert native.resolve_level3_kernel("auto") == "native"  # on this CPU backend
     assert heads["native"]._pair_fn(False) is S.pair_levels_native
-    assert heads["native"]._pair_fn(True) is S.pair_levels      # training: XLA
+    assert heads["native"]._pair_fn(True) is S.pair_levels  # training: XLA
 
 
 def test_auto_falls_back_without_compiler_and_native_says_why(tmp_path):
@@ -146,14 +182,21 @@ try:
 except ValueError as e:
     print("bad choice:", e)
 """
-    env = {"CXX": "/nonexistent/c++", "UCOFIA_KERNEL_CACHE": str(tmp_path / "cache"),
-           "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       timeout=300)
+    env = {
+        "CXX": "/nonexistent/c++",
+        "UCOFIA_KERNEL_CACHE": str(tmp_path / "cache"),
+        "JAX_PLATFORMS": "cpu",
+        "PATH": "/usr/bin:/bin",
+    }
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
     assert p.returncode == 0, p.stderr
     assert "auto: xla" in p.stdout
-    assert "native error: level3_kernel='native' but the kernel is unavailable: no C++ " \
-           "compiler: '/nonexistent/c++' not found" in p.stdout
+    assert (
+        "native error: level3_kernel='native' but the kernel is unavailable: no C++ "
+        "compiler: '/nonexistent/c++' not found" in p.stdout
+    )
     assert "bad choice: level3_kernel must be 'auto', 'xla' or 'native', got 'fast'" in p.stdout
 
 
@@ -163,22 +206,23 @@ def test_build_is_cached_per_source_and_reports_compile_errors(tmp_path, monkeyp
     first = native._build()
     assert first.parent == tmp_path and first.exists()
     mtime = first.stat().st_mtime_ns
-    assert native._build() == first and first.stat().st_mtime_ns == mtime   # cache hit
+    assert native._build() == first and first.stat().st_mtime_ns == mtime  # cache hit
     assert not list(tmp_path.glob("*.partial"))
     bad = tmp_path / "bad.cc"
     bad.write_text("this is not C++\n")
     monkeypatch.setattr(native, "SOURCE", bad)
     with pytest.raises(RuntimeError, match="building bad.cc failed"):
         native._build()
-    assert not list(tmp_path.glob("*.partial"))                              # no debris
+    assert not list(tmp_path.glob("*.partial"))  # no debris
 
 
 @needs_compiler
 def test_native_gradient_is_the_xla_gradient(kernel):
     # The kernel has no derivative of its own: its custom VJP recomputes the XLA code's.
     words, pixels, mats = _inputs(2, 6, 3, 8, seed=4)
-    loss = lambda native: lambda a, b, m: jnp.sum(
-        S.pixel_word(a, b, m, 0.01, native=native) * jnp.arange(1.0, 4.0))
+    loss = lambda native: (
+        lambda a, b, m: jnp.sum(S.pixel_word(a, b, m, 0.01, native=native) * jnp.arange(1.0, 4.0))
+    )
     got = jax.grad(loss(True), argnums=(0, 1, 2))(words, pixels, mats)
     ref = jax.grad(loss(False), argnums=(0, 1, 2))(words, pixels, mats)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):

@@ -1,5 +1,6 @@
 """The selector's out_fc1 splits its kernel by rows (context half once per frame): it must
 equal a Dense over the concatenated [tokens, context] input, for both predictor versions."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +12,10 @@ from ucofia_jax.models.ucofia import PredictorLG
 def _concatenated_reference(params, x, num_frames, version):
     # The original's form, written out: concat then one matmul with the same kernels.
     p = params["params"]
-    ln = lambda y, q: ((y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-5)
-                       * q["scale"] + q["bias"])
+    ln = lambda y, q: (
+        (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-5) * q["scale"]
+        + q["bias"]
+    )
     gelu = lambda y: jax.nn.gelu(y, approximate=False)
     if version == "new":
         h = gelu(ln(x, p["in_norm"]) @ p["in_proj"]["kernel"])

@@ -1,4 +1,5 @@
 """Similarity levels and loss against the fixture intermediates (training path, case_2)."""
+
 import os
 
 import jax.numpy as jnp
@@ -21,17 +22,29 @@ def test_levels_match_fixture():
     j = lambda k: jnp.asarray(z[k])
     scale = jnp.exp(j("param.clip.logit_scale"))
     sent, words = j("train.sentence_feature"), j("train.word_features_norm")
-    s1 = S.video_sentence(sent @ j("param.global_mat_weight"),
-                          j("train.video_feature") @ j("param.global_mat_weight_1"), scale)
+    s1 = S.video_sentence(
+        sent @ j("param.global_mat_weight"),
+        j("train.video_feature") @ j("param.global_mat_weight_1"),
+        scale,
+    )
     _close(s1, z["train.sim_video_sentence"])
-    s2 = S.sentence_frame(sent, j("train.frame_features_norm"), j("param.frame_logit_weight"), scale)
+    s2 = S.sentence_frame(
+        sent, j("train.frame_features_norm"), j("param.frame_logit_weight"), scale
+    )
     _close(s2, z["train.sim_sentence_frame"])
-    mats = S.IsaMatrices(j("param.frame_logit_weight"), j("param.word_mat_weight"),
-                         j("param.pixel_mat_weight"), j("param.pixel_mat_weight2"),
-                         j("param.word_mat_weight2"))
-    s3, inter = S.pixel_word(words @ j("param.local_mat_weight"),
-                             j("train.pixel_tokens") @ j("param.local_mat_weight1"), mats,
-                             return_intermediates=True)
+    mats = S.IsaMatrices(
+        j("param.frame_logit_weight"),
+        j("param.word_mat_weight"),
+        j("param.pixel_mat_weight"),
+        j("param.pixel_mat_weight2"),
+        j("param.word_mat_weight2"),
+    )
+    s3, inter = S.pixel_word(
+        words @ j("param.local_mat_weight"),
+        j("train.pixel_tokens") @ j("param.local_mat_weight1"),
+        mats,
+        return_intermediates=True,
+    )
     _close(s3, z["train.sim_pixel_word"])
     _close(jnp.transpose(inter["pixel_level_logit"], (0, 2, 1)), z["train.pw_pixel_level_logit"])
     _close(inter["word_level_logit"], z["train.pw_word_level_logit"])
@@ -44,13 +57,18 @@ def test_level3_is_not_symmetric_in_its_directions():
     # s2p aggregates words first, v2w pixels first: swapping the ISA matrices must matter.
     r = np.random.RandomState(0)
     w, p = 5, 8
-    mats = S.IsaMatrices(jnp.eye(2), *[jnp.asarray(np.eye(k) + 0.3 * r.randn(k, k), jnp.float32)
-                                       for k in (w, p, p, w)])
+    mats = S.IsaMatrices(
+        jnp.eye(2),
+        *[jnp.asarray(np.eye(k) + 0.3 * r.randn(k, k), jnp.float32) for k in (w, p, p, w)],
+    )
     words = jnp.asarray(r.randn(2, w, 16) * 0.05, jnp.float32)
     pix = jnp.asarray(r.randn(3, p, 16) * 0.05, jnp.float32)
     a = S.pixel_word(words, pix, mats)
-    b = S.pixel_word(words, pix, mats._replace(word_mat_weight=mats.word_mat_weight2,
-                                                word_mat_weight2=mats.word_mat_weight))
+    b = S.pixel_word(
+        words,
+        pix,
+        mats._replace(word_mat_weight=mats.word_mat_weight2, word_mat_weight2=mats.word_mat_weight),
+    )
     assert a.shape == (2, 3) and np.abs(np.asarray(a - b)).max() > 1e-4
 
 
@@ -58,5 +76,6 @@ def test_symmetric_cross_entropy_numpy():
     x = np.random.RandomState(1).randn(4, 4)
     ls = lambda m: m - np.log(np.exp(m).sum(1, keepdims=True))
     ref = 0.5 * (-np.diag(ls(x)).mean() - np.diag(ls(x.T)).mean())
-    np.testing.assert_allclose(float(symmetric_cross_entropy(jnp.asarray(x, jnp.float32))), ref,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        float(symmetric_cross_entropy(jnp.asarray(x, jnp.float32))), ref, rtol=1e-6
+    )

@@ -4,6 +4,7 @@
 golden fixtures (``case_{1,2,3}``: N = 50, 17, 10 tokens; F = 12, 6, 4 frames), layout
 ``[N, F, C]`` (sequence-first, one video), what ``PatchShiftModule`` hands to attention.
 """
+
 import os
 
 import jax
@@ -27,13 +28,23 @@ def spec_shift(x, num_frames, n_div=7):
                 out[:, t, j] = v[:, t - 1, j]
     for t in range(num_frames):
         if t <= num_frames - 2:
-            for j in range(4, n, fold):   # right shift written last
+            for j in range(4, n, fold):  # right shift written last
                 out[:, t, j] = v[:, t + 1, j]
     return out.reshape(bf, n, c)
 
 
-@pytest.mark.parametrize("b,f,n,c", [(2, 12, 50, 5), (3, 6, 17, 3), (1, 4, 10, 2), (2, 3, 8, 4),
-                                     (2, 1, 50, 3), (1, 8, 197, 2), (1, 2, 257, 1)])
+@pytest.mark.parametrize(
+    "b,f,n,c",
+    [
+        (2, 12, 50, 5),
+        (3, 6, 17, 3),
+        (1, 4, 10, 2),
+        (2, 3, 8, 4),
+        (2, 1, 50, 3),
+        (1, 8, 197, 2),
+        (1, 2, 257, 1),
+    ],
+)
 def test_matches_spec_rule(b, f, n, c):
     x = np.random.default_rng(n).normal(size=(b * f, n, c)).astype(np.float32)
     got = np.asarray(jax.jit(token_shift, static_argnums=(1,))(x, f))
@@ -43,9 +54,9 @@ def test_matches_spec_rule(b, f, n, c):
 @pytest.mark.parametrize("case", [1, 2, 3])
 def test_matches_golden_fixture(case):
     z = np.load(DATA)
-    x_in, x_out = z[f"case_{case}.in"], z[f"case_{case}.out"]   # [N, F, C]
+    x_in, x_out = z[f"case_{case}.in"], z[f"case_{case}.out"]  # [N, F, C]
     n, f, c = x_in.shape
-    got = np.asarray(token_shift(x_in.transpose(1, 0, 2), f))   # 'f n c', one video
+    got = np.asarray(token_shift(x_in.transpose(1, 0, 2), f))  # 'f n c', one video
     np.testing.assert_array_equal(got.transpose(1, 0, 2), x_out)
 
 

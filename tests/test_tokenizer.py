@@ -4,6 +4,7 @@
 2.6.0 wheel, imported by path; script: ``data/gen_tokenizer_expected.py``) produced for each
 text, so this test needs neither torch nor the network.
 """
+
 import json
 import os
 import time

@@ -1,5 +1,6 @@
 """Head params <-> original state_dict names: round trip, fixtures, predictor versions,
 shape errors, and the full-checkpoint split (clip.* incl. the attn.net. keys)."""
+
 import os
 
 import jax
@@ -15,15 +16,22 @@ FIX = os.path.join(os.path.dirname(__file__), "fixtures", "ucofia_reference", "c
 
 def _template(head, n_tok=17):
     d, f, w = head.embed_dim, head.max_frames, head.max_words
-    args = (jnp.zeros((1, d)), jnp.zeros((1, w, d)), jnp.zeros((1, f, d)),
-            jnp.zeros((1, f * n_tok, d)), jnp.ones((1, f)), 0.0)
-    return jax.eval_shape(lambda: head.init(jax.random.PRNGKey(0), *args, train=False,
-                                            rng=jax.random.PRNGKey(0)))["params"]
+    args = (
+        jnp.zeros((1, d)),
+        jnp.zeros((1, w, d)),
+        jnp.zeros((1, f, d)),
+        jnp.zeros((1, f * n_tok, d)),
+        jnp.ones((1, f)),
+        0.0,
+    )
+    return jax.eval_shape(
+        lambda: head.init(jax.random.PRNGKey(0), *args, train=False, rng=jax.random.PRNGKey(0))
+    )["params"]
 
 
 def _fixture_sd(prefix="param."):
     z = np.load(FIX)
-    return {k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}
+    return {k[len(prefix) :]: z[k] for k in z.files if k.startswith(prefix)}
 
 
 def test_fixture_loads_and_round_trips():
@@ -45,7 +53,7 @@ def test_fixture_loads_and_round_trips():
 def test_old_predictor_shapes_and_hint():
     sd = _fixture_sd()
     z = np.load(FIX)
-    sd.update({k[len("param_evalt2v."):]: z[k] for k in z.files if k.startswith("param_evalt2v.")})
+    sd.update({k[len("param_evalt2v.") :]: z[k] for k in z.files if k.startswith("param_evalt2v.")})
     assert names.detect_predictor(sd) == "old"
     old = UCoFiAHead(embed_dim=64, max_frames=6, max_words=16, seq_layers=2, predictor="old")
     p = names.load_original_head_state_dict(sd, _template(old))
@@ -63,17 +71,27 @@ def test_frame_count_mismatch_names_parameter_and_shapes():
 
 def test_fresh_head_round_trip_and_clip_init():
     head = UCoFiAHead(embed_dim=64, max_frames=4, max_words=8, seq_layers=2)
-    params = jax.tree_util.tree_map(lambda s: np.random.RandomState(0).randn(*s.shape)
-                                    .astype(np.float32), _template(head, 5))
-    back = names.load_original_head_state_dict(names.head_params_to_state_dict(params),
-                                               _template(head, 5))
+    params = jax.tree_util.tree_map(
+        lambda s: np.random.RandomState(0).randn(*s.shape).astype(np.float32), _template(head, 5)
+    )
+    back = names.load_original_head_state_dict(
+        names.head_params_to_state_dict(params), _template(head, 5)
+    )
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
-    clip = {"transformer": {f"resblocks_{i}": jax.tree_util.tree_map(
-        lambda x: x + i + 1.0, params["temporal"]["resblocks_0"]) for i in range(3)},
-            "positional_embedding": np.ones((77, 64), np.float32)}
+    clip = {
+        "transformer": {
+            f"resblocks_{i}": jax.tree_util.tree_map(
+                lambda x: x + i + 1.0, params["temporal"]["resblocks_0"]
+            )
+            for i in range(3)
+        },
+        "positional_embedding": np.ones((77, 64), np.float32),
+    }
     new = init_temporal_from_clip(params, clip)
-    np.testing.assert_array_equal(new["temporal"]["resblocks_1"]["ln_1"]["scale"],
-                                  clip["transformer"]["resblocks_1"]["ln_1"]["scale"])
+    np.testing.assert_array_equal(
+        new["temporal"]["resblocks_1"]["ln_1"]["scale"],
+        clip["transformer"]["resblocks_1"]["ln_1"]["scale"],
+    )
     assert float(new["frame_position_embeddings"].sum()) == 77 * 64
     clip["positional_embedding"] = np.ones((40, 64), np.float32)
     with pytest.raises(ValueError, match="positional_embedding"):
@@ -82,17 +100,19 @@ def test_fresh_head_round_trip_and_clip_init():
 
 def test_full_checkpoint_split(monkeypatch):
     import ucofia_jax.models.clip_import as ci
+
     seen = {}
 
     def fake_convert(sd):
         seen.update(sd)
         return "cfg", {"ok": True}
+
     monkeypatch.setattr(ci, "convert_openai_state_dict", fake_convert)
     sd = _fixture_sd()
     sd["clip.logit_scale"] = np.float32(4.6)
     sd["clip.visual.transformer.resblocks.10.attn.net.in_proj_weight"] = np.zeros((3, 1))
     sd["clip.visual.transformer.resblocks.9.attn.in_proj_weight"] = np.zeros((3, 1))
-    sd["module.clip.token_embedding.weight"] = np.zeros((2, 2))   # DDP prefix stripped
+    sd["module.clip.token_embedding.weight"] = np.zeros((2, 2))  # DDP prefix stripped
     out = names.load_original_checkpoint(sd)
     assert "visual.transformer.resblocks.10.attn.in_proj_weight" in seen
     assert "token_embedding.weight" in seen and not any(".net." in k for k in seen)

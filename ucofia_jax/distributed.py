@@ -29,6 +29,7 @@ the mesh's ``data`` axis. Metrics are brought to every host with :func:`process_
 or :func:`to_host`. Logging, reports and checkpoint metadata are written by process 0 only
 (:func:`is_main_process`, :func:`setup_logging`); Orbax saves from every process.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,78 +70,86 @@ _initialized_by_us = False
 
 @dataclasses.dataclass(frozen=True)
 class DistributedSettings:
-  """What ``jax.distributed.initialize`` gets; ``None`` = let JAX detect it."""
+    """What ``jax.distributed.initialize`` gets; ``None`` = let JAX detect it."""
 
-  mode: str = "auto"
-  coordinator_address: str | None = None
-  num_processes: int | None = None
-  process_id: int | None = None
-  local_device_ids: tuple[int, ...] | None = None
-  initialization_timeout: int = 300
+    mode: str = "auto"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: tuple[int, ...] | None = None
+    initialization_timeout: int = 300
 
-  def validate(self) -> "DistributedSettings":
-    if self.mode not in _MODES:
-      raise ValueError(f"distributed mode must be one of {_MODES}, got {self.mode!r} "
-                       f"(config.distributed.mode / --distributed / ${ENV_MODE})")
-    explicit = (self.coordinator_address, self.num_processes, self.process_id)
-    if any(v is not None for v in explicit) and any(v is None for v in explicit):
-      missing = [name for name, v in zip(
-          (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID), explicit) if v is None]
-      raise ValueError(
-          "an explicit multi-process launch needs the coordinator address, the number of "
-          f"processes and the process id together; missing: {', '.join(missing)} "
-          "(set them, or use launch.sh, which sets all three)")
-    if self.coordinator_address is not None and ":" not in self.coordinator_address:
-      raise ValueError(f"coordinator address must be host:port, got {self.coordinator_address!r}")
-    if self.num_processes is not None:
-      if self.num_processes < 1:
-        raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
-      if not 0 <= self.process_id < self.num_processes:
-        raise ValueError(f"process_id {self.process_id} not in [0, {self.num_processes})")
-    return self
+    def validate(self) -> "DistributedSettings":
+        if self.mode not in _MODES:
+            raise ValueError(
+                f"distributed mode must be one of {_MODES}, got {self.mode!r} "
+                f"(config.distributed.mode / --distributed / ${ENV_MODE})"
+            )
+        explicit = (self.coordinator_address, self.num_processes, self.process_id)
+        if any(v is not None for v in explicit) and any(v is None for v in explicit):
+            missing = [
+                name
+                for name, v in zip((ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID), explicit)
+                if v is None
+            ]
+            raise ValueError(
+                "an explicit multi-process launch needs the coordinator address, the number of "
+                f"processes and the process id together; missing: {', '.join(missing)} "
+                "(set them, or use launch.sh, which sets all three)"
+            )
+        if self.coordinator_address is not None and ":" not in self.coordinator_address:
+            raise ValueError(
+                f"coordinator address must be host:port, got {self.coordinator_address!r}"
+            )
+        if self.num_processes is not None:
+            if self.num_processes < 1:
+                raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
+            if not 0 <= self.process_id < self.num_processes:
+                raise ValueError(f"process_id {self.process_id} not in [0, {self.num_processes})")
+        return self
 
 
 def _int_or_none(value: Any, name: str) -> int | None:
-  if value is None or value == "":
-    return None
-  try:
-    return int(value)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
 def _ids_or_none(value: Any) -> tuple[int, ...] | None:
-  if value is None or value == "" or value == ():
-    return None
-  if isinstance(value, int):
-    return (value,)
-  if isinstance(value, str):
-    return tuple(int(v) for v in value.split(",") if v.strip())
-  return tuple(int(v) for v in value)
+    if value is None or value == "" or value == ():
+        return None
+    if isinstance(value, int):
+        return (value,)
+    if isinstance(value, str):
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    return tuple(int(v) for v in value)
 
 
 def settings_from_env(env: Mapping[str, str] | None = None) -> DistributedSettings:
-  """The settings ``launch.sh`` exports (see the module docstring)."""
-  env = os.environ if env is None else env
-  return DistributedSettings(
-      mode=env.get(ENV_MODE, "auto") or "auto",
-      coordinator_address=env.get(ENV_COORDINATOR) or None,
-      num_processes=_int_or_none(env.get(ENV_NUM_PROCESSES), ENV_NUM_PROCESSES),
-      process_id=_int_or_none(env.get(ENV_PROCESS_ID), ENV_PROCESS_ID),
-      local_device_ids=_ids_or_none(env.get(ENV_LOCAL_DEVICE_IDS)),
-      initialization_timeout=_int_or_none(env.get(ENV_INIT_TIMEOUT), ENV_INIT_TIMEOUT) or 300,
-  )
+    """The settings ``launch.sh`` exports (see the module docstring)."""
+    env = os.environ if env is None else env
+    return DistributedSettings(
+        mode=env.get(ENV_MODE, "auto") or "auto",
+        coordinator_address=env.get(ENV_COORDINATOR) or None,
+        num_processes=_int_or_none(env.get(ENV_NUM_PROCESSES), ENV_NUM_PROCESSES),
+        process_id=_int_or_none(env.get(ENV_PROCESS_ID), ENV_PROCESS_ID),
+        local_device_ids=_ids_or_none(env.get(ENV_LOCAL_DEVICE_IDS)),
+        initialization_timeout=_int_or_none(env.get(ENV_INIT_TIMEOUT), ENV_INIT_TIMEOUT) or 300,
+    )
 
 
 def _get(obj: Any, key: str) -> Any:
-  if obj is None:
-    return None
-  if isinstance(obj, Mapping):
-    return obj.get(key)
-  try:
-    return getattr(obj, key)
-  except Exception:  # absl FlagValues raise on unknown names; ConfigDict on missing keys
-    return None
+    if obj is None:
+        return None
+    if isinstance(obj, Mapping):
+        return obj.get(key)
+    try:
+        return getattr(obj, key)
+    except Exception:  # absl FlagValues raise on unknown names; ConfigDict on missing keys
+        return None
 
 
 _FIELDS = (
@@ -155,261 +164,330 @@ _FIELDS = (
 
 
 def _merge(settings: DistributedSettings, source: Any) -> DistributedSettings:
-  """Overlay the values ``source`` sets (None, '' and -1 mean unset)."""
-  if source is None:
-    return settings
-  updates = {}
-  sub = _get(source, "distributed")
-  for field, names, conv in _FIELDS:
-    for obj in (source, sub if not isinstance(sub, str) else None):
-      # ``mode`` is only read inside config.distributed (a flat "mode" means something else).
-      value = next((v for n in names if not (obj is source and n == "mode")
-                    for v in [_get(obj, n)] if v not in (None, "", -1)), None)
-      if value is not None:
-        updates[field] = conv(value)
-        break
-  if isinstance(sub, str) and sub:  # --distributed=on style
-    updates["mode"] = sub
-  return dataclasses.replace(settings, **updates)
+    """Overlay the values ``source`` sets (None, '' and -1 mean unset)."""
+    if source is None:
+        return settings
+    updates = {}
+    sub = _get(source, "distributed")
+    for field, names, conv in _FIELDS:
+        for obj in (source, sub if not isinstance(sub, str) else None):
+            # ``mode`` is only read inside config.distributed (a flat "mode" means something else).
+            value = next(
+                (
+                    v
+                    for n in names
+                    if not (obj is source and n == "mode")
+                    for v in [_get(obj, n)]
+                    if v not in (None, "", -1)
+                ),
+                None,
+            )
+            if value is not None:
+                updates[field] = conv(value)
+                break
+    if isinstance(sub, str) and sub:  # --distributed=on style
+        updates["mode"] = sub
+    return dataclasses.replace(settings, **updates)
 
 
 def _slurm_multi_task(env: Mapping[str, str]) -> bool:
-  """Inside an ``srun`` step with several tasks. SLURM_STEP_NUM_TASKS is set by srun only:
-  a batch script (where SLURM_NTASKS may be > 1 but there is one process) is not one."""
-  return ("SLURM_JOB_ID" in env and "SLURM_PROCID" in env
-          and int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1)
+    """Inside an ``srun`` step with several tasks. SLURM_STEP_NUM_TASKS is set by srun only:
+    a batch script (where SLURM_NTASKS may be > 1 but there is one process) is not one."""
+    return (
+        "SLURM_JOB_ID" in env
+        and "SLURM_PROCID" in env
+        and int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1
+    )
 
 
 def _tpu_multi_worker(env: Mapping[str, str]) -> bool:
-  hosts = env.get("TPU_WORKER_HOSTNAMES", "")
-  return len([h for h in hosts.split(",") if h.strip()]) > 1
+    hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+    return len([h for h in hosts.split(",") if h.strip()]) > 1
 
 
 def is_initialized() -> bool:
-  """True when ``jax.distributed`` is up (ours or someone else's call)."""
-  try:
-    from jax._src import distributed as _dist
-    return _dist.global_state.client is not None
-  except Exception:  # private API moved: fall back to our own record
-    return _initialized_by_us
+    """True when ``jax.distributed`` is up (ours or someone else's call)."""
+    try:
+        from jax._src import distributed as _dist
+
+        return _dist.global_state.client is not None
+    except Exception:  # private API moved: fall back to our own record
+        return _initialized_by_us
 
 
 def _ensure_cpu_collectives() -> None:
-  import jax
-  try:
-    current = jax.config.jax_cpu_collectives_implementation
-  except AttributeError:
-    return  # older/newer jax without the option: its default is what we get
-  if current in (None, "", "none"):
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    import jax
+
+    try:
+        current = jax.config.jax_cpu_collectives_implementation
+    except AttributeError:
+        return  # older/newer jax without the option: its default is what we get
+    if current in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
-def maybe_initialize(config_or_flags: Any = None, *, env: Mapping[str, str] | None = None,
-                     **overrides: Any) -> bool:
-  """Initialise ``jax.distributed`` when the launch asks for it; returns whether it is up.
+def maybe_initialize(
+    config_or_flags: Any = None, *, env: Mapping[str, str] | None = None, **overrides: Any
+) -> bool:
+    """Initialise ``jax.distributed`` when the launch asks for it; returns whether it is up.
 
-  ``config_or_flags``: a ConfigDict (reads ``config.distributed.{mode, coordinator_address,
-  num_processes, process_id, local_device_ids}``), absl FLAGS from :func:`define_flags`, a
-  mapping, or None (environment only). ``overrides``: the same names as keywords. Must run
-  before the first ``jax.devices()``; calling it again is a no-op.
-  """
-  global _initialized_by_us
-  env = os.environ if env is None else env
-  settings = _merge(settings_from_env(env), config_or_flags)
-  settings = _merge(settings, overrides).validate()
-  if is_initialized():
+    ``config_or_flags``: a ConfigDict (reads ``config.distributed.{mode, coordinator_address,
+    num_processes, process_id, local_device_ids}``), absl FLAGS from :func:`define_flags`, a
+    mapping, or None (environment only). ``overrides``: the same names as keywords. Must run
+    before the first ``jax.devices()``; calling it again is a no-op.
+    """
+    global _initialized_by_us
+    env = os.environ if env is None else env
+    settings = _merge(settings_from_env(env), config_or_flags)
+    settings = _merge(settings, overrides).validate()
+    if is_initialized():
+        return True
+    explicit = settings.coordinator_address is not None
+    if settings.mode == "off":
+        return False
+    if settings.mode == "auto" and not (
+        explicit or _slurm_multi_task(env) or _tpu_multi_worker(env)
+    ):
+        return False
+    if settings.mode == "auto" and explicit and settings.num_processes == 1:
+        # One process: nothing to coordinate; skip the service (and its port).
+        return False
+
+    import jax
+
+    platforms = (env.get("JAX_PLATFORMS") or env.get("JAX_PLATFORM_NAME") or "").lower()
+    if platforms in ("", "cpu") or platforms.startswith("cpu"):
+        _ensure_cpu_collectives()
+    kwargs: dict[str, Any] = dict(initialization_timeout=settings.initialization_timeout)
+    if explicit:
+        kwargs.update(
+            coordinator_address=settings.coordinator_address,
+            num_processes=settings.num_processes,
+            process_id=settings.process_id,
+        )
+    if settings.local_device_ids is not None:
+        kwargs["local_device_ids"] = list(settings.local_device_ids)
+    jax.distributed.initialize(**kwargs)
+    _initialized_by_us = True
+    logging.getLogger(__name__).info(
+        "jax.distributed up: process %d/%d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
-  explicit = settings.coordinator_address is not None
-  if settings.mode == "off":
-    return False
-  if settings.mode == "auto" and not (explicit or _slurm_multi_task(env) or _tpu_multi_worker(env)):
-    return False
-  if settings.mode == "auto" and explicit and settings.num_processes == 1:
-    # One process: nothing to coordinate; skip the service (and its port).
-    return False
-
-  import jax
-  platforms = (env.get("JAX_PLATFORMS") or env.get("JAX_PLATFORM_NAME") or "").lower()
-  if platforms in ("", "cpu") or platforms.startswith("cpu"):
-    _ensure_cpu_collectives()
-  kwargs: dict[str, Any] = dict(initialization_timeout=settings.initialization_timeout)
-  if explicit:
-    kwargs.update(coordinator_address=settings.coordinator_address,
-                  num_processes=settings.num_processes, process_id=settings.process_id)
-  if settings.local_device_ids is not None:
-    kwargs["local_device_ids"] = list(settings.local_device_ids)
-  jax.distributed.initialize(**kwargs)
-  _initialized_by_us = True
-  logging.getLogger(__name__).info(
-      "jax.distributed up: process %d/%d, %d local / %d global devices",
-      jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
-  return True
 
 
 def define_flags(flag_values: Any = None) -> None:
-  """absl flags ``--distributed``, ``--coordinator_address``, ``--num_processes``,
-  ``--process_id``, ``--local_device_ids``, for ``maybe_initialize(FLAGS)``.
+    """absl flags ``--distributed``, ``--coordinator_address``, ``--num_processes``,
+    ``--process_id``, ``--local_device_ids``, for ``maybe_initialize(FLAGS)``.
 
-  Environment variables fill whatever a flag leaves unset.
-  """
-  from absl import flags
-  fv = flags.FLAGS if flag_values is None else flag_values
-  defs = (
-      (flags.DEFINE_enum, "distributed_mode", None, dict(enum_values=list(_MODES)),
-       "jax.distributed: auto (coordinator given / SLURM / TPU pod), on, off. "
-       f"Default ${ENV_MODE} or auto."),
-      (flags.DEFINE_string, "coordinator_address", None, {},
-       f"host:port of process 0 (default ${ENV_COORDINATOR})."),
-      (flags.DEFINE_integer, "num_processes", None, {},
-       f"Number of processes (default ${ENV_NUM_PROCESSES})."),
-      (flags.DEFINE_integer, "process_id", None, {},
-       f"This process's index (default ${ENV_PROCESS_ID})."),
-      (flags.DEFINE_string, "local_device_ids", None, {},
-       f"Comma-separated local device ids (default ${ENV_LOCAL_DEVICE_IDS})."),
-  )
-  for define, name, default, extra, help_ in defs:
-    if name not in fv:
-      define(name, default, help=help_, flag_values=fv, **extra)
+    Environment variables fill whatever a flag leaves unset.
+    """
+    from absl import flags
+
+    fv = flags.FLAGS if flag_values is None else flag_values
+    defs = (
+        (
+            flags.DEFINE_enum,
+            "distributed_mode",
+            None,
+            dict(enum_values=list(_MODES)),
+            "jax.distributed: auto (coordinator given / SLURM / TPU pod), on, off. "
+            f"Default ${ENV_MODE} or auto.",
+        ),
+        (
+            flags.DEFINE_string,
+            "coordinator_address",
+            None,
+            {},
+            f"host:port of process 0 (default ${ENV_COORDINATOR}).",
+        ),
+        (
+            flags.DEFINE_integer,
+            "num_processes",
+            None,
+            {},
+            f"Number of processes (default ${ENV_NUM_PROCESSES}).",
+        ),
+        (
+            flags.DEFINE_integer,
+            "process_id",
+            None,
+            {},
+            f"This process's index (default ${ENV_PROCESS_ID}).",
+        ),
+        (
+            flags.DEFINE_string,
+            "local_device_ids",
+            None,
+            {},
+            f"Comma-separated local device ids (default ${ENV_LOCAL_DEVICE_IDS}).",
+        ),
+    )
+    for define, name, default, extra, help_ in defs:
+        if name not in fv:
+            define(name, default, help=help_, flag_values=fv, **extra)
 
 
 # --------------------------------------------------------------------------- queries
 
+
 def process_index() -> int:
-  import jax
-  return jax.process_index()
+    import jax
+
+    return jax.process_index()
 
 
 def process_count() -> int:
-  import jax
-  return jax.process_count()
+    import jax
+
+    return jax.process_count()
 
 
 def is_main_process() -> bool:
-  """Process 0 writes logs, reports, results.json and checkpoint metadata."""
-  return process_index() == 0
+    """Process 0 writes logs, reports, results.json and checkpoint metadata."""
+    return process_index() == 0
 
 
 def main_process_only(fn: Callable[..., Any]) -> Callable[..., Any]:
-  """Decorator: run ``fn`` on process 0 only (returns None elsewhere)."""
-  import functools
+    """Decorator: run ``fn`` on process 0 only (returns None elsewhere)."""
+    import functools
 
-  @functools.wraps(fn)
-  def wrapper(*args, **kwargs):
-    if is_main_process():
-      return fn(*args, **kwargs)
-    return None
-  return wrapper
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if is_main_process():
+            return fn(*args, **kwargs)
+        return None
+
+    return wrapper
 
 
 # --------------------------------------------------------------------------- data
 
+
 def _batch_sharding(mesh: Any, sharding: Any, ndim: int) -> Any:
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  if sharding is None:
-    return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
-  if isinstance(sharding, P):
-    return NamedSharding(mesh, sharding)
-  return sharding
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    if sharding is None:
+        return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
+    if isinstance(sharding, P):
+        return NamedSharding(mesh, sharding)
+    return sharding
 
 
 def local_batch_slice(global_batch_size: int, mesh: Any = None, sharding: Any = None) -> slice:
-  """The rows of a global batch this process must read (contiguous, in mesh order).
+    """The rows of a global batch this process must read (contiguous, in mesh order).
 
-  With the batch sharded on ``data`` over ``jax.devices()`` order, process ``p`` owns one
-  contiguous block. The data pipeline reads exactly these rows (e.g. its ``p``-th shard of
-  ``global_batch_size // process_count`` examples) and hands them to
-  :func:`global_batch_from_local`.
-  """
-  import jax
-  if mesh is None and sharding is None:
-    n = jax.process_count()
-    if global_batch_size % n:
-      raise ValueError(f"global batch {global_batch_size} not divisible by {n} processes")
-    per = global_batch_size // n
-    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
-  sh = _batch_sharding(mesh, sharding, 1)
-  rows = set()
-  for index in sh.addressable_devices_indices_map((global_batch_size,)).values():
-    rows.update(range(*index[0].indices(global_batch_size)))
-  lo, hi = min(rows), max(rows) + 1
-  if len(rows) != hi - lo:
-    raise ValueError("this process's rows of the batch are not contiguous; reorder the mesh "
-                     "so each process's devices are adjacent on 'data'")
-  return slice(lo, hi)
+    With the batch sharded on ``data`` over ``jax.devices()`` order, process ``p`` owns one
+    contiguous block. The data pipeline reads exactly these rows (e.g. its ``p``-th shard of
+    ``global_batch_size // process_count`` examples) and hands them to
+    :func:`global_batch_from_local`.
+    """
+    import jax
+
+    if mesh is None and sharding is None:
+        n = jax.process_count()
+        if global_batch_size % n:
+            raise ValueError(f"global batch {global_batch_size} not divisible by {n} processes")
+        per = global_batch_size // n
+        return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+    sh = _batch_sharding(mesh, sharding, 1)
+    rows = set()
+    for index in sh.addressable_devices_indices_map((global_batch_size,)).values():
+        rows.update(range(*index[0].indices(global_batch_size)))
+    lo, hi = min(rows), max(rows) + 1
+    if len(rows) != hi - lo:
+        raise ValueError(
+            "this process's rows of the batch are not contiguous; reorder the mesh "
+            "so each process's devices are adjacent on 'data'"
+        )
+    return slice(lo, hi)
 
 
 def global_batch_from_local(local_batch: Any, mesh: Any = None, sharding: Any = None) -> Any:
-  """Process-local numpy batch (pytree) -> global ``jax.Array`` s sharded on ``data``.
+    """Process-local numpy batch (pytree) -> global ``jax.Array`` s sharded on ``data``.
 
-  Every leaf's leading axis is this process's rows (``local_batch_slice``); the global
-  leading size is ``local rows * process_count`` (inferred by JAX). ``sharding``: a
-  ``NamedSharding``, a ``PartitionSpec`` over ``mesh``, or None for ``P('data')`` on the
-  leading axis. In a single process this is a plain ``device_put``.
-  """
-  import jax
+    Every leaf's leading axis is this process's rows (``local_batch_slice``); the global
+    leading size is ``local rows * process_count`` (inferred by JAX). ``sharding``: a
+    ``NamedSharding``, a ``PartitionSpec`` over ``mesh``, or None for ``P('data')`` on the
+    leading axis. In a single process this is a plain ``device_put``.
+    """
+    import jax
 
-  def one(x):
-    x = np.asarray(x)
-    sh = _batch_sharding(mesh, sharding, x.ndim)
-    return jax.make_array_from_process_local_data(sh, x)
+    def one(x):
+        x = np.asarray(x)
+        sh = _batch_sharding(mesh, sharding, x.ndim)
+        return jax.make_array_from_process_local_data(sh, x)
 
-  return jax.tree.map(one, local_batch)
+    return jax.tree.map(one, local_batch)
 
 
 def process_allgather(tree: Any, tiled: bool = True) -> Any:
-  """Every process gets the full value of each leaf as numpy.
+    """Every process gets the full value of each leaf as numpy.
 
-  Global (sharded) ``jax.Array`` s come back whole; process-local arrays are concatenated
-  over processes along axis 0 (``tiled=True``) or stacked on a new leading axis.
-  """
-  import jax
-  if jax.process_count() == 1:
-    def local(x):
-      x = np.asarray(x)
-      return x if tiled else x[None]
-    if tiled:
-      return jax.tree.map(lambda x: np.asarray(x), tree)
-    return jax.tree.map(local, tree)
-  from jax.experimental import multihost_utils
-  return multihost_utils.process_allgather(tree, tiled=tiled)
+    Global (sharded) ``jax.Array`` s come back whole; process-local arrays are concatenated
+    over processes along axis 0 (``tiled=True``) or stacked on a new leading axis.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+
+        def local(x):
+            x = np.asarray(x)
+            return x if tiled else x[None]
+
+        if tiled:
+            return jax.tree.map(lambda x: np.asarray(x), tree)
+        return jax.tree.map(local, tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=tiled)
 
 
 def to_host(tree: Any) -> Any:
-  """Global arrays (sharded over all processes) -> full numpy on every process."""
-  import jax
+    """Global arrays (sharded over all processes) -> full numpy on every process."""
+    import jax
 
-  def one(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      from jax.experimental import multihost_utils
-      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
 
-  return jax.tree.map(one, tree)
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
 
 
 def sync(name: str) -> None:
-  """Barrier across processes (no-op for one process)."""
-  import jax
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+    """Barrier across processes (no-op for one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-  """Process 0 logs at ``level``; the others log warnings and errors only, each line prefixed
-  with ``[process i]``. Loggers given a level of their own keep it on process 0 (main.py quiets
-  absl, orbax, jax and tensorflow)."""
-  import jax
-  idx = jax.process_index()
-  root = logging.getLogger()
-  if idx == 0:
-    root.setLevel(level)
-    return
-  try:
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  except ImportError:
-    pass
-  root.setLevel(max(level, logging.WARNING))
-  for handler in root.handlers:
-    handler.setFormatter(logging.Formatter(f"[process {idx}] %(levelname)s %(message)s"))
+    """Process 0 logs at ``level``; the others log warnings and errors only, each line prefixed
+    with ``[process i]``. Loggers given a level of their own keep it on process 0 (main.py quiets
+    absl, orbax, jax and tensorflow)."""
+    import jax
+
+    idx = jax.process_index()
+    root = logging.getLogger()
+    if idx == 0:
+        root.setLevel(level)
+        return
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:
+        pass
+    root.setLevel(max(level, logging.WARNING))
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter(f"[process {idx}] %(levelname)s %(message)s"))

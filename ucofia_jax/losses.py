@@ -1,4 +1,5 @@
 """Training loss of UCoFiA (SPEC §7): symmetric cross-entropy, no extra temperature."""
+
 from __future__ import annotations
 
 import jax

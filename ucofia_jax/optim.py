@@ -15,6 +15,7 @@ after the update (:func:`clamp_logit_scale`, called by the train step).
 
 Parameters are the pytree ``{'clip': ..., 'head': ...}`` of ``models.retrieval``.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,216 +33,290 @@ TORCH_CLIP_EPS = 1e-6
 
 # --------------------------------------------------------------------------- schedules
 
+
 def warmup_cosine(step: jax.Array, total_steps: int, warmup_proportion: float) -> jax.Array:
-  """BertAdam's multiplier at ``step`` (0-based): linear warmup, then cosine over the run."""
-  x = jnp.asarray(step, jnp.float32) / float(max(total_steps, 1))
-  if warmup_proportion <= 0:
-    return 0.5 * (1.0 + jnp.cos(jnp.pi * x))
-  return jnp.where(x < warmup_proportion, x / warmup_proportion,
-                   0.5 * (1.0 + jnp.cos(jnp.pi * x)))
+    """BertAdam's multiplier at ``step`` (0-based): linear warmup, then cosine over the run."""
+    x = jnp.asarray(step, jnp.float32) / float(max(total_steps, 1))
+    if warmup_proportion <= 0:
+        return 0.5 * (1.0 + jnp.cos(jnp.pi * x))
+    return jnp.where(
+        x < warmup_proportion, x / warmup_proportion, 0.5 * (1.0 + jnp.cos(jnp.pi * x))
+    )
 
 
-def make_schedule(base_lr: float, total_steps: int, warmup_proportion: float,
-                  kind: str = "warmup_cosine") -> optax.Schedule:
-  if kind == "constant":
-    return lambda step: jnp.asarray(base_lr, jnp.float32)
-  if kind == "warmup_cosine":
-    return lambda step: base_lr * warmup_cosine(step, total_steps, warmup_proportion)
-  raise ValueError(f"config.train.schedule: unknown schedule {kind!r}")
+def make_schedule(
+    base_lr: float, total_steps: int, warmup_proportion: float, kind: str = "warmup_cosine"
+) -> optax.Schedule:
+    if kind == "constant":
+        return lambda step: jnp.asarray(base_lr, jnp.float32)
+    if kind == "warmup_cosine":
+        return lambda step: base_lr * warmup_cosine(step, total_steps, warmup_proportion)
+    raise ValueError(f"config.train.schedule: unknown schedule {kind!r}")
 
 
 # --------------------------------------------------------------------------- labels
 
+
 def _path_str(path) -> str:
-  parts = []
-  for k in path:
-    parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-  return "/".join(parts)
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    return "/".join(parts)
 
 
 def param_labels(params: PyTree, frozen: Sequence[str] = ()) -> PyTree:
-  """'clip' | 'head' | 'frozen' per leaf. ``frozen``: path prefixes under ``clip/``."""
-  frozen = tuple(f"clip/{f.strip('/')}" for f in frozen)
+    """'clip' | 'head' | 'frozen' per leaf. ``frozen``: path prefixes under ``clip/``."""
+    frozen = tuple(f"clip/{f.strip('/')}" for f in frozen)
 
-  def label(path, _):
-    name = _path_str(path)
-    if any(name == f or name.startswith(f + "/") for f in frozen):
-      return "frozen"
-    return "clip" if name.startswith("clip/") or name == "clip" else "head"
+    def label(path, _):
+        name = _path_str(path)
+        if any(name == f or name.startswith(f + "/") for f in frozen):
+            return "frozen"
+        return "clip" if name.startswith("clip/") or name == "clip" else "head"
 
-  return jax.tree_util.tree_map_with_path(label, params)
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def decay_mask(params: PyTree) -> PyTree:
-  """True where weight decay applies: every tensor whose name has no 'bias' (SPEC §9.2: LN
-  scales and the identity-initialised matrices *are* decayed, as in the original)."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: "bias" not in _path_str(p), params)
+    """True where weight decay applies: every tensor whose name has no 'bias' (SPEC §9.2: LN
+    scales and the identity-initialised matrices *are* decayed, as in the original)."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: "bias" not in _path_str(p), params)
 
 
 # --------------------------------------------------------------------------- transforms
 
+
 def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
-  """``torch.nn.utils.clip_grad_norm_`` over the whole tree (scale min(1, c / (n + 1e-6)))."""
+    """``torch.nn.utils.clip_grad_norm_`` over the whole tree (scale min(1, c / (n + 1e-6)))."""
 
-  def update_fn(updates, state, params=None):
-    del params
-    norm = optax.global_norm(updates)
-    scale = jnp.minimum(1.0, max_norm / (norm + TORCH_CLIP_EPS))
-    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+    def update_fn(updates, state, params=None):
+        del params
+        norm = optax.global_norm(updates)
+        scale = jnp.minimum(1.0, max_norm / (norm + TORCH_CLIP_EPS))
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
 
-  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
 def clip_per_tensor_torch(max_norm: float) -> optax.GradientTransformation:
-  """``clip_grad_norm_(p, max_norm)`` for each tensor separately (inside BertAdam)."""
+    """``clip_grad_norm_(p, max_norm)`` for each tensor separately (inside BertAdam)."""
 
-  def update_fn(updates, state, params=None):
-    del params
+    def update_fn(updates, state, params=None):
+        del params
 
-    def one(g):
-      n = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
-      return g * jnp.minimum(1.0, max_norm / (n + TORCH_CLIP_EPS)).astype(g.dtype)
+        def one(g):
+            n = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+            return g * jnp.minimum(1.0, max_norm / (n + TORCH_CLIP_EPS)).astype(g.dtype)
 
-    return jax.tree.map(one, updates), state
+        return jax.tree.map(one, updates), state
 
-  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
 class ScaleByAdamNoBiasState(NamedTuple):
-  mu: PyTree
-  nu: PyTree
+    mu: PyTree
+    nu: PyTree
 
 
-def scale_by_adam_no_bias_correction(b1: float, b2: float, eps: float
-                                     ) -> optax.GradientTransformation:
-  """m / (sqrt(v) + eps) with raw (uncorrected) moments, as BertAdam."""
+def scale_by_adam_no_bias_correction(
+    b1: float, b2: float, eps: float
+) -> optax.GradientTransformation:
+    """m / (sqrt(v) + eps) with raw (uncorrected) moments, as BertAdam."""
 
-  def init_fn(params):
-    zeros = lambda p: jnp.zeros_like(p, dtype=jnp.float32)
-    return ScaleByAdamNoBiasState(jax.tree.map(zeros, params), jax.tree.map(zeros, params))
+    def init_fn(params):
+        zeros = lambda p: jnp.zeros_like(p, dtype=jnp.float32)
+        return ScaleByAdamNoBiasState(jax.tree.map(zeros, params), jax.tree.map(zeros, params))
 
-  def update_fn(updates, state, params=None):
-    del params
-    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
-    out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
-    return out, ScaleByAdamNoBiasState(mu, nu)
+    def update_fn(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
+        out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+        return out, ScaleByAdamNoBiasState(mu, nu)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 class GroupScheduleState(NamedTuple):
-  count: jax.Array
+    count: jax.Array
 
 
-def scale_by_group_schedules(schedules: Dict[str, optax.Schedule], labels: PyTree
-                             ) -> optax.GradientTransformation:
-  """u <- -schedule[label](step) * u per leaf; label 'frozen' -> exactly 0."""
+def scale_by_group_schedules(
+    schedules: Dict[str, optax.Schedule], labels: PyTree
+) -> optax.GradientTransformation:
+    """u <- -schedule[label](step) * u per leaf; label 'frozen' -> exactly 0."""
 
-  def init_fn(params):
-    del params
-    return GroupScheduleState(jnp.zeros([], jnp.int32))
+    def init_fn(params):
+        del params
+        return GroupScheduleState(jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None):
-    del params
-    lrs = {k: s(state.count) for k, s in schedules.items()}
+    def update_fn(updates, state, params=None):
+        del params
+        lrs = {k: s(state.count) for k, s in schedules.items()}
 
-    def one(label, u):
-      if label == "frozen":
-        return jnp.zeros_like(u)
-      return -lrs[label].astype(u.dtype) * u
+        def one(label, u):
+            if label == "frozen":
+                return jnp.zeros_like(u)
+            return -lrs[label].astype(u.dtype) * u
 
-    return (jax.tree.map(one, labels, updates),
-            GroupScheduleState(optax.safe_increment(state.count)))
+        return (
+            jax.tree.map(one, labels, updates),
+            GroupScheduleState(optax.safe_increment(state.count)),
+        )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def zero_frozen(labels: PyTree) -> optax.GradientTransformation:
-  """Frozen grads -> 0 first, so that they do not count in the global clipping norm (torch:
-  ``requires_grad=False`` params have no grad)."""
+    """Frozen grads -> 0 first, so that they do not count in the global clipping norm (torch:
+    ``requires_grad=False`` params have no grad)."""
 
-  def update_fn(updates, state, params=None):
-    del params
-    return jax.tree.map(lambda lab, g: jnp.zeros_like(g) if lab == "frozen" else g,
-                        labels, updates), state
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(
+            lambda lab, g: jnp.zeros_like(g) if lab == "frozen" else g, labels, updates
+        ), state
 
-  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
 # --------------------------------------------------------------------------- builders
 
+
 def learning_rate_schedules(train_cfg, total_steps: int) -> Dict[str, optax.Schedule]:
-  return {
-      "head": make_schedule(train_cfg.lr, total_steps, train_cfg.warmup_proportion,
-                            train_cfg.schedule),
-      "clip": make_schedule(train_cfg.clip_lr, total_steps, train_cfg.warmup_proportion,
-                            train_cfg.schedule),
-  }
+    return {
+        "head": make_schedule(
+            train_cfg.lr, total_steps, train_cfg.warmup_proportion, train_cfg.schedule
+        ),
+        "clip": make_schedule(
+            train_cfg.clip_lr, total_steps, train_cfg.warmup_proportion, train_cfg.schedule
+        ),
+    }
 
 
-def _grouped_chain(params: PyTree, moments: optax.GradientTransformation, *, total_steps: int,
-                   lr: float, clip_lr: float, warmup_proportion: float, weight_decay: float,
-                   grad_clip: float, per_tensor_clip: float, frozen: Sequence[str],
-                   schedule: str) -> optax.GradientTransformation:
-  """Frozen mask -> clipping -> ``moments`` -> decoupled decay -> per-group lr schedule."""
-  labels = param_labels(params, frozen)
-  schedules = {"head": make_schedule(lr, total_steps, warmup_proportion, schedule),
-               "clip": make_schedule(clip_lr, total_steps, warmup_proportion, schedule)}
-  parts = [zero_frozen(labels)]
-  if grad_clip > 0:
-    parts.append(clip_by_global_norm_torch(grad_clip))
-  if per_tensor_clip > 0:
-    parts.append(clip_per_tensor_torch(per_tensor_clip))
-  parts.append(moments)
-  if weight_decay > 0:
-    parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask(params)))
-  parts.append(scale_by_group_schedules(schedules, labels))
-  return optax.chain(*parts)
+def _grouped_chain(
+    params: PyTree,
+    moments: optax.GradientTransformation,
+    *,
+    total_steps: int,
+    lr: float,
+    clip_lr: float,
+    warmup_proportion: float,
+    weight_decay: float,
+    grad_clip: float,
+    per_tensor_clip: float,
+    frozen: Sequence[str],
+    schedule: str,
+) -> optax.GradientTransformation:
+    """Frozen mask -> clipping -> ``moments`` -> decoupled decay -> per-group lr schedule."""
+    labels = param_labels(params, frozen)
+    schedules = {
+        "head": make_schedule(lr, total_steps, warmup_proportion, schedule),
+        "clip": make_schedule(clip_lr, total_steps, warmup_proportion, schedule),
+    }
+    parts = [zero_frozen(labels)]
+    if grad_clip > 0:
+        parts.append(clip_by_global_norm_torch(grad_clip))
+    if per_tensor_clip > 0:
+        parts.append(clip_per_tensor_torch(per_tensor_clip))
+    parts.append(moments)
+    if weight_decay > 0:
+        parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask(params)))
+    parts.append(scale_by_group_schedules(schedules, labels))
+    return optax.chain(*parts)
 
 
-def bertadam(params: PyTree, *, total_steps: int, lr: float = 1e-4, clip_lr: float = 1e-7,
-             warmup_proportion: float = 0.1, b1: float = 0.9, b2: float = 0.98,
-             eps: float = 1e-6, weight_decay: float = 0.2, grad_clip: float = 1.0,
-             per_tensor_clip: float = 1.0, frozen: Sequence[str] = (),
-             schedule: str = "warmup_cosine") -> optax.GradientTransformation:
-  """The original update (module docstring) for a params tree ``{'clip', 'head'}``."""
-  return _grouped_chain(
-      params, scale_by_adam_no_bias_correction(b1, b2, eps), total_steps=total_steps, lr=lr,
-      clip_lr=clip_lr, warmup_proportion=warmup_proportion, weight_decay=weight_decay,
-      grad_clip=grad_clip, per_tensor_clip=per_tensor_clip, frozen=frozen, schedule=schedule)
+def bertadam(
+    params: PyTree,
+    *,
+    total_steps: int,
+    lr: float = 1e-4,
+    clip_lr: float = 1e-7,
+    warmup_proportion: float = 0.1,
+    b1: float = 0.9,
+    b2: float = 0.98,
+    eps: float = 1e-6,
+    weight_decay: float = 0.2,
+    grad_clip: float = 1.0,
+    per_tensor_clip: float = 1.0,
+    frozen: Sequence[str] = (),
+    schedule: str = "warmup_cosine",
+) -> optax.GradientTransformation:
+    """The original update (module docstring) for a params tree ``{'clip', 'head'}``."""
+    return _grouped_chain(
+        params,
+        scale_by_adam_no_bias_correction(b1, b2, eps),
+        total_steps=total_steps,
+        lr=lr,
+        clip_lr=clip_lr,
+        warmup_proportion=warmup_proportion,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        per_tensor_clip=per_tensor_clip,
+        frozen=frozen,
+        schedule=schedule,
+    )
 
 
-def adamw(params: PyTree, *, total_steps: int, lr: float = 1e-4, clip_lr: float = 1e-7,
-          warmup_proportion: float = 0.1, b1: float = 0.9, b2: float = 0.98, eps: float = 1e-6,
-          weight_decay: float = 0.2, grad_clip: float = 1.0, frozen: Sequence[str] = (),
-          schedule: str = "warmup_cosine", **unused) -> optax.GradientTransformation:
-  """Standard AdamW (bias-corrected), same groups, decay mask, clipping and schedule."""
-  del unused
-  return _grouped_chain(
-      params, optax.scale_by_adam(b1=b1, b2=b2, eps=eps), total_steps=total_steps, lr=lr,
-      clip_lr=clip_lr, warmup_proportion=warmup_proportion, weight_decay=weight_decay,
-      grad_clip=grad_clip, per_tensor_clip=0.0, frozen=frozen, schedule=schedule)
+def adamw(
+    params: PyTree,
+    *,
+    total_steps: int,
+    lr: float = 1e-4,
+    clip_lr: float = 1e-7,
+    warmup_proportion: float = 0.1,
+    b1: float = 0.9,
+    b2: float = 0.98,
+    eps: float = 1e-6,
+    weight_decay: float = 0.2,
+    grad_clip: float = 1.0,
+    frozen: Sequence[str] = (),
+    schedule: str = "warmup_cosine",
+    **unused,
+) -> optax.GradientTransformation:
+    """Standard AdamW (bias-corrected), same groups, decay mask, clipping and schedule."""
+    del unused
+    return _grouped_chain(
+        params,
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        total_steps=total_steps,
+        lr=lr,
+        clip_lr=clip_lr,
+        warmup_proportion=warmup_proportion,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        per_tensor_clip=0.0,
+        frozen=frozen,
+        schedule=schedule,
+    )
 
 
 def make_optimizer(train_cfg, params: PyTree, total_steps: int) -> optax.GradientTransformation:
-  """From ``config.train``: 'bertadam' (the original) or 'adamw'."""
-  kwargs = dict(total_steps=total_steps, lr=train_cfg.lr, clip_lr=train_cfg.clip_lr,
-                warmup_proportion=train_cfg.warmup_proportion, b1=train_cfg.b1,
-                b2=train_cfg.b2, eps=train_cfg.eps, weight_decay=train_cfg.weight_decay,
-                grad_clip=train_cfg.grad_clip, frozen=tuple(train_cfg.frozen),
-                schedule=train_cfg.schedule)
-  if train_cfg.optimizer == "bertadam":
-    return bertadam(params, per_tensor_clip=train_cfg.per_tensor_clip, **kwargs)
-  if train_cfg.optimizer == "adamw":
-    return adamw(params, **kwargs)
-  raise ValueError(f"config.train.optimizer: unknown optimizer {train_cfg.optimizer!r}")
+    """From ``config.train``: 'bertadam' (the original) or 'adamw'."""
+    kwargs = dict(
+        total_steps=total_steps,
+        lr=train_cfg.lr,
+        clip_lr=train_cfg.clip_lr,
+        warmup_proportion=train_cfg.warmup_proportion,
+        b1=train_cfg.b1,
+        b2=train_cfg.b2,
+        eps=train_cfg.eps,
+        weight_decay=train_cfg.weight_decay,
+        grad_clip=train_cfg.grad_clip,
+        frozen=tuple(train_cfg.frozen),
+        schedule=train_cfg.schedule,
+    )
+    if train_cfg.optimizer == "bertadam":
+        return bertadam(params, per_tensor_clip=train_cfg.per_tensor_clip, **kwargs)
+    if train_cfg.optimizer == "adamw":
+        return adamw(params, **kwargs)
+    raise ValueError(f"config.train.optimizer: unknown optimizer {train_cfg.optimizer!r}")
 
 
 def clamp_logit_scale(params: PyTree, max_value: float = math.log(100.0)) -> PyTree:
-  """``logit_scale.data.clamp_(max=ln 100)`` after every step (main_ucofia.py:287-290)."""
-  if "clip" in params and "logit_scale" in params["clip"]:
-    clip = dict(params["clip"])
-    clip["logit_scale"] = jnp.minimum(clip["logit_scale"], max_value)
-    return {**params, "clip": clip}
-  return params
+    """``logit_scale.data.clamp_(max=ln 100)`` after every step (main_ucofia.py:287-290)."""
+    if "clip" in params and "logit_scale" in params["clip"]:
+        clip = dict(params["clip"])
+        clip["logit_scale"] = jnp.minimum(clip["logit_scale"], max_value)
+        return {**params, "clip": clip}
+    return params

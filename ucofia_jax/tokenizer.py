@@ -9,6 +9,7 @@ take seconds.
 
     ids, mask = tokenize(["a man is singing"], max_words=32)   # int32 [1, 32] each
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,29 +22,34 @@ import ftfy
 import numpy as np
 import regex
 
-BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
-                        "bpe_simple_vocab_16e6.txt.gz")
+BPE_PATH = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz"
+)
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
 # Same pattern as OpenAI's: special tokens, English contractions, letter runs, single
 # digits, runs of other non-space characters.
 _PATTERN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-    regex.IGNORECASE)
+    regex.IGNORECASE,
+)
 _WHITESPACE = regex.compile(r"\s+")
 
 
 @functools.lru_cache(maxsize=None)
 def bytes_to_unicode() -> dict[int, str]:
     """Reversible byte -> printable unicode map (GPT-2 / CLIP), so BPE never sees spaces/control bytes."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
-    for b in range(2 ** 8):
+    for b in range(2**8):
         if b not in bs:
             bs.append(b)
-            cs.append(2 ** 8 + n)
+            cs.append(2**8 + n)
             n += 1
     return dict(zip(bs, (chr(c) for c in cs)))
 
@@ -60,12 +66,14 @@ class SimpleTokenizer:
 
     def __init__(self, bpe_path: str = BPE_PATH):
         if not os.path.exists(bpe_path):
-            raise FileNotFoundError(f"tokenizer.py: BPE vocabulary not found at {bpe_path}; "
-                                    "reinstall the package (it ships as package data)")
+            raise FileNotFoundError(
+                f"tokenizer.py: BPE vocabulary not found at {bpe_path}; "
+                "reinstall the package (it ships as package data)"
+            )
         with gzip.open(bpe_path) as f:
             lines = f.read().decode("utf-8").split("\n")
         # The first line is a version header; OpenAI keeps 49152 - 256 - 2 merges.
-        merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+        merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
         self.byte_encoder = bytes_to_unicode()
         vocab = list(self.byte_encoder.values())
         vocab = vocab + [v + "</w>" for v in vocab]
@@ -76,8 +84,10 @@ class SimpleTokenizer:
         self.sot_id = self.encoder[SOT_TOKEN]
         self.eot_id = self.encoder[EOT_TOKEN]
         self.vocab_size = len(vocab)
-        self._cache: dict[str, tuple[int, ...]] = {SOT_TOKEN: (self.sot_id,),
-                                                   EOT_TOKEN: (self.eot_id,)}
+        self._cache: dict[str, tuple[int, ...]] = {
+            SOT_TOKEN: (self.sot_id,),
+            EOT_TOKEN: (self.eot_id,),
+        }
 
     def _bpe(self, token: str) -> list[str]:
         # token: a pre-tokenised word, already mapped through bytes_to_unicode.

@@ -8,6 +8,7 @@
 its video (multi-sentence evaluation, or one random caption per epoch in the pipeline).
 ActivityNet and DiDeMo always give one paragraph per video.
 """
+
 from data_pipeline.datasets import activitynet, didemo, lsmdc, msrvtt, msvd, vatex
 
 READERS = {
@@ -22,8 +23,8 @@ SPLITS = {m.NAME: m.SPLITS for m in (msrvtt, msvd, lsmdc, activitynet, didemo, v
 
 
 def get_reader(name: str):
-  """The reader for dataset `name`; a ValueError lists the known names otherwise."""
-  try:
-    return READERS[name]
-  except KeyError:
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(READERS))}") from None
+    """The reader for dataset `name`; a ValueError lists the known names otherwise."""
+    try:
+        return READERS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(READERS))}") from None

@@ -12,6 +12,7 @@ Each clip is its own pre-cut video file, so records decode the whole file
 (start = end = None); the timestamps are positions in the movie, only checked to be present.
 One caption per clip; a clip id repeated in the csv keeps the last row (as the original dict).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,38 +22,59 @@ from data_pipeline.records import ClipRecord, SkipReport, skip_or_raise
 
 NAME = "lsmdc"
 SPLITS = ("train", "val", "test")
-FILES = {"train": "LSMDC16_annos_training.csv", "val": "LSMDC16_annos_val.csv",
-         "test": "LSMDC16_challenge_1000_publictect.csv"}
+FILES = {
+    "train": "LSMDC16_annos_training.csv",
+    "val": "LSMDC16_annos_val.csv",
+    "test": "LSMDC16_challenge_1000_publictect.csv",
+}
 
 
-def read_split(root: str, split: str, *, video_dir: str | None = None,
-               expand_sentences: bool = False, strict: bool = False,
-               report: SkipReport | None = None) -> list[ClipRecord]:
-  C.check_split(split, SPLITS, NAME)
-  del expand_sentences  # one caption per clip
-  video_dir = C.default_video_dir(root, video_dir)
-  path = C.require_file(root, FILES[split], NAME)
-  captions: dict[str, list[str]] = {}
-  for i, row in enumerate(C.read_csv(path, delimiter="\t"), 1):
-    where = f"{path}:{i}"
-    if not any(x.strip() for x in row):
-      continue
-    if len(row) != 6:
-      skip_or_raise(report, strict, where, C.REASON_BAD_ROW,
-                    f"{len(row)} tab-separated fields, expected 6")
-      continue
-    clip_id = row[0].strip()
-    if not clip_id or C.has_bad_text(clip_id):
-      skip_or_raise(report, strict, where, C.REASON_BAD_ROW, "bad clip id")
-      continue
-    cap = C.clean_caption(row[5], where, report, strict)
-    if cap is not None:
-      captions[clip_id] = [cap]
+def read_split(
+    root: str,
+    split: str,
+    *,
+    video_dir: str | None = None,
+    expand_sentences: bool = False,
+    strict: bool = False,
+    report: SkipReport | None = None,
+) -> list[ClipRecord]:
+    C.check_split(split, SPLITS, NAME)
+    del expand_sentences  # one caption per clip
+    video_dir = C.default_video_dir(root, video_dir)
+    path = C.require_file(root, FILES[split], NAME)
+    captions: dict[str, list[str]] = {}
+    for i, row in enumerate(C.read_csv(path, delimiter="\t"), 1):
+        where = f"{path}:{i}"
+        if not any(x.strip() for x in row):
+            continue
+        if len(row) != 6:
+            skip_or_raise(
+                report,
+                strict,
+                where,
+                C.REASON_BAD_ROW,
+                f"{len(row)} tab-separated fields, expected 6",
+            )
+            continue
+        clip_id = row[0].strip()
+        if not clip_id or C.has_bad_text(clip_id):
+            skip_or_raise(report, strict, where, C.REASON_BAD_ROW, "bad clip id")
+            continue
+        cap = C.clean_caption(row[5], where, report, strict)
+        if cap is not None:
+            captions[clip_id] = [cap]
 
-  def names(clip_id):
-    movie = clip_id.rsplit("_", 1)[0]
-    return [clip_id, os.path.join(movie, clip_id)]
+    def names(clip_id):
+        movie = clip_id.rsplit("_", 1)[0]
+        return [clip_id, os.path.join(movie, clip_id)]
 
-  items = [(cid, caps, None, None) for cid, caps in captions.items()]
-  return C.build_records(items, video_dir=video_dir, split=split, expand=False,
-                         report=report, strict=strict, names_fn=names)
+    items = [(cid, caps, None, None) for cid, caps in captions.items()]
+    return C.build_records(
+        items,
+        video_dir=video_dir,
+        split=split,
+        expand=False,
+        report=report,
+        strict=strict,
+        names_fn=names,
+    )

@@ -10,6 +10,7 @@ from the internet must not be unpickled with `pickle.load`.
 Every caption is a training sample (``expand_sentences=True``); evaluation is multi-sentence
 (one record per video with all captions, the default).
 """
+
 from __future__ import annotations
 
 import io
@@ -20,84 +21,109 @@ from data_pipeline.records import ClipRecord, DataError, SkipReport, skip_or_rai
 
 NAME = "msvd"
 SPLITS = ("train", "val", "test")
-_ALLOWED = {("builtins", "dict"), ("builtins", "list"), ("builtins", "str"),
-            ("builtins", "tuple"), ("__builtin__", "dict"), ("__builtin__", "list"),
-            ("__builtin__", "str"), ("__builtin__", "tuple"), ("__builtin__", "unicode")}
+_ALLOWED = {
+    ("builtins", "dict"),
+    ("builtins", "list"),
+    ("builtins", "str"),
+    ("builtins", "tuple"),
+    ("__builtin__", "dict"),
+    ("__builtin__", "list"),
+    ("__builtin__", "str"),
+    ("__builtin__", "tuple"),
+    ("__builtin__", "unicode"),
+}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, f, path):
+        super().__init__(f, encoding="utf-8")
+        self._path = path
 
-  def __init__(self, f, path):
-    super().__init__(f, encoding="utf-8")
-    self._path = path
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise DataError(
+            f"{self._path}: refusing to unpickle {module}.{name}; only dict, list, "
+            f"str and tuple are allowed in a captions file"
+        )
 
-  def find_class(self, module, name):
-    if (module, name) in _ALLOWED:
-      return super().find_class(module, name)
-    raise DataError(f"{self._path}: refusing to unpickle {module}.{name}; only dict, list, "
-                    f"str and tuple are allowed in a captions file")
-
-  def persistent_load(self, pid):
-    raise DataError(f"{self._path}: refusing persistent id {pid!r} in a captions file")
+    def persistent_load(self, pid):
+        raise DataError(f"{self._path}: refusing persistent id {pid!r} in a captions file")
 
 
 def _check_types(obj, path):
-  stack = [obj]
-  while stack:
-    o = stack.pop()
-    if isinstance(o, dict):
-      stack.extend(o.keys())
-      stack.extend(o.values())
-    elif isinstance(o, (list, tuple)):
-      stack.extend(o)
-    elif not isinstance(o, str):
-      raise DataError(f"{path}: unexpected {type(o).__name__} in a captions file; only dict, "
-                      f"list, str and tuple are allowed")
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+        elif not isinstance(o, str):
+            raise DataError(
+                f"{path}: unexpected {type(o).__name__} in a captions file; only dict, "
+                f"list, str and tuple are allowed"
+            )
 
 
 def load_captions_pickle(path: str):
-  """raw-captions.pkl through the restricted unpickler; raises DataError naming the file."""
-  with open(path, "rb") as f:
-    data = f.read()
-  try:
-    obj = _RestrictedUnpickler(io.BytesIO(data), path).load()
-  except DataError:
-    raise
-  except Exception as e:  # truncated, not a pickle, py2 bytes that are not UTF-8, ...
-    raise DataError(f"{path}: cannot read pickle ({type(e).__name__}: {e})") from e
-  # Opcodes such as EMPTY_SET or BINBYTES build objects without find_class; they cannot run
-  # code, but the file is then not what a captions file should be.
-  _check_types(obj, path)
-  if not isinstance(obj, dict):
-    raise DataError(f"{path}: expected a dict video_id -> list of token lists, "
-                    f"got {type(obj).__name__}")
-  return obj
+    """raw-captions.pkl through the restricted unpickler; raises DataError naming the file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(data), path).load()
+    except DataError:
+        raise
+    except Exception as e:  # truncated, not a pickle, py2 bytes that are not UTF-8, ...
+        raise DataError(f"{path}: cannot read pickle ({type(e).__name__}: {e})") from e
+    # Opcodes such as EMPTY_SET or BINBYTES build objects without find_class; they cannot run
+    # code, but the file is then not what a captions file should be.
+    _check_types(obj, path)
+    if not isinstance(obj, dict):
+        raise DataError(
+            f"{path}: expected a dict video_id -> list of token lists, got {type(obj).__name__}"
+        )
+    return obj
 
 
-def read_split(root: str, split: str, *, video_dir: str | None = None,
-               expand_sentences: bool = False, strict: bool = False,
-               report: SkipReport | None = None) -> list[ClipRecord]:
-  C.check_split(split, SPLITS, NAME)
-  video_dir = C.default_video_dir(root, video_dir)
-  list_path = C.require_file(root, f"{split}_list.txt", NAME)
-  pkl_path = C.require_file(root, "raw-captions.pkl", NAME)
-  captions = load_captions_pickle(pkl_path)
-  items = []
-  for vid, entry in C.listed_caption_entries(list_path, captions, pkl_path, report, strict,
-                                             entry_types=(list, tuple)):
-    caps = []
-    for j, tokens in enumerate(entry):
-      where = f"{pkl_path}[{vid}][{j}]"
-      if isinstance(tokens, (list, tuple)) and all(isinstance(t, str) for t in tokens):
-        text = " ".join(tokens)
-      elif isinstance(tokens, str):  # some re-exports store joined strings
-        text = tokens
-      else:
-        skip_or_raise(report, strict, where, C.REASON_BAD_ROW, "expected a list of tokens")
-        continue
-      cap = C.clean_caption(text, where, report, strict)
-      if cap is not None:
-        caps.append(cap)
-    items.append((vid, caps, None, None))
-  return C.build_records(items, video_dir=video_dir, split=split, expand=expand_sentences,
-                         report=report, strict=strict)
+def read_split(
+    root: str,
+    split: str,
+    *,
+    video_dir: str | None = None,
+    expand_sentences: bool = False,
+    strict: bool = False,
+    report: SkipReport | None = None,
+) -> list[ClipRecord]:
+    C.check_split(split, SPLITS, NAME)
+    video_dir = C.default_video_dir(root, video_dir)
+    list_path = C.require_file(root, f"{split}_list.txt", NAME)
+    pkl_path = C.require_file(root, "raw-captions.pkl", NAME)
+    captions = load_captions_pickle(pkl_path)
+    items = []
+    for vid, entry in C.listed_caption_entries(
+        list_path, captions, pkl_path, report, strict, entry_types=(list, tuple)
+    ):
+        caps = []
+        for j, tokens in enumerate(entry):
+            where = f"{pkl_path}[{vid}][{j}]"
+            if isinstance(tokens, (list, tuple)) and all(isinstance(t, str) for t in tokens):
+                text = " ".join(tokens)
+            elif isinstance(tokens, str):  # some re-exports store joined strings
+                text = tokens
+            else:
+                skip_or_raise(report, strict, where, C.REASON_BAD_ROW, "expected a list of tokens")
+                continue
+            cap = C.clean_caption(text, where, report, strict)
+            if cap is not None:
+                caps.append(cap)
+        items.append((vid, caps, None, None))
+    return C.build_records(
+        items,
+        video_dir=video_dir,
+        split=split,
+        expand=expand_sentences,
+        report=report,
+        strict=strict,
+    )

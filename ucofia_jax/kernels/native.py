@@ -13,6 +13,7 @@ source, the jaxlib version, the compiler and the CPU's feature flags, so a cache
 different machines never hands one a library built for another's instruction set. Written to a temporary name and renamed, so concurrent processes
 (multi-process runs) can build at once.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -38,7 +39,7 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 BUILD_TIMEOUT_S = 300
 
 _lock = threading.Lock()
-_state: dict = {}            # "ok": bool, "reason": str (the library path when ok), "lib"
+_state: dict = {}  # "ok": bool, "reason": str (the library path when ok), "lib"
 
 
 def _cpu_flags() -> str:
@@ -53,8 +54,9 @@ def _cpu_flags() -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("UCOFIA_KERNEL_CACHE",
-                               Path.home() / ".cache" / "ucofia_jax" / "kernels"))
+    return Path(
+        os.environ.get("UCOFIA_KERNEL_CACHE", Path.home() / ".cache" / "ucofia_jax" / "kernels")
+    )
 
 
 def _compiler() -> Tuple[Optional[str], str]:
@@ -63,8 +65,9 @@ def _compiler() -> Tuple[Optional[str], str]:
     if path is None:
         return None, f"no C++ compiler: {' / '.join(map(repr, names))} not found (set $CXX)"
     try:
-        version = subprocess.run([path, "--version"], capture_output=True, text=True,
-                                 timeout=30).stdout.splitlines()[:1]
+        version = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout.splitlines()[:1]
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"C++ compiler {path} does not run: {e}"
     return path, (version[0] if version else path)
@@ -76,10 +79,19 @@ def _build() -> Path:
     if cxx is None:
         raise RuntimeError(version)
     import jaxlib
+
     include = jax.ffi.include_dir()
-    key = hashlib.sha256("\0".join([
-        SOURCE.read_text(), jaxlib.__version__, version, " ".join(FLAGS), _cpu_flags(),
-    ]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        "\0".join(
+            [
+                SOURCE.read_text(),
+                jaxlib.__version__,
+                version,
+                " ".join(FLAGS),
+                _cpu_flags(),
+            ]
+        ).encode()
+    ).hexdigest()[:16]
     out = cache_dir() / f"pixel_word_cpu-{key}.so"
     if out.exists():
         return out
@@ -90,8 +102,9 @@ def _build() -> Path:
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if p.returncode:
-            raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n"
-                               f"{p.stderr[-3000:]}")
+            raise RuntimeError(
+                f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{p.stderr[-3000:]}"
+            )
         os.replace(tmp, out)
     except subprocess.TimeoutExpired as e:
         raise RuntimeError(f"building {SOURCE.name} took over {BUILD_TIMEOUT_S} s") from e
@@ -108,8 +121,9 @@ def load() -> Tuple[bool, str]:
             try:
                 path = _build()
                 lib = ctypes.CDLL(str(path))
-                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.UcofiaPixelWordIsa),
-                                            platform="cpu")
+                jax.ffi.register_ffi_target(
+                    TARGET, jax.ffi.pycapsule(lib.UcofiaPixelWordIsa), platform="cpu"
+                )
                 _state.update(ok=True, reason=str(path), lib=lib)
             except (RuntimeError, OSError, AttributeError) as e:
                 _state.update(ok=False, reason=str(e))
@@ -128,8 +142,10 @@ def resolve_level3_kernel(choice: str) -> str:
         return "xla"
     if jax.default_backend() != "cpu":
         if choice == "native":
-            raise RuntimeError("level3_kernel='native' is a CPU kernel; the default backend "
-                               f"is {jax.default_backend()!r} (use 'auto' or 'xla')")
+            raise RuntimeError(
+                "level3_kernel='native' is a CPU kernel; the default backend "
+                f"is {jax.default_backend()!r} (use 'auto' or 'xla')"
+            )
         return "xla"
     ok, reason = load()
     if ok:
@@ -139,8 +155,14 @@ def resolve_level3_kernel(choice: str) -> str:
     return "xla"
 
 
-def pixel_word_isa(g: jax.Array, pixel_w: jax.Array, word_w2: jax.Array, word_w: jax.Array,
-                   pixel_w2: jax.Array, tau) -> jax.Array:
+def pixel_word_isa(
+    g: jax.Array,
+    pixel_w: jax.Array,
+    word_w2: jax.Array,
+    word_w: jax.Array,
+    pixel_w2: jax.Array,
+    tau,
+) -> jax.Array:
     """Level 3 after the GEMM: G 't w v p' -> 't v' (no logit scale), see pixel_word_cpu.cc.
 
     Same maths as ``ops.similarity.pixel_word`` without masks; agrees with it to float32
@@ -151,13 +173,21 @@ def pixel_word_isa(g: jax.Array, pixel_w: jax.Array, word_w2: jax.Array, word_w:
     if g.ndim != 4:
         raise ValueError(f"G must be 't w v p', got shape {tuple(g.shape)}")
     t, w, v, p = g.shape
-    for name, m, n in (("pixel_mat_weight", pixel_w, p), ("word_mat_weight2", word_w2, w),
-                       ("word_mat_weight", word_w, w), ("pixel_mat_weight2", pixel_w2, p)):
+    for name, m, n in (
+        ("pixel_mat_weight", pixel_w, p),
+        ("word_mat_weight2", word_w2, w),
+        ("word_mat_weight", word_w, w),
+        ("pixel_mat_weight2", pixel_w2, p),
+    ):
         if tuple(m.shape) != (n, n):
-            raise ValueError(f"{name} has shape {tuple(m.shape)}, expected {(n, n)} for G of "
-                             f"shape {tuple(g.shape)}")
+            raise ValueError(
+                f"{name} has shape {tuple(m.shape)}, expected {(n, n)} for G of "
+                f"shape {tuple(g.shape)}"
+            )
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((t, v), jnp.float32),
-                            vmap_method="sequential")
-    return call(f32(g), f32(pixel_w), f32(word_w2), f32(word_w), f32(pixel_w2),
-                jnp.reshape(f32(tau), ()))
+    call = jax.ffi.ffi_call(
+        TARGET, jax.ShapeDtypeStruct((t, v), jnp.float32), vmap_method="sequential"
+    )
+    return call(
+        f32(g), f32(pixel_w), f32(word_w2), f32(word_w), f32(pixel_w2), jnp.reshape(f32(tau), ())
+    )

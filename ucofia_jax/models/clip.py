@@ -12,6 +12,7 @@ Images are float32, already normalised (``normalize_images``), channels last.
 ``dtype='bfloat16'`` runs the matmuls/convolution in bfloat16 while LayerNorm, softmax and
 the residual stream stay float32 (params are always float32); outputs are float32.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,20 +50,35 @@ class CLIPConfig:
     token_shift_n_div: int = 7
     dtype: str = "float32"
 
-    _SIZE_FIELDS = ("embed_dim", "image_resolution", "vision_layers", "vision_width",
-                    "vision_patch_size", "context_length", "vocab_size", "text_width",
-                    "text_heads", "text_layers")
+    _SIZE_FIELDS = (
+        "embed_dim",
+        "image_resolution",
+        "vision_layers",
+        "vision_width",
+        "vision_patch_size",
+        "context_length",
+        "vocab_size",
+        "text_width",
+        "text_heads",
+        "text_layers",
+    )
 
     def __post_init__(self):
-        object.__setattr__(self, "token_shift_blocks", tuple(int(i) for i in self.token_shift_blocks))
+        object.__setattr__(
+            self, "token_shift_blocks", tuple(int(i) for i in self.token_shift_blocks)
+        )
         if self.dtype not in _DTYPES:
             raise ValueError(f"clip.py: dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.image_resolution % self.vision_patch_size:
-            raise ValueError(f"clip.py: image_resolution {self.image_resolution} is not a multiple "
-                             f"of vision_patch_size {self.vision_patch_size}")
+            raise ValueError(
+                f"clip.py: image_resolution {self.image_resolution} is not a multiple "
+                f"of vision_patch_size {self.vision_patch_size}"
+            )
         bad = [i for i in self.token_shift_blocks if not 0 <= i < self.vision_layers]
         if bad:
-            raise ValueError(f"clip.py: token_shift_blocks {bad} outside 0..{self.vision_layers - 1}")
+            raise ValueError(
+                f"clip.py: token_shift_blocks {bad} outside 0..{self.vision_layers - 1}"
+            )
 
     @property
     def vision_heads(self) -> int:
@@ -116,25 +132,45 @@ class VisionTransformer(nn.Module):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         w, p = cfg.vision_width, cfg.vision_patch_size
         if x.shape[1:] != (cfg.image_resolution, cfg.image_resolution, 3):
-            raise ValueError(f"clip.py: images must be [B, {cfg.image_resolution}, "
-                             f"{cfg.image_resolution}, 3] (channels last), got {x.shape}")
-        x = nn.Conv(w, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=dtype,
-                    param_dtype=jnp.float32, name="conv1")(x.astype(dtype))
+            raise ValueError(
+                f"clip.py: images must be [B, {cfg.image_resolution}, "
+                f"{cfg.image_resolution}, 3] (channels last), got {x.shape}"
+            )
+        x = nn.Conv(
+            w,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            name="conv1",
+        )(x.astype(dtype))
         b = x.shape[0]
         x = x.reshape(b, -1, w).astype(jnp.float32)  # 'b P w', row-major patches like torch
-        scale = w ** -0.5
+        scale = w**-0.5
         cls = self.param("class_embedding", _normal(scale), (w,), jnp.float32)
-        pos = self.param("positional_embedding", _normal(scale), (cfg.grid_size ** 2 + 1, w),
-                         jnp.float32)
+        pos = self.param(
+            "positional_embedding", _normal(scale), (cfg.grid_size**2 + 1, w), jnp.float32
+        )
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, w)), x], axis=1) + pos  # 'b n w'
         x = LayerNorm(name="ln_pre")(x)
         fns = None
         if cfg.token_shift_blocks and num_frames is not None:
-            shift = functools.partial(token_shift, num_frames=num_frames, n_div=cfg.token_shift_n_div)
-            fns = tuple(shift if i in cfg.token_shift_blocks else None
-                        for i in range(cfg.vision_layers))
-        x = Transformer(w, cfg.vision_layers, cfg.vision_heads, dtype=dtype, attn_input_fns=fns,
-                        name="transformer")(x)
+            shift = functools.partial(
+                token_shift, num_frames=num_frames, n_div=cfg.token_shift_n_div
+            )
+            fns = tuple(
+                shift if i in cfg.token_shift_blocks else None for i in range(cfg.vision_layers)
+            )
+        x = Transformer(
+            w,
+            cfg.vision_layers,
+            cfg.vision_heads,
+            dtype=dtype,
+            attn_input_fns=fns,
+            name="transformer",
+        )(x)
         x = LayerNorm(name="ln_post")(x)
         proj = self.param("proj", _normal(scale), (w, cfg.embed_dim), jnp.float32)
         return jnp.einsum("bnw,wd->bnd", x.astype(dtype), proj.astype(dtype)).astype(jnp.float32)
@@ -148,17 +184,25 @@ class CLIP(nn.Module):
     def setup(self):
         cfg = self.cfg
         self.visual = VisionTransformer(cfg)
-        self.token_embedding = nn.Embed(cfg.vocab_size, cfg.text_width, embedding_init=_normal(0.02),
-                                        param_dtype=jnp.float32)
-        self.positional_embedding = self.param("positional_embedding", _normal(0.01),
-                                               (cfg.context_length, cfg.text_width), jnp.float32)
-        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads,
-                                       dtype=cfg.compute_dtype)
+        self.token_embedding = nn.Embed(
+            cfg.vocab_size, cfg.text_width, embedding_init=_normal(0.02), param_dtype=jnp.float32
+        )
+        self.positional_embedding = self.param(
+            "positional_embedding", _normal(0.01), (cfg.context_length, cfg.text_width), jnp.float32
+        )
+        self.transformer = Transformer(
+            cfg.text_width, cfg.text_layers, cfg.text_heads, dtype=cfg.compute_dtype
+        )
         self.ln_final = LayerNorm()
-        self.text_projection = self.param("text_projection", _normal(cfg.text_width ** -0.5),
-                                          (cfg.text_width, cfg.embed_dim), jnp.float32)
-        self.logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)),
-                                      (), jnp.float32)
+        self.text_projection = self.param(
+            "text_projection",
+            _normal(cfg.text_width**-0.5),
+            (cfg.text_width, cfg.embed_dim),
+            jnp.float32,
+        )
+        self.logit_scale = self.param(
+            "logit_scale", nn.initializers.constant(math.log(1 / 0.07)), (), jnp.float32
+        )
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         """'b h w 3' -> 'b n d' (n = 1 + patches), ln_post and proj on every token."""
@@ -180,8 +224,9 @@ class CLIP(nn.Module):
         causal = jnp.triu(jnp.full((l, l), -jnp.inf, jnp.float32), k=1)
         x = self.transformer(x, causal)
         x = self.ln_final(x)
-        return jnp.einsum("blw,wd->bld", x.astype(dtype),
-                          self.text_projection.astype(dtype)).astype(jnp.float32)
+        return jnp.einsum(
+            "blw,wd->bld", x.astype(dtype), self.text_projection.astype(dtype)
+        ).astype(jnp.float32)
 
     def __call__(self, images: jax.Array, input_ids: jax.Array):
         """CLIP logits (text x image) from the CLS / EOT features, as ``CLIPModel``."""
@@ -196,19 +241,25 @@ class CLIP(nn.Module):
 def _openai_block_init(params: dict, width: int, layers: int, rng: jax.Array) -> dict:
     """Re-draw block weights with OpenAI's stds (attn width^-1/2, proj width^-1/2 (2L)^-1/2,
     fc (2 width)^-1/2) and zero biases; ``layers.py`` blocks default to N(0, 0.02)."""
-    attn_std = width ** -0.5
+    attn_std = width**-0.5
     proj_std = attn_std * (2 * layers) ** -0.5
     fc_std = (2 * width) ** -0.5
-    stds = {("attn", "in_proj"): attn_std, ("attn", "out_proj"): proj_std,
-            ("mlp", "c_fc"): fc_std, ("mlp", "c_proj"): proj_std}
+    stds = {
+        ("attn", "in_proj"): attn_std,
+        ("attn", "out_proj"): proj_std,
+        ("mlp", "c_fc"): fc_std,
+        ("mlp", "c_proj"): proj_std,
+    }
     out = {}
     for i in range(layers):
         blk = jax.tree_util.tree_map(lambda a: a, params[f"resblocks_{i}"])
         for (mod, sub), std in stds.items():
             rng, k = jax.random.split(rng)
             kern = blk[mod][sub]["kernel"]
-            blk[mod][sub] = {"kernel": std * jax.random.normal(k, kern.shape, kern.dtype),
-                             "bias": jnp.zeros_like(blk[mod][sub]["bias"])}
+            blk[mod][sub] = {
+                "kernel": std * jax.random.normal(k, kern.shape, kern.dtype),
+                "bias": jnp.zeros_like(blk[mod][sub]["bias"]),
+            }
         out[f"resblocks_{i}"] = blk
     return out
 
@@ -221,11 +272,13 @@ def init_clip(cfg: CLIPConfig, rng: jax.Array) -> tuple[CLIP, dict]:
         r_init, r_txt, r_vis = jax.random.split(rng, 3)
         images = jnp.zeros((1, cfg.image_resolution, cfg.image_resolution, 3), jnp.float32)
         params = dict(model.init(r_init, images, jnp.zeros((1, 2), jnp.int32))["params"])
-        params["transformer"] = _openai_block_init(params["transformer"], cfg.text_width,
-                                                   cfg.text_layers, r_txt)
+        params["transformer"] = _openai_block_init(
+            params["transformer"], cfg.text_width, cfg.text_layers, r_txt
+        )
         visual = dict(params["visual"])
-        visual["transformer"] = _openai_block_init(visual["transformer"], cfg.vision_width,
-                                                   cfg.vision_layers, r_vis)
+        visual["transformer"] = _openai_block_init(
+            visual["transformer"], cfg.vision_width, cfg.vision_layers, r_vis
+        )
         params["visual"] = visual
         return params
 
@@ -243,8 +296,10 @@ def load_pretrained(path: str, **cfg_overrides) -> tuple[CLIP, dict]:
     sizes = cfg.sizes()
     clash = {k: (v, sizes[k]) for k, v in cfg_overrides.items() if k in sizes and sizes[k] != v}
     if clash:
-        raise ValueError(f"clip.py: {path}: config disagrees with the checkpoint "
-                         f"(requested, checkpoint): {clash}")
+        raise ValueError(
+            f"clip.py: {path}: config disagrees with the checkpoint "
+            f"(requested, checkpoint): {clash}"
+        )
     cfg = dataclasses.replace(cfg, **cfg_overrides)
     params = jax.tree_util.tree_map(jnp.asarray, params)
     return CLIP(cfg), params

@@ -14,6 +14,7 @@ Nothing here executes code from a checkpoint:
 The HF layout is first renamed to OpenAI's ``state_dict`` layout, so both imports go through
 ``convert_openai_state_dict`` and map to the same function.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,6 +44,7 @@ class CheckpointError(ValueError):
 # OpenAI layout
 # ---------------------------------------------------------------------------------------
 
+
 def _count_blocks(sd: Mapping[str, Any], prefix: str) -> int:
     pat = re.compile(re.escape(prefix) + r"(\d+)\.")
     idx = {int(m.group(1)) for k in sd for m in [pat.match(k)] if m}
@@ -54,21 +56,35 @@ def _count_blocks(sd: Mapping[str, Any], prefix: str) -> int:
 def infer_openai_config(sd: Mapping[str, Any], source: str = "state dict") -> CLIPConfig:
     """CLIPConfig from an OpenAI-layout state dict (mirrors ``clip.model.build_model``)."""
     if "visual.layer1.0.conv1.weight" in sd or "visual.attnpool.c_proj.weight" in sd:
-        raise CheckpointError(f"{source}: ResNet CLIP (visual.layer*/attnpool) is not supported; "
-                              "UCoFiA needs a ViT CLIP (ViT-B/32, ViT-B/16, ViT-L/14)")
-    for key in ("visual.conv1.weight", "visual.positional_embedding", "visual.proj",
-                "text_projection", "positional_embedding", "token_embedding.weight",
-                "ln_final.weight"):
+        raise CheckpointError(
+            f"{source}: ResNet CLIP (visual.layer*/attnpool) is not supported; "
+            "UCoFiA needs a ViT CLIP (ViT-B/32, ViT-B/16, ViT-L/14)"
+        )
+    for key in (
+        "visual.conv1.weight",
+        "visual.positional_embedding",
+        "visual.proj",
+        "text_projection",
+        "positional_embedding",
+        "token_embedding.weight",
+        "ln_final.weight",
+    ):
         if key not in sd:
-            raise CheckpointError(f"{source}: missing key {key!r} (not an OpenAI ViT CLIP state dict?)")
+            raise CheckpointError(
+                f"{source}: missing key {key!r} (not an OpenAI ViT CLIP state dict?)"
+            )
     conv = np.shape(sd["visual.conv1.weight"])
     if len(conv) != 4 or conv[1] != 3 or conv[2] != conv[3]:
-        raise CheckpointError(f"{source}: visual.conv1.weight has shape {conv}, expected [w, 3, p, p]")
+        raise CheckpointError(
+            f"{source}: visual.conv1.weight has shape {conv}, expected [w, 3, p, p]"
+        )
     vision_width, patch = conv[0], conv[-1]
     n_pos = np.shape(sd["visual.positional_embedding"])[0]
     grid = round((n_pos - 1) ** 0.5)
     if grid * grid + 1 != n_pos:
-        raise CheckpointError(f"{source}: visual.positional_embedding has {n_pos} rows, not 1 + a square")
+        raise CheckpointError(
+            f"{source}: visual.positional_embedding has {n_pos} rows, not 1 + a square"
+        )
     text_width = np.shape(sd["ln_final.weight"])[0]
     return CLIPConfig(
         embed_dim=np.shape(sd["text_projection"])[1],
@@ -86,6 +102,7 @@ def infer_openai_config(sd: Mapping[str, Any], source: str = "state dict") -> CL
 
 def _block_params(get, pre: str) -> dict:
     """One residual block: torch Linear weight [out, in] -> Flax kernel [in, out]."""
+
     def ln(name):
         return {"scale": get(f"{pre}{name}.weight"), "bias": get(f"{pre}{name}.bias")}
 
@@ -94,9 +111,13 @@ def _block_params(get, pre: str) -> dict:
 
     return {
         "ln_1": ln("ln_1"),
-        "attn": {"in_proj": {"kernel": get(f"{pre}attn.in_proj_weight").T,
-                             "bias": get(f"{pre}attn.in_proj_bias")},
-                 "out_proj": dense("attn.out_proj")},
+        "attn": {
+            "in_proj": {
+                "kernel": get(f"{pre}attn.in_proj_weight").T,
+                "bias": get(f"{pre}attn.in_proj_bias"),
+            },
+            "out_proj": dense("attn.out_proj"),
+        },
         "ln_2": ln("ln_2"),
         "mlp": {"c_fc": dense("mlp.c_fc"), "c_proj": dense("mlp.c_proj")},
     }
@@ -106,6 +127,7 @@ def _expected_shapes(cfg: CLIPConfig) -> dict:
     import jax
 
     from ucofia_jax.models.clip import CLIP
+
     model = CLIP(cfg)
     images = jax.ShapeDtypeStruct((1, cfg.image_resolution, cfg.image_resolution, 3), np.float32)
     ids = jax.ShapeDtypeStruct((1, 2), np.int32)
@@ -113,14 +135,15 @@ def _expected_shapes(cfg: CLIPConfig) -> dict:
     return jax.tree_util.tree_map(lambda s: tuple(s.shape), shapes)
 
 
-def convert_openai_state_dict(sd: Mapping[str, Any], prefix: str = "", strict: bool = True,
-                              source: str = "state dict") -> tuple[CLIPConfig, dict]:
+def convert_openai_state_dict(
+    sd: Mapping[str, Any], prefix: str = "", strict: bool = True, source: str = "state dict"
+) -> tuple[CLIPConfig, dict]:
     """OpenAI-layout ``state_dict`` (numpy-convertible values) -> (CLIPConfig, float32 params).
 
     ``prefix`` selects keys (e.g. ``"clip."`` in a UCoFiA checkpoint; other keys are
     ignored). With ``strict``, keys that are not CLIP weights are an error.
     """
-    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     if not sd:
         raise CheckpointError(f"{source}: no keys with prefix {prefix!r}")
     cfg = infer_openai_config(sd, source)
@@ -132,12 +155,14 @@ def convert_openai_state_dict(sd: Mapping[str, Any], prefix: str = "", strict: b
         used.add(key)
         return np.asarray(sd[key], dtype=np.float32)
 
-    conv = get("visual.conv1.weight")                     # [w, 3, p, p] (torch OIHW)
+    conv = get("visual.conv1.weight")  # [w, 3, p, p] (torch OIHW)
     params = {
         "token_embedding": {"embedding": get("token_embedding.weight")},
         "positional_embedding": get("positional_embedding"),
-        "transformer": {f"resblocks_{i}": _block_params(get, f"transformer.resblocks.{i}.")
-                        for i in range(cfg.text_layers)},
+        "transformer": {
+            f"resblocks_{i}": _block_params(get, f"transformer.resblocks.{i}.")
+            for i in range(cfg.text_layers)
+        },
         "ln_final": {"scale": get("ln_final.weight"), "bias": get("ln_final.bias")},
         "text_projection": get("text_projection"),
         "logit_scale": get("logit_scale").reshape(()),
@@ -146,8 +171,10 @@ def convert_openai_state_dict(sd: Mapping[str, Any], prefix: str = "", strict: b
             "class_embedding": get("visual.class_embedding"),
             "positional_embedding": get("visual.positional_embedding"),
             "ln_pre": {"scale": get("visual.ln_pre.weight"), "bias": get("visual.ln_pre.bias")},
-            "transformer": {f"resblocks_{i}": _block_params(get, f"visual.transformer.resblocks.{i}.")
-                            for i in range(cfg.vision_layers)},
+            "transformer": {
+                f"resblocks_{i}": _block_params(get, f"visual.transformer.resblocks.{i}.")
+                for i in range(cfg.vision_layers)
+            },
             "ln_post": {"scale": get("visual.ln_post.weight"), "bias": get("visual.ln_post.bias")},
             "proj": get("visual.proj"),
         },
@@ -155,8 +182,10 @@ def convert_openai_state_dict(sd: Mapping[str, Any], prefix: str = "", strict: b
     if strict:
         extra = sorted(k for k in set(sd) - used if not _IGNORED.match(k))
         if extra:
-            raise CheckpointError(f"{source}: unexpected keys {[prefix + k for k in extra[:10]]}"
-                                  f"{' ...' if len(extra) > 10 else ''}")
+            raise CheckpointError(
+                f"{source}: unexpected keys {[prefix + k for k in extra[:10]]}"
+                f"{' ...' if len(extra) > 10 else ''}"
+            )
     _check_shapes(params, _expected_shapes(cfg), source)
     return cfg, params
 
@@ -167,8 +196,10 @@ def _check_shapes(params: dict, expected: dict, source: str, path: str = "") -> 
         if isinstance(want, dict):
             _check_shapes(got, want, source, f"{path}{k}/")
         elif got is None or tuple(np.shape(got)) != want:
-            raise CheckpointError(f"{source}: parameter {path}{k} has shape "
-                                  f"{None if got is None else np.shape(got)}, expected {want}")
+            raise CheckpointError(
+                f"{source}: parameter {path}{k} has shape "
+                f"{None if got is None else np.shape(got)}, expected {want}"
+            )
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,27 +273,34 @@ def hf_to_openai_state_dict(sd: Mapping[str, Any], source: str = "state dict") -
     return out
 
 
-def convert_hf_state_dict(sd: Mapping[str, Any], hf_config: Mapping[str, Any],
-                          source: str = "state dict") -> tuple[CLIPConfig, dict]:
+def convert_hf_state_dict(
+    sd: Mapping[str, Any], hf_config: Mapping[str, Any], source: str = "state dict"
+) -> tuple[CLIPConfig, dict]:
     """HF ``CLIPModel`` state dict + its ``config.json`` dict -> (CLIPConfig, params)."""
     tc, vc = hf_config.get("text_config") or {}, hf_config.get("vision_config") or {}
     for name, c in (("text_config", tc), ("vision_config", vc)):
         act = c.get("hidden_act", "quick_gelu")
         if act != "quick_gelu":
-            raise CheckpointError(f"{source}: {name}.hidden_act={act!r}; only OpenAI's quick_gelu "
-                                  "is implemented")
+            raise CheckpointError(
+                f"{source}: {name}.hidden_act={act!r}; only OpenAI's quick_gelu is implemented"
+            )
         eps = c.get("layer_norm_eps", 1e-5)
         if abs(eps - 1e-5) > 1e-12:
-            raise CheckpointError(f"{source}: {name}.layer_norm_eps={eps}; only 1e-5 is implemented")
+            raise CheckpointError(
+                f"{source}: {name}.layer_norm_eps={eps}; only 1e-5 is implemented"
+            )
     cfg, params = convert_openai_state_dict(hf_to_openai_state_dict(sd, source), source=source)
     text_heads = tc.get("num_attention_heads", cfg.text_heads)
     if vc.get("num_attention_heads", cfg.vision_heads) != cfg.vision_heads:
-        raise CheckpointError(f"{source}: vision_config.num_attention_heads="
-                              f"{vc['num_attention_heads']} but OpenAI ViTs use width//64="
-                              f"{cfg.vision_heads}")
+        raise CheckpointError(
+            f"{source}: vision_config.num_attention_heads="
+            f"{vc['num_attention_heads']} but OpenAI ViTs use width//64="
+            f"{cfg.vision_heads}"
+        )
     if cfg.text_width % text_heads:
-        raise CheckpointError(f"{source}: text width {cfg.text_width} not divisible by "
-                              f"{text_heads} heads")
+        raise CheckpointError(
+            f"{source}: text width {cfg.text_width} not divisible by {text_heads} heads"
+        )
     return dataclasses.replace(cfg, text_heads=text_heads), params
 
 
@@ -271,9 +309,15 @@ def convert_hf_state_dict(sd: Mapping[str, Any], hf_config: Mapping[str, Any],
 # ---------------------------------------------------------------------------------------
 
 _STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "HalfStorage": np.float16, "DoubleStorage": np.float64,
-    "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "DoubleStorage": np.float64,
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
 
@@ -295,6 +339,7 @@ def _np_dtype(name: str):
     dt = _STORAGE_DTYPES[name]
     if dt == "bfloat16":
         import ml_dtypes
+
         return ml_dtypes.bfloat16
     return np.dtype(dt)
 
@@ -324,8 +369,10 @@ class _SafeUnpickler(pickle.Unpickler):
             return lambda value, type_str: value
         if module.startswith("__torch__"):
             return _TorchModuleState
-        raise CheckpointError(f"{self._source}: refusing to unpickle global {module}.{name} "
-                              "(only tensors and module attributes are read)")
+        raise CheckpointError(
+            f"{self._source}: refusing to unpickle global {module}.{name} "
+            "(only tensors and module attributes are read)"
+        )
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
@@ -345,8 +392,9 @@ class _SafeUnpickler(pickle.Unpickler):
         item = storage.itemsize
         if not size:
             return np.array(storage[offset])
-        arr = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
-                                              strides=tuple(s * item for s in stride))
+        arr = np.lib.stride_tricks.as_strided(
+            storage[offset:], shape=tuple(size), strides=tuple(s * item for s in stride)
+        )
         return np.array(arr)
 
 
@@ -386,16 +434,21 @@ def read_torch_file(path: str) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
-        raise CheckpointError(f"{path}: legacy (non-zip) torch file; install torch to read it "
-                              "with torch.load(weights_only=True)") from e
+        raise CheckpointError(
+            f"{path}: legacy (non-zip) torch file; install torch to read it "
+            "with torch.load(weights_only=True)"
+        ) from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- re-raised with the file name
         raise CheckpointError(f"{path}: torch.load(weights_only=True) failed: {e}") from e
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
-    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
-            for k, v in obj.items() if hasattr(v, "numpy")}
+    return {
+        k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+        for k, v in obj.items()
+        if hasattr(v, "numpy")
+    }
 
 
 def _is_hf_layout(sd: Mapping[str, Any]) -> bool:
@@ -410,18 +463,23 @@ def load_hf_dir(path: str) -> tuple[CLIPConfig, dict]:
         hf_config = json.load(f)
     archs = hf_config.get("architectures") or []
     if hf_config.get("model_type", "clip") != "clip":
-        raise CheckpointError(f"{cfg_path}: model_type={hf_config.get('model_type')!r}, expected 'clip'")
+        raise CheckpointError(
+            f"{cfg_path}: model_type={hf_config.get('model_type')!r}, expected 'clip'"
+        )
     st = os.path.join(path, "model.safetensors")
     if os.path.exists(st):
         from safetensors.numpy import load_file
+
         sd = load_file(st)
         source = st
     elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
         source = os.path.join(path, "pytorch_model.bin")
         sd = read_torch_file(source)
     else:
-        raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin "
-                              f"(sharded checkpoints are not supported; architectures={archs})")
+        raise CheckpointError(
+            f"{path}: no model.safetensors or pytorch_model.bin "
+            f"(sharded checkpoints are not supported; architectures={archs})"
+        )
     return convert_hf_state_dict(sd, hf_config, source=source)
 
 
@@ -433,15 +491,20 @@ def load_checkpoint(path: str) -> tuple[CLIPConfig, dict]:
         raise CheckpointError(f"{path}: no such file or directory (weights are never downloaded)")
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
+
         sd = load_file(path)
         if _is_hf_layout(sd):
-            raise CheckpointError(f"{path}: HF-layout weights; pass the directory that holds "
-                                  "config.json and model.safetensors instead")
+            raise CheckpointError(
+                f"{path}: HF-layout weights; pass the directory that holds "
+                "config.json and model.safetensors instead"
+            )
     elif path.endswith((".pt", ".pth", ".bin")):
         sd = read_torch_file(path)
         if _is_hf_layout(sd):
             raise CheckpointError(f"{path}: HF-layout weights; pass the HF directory instead")
     else:
-        raise CheckpointError(f"{path}: unknown checkpoint format (expected a HF directory or "
-                              ".pt/.pth/.bin/.safetensors)")
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format (expected a HF directory or "
+            ".pt/.pth/.bin/.safetensors)"
+        )
     return convert_openai_state_dict(sd, source=path)

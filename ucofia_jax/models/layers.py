@@ -6,6 +6,7 @@ Parameter names mirror OpenAI CLIP's ``state_dict`` so that weight import is a r
 ``resblocks_{i}``. The temporal encoder (seqTransf) reuses these blocks with a TF-style
 LayerNorm epsilon of 1e-12, which is why ``ln_eps`` is a field.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
@@ -52,20 +53,30 @@ class MultiHeadAttention(nn.Module):
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         head_dim = self.width // self.heads
-        qkv = nn.Dense(3 * self.width, dtype=self.dtype, param_dtype=jnp.float32,
-                       kernel_init=self.kernel_init, name="in_proj")(x)
+        qkv = nn.Dense(
+            3 * self.width,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=self.kernel_init,
+            name="in_proj",
+        )(x)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         b, l = x.shape[0], x.shape[1]
         q = q.reshape(b, l, self.heads, head_dim)
         k = k.reshape(b, l, self.heads, head_dim)
         v = v.reshape(b, l, self.heads, head_dim)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (head_dim ** -0.5)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (head_dim**-0.5)
         if mask is not None:
             logits = logits + mask.astype(jnp.float32)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, l, self.width)
-        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
-                        kernel_init=self.kernel_init, name="out_proj")(out)
+        return nn.Dense(
+            self.width,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=self.kernel_init,
+            name="out_proj",
+        )(out)
 
 
 class MLP(nn.Module):
@@ -75,11 +86,13 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.normal(0.02)
-        x = nn.Dense(4 * self.width, dtype=self.dtype, param_dtype=jnp.float32,
-                     kernel_init=init, name="c_fc")(x)
+        x = nn.Dense(
+            4 * self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init, name="c_fc"
+        )(x)
         x = quick_gelu(x)
-        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
-                        kernel_init=init, name="c_proj")(x)
+        return nn.Dense(
+            self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init, name="c_proj"
+        )(x)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -125,6 +138,12 @@ class Transformer(nn.Module):
         if len(fns) != self.layers:
             raise ValueError(f"attn_input_fns has {len(fns)} entries for {self.layers} layers")
         for i in range(self.layers):
-            x = ResidualAttentionBlock(self.width, self.heads, self.ln_eps, self.dtype,
-                                       attn_input_fn=fns[i], name=f"resblocks_{i}")(x, mask)
+            x = ResidualAttentionBlock(
+                self.width,
+                self.heads,
+                self.ln_eps,
+                self.dtype,
+                attn_input_fn=fns[i],
+                name=f"resblocks_{i}",
+            )(x, mask)
         return x

@@ -9,6 +9,7 @@ per (text, video) pair (see ``ops.blockwise`` for the N x M evaluation).
 Fidelity first: the defaults reproduce the original, quirks included; each fixable quirk is a
 field (see docs/head.md for the table).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict
@@ -17,14 +18,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ucofia_jax.losses import symmetric_cross_entropy
 from ucofia_jax.models.layers import LayerNorm, Transformer
 from ucofia_jax.ops import similarity as sim_ops
 from ucofia_jax.ops.isa import TAU
 from ucofia_jax.ops.topk import NOISE_PRNGS, hard_topk, perturbed_topk
-from ucofia_jax.losses import symmetric_cross_entropy
 
-POSITION_TABLE = 77          # nn.Embedding(77, D): CLIP's context length (SPEC §5)
-KEY_MASK_VALUE = -1e6        # additive key-padding mask of seqTransf
+POSITION_TABLE = 77  # nn.Embedding(77, D): CLIP's context length (SPEC §5)
+KEY_MASK_VALUE = -1e6  # additive key-padding mask of seqTransf
 
 
 def _eye_init(key, shape, dtype=jnp.float32):
@@ -34,7 +35,7 @@ def _eye_init(key, shape, dtype=jnp.float32):
     return jnp.eye(shape[0], dtype=dtype)
 
 
-_linear_init = nn.initializers.normal(0.02)   # until_module.init_weights: N(0, 0.02)
+_linear_init = nn.initializers.normal(0.02)  # until_module.init_weights: N(0, 0.02)
 
 
 class _ConcatDense(nn.Module):
@@ -83,7 +84,7 @@ class PredictorLG(nn.Module):
             h = gelu(nn.Dense(d, use_bias=False, kernel_init=_linear_init, name="in_proj")(h))
             bf, n = h.shape[0], h.shape[1]
             hv = h.reshape(bf // num_frames, num_frames, n, d)
-            ctx = jnp.sum(hv[:, :, 0], axis=1)                              # 'b d', sum!
+            ctx = jnp.sum(hv[:, :, 0], axis=1)  # 'b d', sum!
             ctx = jnp.broadcast_to(ctx[:, None, None, :], (bf // num_frames, num_frames, 1, d))
             h = gelu(_ConcatDense(d, name="out_fc1")(h, ctx.reshape(bf, 1, d)))
         else:
@@ -139,17 +140,19 @@ class UCoFiAHead(nn.Module):
     def setup(self):
         d, f, w, p = self.embed_dim, self.max_frames, self.max_words, self.num_pixels
         if self.eval_noise_prng not in NOISE_PRNGS:
-            raise ValueError(f"eval_noise_prng must be one of {NOISE_PRNGS}, got "
-                             f"{self.eval_noise_prng!r}")
+            raise ValueError(
+                f"eval_noise_prng must be one of {NOISE_PRNGS}, got {self.eval_noise_prng!r}"
+            )
         if f > POSITION_TABLE:
             raise ValueError(f"max_frames {f} exceeds the {POSITION_TABLE}-row position table")
         self.selector = PredictorLG(d, self.predictor, name="selector")
         self.frame_position_embeddings = self.param(
-            "frame_position_embeddings", nn.initializers.normal(0.01), (POSITION_TABLE, d))
+            "frame_position_embeddings", nn.initializers.normal(0.01), (POSITION_TABLE, d)
+        )
         # heads = D // 64 as the original (8 at D=512); at least 1 for small test widths.
-        self.temporal = Transformer(width=d, layers=self.seq_layers, heads=max(1, d // 64),
-                                    ln_eps=1e-12,
-                                    name="temporal")
+        self.temporal = Transformer(
+            width=d, layers=self.seq_layers, heads=max(1, d // 64), ln_eps=1e-12, name="temporal"
+        )
         self.global_mat_weight = self.param("global_mat_weight", _eye_init, (d, d))
         self.global_mat_weight_1 = self.param("global_mat_weight_1", _eye_init, (d, d))
         self.local_mat_weight = self.param("local_mat_weight", _eye_init, (d, d))
@@ -164,11 +167,15 @@ class UCoFiAHead(nn.Module):
     def _check_video(self, frame_cls, patch_tokens, video_mask):
         b, f, d = frame_cls.shape
         if f != self.max_frames or d != self.embed_dim:
-            raise ValueError(f"frame_cls has shape {frame_cls.shape}, expected [b, {self.max_frames}, "
-                             f"{self.embed_dim}] (max_frames, embed_dim)")
+            raise ValueError(
+                f"frame_cls has shape {frame_cls.shape}, expected [b, {self.max_frames}, "
+                f"{self.embed_dim}] (max_frames, embed_dim)"
+            )
         if patch_tokens.shape[0] != b or patch_tokens.shape[1] % f or patch_tokens.shape[2] != d:
-            raise ValueError(f"patch_tokens has shape {patch_tokens.shape}, expected [{b}, "
-                             f"{f} * tokens_per_frame, {d}]")
+            raise ValueError(
+                f"patch_tokens has shape {patch_tokens.shape}, expected [{b}, "
+                f"{f} * tokens_per_frame, {d}]"
+            )
         if video_mask.shape != (b, f):
             raise ValueError(f"video_mask has shape {video_mask.shape}, expected {(b, f)}")
 
@@ -178,29 +185,37 @@ class UCoFiAHead(nn.Module):
         x = patch_tokens.reshape(b * self.max_frames, -1, self.embed_dim)
         return self.selector(x, self.max_frames)
 
-    def select_tokens(self, patch_tokens, *, train: bool = True, rng=None, noise=None,
-                      indicator=None):
+    def select_tokens(
+        self, patch_tokens, *, train: bool = True, rng=None, noise=None, indicator=None
+    ):
         """Kept tokens 'b (f 4) d' = per frame [CLS, indicator . patches] (SPEC §4.1).
 
         Returns (pixel_tokens, scores, indicator). ``indicator`` [(b f), k, n-1] may be given
         (e.g. the original's, for parity): then the predictor gets no gradient through it.
         """
         b, d, f = patch_tokens.shape[0], self.embed_dim, self.max_frames
-        x = patch_tokens.reshape(b * f, -1, d)                              # '(b f) n d'
-        scores = self.selector(x, f)                                        # '(b f) n'
+        x = patch_tokens.reshape(b * f, -1, d)  # '(b f) n d'
+        scores = self.selector(x, f)  # '(b f) n'
         if indicator is None:
             if noise is None and not train and not self.selection_noise_at_eval:
                 indicator = hard_topk(scores[:, 1:], self.topk)
             else:
                 if noise is None and rng is None:
                     if not self.has_rng("selection"):
-                        raise ValueError("token selection draws noise: pass rng=, noise= or "
-                                         "indicator=, or a 'selection' rng to apply()")
+                        raise ValueError(
+                            "token selection draws noise: pass rng=, noise= or "
+                            "indicator=, or a 'selection' rng to apply()"
+                        )
                     rng = self.make_rng("selection")
-                indicator = perturbed_topk(scores[:, 1:], self.topk, self.num_samples,
-                                           self.sigma, rng=rng, noise=noise,
-                                           noise_prng="threefry" if train else
-                                           self.eval_noise_prng)
+                indicator = perturbed_topk(
+                    scores[:, 1:],
+                    self.topk,
+                    self.num_samples,
+                    self.sigma,
+                    rng=rng,
+                    noise=noise,
+                    noise_prng="threefry" if train else self.eval_noise_prng,
+                )
         else:
             indicator = jax.lax.stop_gradient(indicator)
         sel = jnp.einsum("bkl,bld->bkd", indicator.astype(x.dtype), x[:, 1:])
@@ -211,24 +226,36 @@ class UCoFiAHead(nn.Module):
         """seqTransf output *before* the residual, 'b f d' (SPEC §5)."""
         f = frame_cls.shape[1]
         x = frame_cls + self.frame_position_embeddings[:f][None]
-        mask = (1.0 - video_mask.astype(jnp.float32)) * KEY_MASK_VALUE      # keys only
-        return self.temporal(x, mask[:, None, None, :])                     # 'b h q k'
+        mask = (1.0 - video_mask.astype(jnp.float32)) * KEY_MASK_VALUE  # keys only
+        return self.temporal(x, mask[:, None, None, :])  # 'b h q k'
 
-    def encode_video(self, frame_cls, patch_tokens, video_mask, *, rng=None, noise=None,
-                     indicator=None, train: bool = False) -> Dict[str, jax.Array]:
+    def encode_video(
+        self,
+        frame_cls,
+        patch_tokens,
+        video_mask,
+        *,
+        rng=None,
+        noise=None,
+        indicator=None,
+        train: bool = False,
+    ) -> Dict[str, jax.Array]:
         """Per-video features: {'video_feature' 'b d', 'frame_features' 'b f d',
         'pixel_tokens' 'b (4f) d', 'video_mask' 'b f'} (normalised as the original does)."""
         self._check_video(frame_cls, patch_tokens, video_mask)
-        pixels, _, _ = self.select_tokens(patch_tokens, train=train, rng=rng, noise=noise,
-                                          indicator=indicator)
+        pixels, _, _ = self.select_tokens(
+            patch_tokens, train=train, rng=rng, noise=noise, indicator=indicator
+        )
         seq = self.temporal_encoder(frame_cls, video_mask) + frame_cls
         seq = sim_ops.l2_normalize(seq)
         m = video_mask.astype(seq.dtype)[..., None]
         video = jnp.sum(seq * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-        return {"video_feature": sim_ops.l2_normalize(video),
-                "frame_features": sim_ops.l2_normalize(frame_cls),   # raw CLS, no mask (§6)
-                "pixel_tokens": pixels,
-                "video_mask": video_mask}
+        return {
+            "video_feature": sim_ops.l2_normalize(video),
+            "frame_features": sim_ops.l2_normalize(frame_cls),  # raw CLS, no mask (§6)
+            "pixel_tokens": pixels,
+            "video_mask": video_mask,
+        }
 
     # ------------------------------------------------------------------ text side
     def encode_text(self, text_cls, text_tokens, text_mask=None) -> Dict[str, jax.Array]:
@@ -236,10 +263,14 @@ class UCoFiAHead(nn.Module):
         if text_cls.ndim == 3:
             text_cls = text_cls[:, 0]
         if text_tokens.shape[1:] != (self.max_words, self.embed_dim):
-            raise ValueError(f"text_tokens has shape {text_tokens.shape}, expected [t, "
-                             f"{self.max_words}, {self.embed_dim}] (max_words, embed_dim)")
-        out = {"sentence": sim_ops.l2_normalize(text_cls),
-               "words": sim_ops.l2_normalize(text_tokens)}
+            raise ValueError(
+                f"text_tokens has shape {text_tokens.shape}, expected [t, "
+                f"{self.max_words}, {self.embed_dim}] (max_words, embed_dim)"
+            )
+        out = {
+            "sentence": sim_ops.l2_normalize(text_cls),
+            "words": sim_ops.l2_normalize(text_tokens),
+        }
         if text_mask is not None:
             out["text_mask"] = text_mask
         elif self.mask_padding:
@@ -249,9 +280,11 @@ class UCoFiAHead(nn.Module):
     # ------------------------------------------------------------------ pairs
     def project_text(self, text_side) -> Dict[str, jax.Array]:
         """Once per text: the D x D projections (sent Wg, words Wl)."""
-        out = {"sentence": text_side["sentence"],
-               "sentence_g": text_side["sentence"] @ self.global_mat_weight,
-               "words_l": text_side["words"] @ self.local_mat_weight}
+        out = {
+            "sentence": text_side["sentence"],
+            "sentence_g": text_side["sentence"] @ self.global_mat_weight,
+            "words_l": text_side["words"] @ self.local_mat_weight,
+        }
         if self.mask_padding:
             out["word_mask"] = text_side["text_mask"].astype(bool)
         return out
@@ -261,9 +294,11 @@ class UCoFiAHead(nn.Module):
         pixels = video_side["pixel_tokens"]
         if train or self.eval_local_mat_weight1:
             pixels = pixels @ self.local_mat_weight1
-        out = {"video_g": video_side["video_feature"] @ self.global_mat_weight_1,
-               "frame_features": video_side["frame_features"],
-               "pixels_l": pixels}
+        out = {
+            "video_g": video_side["video_feature"] @ self.global_mat_weight_1,
+            "frame_features": video_side["frame_features"],
+            "pixels_l": pixels,
+        }
         if self.mask_padding:
             fm = video_side["video_mask"].astype(bool)
             out["frame_mask"] = fm
@@ -273,47 +308,93 @@ class UCoFiAHead(nn.Module):
     def shared_inputs(self, logit_scale_log) -> Dict[str, Any]:
         """What every (text, video) block needs: ISA matrices and the logit scales."""
         scale = jnp.exp(jnp.asarray(logit_scale_log, jnp.float32))
-        mats = sim_ops.IsaMatrices(self.frame_logit_weight, self.word_mat_weight,
-                                   self.pixel_mat_weight, self.pixel_mat_weight2,
-                                   self.word_mat_weight2)
-        return {"mats": mats, "scale": scale,
-                "scale3": scale if self.scale_pixel_word else jnp.ones((), jnp.float32)}
+        mats = sim_ops.IsaMatrices(
+            self.frame_logit_weight,
+            self.word_mat_weight,
+            self.pixel_mat_weight,
+            self.pixel_mat_weight2,
+            self.word_mat_weight2,
+        )
+        return {
+            "mats": mats,
+            "scale": scale,
+            "scale3": scale if self.scale_pixel_word else jnp.ones((), jnp.float32),
+        }
 
     def similarity_levels(self, text_side, video_side, logit_scale_log, *, train: bool):
         """(S1, S2, S3) [Bt, Bv]: video-sentence, sentence-frame, patch-word."""
         shared = dict(self.shared_inputs(logit_scale_log), tau=jnp.float32(self.tau))
-        return self._pair_fn(train)(self.project_text(text_side),
-                                    self.project_video(video_side, train=train), shared)
+        return self._pair_fn(train)(
+            self.project_text(text_side), self.project_video(video_side, train=train), shared
+        )
 
-    def blockwise_levels(self, text_side, video_side, logit_scale_log, *, train: bool = False,
-                         text_block: int = 128, video_block: int = 128, mesh=None,
-                         axis: str = "data"):
+    def blockwise_levels(
+        self,
+        text_side,
+        video_side,
+        logit_scale_log,
+        *,
+        train: bool = False,
+        text_block: int = 128,
+        video_block: int = 128,
+        mesh=None,
+        axis: str = "data",
+    ):
         """(S1, S2, S3) [N, M] for N texts x M videos in blocks (``ops.blockwise``), exactly the
         one-shot ``similarity_levels``; projections run once per text / video."""
         from ucofia_jax.ops.blockwise import blockwise_similarity
+
         shared = dict(self.shared_inputs(logit_scale_log), tau=jnp.float32(self.tau))
-        return blockwise_similarity(self._pair_fn(train), self.project_text(text_side),
-                                    self.project_video(video_side, train=train), shared,
-                                    text_block=text_block, video_block=video_block, mesh=mesh,
-                                    axis=axis, video_block_fn=sim_ops.prepare_video_block)
+        return blockwise_similarity(
+            self._pair_fn(train),
+            self.project_text(text_side),
+            self.project_video(video_side, train=train),
+            shared,
+            text_block=text_block,
+            video_block=video_block,
+            mesh=mesh,
+            axis=axis,
+            video_block_fn=sim_ops.prepare_video_block,
+        )
 
     def _pair_fn(self, train: bool):
         # A module-level function (stable: blockwise_similarity's static pair_fn).
         from ucofia_jax.kernels.native import resolve_level3_kernel
+
         if self.mask_padding and self.level3_kernel == "native":
-            raise ValueError("level3_kernel='native' takes no masks; mask_padding=True needs "
-                             "'auto' or 'xla'")
+            raise ValueError(
+                "level3_kernel='native' takes no masks; mask_padding=True needs 'auto' or 'xla'"
+            )
         if train or self.mask_padding or resolve_level3_kernel(self.level3_kernel) == "xla":
             return sim_ops.pair_levels
         return sim_ops.pair_levels_native
 
-    def __call__(self, text_cls, text_tokens, frame_cls, patch_tokens, video_mask,
-                 logit_scale_log, *, text_mask=None, rng=None, noise=None, indicator=None,
-                 train: bool = True):
+    def __call__(
+        self,
+        text_cls,
+        text_tokens,
+        frame_cls,
+        patch_tokens,
+        video_mask,
+        logit_scale_log,
+        *,
+        text_mask=None,
+        rng=None,
+        noise=None,
+        indicator=None,
+        train: bool = True,
+    ):
         """Full training forward: logits [Bt, Bv] = mean of the three levels."""
         t = self.encode_text(text_cls, text_tokens, text_mask)
-        v = self.encode_video(frame_cls, patch_tokens, video_mask, rng=rng, noise=noise,
-                              indicator=indicator, train=train)
+        v = self.encode_video(
+            frame_cls,
+            patch_tokens,
+            video_mask,
+            rng=rng,
+            noise=noise,
+            indicator=indicator,
+            train=train,
+        )
         return sim_ops.combine_levels(*self.similarity_levels(t, v, logit_scale_log, train=train))
 
     def loss(self, *args, **kwargs):
@@ -323,22 +404,29 @@ class UCoFiAHead(nn.Module):
 def head_from_config(config) -> UCoFiAHead:
     """Build the head from ``config.model.head``, ``config.data`` and ``config.model.clip``."""
     h = config.model.head
-    get = lambda name, default: h.get(name, default) if hasattr(h, "get") else getattr(h, name, default)
+    get = lambda name, default: (
+        h.get(name, default) if hasattr(h, "get") else getattr(h, name, default)
+    )
     embed_dim = config.model.get("embed_dim", None) if hasattr(config.model, "get") else None
     if embed_dim is None:
         embed_dim = config.model.clip.embed_dim
     return UCoFiAHead(
-        embed_dim=int(embed_dim), max_frames=int(config.data.max_frames),
-        max_words=int(config.data.max_words), topk=int(get("topk", 3)),
-        num_samples=int(get("num_samples", 500)), sigma=float(get("sigma", 0.05)),
-        tau=float(get("tau", TAU)), seq_layers=int(get("seq_layers", 4)),
+        embed_dim=int(embed_dim),
+        max_frames=int(config.data.max_frames),
+        max_words=int(config.data.max_words),
+        topk=int(get("topk", 3)),
+        num_samples=int(get("num_samples", 500)),
+        sigma=float(get("sigma", 0.05)),
+        tau=float(get("tau", TAU)),
+        seq_layers=int(get("seq_layers", 4)),
         predictor=str(get("predictor", "new")),
         selection_noise_at_eval=bool(get("selection_noise_at_eval", True)),
         mask_padding=bool(get("mask_padding", False)),
         scale_pixel_word=bool(get("scale_pixel_word", False)),
         eval_local_mat_weight1=bool(get("eval_local_mat_weight1", False)),
         eval_noise_prng=str(get("eval_noise_prng", "hash")),
-        level3_kernel=str(get("level3_kernel", "auto")))
+        level3_kernel=str(get("level3_kernel", "auto")),
+    )
 
 
 UCoFiAHead.from_config = staticmethod(head_from_config)
@@ -363,9 +451,11 @@ def init_temporal_from_clip(head_params, clip_params):
     hp["temporal"] = temporal
     pos = jnp.asarray(cp["positional_embedding"])
     if pos.shape != hp["frame_position_embeddings"].shape:
-        raise ValueError(f"frame_position_embeddings: head shape "
-                         f"{tuple(hp['frame_position_embeddings'].shape)} vs CLIP "
-                         f"positional_embedding {tuple(pos.shape)}")
+        raise ValueError(
+            f"frame_position_embeddings: head shape "
+            f"{tuple(hp['frame_position_embeddings'].shape)} vs CLIP "
+            f"positional_embedding {tuple(pos.shape)}"
+        )
     hp["frame_position_embeddings"] = pos
     return {"params": hp} if wrapped else hp
 

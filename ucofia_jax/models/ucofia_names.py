@@ -15,6 +15,7 @@ The old and new predictors share the names and differ in shapes ([2D] vs [D] Lay
 ``clip.*`` keys of a full checkpoint go to ``clip_import.convert_openai_state_dict`` after the
 ``attn.net.`` keys of the token-shifted visual blocks are mapped back (§12.3).
 """
+
 from __future__ import annotations
 
 import re
@@ -24,11 +25,23 @@ import numpy as np
 
 SELECTOR_PREFIX = "visual_token_selector.score_predictor."
 TEMPORAL_PREFIX = "transformerClip.resblocks."
-MATRICES = ("global_mat_weight", "global_mat_weight_1", "local_mat_weight", "local_mat_weight1",
-            "frame_logit_weight", "word_mat_weight", "word_mat_weight2", "pixel_mat_weight",
-            "pixel_mat_weight2")
-UNUSED_ORIGINAL_KEYS = ("word_logit_weight", "frame_mat_weight", "frame_mat_weight2",
-                        "word_mat_weight_for_pixel")
+MATRICES = (
+    "global_mat_weight",
+    "global_mat_weight_1",
+    "local_mat_weight",
+    "local_mat_weight1",
+    "frame_logit_weight",
+    "word_mat_weight",
+    "word_mat_weight2",
+    "pixel_mat_weight",
+    "pixel_mat_weight2",
+)
+UNUSED_ORIGINAL_KEYS = (
+    "word_logit_weight",
+    "frame_mat_weight",
+    "frame_mat_weight2",
+    "word_mat_weight_for_pixel",
+)
 _SELECTOR = {  # ours -> (original suffix, transpose)
     ("in_norm", "scale"): ("in_conv.0.weight", False),
     ("in_norm", "bias"): ("in_conv.0.bias", False),
@@ -37,12 +50,14 @@ _SELECTOR = {  # ours -> (original suffix, transpose)
     ("out_fc2", "kernel"): ("out_conv.2.weight", True),
 }
 _BLOCK = {  # ours (inside resblocks_i) -> (original suffix, transpose)
-    ("ln_1", "scale"): ("ln_1.weight", False), ("ln_1", "bias"): ("ln_1.bias", False),
+    ("ln_1", "scale"): ("ln_1.weight", False),
+    ("ln_1", "bias"): ("ln_1.bias", False),
     ("attn", "in_proj", "kernel"): ("attn.in_proj_weight", True),
     ("attn", "in_proj", "bias"): ("attn.in_proj_bias", False),
     ("attn", "out_proj", "kernel"): ("attn.out_proj.weight", True),
     ("attn", "out_proj", "bias"): ("attn.out_proj.bias", False),
-    ("ln_2", "scale"): ("ln_2.weight", False), ("ln_2", "bias"): ("ln_2.bias", False),
+    ("ln_2", "scale"): ("ln_2.weight", False),
+    ("ln_2", "bias"): ("ln_2.bias", False),
     ("mlp", "c_fc", "kernel"): ("mlp.c_fc.weight", True),
     ("mlp", "c_fc", "bias"): ("mlp.c_fc.bias", False),
     ("mlp", "c_proj", "kernel"): ("mlp.c_proj.weight", True),
@@ -83,14 +98,14 @@ def original_name(path: Tuple[str, ...]) -> Tuple[str, bool]:
 def our_path(key: str) -> Tuple[Tuple[str, ...], bool]:
     """Original state_dict key -> (our param path, transposed?)."""
     if key.startswith(SELECTOR_PREFIX):
-        suffix = key[len(SELECTOR_PREFIX):]
+        suffix = key[len(SELECTOR_PREFIX) :]
         for ours, (orig, t) in _SELECTOR.items():
             if orig == suffix:
                 return ("selector",) + ours, t
     elif key == "frame_position_embeddings.weight":
         return ("frame_position_embeddings",), False
     elif key.startswith(TEMPORAL_PREFIX):
-        m = re.fullmatch(r"(\d+)\.(.+)", key[len(TEMPORAL_PREFIX):])
+        m = re.fullmatch(r"(\d+)\.(.+)", key[len(TEMPORAL_PREFIX) :])
         if m:
             for ours, (orig, t) in _BLOCK.items():
                 if orig == m.group(2):
@@ -113,13 +128,17 @@ def detect_predictor(sd: Mapping[str, Any]) -> Optional[str]:
     ln = sd.get(SELECTOR_PREFIX + "in_conv.0.weight")
     if ln is None:
         return None
-    d = np.shape(sd["frame_position_embeddings.weight"])[1] if \
-        "frame_position_embeddings.weight" in sd else np.shape(sd[SELECTOR_PREFIX + "in_conv.1.weight"])[1] // 2
+    d = (
+        np.shape(sd["frame_position_embeddings.weight"])[1]
+        if "frame_position_embeddings.weight" in sd
+        else np.shape(sd[SELECTOR_PREFIX + "in_conv.1.weight"])[1] // 2
+    )
     return "old" if np.shape(ln)[0] == 2 * d else "new"
 
 
-def load_original_head_state_dict(sd: Mapping[str, np.ndarray], template=None, *,
-                                  strict: bool = True) -> Dict[str, Any]:
+def load_original_head_state_dict(
+    sd: Mapping[str, np.ndarray], template=None, *, strict: bool = True
+) -> Dict[str, Any]:
     """Original head keys -> our param tree (numpy float32).
 
     ``template``: our params (e.g. ``head.init(...)['params']``) to check against: every
@@ -139,17 +158,23 @@ def load_original_head_state_dict(sd: Mapping[str, np.ndarray], template=None, *
         arr = arr.T if t else arr
         if tmpl is not None:
             if path not in tmpl:
-                raise ValueError(f"checkpoint parameter {key} ({'/'.join(path)}) does not exist in "
-                                 f"this head (e.g. more seqTransf layers than seq_layers)")
+                raise ValueError(
+                    f"checkpoint parameter {key} ({'/'.join(path)}) does not exist in "
+                    f"this head (e.g. more seqTransf layers than seq_layers)"
+                )
             want = tuple(np.shape(tmpl[path]))
             if arr.shape != want:
                 hint = ""
                 if path[0] == "selector":
-                    hint = (f"; the checkpoint has the {detect_predictor(sd)!r} predictor, "
-                            f"set config.model.head.predictor accordingly")
-                raise ValueError(f"shape mismatch for {key} -> {'/'.join(path)}: checkpoint "
-                                 f"{tuple(np.shape(value))} (as ours {arr.shape}) vs head {want}"
-                                 f"{hint}")
+                    hint = (
+                        f"; the checkpoint has the {detect_predictor(sd)!r} predictor, "
+                        f"set config.model.head.predictor accordingly"
+                    )
+                raise ValueError(
+                    f"shape mismatch for {key} -> {'/'.join(path)}: checkpoint "
+                    f"{tuple(np.shape(value))} (as ours {arr.shape}) vs head {want}"
+                    f"{hint}"
+                )
         _set(out, path, arr)
     if tmpl is not None and strict:
         got = dict(_flatten(out))
@@ -159,8 +184,9 @@ def load_original_head_state_dict(sd: Mapping[str, np.ndarray], template=None, *
     return out
 
 
-def head_params_to_state_dict(params: Mapping[str, Any], *,
-                              include_unused: bool = True) -> Dict[str, np.ndarray]:
+def head_params_to_state_dict(
+    params: Mapping[str, Any], *, include_unused: bool = True
+) -> Dict[str, np.ndarray]:
     """Our head params -> original state_dict entries (numpy). With ``include_unused``, the
     four never-used matrices are added as identities so the original loader finds them."""
     if "params" in params and "temporal" not in params:
@@ -190,7 +216,7 @@ def clip_state_dict_from_checkpoint(sd: Mapping[str, Any]) -> Dict[str, Any]:
     for key, value in sd.items():
         if not key.startswith("clip."):
             continue
-        k = _SHIFT_NET.sub(r"\1.\2", key[len("clip."):])
+        k = _SHIFT_NET.sub(r"\1.\2", key[len("clip.") :])
         if k in out:
             raise ValueError(f"checkpoint has both {key} and a plain key mapping to clip.{k}")
         out[k] = value
@@ -216,18 +242,25 @@ def load_original_checkpoint(path_or_sd, head_template=None) -> Dict[str, Any]:
         sd = path_or_sd
     else:
         import torch  # only needed to read the original pickle format
+
         sd = torch.load(path_or_sd, map_location="cpu", weights_only=True)
         if "state_dict" in sd and not any(k.startswith("clip.") for k in sd):
             sd = sd["state_dict"]
     sd = _to_numpy(sd)
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
     clip_sd = clip_state_dict_from_checkpoint(sd)
     clip_config = clip_params = None
     if clip_sd:
         from ucofia_jax.models.clip_import import convert_openai_state_dict
+
         clip_config, clip_params = convert_openai_state_dict(clip_sd)
     head = load_original_head_state_dict(sd, head_template)
     ignored = sorted(k for k in sd if not k.startswith("clip.") and not is_head_key(k))
-    return {"clip_config": clip_config, "clip_params": clip_params, "head_params": head,
-            "logit_scale": None if "clip.logit_scale" not in sd else float(sd["clip.logit_scale"]),
-            "predictor": detect_predictor(sd), "ignored": ignored}
+    return {
+        "clip_config": clip_config,
+        "clip_params": clip_params,
+        "head_params": head,
+        "logit_scale": None if "clip.logit_scale" not in sd else float(sd["clip.logit_scale"]),
+        "predictor": detect_predictor(sd),
+        "ignored": ignored,
+    }

@@ -10,6 +10,7 @@ With tau = 0.01 and CLIP-like gaps most ``exp`` results underflow; the values th
 the float32 denormal range are harmless for the result (they are < 1e-38 of the max term)
 but can slow CPUs that do not flush them, see benchmarks/similarity.py.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -70,8 +71,9 @@ def _contract_first_index(p: jax.Array, w: jax.Array, axis: int) -> jax.Array:
     return y if axis == p.ndim - 1 else jnp.moveaxis(y, -1, axis)
 
 
-def isa_weights(s: jax.Array, w: jax.Array, axis: int = -1, tau: float = TAU,
-                mask: Optional[jax.Array] = None) -> jax.Array:
+def isa_weights(
+    s: jax.Array, w: jax.Array, axis: int = -1, tau: float = TAU, mask: Optional[jax.Array] = None
+) -> jax.Array:
     """ISA weights of ``s`` along ``axis`` with the square matrix ``w`` [a, a].
 
     ``mask`` (optional, bool, broadcastable to ``s``) removes positions from both softmaxes
@@ -80,15 +82,18 @@ def isa_weights(s: jax.Array, w: jax.Array, axis: int = -1, tau: float = TAU,
     axis = axis % s.ndim
     a = s.shape[axis]
     if w.shape != (a, a):
-        raise ValueError(f"ISA matrix has shape {tuple(w.shape)}, expected {(a, a)} for axis "
-                         f"{axis} of a similarity of shape {tuple(s.shape)}")
+        raise ValueError(
+            f"ISA matrix has shape {tuple(w.shape)}, expected {(a, a)} for axis "
+            f"{axis} of a similarity of shape {tuple(s.shape)}"
+        )
     m = None if mask is None else jnp.broadcast_to(mask, s.shape)
     p = _softmax_axis(s / tau, axis, m)
-    q = _contract_first_index(p, w, axis)                                # p @ W along axis
+    q = _contract_first_index(p, w, axis)  # p @ W along axis
     return _softmax_axis(q / tau, axis, m)
 
 
-def isa_aggregate(s: jax.Array, w: jax.Array, axis: int = -1, tau: float = TAU,
-                  mask: Optional[jax.Array] = None) -> jax.Array:
+def isa_aggregate(
+    s: jax.Array, w: jax.Array, axis: int = -1, tau: float = TAU, mask: Optional[jax.Array] = None
+) -> jax.Array:
     """``sum_a s * ISA_a(s; w)``: the axis ``a`` is reduced."""
     return jnp.sum(s * isa_weights(s, w, axis, tau, mask), axis=axis)

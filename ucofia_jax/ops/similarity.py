@@ -7,6 +7,7 @@ which is what makes blockwise evaluation exact.
 
 Shapes: t texts, v videos, w words, f frames, p kept visual tokens (4 per frame), d width.
 """
+
 from __future__ import annotations
 
 from typing import Dict, NamedTuple, Optional
@@ -23,11 +24,11 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
 
 
 class IsaMatrices(NamedTuple):
-    frame_logit_weight: jax.Array   # [f, f]
-    word_mat_weight: jax.Array      # [w, w]  words, per pixel
-    pixel_mat_weight: jax.Array     # [p, p]  pixels, per word
-    pixel_mat_weight2: jax.Array    # [p, p]  second stage over pixels
-    word_mat_weight2: jax.Array     # [w, w]  second stage over words
+    frame_logit_weight: jax.Array  # [f, f]
+    word_mat_weight: jax.Array  # [w, w]  words, per pixel
+    pixel_mat_weight: jax.Array  # [p, p]  pixels, per word
+    pixel_mat_weight2: jax.Array  # [p, p]  second stage over pixels
+    word_mat_weight2: jax.Array  # [w, w]  second stage over words
 
 
 def video_sentence(sent_g: jax.Array, video_g: jax.Array, scale: jax.Array) -> jax.Array:
@@ -38,8 +39,14 @@ def video_sentence(sent_g: jax.Array, video_g: jax.Array, scale: jax.Array) -> j
     return scale * jnp.einsum("td,vd->tv", sent_g, video_g)
 
 
-def sentence_frame(sent: jax.Array, frames: jax.Array, w_frame: jax.Array, scale: jax.Array,
-                   tau: float = TAU, frame_mask: Optional[jax.Array] = None) -> jax.Array:
+def sentence_frame(
+    sent: jax.Array,
+    frames: jax.Array,
+    w_frame: jax.Array,
+    scale: jax.Array,
+    tau: float = TAU,
+    frame_mask: Optional[jax.Array] = None,
+) -> jax.Array:
     """Level 2: ISA over frames of the sentence-frame cosines.
 
     sent 't d' (normalised), frames 'v f d' (normalised raw CLIP frame CLS) -> 't v'.
@@ -65,10 +72,17 @@ def prepare_video_block(video: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
     return dict(video, pixels_dvp=video["pixels_l"].reshape(v * p, d).T)
 
 
-def pixel_word(words_l: jax.Array, pixels_l: jax.Array, mats: IsaMatrices, tau: float = TAU,
-               word_mask: Optional[jax.Array] = None, pixel_mask: Optional[jax.Array] = None,
-               return_intermediates: bool = False, pixels_dvp: Optional[jax.Array] = None,
-               native: bool = False):
+def pixel_word(
+    words_l: jax.Array,
+    pixels_l: jax.Array,
+    mats: IsaMatrices,
+    tau: float = TAU,
+    word_mask: Optional[jax.Array] = None,
+    pixel_mask: Optional[jax.Array] = None,
+    return_intermediates: bool = False,
+    pixels_dvp: Optional[jax.Array] = None,
+    native: bool = False,
+):
     """Level 3 (no logit scale in the original): two ISA stages in two directions.
 
     words_l 't w d' (normalised words times Wl), pixels_l 'v p d' (selected tokens, not
@@ -84,45 +98,54 @@ def pixel_word(words_l: jax.Array, pixels_l: jax.Array, mats: IsaMatrices, tau: 
     # direction (before: 't v w p' plus two transposes inside the word-axis ISA; ~1.5x slower
     # on CPU, same values up to float32 summation order).
     if pixels_dvp is None:
-        g = jnp.einsum("twd,vpd->twvp", words_l, pixels_l)                # 't w v p'
+        g = jnp.einsum("twd,vpd->twvp", words_l, pixels_l)  # 't w v p'
     else:
         (t, w, d), (v, p) = words_l.shape, pixels_l.shape[:2]
         g = (words_l.reshape(t * w, d) @ pixels_dvp).reshape(t, w, v, p)
     if native:
         if word_mask is not None or pixel_mask is not None or return_intermediates:
-            raise ValueError("the native pixel-word kernel takes no masks and returns no "
-                             "intermediates; use native=False")
+            raise ValueError(
+                "the native pixel-word kernel takes no masks and returns no "
+                "intermediates; use native=False"
+            )
         return _level3_native(g, mats, jnp.asarray(tau, jnp.float32))
     return _level3_from_g(g, mats, tau, word_mask, pixel_mask, return_intermediates)
 
 
-def _level3_from_g(g, mats: IsaMatrices, tau, word_mask=None, pixel_mask=None,
-                   return_intermediates: bool = False):
+def _level3_from_g(
+    g, mats: IsaMatrices, tau, word_mask=None, pixel_mask=None, return_intermediates: bool = False
+):
     # g 't w v p' -> 't v' (and the intermediates): both ISA directions and second stages.
     # Aggregate pixels for every word, then words (video -> word).
     pm = None if pixel_mask is None else pixel_mask[None, None, :, :]
-    pix_w = isa_weights(g, mats.pixel_mat_weight, axis=-1, tau=tau, mask=pm)   # 't w v p'
-    pixel_level = jnp.swapaxes(jnp.sum(g * pix_w, axis=-1), 1, 2)          # 't v w'
+    pix_w = isa_weights(g, mats.pixel_mat_weight, axis=-1, tau=tau, mask=pm)  # 't w v p'
+    pixel_level = jnp.swapaxes(jnp.sum(g * pix_w, axis=-1), 1, 2)  # 't v w'
     wm2 = None if word_mask is None else word_mask[:, None, :]
     v2w_w = isa_weights(pixel_level, mats.word_mat_weight2, axis=-1, tau=tau, mask=wm2)
-    v2w = jnp.sum(pixel_level * v2w_w, axis=-1)                            # 't v'
+    v2w = jnp.sum(pixel_level * v2w_w, axis=-1)  # 't v'
     # Aggregate words for every pixel, then pixels (sentence -> pixel).
-    gt = jnp.transpose(g, (0, 2, 3, 1))                                    # 't v p w'
+    gt = jnp.transpose(g, (0, 2, 3, 1))  # 't v p w'
     wm = None if word_mask is None else word_mask[:, None, None, :]
     word_w = isa_weights(gt, mats.word_mat_weight, axis=-1, tau=tau, mask=wm)  # 't v p w'
-    word_level = jnp.sum(gt * word_w, axis=-1)                             # 't v p'
+    word_level = jnp.sum(gt * word_w, axis=-1)  # 't v p'
     pm2 = None if pixel_mask is None else pixel_mask[None, :, :]
     s2p_w = isa_weights(word_level, mats.pixel_mat_weight2, axis=-1, tau=tau, mask=pm2)
-    s2p = jnp.sum(word_level * s2p_w, axis=-1)                             # 't v'
+    s2p = jnp.sum(word_level * s2p_w, axis=-1)  # 't v'
     out = 0.5 * (s2p + v2w)
     if not return_intermediates:
         return out
-    tvwp = lambda x: jnp.transpose(x, (0, 2, 1, 3))                        # 't w v p' ->
-    return out, dict(fine_grained_sim=tvwp(g), word_isa_weights=jnp.swapaxes(word_w, 2, 3),
-                     word_level_logit=word_level,
-                     pixel_isa_weights=tvwp(pix_w), pixel_level_logit=pixel_level,
-                     sent2pixel_isa_weights=s2p_w, sent2pixel_logit=s2p,
-                     video2word_isa_weights=v2w_w, video2word_logit=v2w)
+    tvwp = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # 't w v p' ->
+    return out, dict(
+        fine_grained_sim=tvwp(g),
+        word_isa_weights=jnp.swapaxes(word_w, 2, 3),
+        word_level_logit=word_level,
+        pixel_isa_weights=tvwp(pix_w),
+        pixel_level_logit=pixel_level,
+        sent2pixel_isa_weights=s2p_w,
+        sent2pixel_logit=s2p,
+        video2word_isa_weights=v2w_w,
+        video2word_logit=v2w,
+    )
 
 
 @jax.custom_vjp
@@ -130,8 +153,15 @@ def _level3_native(g, mats: IsaMatrices, tau):
     """``_level3_from_g`` in the native CPU kernel. Its gradient is that of the XLA code
     (recomputed in the backward pass), so differentiating an evaluation path still works."""
     from ucofia_jax.kernels.native import pixel_word_isa
-    return pixel_word_isa(g, mats.pixel_mat_weight, mats.word_mat_weight2,
-                          mats.word_mat_weight, mats.pixel_mat_weight2, tau)
+
+    return pixel_word_isa(
+        g,
+        mats.pixel_mat_weight,
+        mats.word_mat_weight2,
+        mats.word_mat_weight,
+        mats.pixel_mat_weight2,
+        tau,
+    )
 
 
 def _level3_native_fwd(g, mats, tau):
@@ -145,8 +175,13 @@ def _level3_native_bwd(residuals, cotangent):
 _level3_native.defvjp(_level3_native_fwd, _level3_native_bwd)
 
 
-def pair_levels(text: Dict[str, jax.Array], video: Dict[str, jax.Array], shared: Dict,
-                tau: float = TAU, native_level3: bool = False):
+def pair_levels(
+    text: Dict[str, jax.Array],
+    video: Dict[str, jax.Array],
+    shared: Dict,
+    tau: float = TAU,
+    native_level3: bool = False,
+):
     """(S1, S2, S3) ['t v'] from projected text/video features (see UCoFiAHead.project_*).
 
     text: 'sentence' 't d', 'sentence_g' 't d', 'words_l' 't w d', optional 'word_mask'.
@@ -159,12 +194,24 @@ def pair_levels(text: Dict[str, jax.Array], video: Dict[str, jax.Array], shared:
     mats = shared["mats"]
     tau = shared.get("tau", tau)
     s1 = video_sentence(text["sentence_g"], video["video_g"], shared["scale"])
-    s2 = sentence_frame(text["sentence"], video["frame_features"], mats.frame_logit_weight,
-                        shared["scale"], tau, video.get("frame_mask"))
-    s3 = shared["scale3"] * pixel_word(text["words_l"], video["pixels_l"], mats, tau,
-                                       text.get("word_mask"), video.get("pixel_mask"),
-                                       pixels_dvp=video.get("pixels_dvp"),
-                                       native=native_level3)
+    s2 = sentence_frame(
+        text["sentence"],
+        video["frame_features"],
+        mats.frame_logit_weight,
+        shared["scale"],
+        tau,
+        video.get("frame_mask"),
+    )
+    s3 = shared["scale3"] * pixel_word(
+        text["words_l"],
+        video["pixels_l"],
+        mats,
+        tau,
+        text.get("word_mask"),
+        video.get("pixel_mask"),
+        pixels_dvp=video.get("pixels_dvp"),
+        native=native_level3,
+    )
     return s1, s2, s3
 
 

@@ -15,6 +15,7 @@ log-prior over the gallery that is added to that level's test similarity before 
 t2v: bank = training texts x test videos, prior over videos. v2t: bank = test texts x training
 videos, *transposed* to [training videos, test texts], prior over test texts.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -26,14 +27,15 @@ import numpy as np
 
 
 class SinkhornResult(NamedTuple):
-    row_log_prior: jax.Array   # [M]  log_softmax(log a)
-    col_log_prior: jax.Array   # [N]  log_softmax(log b - m)
-    a: jax.Array               # [M]  row scaling (plain domain; exp(log a) in the log form)
-    b: jax.Array               # [N]  column scaling
+    row_log_prior: jax.Array  # [M]  log_softmax(log a)
+    col_log_prior: jax.Array  # [N]  log_softmax(log b - m)
+    a: jax.Array  # [M]  row scaling (plain domain; exp(log a) in the log form)
+    b: jax.Array  # [N]  column scaling
 
 
 def check_finite(x, name: str = "S") -> None:
     """Raise FloatingPointError if ``x`` holds NaN/inf (eagerly, or at run time under jit)."""
+
     def _check(v):
         v = np.asarray(v)
         bad = ~np.isfinite(v)
@@ -41,7 +43,9 @@ def check_finite(x, name: str = "S") -> None:
             raise FloatingPointError(
                 f"{name} of shape {v.shape} holds {int(np.isnan(v).sum())} NaN and "
                 f"{int(np.isinf(v).sum())} inf values (first at index "
-                f"{tuple(int(i) for i in np.argwhere(bad)[0])}); Sinkhorn would propagate them")
+                f"{tuple(int(i) for i in np.argwhere(bad)[0])}); Sinkhorn would propagate them"
+            )
+
     if isinstance(x, jax.core.Tracer):
         jax.debug.callback(_check, x)
     else:
@@ -52,26 +56,27 @@ def check_finite(x, name: str = "S") -> None:
 def _sk_plain(s, n_iters):
     s = s.astype(jnp.float32)
     m = jnp.max(s)
-    k = jnp.exp(s - m)                                     # 'm n'
-    b = 1.0 / jnp.sum(k, axis=0)                           # 'n'
+    k = jnp.exp(s - m)  # 'm n'
+    b = 1.0 / jnp.sum(k, axis=0)  # 'n'
 
     def body(_, ab):
         _, b = ab
-        a = 1.0 / (k @ b)                                  # 'm'
-        b = 1.0 / (a @ k)                                  # 'n'
+        a = 1.0 / (k @ b)  # 'm'
+        b = 1.0 / (a @ k)  # 'n'
         return a, b
 
     a0 = jnp.zeros((s.shape[0],), jnp.float32)
     a, b = jax.lax.fori_loop(0, n_iters, body, (a0, b))
-    return SinkhornResult(jax.nn.log_softmax(jnp.log(a), axis=0),
-                          jax.nn.log_softmax(jnp.log(b) - m, axis=0), a, b)
+    return SinkhornResult(
+        jax.nn.log_softmax(jnp.log(a), axis=0), jax.nn.log_softmax(jnp.log(b) - m, axis=0), a, b
+    )
 
 
 @partial(jax.jit, static_argnames=("n_iters",))
 def _sk_log(s, n_iters):
     s = s.astype(jnp.float32)
     m = jnp.max(s)
-    lk = s - m                                             # log K
+    lk = s - m  # log K
     lb = -jax.nn.logsumexp(lk, axis=0)
 
     def body(_, ab):
@@ -82,8 +87,9 @@ def _sk_log(s, n_iters):
 
     la0 = jnp.zeros((s.shape[0],), jnp.float32)
     la, lb = jax.lax.fori_loop(0, n_iters, body, (la0, lb))
-    return SinkhornResult(jax.nn.log_softmax(la, axis=0), jax.nn.log_softmax(lb - m, axis=0),
-                          jnp.exp(la), jnp.exp(lb))
+    return SinkhornResult(
+        jax.nn.log_softmax(la, axis=0), jax.nn.log_softmax(lb - m, axis=0), jnp.exp(la), jnp.exp(lb)
+    )
 
 
 def _validate(s, n_iters):
@@ -114,14 +120,16 @@ def _sk(domain):
     raise ValueError(f"unknown Sinkhorn domain {domain!r} (use 'plain' or 'log')")
 
 
-def sk_prior_t2v(bank_sims_per_level: Sequence[jax.Array], n_iters: int = 4,
-                 domain: str = "plain") -> List[jax.Array]:
+def sk_prior_t2v(
+    bank_sims_per_level: Sequence[jax.Array], n_iters: int = 4, domain: str = "plain"
+) -> List[jax.Array]:
     """Per level, the log-prior [Nv] over test videos from a [Nq_train_texts, Nv] bank."""
     return [_sk(domain)(s, n_iters).col_log_prior for s in bank_sims_per_level]
 
 
-def sk_prior_v2t(bank_sims_per_level: Sequence[jax.Array], n_iters: int = 4,
-                 domain: str = "plain") -> List[jax.Array]:
+def sk_prior_v2t(
+    bank_sims_per_level: Sequence[jax.Array], n_iters: int = 4, domain: str = "plain"
+) -> List[jax.Array]:
     """Per level, the log-prior [Nt] over test texts from a [Nt_test, Nv_train] bank.
 
     The bank is transposed first, as the original does, so the texts are the columns.
@@ -129,8 +137,9 @@ def sk_prior_v2t(bank_sims_per_level: Sequence[jax.Array], n_iters: int = 4,
     return [_sk(domain)(jnp.asarray(s).T, n_iters).col_log_prior for s in bank_sims_per_level]
 
 
-def apply_sk_norm(test_sims_per_level: Sequence[jax.Array], priors: Sequence[jax.Array],
-                  direction: str = "t2v") -> jax.Array:
+def apply_sk_norm(
+    test_sims_per_level: Sequence[jax.Array], priors: Sequence[jax.Array], direction: str = "t2v"
+) -> jax.Array:
     """Mean over levels of ``S_l + prior_l`` (t2v: prior over columns; v2t: over rows)."""
     if len(test_sims_per_level) != len(priors):
         raise ValueError(f"{len(test_sims_per_level)} similarity levels but {len(priors)} priors")

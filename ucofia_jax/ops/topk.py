@@ -20,6 +20,7 @@ distribution from a counter hash seeded by the key, ~10x cheaper on CPU than thr
 threefry bits are ~90% of the selection's noise cost; jax's ``rbg``/``unsafe_rbg`` impls are
 *slower* on XLA:CPU). The draws differ, the distribution does not; parity uses stored noise.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -27,7 +28,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-
 
 NOISE_PRNGS = ("threefry", "hash")
 
@@ -55,14 +55,14 @@ def hash_normal(rng: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     size = 1
     for n in shape:
         size *= int(n)
-    if size >= 2 ** 32:
+    if size >= 2**32:
         raise ValueError(f"hash_normal draws at most 2**32 - 1 values per call, got {size}")
     seeds = jax.random.bits(rng, (2,), jnp.uint32)
     i = jax.lax.iota(jnp.uint32, size).reshape(shape)
     bits = _mix32(_mix32(i + seeds[0]) ^ seeds[1])
     # 23 random mantissa bits -> [1, 2) -> centred on (-1, 1): (m + 0.5) / 2**22 - 1
     m = (bits >> 9).astype(jnp.float32)
-    u = (m + 0.5) * (2.0 ** -22) - 1.0
+    u = (m + 0.5) * (2.0**-22) - 1.0
     return (jnp.sqrt(jnp.float32(2.0)) * jax.lax.erf_inv(u)).astype(dtype)
 
 
@@ -136,8 +136,8 @@ def _perturbed_topk_fwd(scores, noise, k, sigma):
     # scores 'b d'; noise 'b n d'
     d = scores.shape[-1]
     pert = scores[:, None, :].astype(jnp.float32) + sigma * noise.astype(jnp.float32)
-    idx = _topk_sorted_indices(pert, k)                                    # 'b n k'
-    indicator = _scatter_mean(idx, None, d)                                # 'b k d'
+    idx = _topk_sorted_indices(pert, k)  # 'b n k'
+    indicator = _scatter_mean(idx, None, d)  # 'b k d'
     return indicator.astype(scores.dtype), (idx, noise)
 
 
@@ -146,19 +146,24 @@ def _perturbed_topk_bwd(k, sigma, res, g):
     d = noise.shape[-1]
     # noise at the chosen positions: 'b n k'
     z = jnp.take_along_axis(noise.astype(jnp.float32), idx, axis=-1)
-    e = _scatter_mean(idx, z, d) / sigma                                   # 'b k d'
-    grad_scores = jnp.sum(g.astype(jnp.float32) * e, axis=1)               # 'b d'
+    e = _scatter_mean(idx, z, d) / sigma  # 'b k d'
+    grad_scores = jnp.sum(g.astype(jnp.float32) * e, axis=1)  # 'b d'
     return grad_scores, jnp.zeros_like(noise)
 
 
-_perturbed_topk.defvjp(lambda s, z, k, sig: _perturbed_topk_fwd(s, z, k, sig),
-                       _perturbed_topk_bwd)
+_perturbed_topk.defvjp(lambda s, z, k, sig: _perturbed_topk_fwd(s, z, k, sig), _perturbed_topk_bwd)
 
 
-def perturbed_topk(scores: jax.Array, k: int = 3, num_samples: int = 500, sigma: float = 0.05,
-                   *, rng: Optional[jax.Array] = None,
-                   noise: Optional[jax.Array] = None,
-                   noise_prng: str = "threefry") -> jax.Array:
+def perturbed_topk(
+    scores: jax.Array,
+    k: int = 3,
+    num_samples: int = 500,
+    sigma: float = 0.05,
+    *,
+    rng: Optional[jax.Array] = None,
+    noise: Optional[jax.Array] = None,
+    noise_prng: str = "threefry",
+) -> jax.Array:
     """Soft top-k indicator [b, k, d] of ``scores`` [b, d] (differentiable w.r.t. scores).
 
     Pass either ``rng`` (a PRNG key; noise ~ N(0,1) of shape [b, num_samples, d] is drawn with
@@ -191,5 +196,5 @@ def hard_topk(scores: jax.Array, k: int = 3) -> jax.Array:
     ``selection_noise_at_eval`` quirk flag is off. No gradient (piecewise constant).
     """
     d = scores.shape[-1]
-    idx = _topk_sorted_indices(jax.lax.stop_gradient(scores), k)           # 'b k'
+    idx = _topk_sorted_indices(jax.lax.stop_gradient(scores), k)  # 'b k'
     return jax.nn.one_hot(idx, d, dtype=scores.dtype)

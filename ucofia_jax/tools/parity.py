@@ -20,6 +20,7 @@ Selector gradients (and grad_in.patch_tokens, which includes the predictor path)
 only where ``train.tokensel_noise`` is stored: otherwise the stored indicator is fed in (JAX
 and torch RNGs differ) and there is no path from the scores to the loss.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,15 @@ def _compare(case, key, ours, ref, kind, tol: Tolerances, note="") -> Result:
         if ours.size == ref.size:
             ours = ours.reshape(ref.shape)
         else:
-            return Result(case, key, float("inf"), float("inf"), "shape", False,
-                          f"shape {ours.shape} vs reference {ref.shape}")
+            return Result(
+                case,
+                key,
+                float("inf"),
+                float("inf"),
+                "shape",
+                False,
+                f"shape {ours.shape} vs reference {ref.shape}",
+            )
     diff = np.abs(ours - ref)
     finite = np.isfinite(ours).all() and np.isfinite(ref).all()
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
@@ -86,8 +94,15 @@ def _compare(case, key, ours, ref, kind, tol: Tolerances, note="") -> Result:
     else:
         raise ValueError(kind)
     ok = bool(finite and np.all(diff <= bound))
-    return Result(case, key, float(diff.max(initial=0.0)), float(rel.max(initial=0.0)), desc,
-                  ok, note if finite else (note + " non-finite").strip())
+    return Result(
+        case,
+        key,
+        float(diff.max(initial=0.0)),
+        float(rel.max(initial=0.0)),
+        desc,
+        ok,
+        note if finite else (note + " non-finite").strip(),
+    )
 
 
 def _load_case(path):
@@ -97,18 +112,21 @@ def _load_case(path):
 
 def _head_params(z, prefix, template, predictor_prefix=None):
     from ucofia_jax.models.ucofia_names import load_original_head_state_dict
-    sd = {k[len(prefix):]: v for k, v in z.items() if k.startswith(prefix)}
+
+    sd = {k[len(prefix) :]: v for k, v in z.items() if k.startswith(prefix)}
     if predictor_prefix is not None:
         sel = "visual_token_selector."
         sd = {k: v for k, v in sd.items() if not k.startswith(sel)}
-        sd.update({k[len(predictor_prefix):]: v for k, v in z.items()
-                   if k.startswith(predictor_prefix)})
+        sd.update(
+            {k[len(predictor_prefix) :]: v for k, v in z.items() if k.startswith(predictor_prefix)}
+        )
     return load_original_head_state_dict(sd, template)
 
 
 def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
     import jax
     import jax.numpy as jnp
+
     from ucofia_jax.losses import symmetric_cross_entropy
     from ucofia_jax.models.ucofia import UCoFiAHead
     from ucofia_jax.models.ucofia_names import our_path
@@ -120,7 +138,8 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
     case = os.path.splitext(os.path.basename(path))[0]
     out: List[Result] = []
     cmp = lambda key, ours, kind="value", note="": out.append(
-        _compare(case, key, ours, z[key], kind, tol, note))
+        _compare(case, key, ours, z[key], kind, tol, note)
+    )
     f32 = lambda k: jnp.asarray(z[k], jnp.float32)
 
     b, f, d = z["in.frame_cls"].shape
@@ -133,22 +152,42 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
     topk = npix // f - 1
 
     def make_head(predictor):
-        return UCoFiAHead(embed_dim=d, max_frames=f, max_words=nw, topk=topk,
-                          seq_layers=layers, predictor=predictor)
+        return UCoFiAHead(
+            embed_dim=d,
+            max_frames=f,
+            max_words=nw,
+            topk=topk,
+            seq_layers=layers,
+            predictor=predictor,
+        )
 
     head = make_head("new")
-    dummy = (jnp.zeros((1, d)), jnp.zeros((1, nw, d)), jnp.zeros((1, f, d)),
-             jnp.zeros((1, z["in.patch_tokens"].shape[1], d)), jnp.ones((1, f)), 0.0)
-    template = jax.eval_shape(lambda: head.init(jax.random.PRNGKey(0), *dummy, train=False,
-                                                rng=jax.random.PRNGKey(0)))["params"]
+    dummy = (
+        jnp.zeros((1, d)),
+        jnp.zeros((1, nw, d)),
+        jnp.zeros((1, f, d)),
+        jnp.zeros((1, z["in.patch_tokens"].shape[1], d)),
+        jnp.ones((1, f)),
+        0.0,
+    )
+    template = jax.eval_shape(
+        lambda: head.init(jax.random.PRNGKey(0), *dummy, train=False, rng=jax.random.PRNGKey(0))
+    )["params"]
     params = jax.tree_util.tree_map(jnp.asarray, _head_params(z, "param.", template))
     ls = f32("param.clip.logit_scale")
-    inputs = dict(text_cls=f32("in.text_cls"), text_tokens=f32("in.text_tokens"),
-                  frame_cls=f32("in.frame_cls"), patch_tokens=f32("in.patch_tokens"))
+    inputs = dict(
+        text_cls=f32("in.text_cls"),
+        text_tokens=f32("in.text_tokens"),
+        frame_cls=f32("in.frame_cls"),
+        patch_tokens=f32("in.patch_tokens"),
+    )
     vmask = jnp.asarray(z["in.video_mask"])
     has_noise = "train.tokensel_noise" in z
-    sel_kw = ({"noise": f32("train.tokensel_noise")} if has_noise
-              else {"indicator": f32("train.tokensel_topk_indicator")})
+    sel_kw = (
+        {"noise": f32("train.tokensel_noise")}
+        if has_noise
+        else {"indicator": f32("train.tokensel_topk_indicator")}
+    )
 
     # ---------------------------------------------------------------- training path
     def train_forward(m: UCoFiAHead, text_cls, text_tokens, frame_cls, patch_tokens, ls):
@@ -159,19 +198,38 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
         tp, vp = m.project_text(t), m.project_video(v, train=True)
         sh = m.shared_inputs(ls)
         s1, s2, _ = sim_ops.pair_levels(tp, vp, sh, m.tau)
-        s3, inter = sim_ops.pixel_word(tp["words_l"], vp["pixels_l"], sh["mats"], m.tau,
-                                       return_intermediates=True)
+        s3, inter = sim_ops.pixel_word(
+            tp["words_l"], vp["pixels_l"], sh["mats"], m.tau, return_intermediates=True
+        )
         logits = sim_ops.combine_levels(s1, s2, s3)
-        aux = dict(scores=scores, indicator=ind, pixels=pixels, seq_out=seq_out,
-                   video=v["video_feature"], s1=s1, s2=s2, s3=s3, logits=logits, **inter)
+        aux = dict(
+            scores=scores,
+            indicator=ind,
+            pixels=pixels,
+            seq_out=seq_out,
+            video=v["video_feature"],
+            s1=s1,
+            s2=s2,
+            s3=s3,
+            logits=logits,
+            **inter,
+        )
         return symmetric_cross_entropy(logits), aux
 
     def loss_fn(params, ls, inp):
-        return head.apply({"params": params}, inp["text_cls"], inp["text_tokens"],
-                          inp["frame_cls"], inp["patch_tokens"], ls, method=train_forward)
+        return head.apply(
+            {"params": params},
+            inp["text_cls"],
+            inp["text_tokens"],
+            inp["frame_cls"],
+            inp["patch_tokens"],
+            ls,
+            method=train_forward,
+        )
 
-    (loss, aux), (g_params, g_ls, g_in) = jax.jit(jax.value_and_grad(
-        loss_fn, argnums=(0, 1, 2), has_aux=True))(params, ls, inputs)
+    (loss, aux), (g_params, g_ls, g_in) = jax.jit(
+        jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
+    )(params, ls, inputs)
 
     cmp("train.tokensel_pred_score", aux["scores"])
     if has_noise:
@@ -181,11 +239,13 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
     cmp("train.video_feature", aux["video"])
     cmp("train.sim_video_sentence", aux["s1"])
     cmp("train.sim_sentence_frame", aux["s2"])
-    for ours, ref in [("fine_grained_sim", "pw_fine_grained_sim"),
-                      ("word_level_logit", "pw_word_level_logit"),
-                      ("pixel_level_logit", "pw_pixel_level_logit"),
-                      ("sent2pixel_logit", "pw_sent2pixel_logit"),
-                      ("video2word_logit", "pw_video2word_logit")]:
+    for ours, ref in [
+        ("fine_grained_sim", "pw_fine_grained_sim"),
+        ("word_level_logit", "pw_word_level_logit"),
+        ("pixel_level_logit", "pw_pixel_level_logit"),
+        ("sent2pixel_logit", "pw_sent2pixel_logit"),
+        ("video2word_logit", "pw_video2word_logit"),
+    ]:
         # ours 't v w p' / 't v p' / 't v w'; the original keeps 't w v p' / 't v p' / 't w v'
         val = aux[ours]
         if ours == "fine_grained_sim":
@@ -193,10 +253,12 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
         if ours == "pixel_level_logit":
             val = jnp.transpose(val, (0, 2, 1))
         cmp("train." + ref, val)
-    for ours, ref, perm in [("word_isa_weights", "pw_word_isa_weights", (0, 2, 1, 3)),
-                            ("pixel_isa_weights", "pw_pixel_isa_weights", (0, 2, 1, 3)),
-                            ("sent2pixel_isa_weights", "pw_sent2pixel_isa_weights", None),
-                            ("video2word_isa_weights", "pw_video2word_isa_weights", (0, 2, 1))]:
+    for ours, ref, perm in [
+        ("word_isa_weights", "pw_word_isa_weights", (0, 2, 1, 3)),
+        ("pixel_isa_weights", "pw_pixel_isa_weights", (0, 2, 1, 3)),
+        ("sent2pixel_isa_weights", "pw_sent2pixel_isa_weights", None),
+        ("video2word_isa_weights", "pw_video2word_isa_weights", (0, 2, 1)),
+    ]:
         if "train." + ref in z:
             val = aux[ours] if perm is None else jnp.transpose(aux[ours], perm)
             cmp("train." + ref, val, "isa_weights")
@@ -204,11 +266,13 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
     cmp("train.logits", aux["logits"])
     cmp("train.loss", loss)
     cmp("train.loss_t2v", symmetric_cross_entropy.__globals__["cross_entropy_diag"](aux["logits"]))
-    cmp("train.loss_v2t", symmetric_cross_entropy.__globals__["cross_entropy_diag"](aux["logits"].T))
+    cmp(
+        "train.loss_v2t", symmetric_cross_entropy.__globals__["cross_entropy_diag"](aux["logits"].T)
+    )
 
     # gradients
     for key in sorted(k for k in z if k.startswith("grad.")):
-        name = key[len("grad."):]
+        name = key[len("grad.") :]
         if name == "clip.logit_scale":
             cmp(key, g_ls, "grad")
             continue
@@ -220,7 +284,7 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
             g = g[p]
         cmp(key, g.T if transposed else g, "grad")
     for key in sorted(k for k in z if k.startswith("grad_in.")):
-        name = key[len("grad_in."):]
+        name = key[len("grad_in.") :]
         if name == "patch_tokens" and not has_noise:
             continue
         cmp(key, g_in[name], "grad")
@@ -238,12 +302,20 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
         if f"{tag}.sim_video_sentence" not in z:
             continue
         m = make_head(predictor)
-        tmpl = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), *dummy, train=False,
-                                             rng=jax.random.PRNGKey(0)))["params"]
+        tmpl = jax.eval_shape(
+            lambda: m.init(jax.random.PRNGKey(0), *dummy, train=False, rng=jax.random.PRNGKey(0))
+        )["params"]
         prm = _head_params(z, "param.", tmpl, predictor_prefix=pp)
         scores, lv, _, v = jax.jit(partial(m.apply, method=eval_levels))(
-            {"params": prm}, inputs["text_cls"], inputs["text_tokens"], inputs["frame_cls"],
-            inputs["patch_tokens"], vmask, ls, f32(f"{tag}.tokensel_topk_indicator"))
+            {"params": prm},
+            inputs["text_cls"],
+            inputs["text_tokens"],
+            inputs["frame_cls"],
+            inputs["patch_tokens"],
+            vmask,
+            ls,
+            f32(f"{tag}.tokensel_topk_indicator"),
+        )
         cmp(f"{tag}.tokensel_pred_score", scores)
         for name, s in zip(("sim_video_sentence", "sim_sentence_frame", "sim_pixel_word"), lv):
             cmp(f"{tag}.{name}", s)
@@ -256,11 +328,18 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
 
         def bank_t2v(m, ttc, ttt):
             t = m.encode_text(ttc, ttt)
-            v = m.encode_video(inputs["frame_cls"], inputs["patch_tokens"], vmask, train=False,
-                               indicator=f32("evalt2v.tokensel_topk_indicator"))
+            v = m.encode_video(
+                inputs["frame_cls"],
+                inputs["patch_tokens"],
+                vmask,
+                train=False,
+                indicator=f32("evalt2v.tokensel_topk_indicator"),
+            )
             return m.similarity_levels(t, v, ls, train=False)
+
         bank = jax.jit(partial(m.apply, method=bank_t2v))(
-            {"params": prm}, f32("sk_t2v.in.train_text_cls"), f32("sk_t2v.in.train_text_tokens"))
+            {"params": prm}, f32("sk_t2v.in.train_text_cls"), f32("sk_t2v.in.train_text_tokens")
+        )
         _sk_checks(cmp, z, "sk_t2v", bank, levels["evalt2v"], sinkhorn_knopp, "t2v")
 
     # SK-norm v2t: (test texts x training videos)ᵀ
@@ -269,17 +348,23 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
 
         def bank_v2t(m):
             t = m.encode_text(inputs["text_cls"], inputs["text_tokens"])
-            v = m.encode_video(f32("sk_v2t.in.train_frame_cls"), f32("sk_v2t.in.train_patch_tokens"),
-                               jnp.asarray(z["sk_v2t.in.train_video_mask"]), train=False,
-                               indicator=f32("sk_v2t.train_tokensel_topk_indicator"))
+            v = m.encode_video(
+                f32("sk_v2t.in.train_frame_cls"),
+                f32("sk_v2t.in.train_patch_tokens"),
+                jnp.asarray(z["sk_v2t.in.train_video_mask"]),
+                train=False,
+                indicator=f32("sk_v2t.train_tokensel_topk_indicator"),
+            )
             return m.similarity_levels(t, v, ls, train=False)
+
         bank = jax.jit(partial(m.apply, method=bank_v2t))({"params": prm})
         _sk_checks(cmp, z, "sk_v2t", bank, levels["evalv2t"], sinkhorn_knopp, "v2t")
 
     # TS2-Net token shift (CLIP visual blocks 10-11)
     if "patchshift.in" in z:
         from ucofia_jax.ops.token_shift import token_shift
-        x = np.asarray(z["patchshift.in"])                      # 'n f c' (sequence first)
+
+        x = np.asarray(z["patchshift.in"])  # 'n f c' (sequence first)
         y = token_shift(jnp.asarray(x.transpose(1, 0, 2)), num_frames=x.shape[1])
         cmp("patchshift.out", np.asarray(y).transpose(1, 0, 2))
     return out
@@ -288,6 +373,7 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
 def _sk_checks(cmp, z, tag, bank, test_levels, sinkhorn_knopp, direction):
     """Sinkhorn on the *stored* bank (isolates SK), and the final matrix from our own chain."""
     import jax.numpy as jnp
+
     priors = []
     for l in (1, 2, 3):
         cmp(f"{tag}.train_sim_{l}", bank[l - 1])
@@ -296,13 +382,18 @@ def _sk_checks(cmp, z, tag, bank, test_levels, sinkhorn_knopp, direction):
         r = sinkhorn_knopp(ref_bank)
         cmp(f"{tag}.a_{l}", r.a, "scaling")
         cmp(f"{tag}.b_{l}", r.b, "scaling")
-        rows, cols = ("text_bias", "video_bias") if direction == "t2v" else ("video_bias", "text_bias")
+        rows, cols = (
+            ("text_bias", "video_bias") if direction == "t2v" else ("video_bias", "text_bias")
+        )
         cmp(f"{tag}.{rows}_{l}", r.row_log_prior)
         cmp(f"{tag}.{cols}_{l}", r.col_log_prior)
         ours_bank = bank[l - 1] if direction == "t2v" else bank[l - 1].T
         prior = sinkhorn_knopp(ours_bank).col_log_prior
-        biased = (test_levels[l - 1] + prior[None, :] if direction == "t2v"
-                  else test_levels[l - 1] + prior[:, None])
+        biased = (
+            test_levels[l - 1] + prior[None, :]
+            if direction == "t2v"
+            else test_levels[l - 1] + prior[:, None]
+        )
         cmp(f"{tag}.test_sim_biased_{l}", biased)
         priors.append(biased)
     cmp(f"{tag}.final_sim", sum(priors) / 3.0)
@@ -317,9 +408,12 @@ def main(argv=None) -> int:
     ap.add_argument("--grad-rtol", type=float, default=Tolerances.grad_rtol)
     ap.add_argument("--grad-atol", type=float, default=Tolerances.grad_atol)
     ap.add_argument("--failures-only", action="store_true")
-    ap.add_argument("--no-fast-compile", action="store_true",
-                    help="keep XLA's default CPU backend optimisation (compiles ~4x slower on "
-                         "these tiny shapes; results agree within the tolerances either way)")
+    ap.add_argument(
+        "--no-fast-compile",
+        action="store_true",
+        help="keep XLA's default CPU backend optimisation (compiles ~4x slower on "
+        "these tiny shapes; results agree within the tolerances either way)",
+    )
     args = ap.parse_args(argv)
     if not args.no_fast_compile and "jax" not in sys.modules:
         # Must be set before the XLA backend starts; the cases are tiny, compiling dominates.
@@ -343,13 +437,17 @@ def main(argv=None) -> int:
     for r in results:
         if args.failures_only and r.passed:
             continue
-        print(f"{r.case:8s} {r.key:{w}s} {r.max_abs:10.3e} {r.max_rel:10.3e} "
-              f"{'pass' if r.passed else 'FAIL'}    {r.tol} {r.note}")
+        print(
+            f"{r.case:8s} {r.key:{w}s} {r.max_abs:10.3e} {r.max_rel:10.3e} "
+            f"{'pass' if r.passed else 'FAIL'}    {r.tol} {r.note}"
+        )
     for c, e in errors.items():
         print(f"{c}: ERROR {e}")
     n_fail = sum(not r.passed for r in results)
-    print(f"{len(results)} keys compared in {len(paths)} case(s): {n_fail} failed, "
-          f"{len(errors)} case error(s)")
+    print(
+        f"{len(results)} keys compared in {len(paths)} case(s): {n_fail} failed, "
+        f"{len(errors)} case error(s)"
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"results": [asdict(r) for r in results], "errors": errors}, fh, indent=1)
