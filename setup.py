@@ -26,9 +26,12 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    # torch is only a test-time numerical reference. Pin the CPU wheel: an
-    # unpinned torch pulls a multi-GB CUDA build.
-    "test": ["pytest>=7", "pytest-xdist>=3", "torch==2.13.0"],
+    # torch is only a test-time numerical reference. Pinned without a local label:
+    # torch==2.13.0 takes a 2.13.0+cpu wheel where pip is offered one (see README
+    # "Quick start") and the public build elsewhere; an unpinned torch pulls a
+    # multi-GB CUDA build. ruff: tests/test_style.py; its formatting and rules
+    # change between minor releases, hence the range.
+    "test": ["pytest>=7", "pytest-xdist>=3", "torch==2.13.0", "ruff>=0.17,<0.18"],
     "openai": ["torch>=2.0"],  # only to import OpenAI ``.pt`` checkpoints
 }
 

@@ -207,8 +207,8 @@ def is_oom(err: Exception) -> bool:
 
 def bench_train(config, dtype: str, batch_sizes, args, mesh) -> dict:
     """The package's sharded train step (ucofia_jax.train.make_trainer), timed."""
-    from ucofia_jax import sharding, train
-    from ucofia_jax.models.retrieval import RetrievalModel
+    from ucofia_jax.runtime import sharding, train
+    from ucofia_jax.models.model import RetrievalModel
 
     config = config.copy_and_resolve_references()
     config.model.clip.dtype = dtype
@@ -272,8 +272,8 @@ def bench_train(config, dtype: str, batch_sizes, args, mesh) -> dict:
 
 def bench_eval(config, args, mesh) -> dict:
     """ucofia_jax.evaluate.evaluate end to end: encode, blockwise levels, SK-norm, metrics."""
-    from ucofia_jax import evaluate, train
-    from ucofia_jax.models.retrieval import RetrievalModel
+    from ucofia_jax.evaluation import evaluator as evaluate, train
+    from ucofia_jax.models.model import RetrievalModel
 
     config = config.copy_and_resolve_references()
     config.model.clip.dtype = args.eval_dtype
@@ -289,7 +289,7 @@ def bench_eval(config, args, mesh) -> dict:
     )
     model = RetrievalModel.from_config(config)
     params = train.create_train_state(model, config, 0)["params"]
-    from ucofia_jax import sharding
+    from ucofia_jax.runtime import sharding
 
     params = jax.device_put(params, sharding.replicated(mesh))
     test = RandomSplit(config, args.eval_videos, args.eval_texts, seed=1)
@@ -351,7 +351,7 @@ def fmt_mfu(mfu: float) -> str:
 def main(argv=None):
     args = parse_args(argv)
     config = load_config(args.config, args.frames, args.words)
-    from ucofia_jax import sharding
+    from ucofia_jax.runtime import sharding
 
     devices = jax.devices()
     config.mesh.update(dict(data=-1, fsdp=1, model=1))

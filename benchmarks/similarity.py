@@ -96,7 +96,7 @@ def _child(cfg, args):
     import jax.numpy as jnp
     import numpy as np
 
-    from ucofia_jax.models.ucofia import UCoFiAHead
+    from ucofia_jax.models.head import UCoFiAHead
     from ucofia_jax.ops.blockwise import map_in_blocks
     from ucofia_jax.ops.sinkhorn import sk_prior_t2v
     from ucofia_jax.ops.topk import hash_normal

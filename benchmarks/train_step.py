@@ -61,8 +61,8 @@ def main(argv=None):
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
 
-    from ucofia_jax import config_validation, sharding, train  # pylint: disable=g-import-not-at-top
-    from ucofia_jax.models.retrieval import RetrievalModel  # pylint: disable=g-import-not-at-top
+    from ucofia_jax import config, sharding, train  # pylint: disable=g-import-not-at-top
+    from ucofia_jax.models.model import RetrievalModel  # pylint: disable=g-import-not-at-top
 
     c = build_config(args)
     config_validation.validate(c)

@@ -8,11 +8,11 @@ original recipe's tiny CLIP lr (1e-7) and frozen embeddings would leave the towe
 random init: here everything trains at one from-scratch lr, nothing is frozen.
 """
 
-from configs import common
+from ucofia_jax.config import base_config
 
 
 def get_config():
-    c = common.get_base_config()
+    c = base_config()
     c.experiment = "demo"
     c.seed = 0
 

@@ -6,11 +6,11 @@ Hyperparameters beyond MSR-VTT/VATEX are not in the original scripts; they follo
 (batch 128, 15 epochs, lr 1e-4 head / 1e-7 CLIP) as far as SPEC §9.3 could establish.
 """
 
-from configs import common
+from ucofia_jax.config import base_config
 
 
 def get_config():
-    c = common.get_base_config()
+    c = base_config()
     c.experiment = "lsmdc"
     c.data.dataset = "lsmdc"
     c.data.manual_dir = "data/raw/lsmdc"

@@ -24,12 +24,14 @@ import shutil
 import sys
 import time
 
+import tensorflow_datasets as tfds
+
+from data_pipeline import builder as builder_lib
+from data_pipeline import tables
 from data_pipeline.records import DataError
 
 
 def _parser() -> argparse.ArgumentParser:
-    from data_pipeline import builder as builder_lib  # pylint: disable=g-import-not-at-top
-
     layouts = "\n\n".join(f"{n}:\n{builder_lib.layout_text(n)}" for n in builder_lib.DATASETS)
     p = argparse.ArgumentParser(
         prog="python -m data_pipeline.build",
@@ -37,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Layouts of --manual_dir:\n\n" + layouts,
     )
-    p.add_argument("--dataset", required=True, choices=sorted(builder_lib.DATASETS))
+    p.add_argument("--dataset", required=True, choices=builder_lib.DATASETS)
     p.add_argument("--manual_dir", required=True, help="raw annotation files (+ videos/)")
     p.add_argument("--data_dir", required=True, help="TFDS output directory")
     p.add_argument("--video_dir", default=None, help="video folder (default MANUAL_DIR/videos)")
@@ -95,10 +97,6 @@ def build(
     ``skipped`` (count per reason), ``report`` (report file or None), ``reused`` (bool).
     Raises `DataError` for a bad layout, and in strict mode for any bad input.
     """
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-    from data_pipeline import builder as builder_lib  # pylint: disable=g-import-not-at-top
-
     if not progress:
         tfds.disable_progress_bar()  # TFDS's own per-split bars
     manual_dir = os.path.abspath(manual_dir)
@@ -161,8 +159,6 @@ def build(
         shutil.rmtree(b.default_cache_dir(), ignore_errors=True)
     # The captions/ids sidecar of each split, so that the pipeline does not read every frame
     # byte at start-up to learn them.
-    from data_pipeline import pipeline  # pylint: disable=g-import-not-at-top
-
     reader = builder_lib.get_builder(
         dataset,
         data_dir=data_dir,
@@ -172,7 +168,7 @@ def build(
         slice_framepos=slice_framepos,
     )
     for split in reader.info.splits:
-        pipeline.load_tables(
+        tables.load_tables(
             reader.as_data_source(
                 split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
             ),

@@ -34,7 +34,11 @@ from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
+from tqdm import tqdm
 
+from data_pipeline import datasets
 from data_pipeline import records as records_lib
 from data_pipeline import video as video_lib
 
@@ -44,89 +48,24 @@ JPEG_QUALITY = 95
 CACHE_DIRNAME = ".ucofia_cache"
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-    """What a dataset needs on disk and how it is sampled by default (SPEC §9.3, §11)."""
-
-    splits: tuple[str, ...]
-    # Annotation files that must be at the root of manual_dir, per split ("*" = every split).
-    files: dict
-    max_frames: int = 12
-    # Shown in the manual download instructions: where the original files come from.
-    source: str = ""
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    "msrvtt": DatasetSpec(
-        splits=("train", "test"),
-        files={
-            "*": ("MSRVTT_data.json",),
-            "train": ("MSRVTT_train.9k.csv",),
-            "test": ("MSRVTT_JSFUSION_test.csv",),
-            "train_7k": ("MSRVTT_train.7k.csv",),
-        },
-        source="CLIP4Clip's msrvtt_data.zip + the MSRVTT_Videos archive; add "
-        "MSRVTT_train.7k.csv and --splits=train,test,train_7k for the 7k split",
-    ),
-    "msvd": DatasetSpec(
-        splits=("train", "val", "test"),
-        files={
-            "*": ("raw-captions.pkl",),
-            "train": ("train_list.txt",),
-            "val": ("val_list.txt",),
-            "test": ("test_list.txt",),
-        },
-        source="CLIP4Clip's msvd_data.zip + YouTubeClips.tar; val_list.txt is built but "
-        "unused by the recipe",
-    ),
-    "lsmdc": DatasetSpec(
-        splits=("train", "val", "test"),
-        files={
-            "train": ("LSMDC16_annos_training.csv",),
-            "val": ("LSMDC16_annos_val.csv",),
-            "test": ("LSMDC16_challenge_1000_publictect.csv",),
-        },
-        source="the LSMDC 2016 release (requires registration with MPII)",
-    ),
-    "activitynet": DatasetSpec(
-        splits=("train", "test"),
-        files={"train": ("train.json",), "test": ("val_1.json",)},
-        max_frames=64,
-        source="ActivityNet Captions annotations, test split = val_1; train_ids.json and "
-        "val_ids.json are optional",
-    ),
-    "didemo": DatasetSpec(
-        splits=("train", "val", "test"),
-        files={s: (f"{s}_list.txt", f"{s}_data.json") for s in ("train", "val", "test")},
-        max_frames=64,
-        source="the DiDeMo release (LocalizingMoments) + its videos",
-    ),
-    "vatex": DatasetSpec(
-        splits=("train", "test"),
-        files={
-            "*": ("ref_captions.json",),
-            "train": ("train_list.txt",),
-            "test": ("test_list.txt",),
-        },
-        source="VATEX English captions as ref_captions.json + train/test id lists + videos",
-    ),
-}
+# The dataset names, in the order of the registry (`datasets.MODULES`).
+DATASETS: tuple[str, ...] = tuple(datasets.SPECS)
 
 
 def required_files(dataset: str, split: str | None = None) -> list[str]:
-    """Annotation file names that must exist at the root of manual_dir (one split or the defaults)."""
+    """Annotation file names that must be at the root of manual_dir (one split or the defaults)."""
     spec = _spec(dataset)
-    splits = spec.splits if split is None else (split,)
+    splits = spec.build_splits if split is None else (split,)
     out = list(spec.files.get("*", ()))
     for s in splits:
         out += [f for f in spec.files.get(s, ()) if f not in out]
     return out
 
 
-def _spec(dataset: str) -> DatasetSpec:
-    if dataset not in DATASETS:
+def _spec(dataset: str) -> records_lib.DatasetSpec:
+    if dataset not in datasets.SPECS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
-    return DATASETS[dataset]
+    return datasets.SPECS[dataset]
 
 
 def layout_text(dataset: str) -> str:
@@ -250,8 +189,6 @@ def _cache_path(job: _Job) -> str | None:
 
 
 def _encode_jpeg(frame: np.ndarray) -> bytes:
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-
     buf = io.BytesIO()
     Image.fromarray(frame).save(buf, format="JPEG", quality=JPEG_QUALITY)
     return buf.getvalue()
@@ -273,7 +210,8 @@ def _save_cached(path: str, jpegs: list[bytes], mask: np.ndarray) -> None:
 
 
 def process_clip(job: _Job):
-    """Decodes one clip -> ``(index, jpegs, mask, None)`` or ``(index, None, None, (reason, detail))``."""
+    """Decodes one clip -> ``(index, jpegs, mask, None)``, or on failure
+    ``(index, None, None, (reason, detail))``."""
     cache = _cache_path(job)
     if cache and os.path.exists(cache):
         try:
@@ -322,8 +260,6 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
     @tfds.core.utils.classproperty
     @classmethod
     def code_path(cls):
-        from etils import epath  # pylint: disable=g-import-not-at-top
-
         return epath.Path(os.path.abspath(__file__))
 
     def __init__(
@@ -341,8 +277,8 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
         """Extra arguments (only used when building).
 
         Args:
-          splits: the splits to build; default `DatasetSpec.splits` (e.g. add ``train_7k`` for
-            MSR-VTT's 7k training list).
+          splits: the splits to build; default the spec's `build_splits` (e.g. add ``train_7k``
+            for MSR-VTT's 7k training list).
           video_dir: folder of the video files; default ``<manual_dir>/videos``.
           workers: decode processes; default all CPUs. 0 decodes in this process.
           strict: raise `DataError` at the first bad annotation or video instead of skipping.
@@ -396,13 +332,11 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         manual_dir = os.fspath(dl_manager.manual_dir)
         c = self.builder_config
-        splits = self._splits or _spec(c.dataset).splits
+        splits = self._splits or _spec(c.dataset).build_splits
         check_manual_dir(c.dataset, manual_dir, self._video_dir, splits)
         return {split: self._generate_examples(manual_dir, split) for split in splits}
 
     def _read_records(self, manual_dir: str, split: str) -> list[records_lib.ClipRecord]:
-        from data_pipeline import datasets  # pylint: disable=g-import-not-at-top
-
         reader = datasets.get_reader(self.builder_config.dataset)
         # One record per clip with all its captions; the pipeline expands or samples captions.
         recs = reader(
@@ -439,8 +373,6 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
         self.written[split] = 0
         pbar = None
         if self._progress:
-            from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
             pbar = tqdm(total=len(jobs), desc=f"{c.name} {split}", unit="clip", file=sys.stderr)
         results = _run_jobs(jobs, self._workers)
         try:
@@ -506,8 +438,6 @@ def check_manual_dir(
 ) -> None:
     """Raises `DataError` naming every missing annotation file / the missing video folder."""
     spec = _spec(dataset)
-    from data_pipeline import datasets  # pylint: disable=g-import-not-at-top
-
     known = datasets.SPLITS[dataset]
     bad = [s for s in splits or () if s not in known]
     if bad:
@@ -518,7 +448,7 @@ def check_manual_dir(
             f"{layout_text(dataset)}"
         )
     missing = []
-    for split in splits or spec.splits:
+    for split in splits or spec.build_splits:
         for f in required_files(dataset, split):
             p = os.path.join(manual_dir, f)
             if not os.path.isfile(p) and p not in missing:
@@ -535,7 +465,8 @@ def check_manual_dir(
 
 
 def clean_stale_incomplete_dirs(builder: UcofiaVideoText) -> list[str]:
-    """Removes TFDS temp dirs of this config left by a killed build (TFDS only cleans on exceptions).
+    """Removes TFDS temp dirs of this config left by a killed build (TFDS cleans only on
+    exceptions).
 
     Not safe while another build of the same config is running into the same data_dir.
     """

@@ -7,8 +7,9 @@ and starts at row ``s * global_batch`` (no batches are read and thrown away), an
 per-process sharding is a column slice of the same plan, so the processes together see
 exactly the global batch a single process would see.
 
-    data = VideoTextData(config, split="train")            # reads captions, tokenises once
+    data = VideoTextData(config.data, split="train")       # reads captions, tokenises once
     for batch in data.train_batches(epoch=0, seed=0, global_batch=128, start_step=0): ...
+    train = data.train_epochs(seed=0, global_batch=128)    # what the train loop consumes
     videos = data.eval_video_batches(global_batch=64)       # every video once, padded
     texts = data.eval_text_batches(global_batch=64)         # every caption once, padded
 
@@ -27,57 +28,30 @@ paragraphs the readers built; MSR-VTT 1k-A has one text per video.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from typing import Any, Iterator
+from typing import Iterator
 
+import jax
 import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
+from data_pipeline import builder as builder_lib
+from data_pipeline import tables as tables_lib
 from data_pipeline.records import DataError
+from ucofia_jax.models import tokenizer
 
 
-def _cfg(config, dotted: str, default=None):
-    """`config.a.b` or `default` when absent (ConfigDict, dict or any attribute object)."""
-    node = config
-    for part in dotted.split("."):
-        if node is None:
-            return default
-        if isinstance(node, dict) or (hasattr(node, "keys") and hasattr(node, "get")):
-            node = node.get(part, None)
-        else:
-            node = getattr(node, part, None)
-    return default if node is None else node
-
-
-def _tensorflow():
-    """TensorFlow for tf.data only: hide accelerators so it never takes memory JAX needs."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
+def _hide_accelerators_from_tensorflow() -> None:
+    """tf.data runs on the CPU; hiding the GPUs keeps TensorFlow from taking memory JAX needs."""
     try:
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError:
         pass  # already initialised (devices can only be hidden before first use)
-    return tf
-
-
-def config_with_data_dir(config, data_dir: str):
-    """A copy of `config` whose data.data_dir is `data_dir` (for the messages)."""
-    try:
-        c = config.copy_and_resolve_references()
-        c.data.data_dir = data_dir
-        return c
-    except AttributeError:  # a plain dict
-        import copy  # pylint: disable=g-import-not-at-top
-
-        c = copy.deepcopy(config)
-        c["data"]["data_dir"] = data_dir
-        return c
 
 
 def _process(process_index, process_count) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax  # pylint: disable=g-import-not-at-top
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -94,7 +68,8 @@ def local_batch_size(global_batch: int, process_count: int) -> int:
 
 
 def rng_for(seed: int, epoch: int, stream: str = "train") -> np.random.Generator:
-    """Numpy generator for one (seed, epoch, stream); PCG64 + SeedSequence is stable across versions."""
+    """Numpy generator for one (seed, epoch, stream); PCG64 + SeedSequence are stable across
+    numpy versions."""
     tag = sum(ord(c) * 31**i for i, c in enumerate(stream)) % (2**31)
     return np.random.Generator(
         np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch), tag]))
@@ -158,76 +133,6 @@ def shard_plan(plan: np.ndarray, process_index: int, process_count: int) -> np.n
 # ---------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _Tables:
-    video_ids: list[str]
-    texts: list[str]
-    text_offsets: np.ndarray  # [V + 1]
-
-
-def tables_path(version_dir: str, split: str) -> str:
-    return os.path.join(os.fspath(version_dir), f"ucofia-tables-{split}.json")
-
-
-def load_tables(source, version_dir: str, split: str, *, write: bool = True) -> _Tables:
-    """The split's ids and captions from its sidecar JSON, or by reading the records (then saved).
-
-    Reading the records means reading every frame byte (ArrayRecord reads whole records):
-    minutes for ActivityNet's 64-frame clips. The build writes the sidecar once; a dataset
-    built otherwise gets it on first use (when its directory is writable).
-    """
-    path = tables_path(version_dir, split)
-    if os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-            if d.get("num_records") == len(source):
-                caps = d["captions"]
-                return _Tables(
-                    list(d["video_ids"]),
-                    [c for cs in caps for c in cs],
-                    np.cumsum([0] + [len(cs) for cs in caps]).astype(np.int64),
-                )
-        except (OSError, ValueError, KeyError):
-            pass  # stale or damaged: rebuilt below
-    tables = _read_tables(source)
-    if write:
-        caps = [
-            tables.texts[tables.text_offsets[i] : tables.text_offsets[i + 1]]
-            for i in range(len(tables.video_ids))
-        ]
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(
-                    {"num_records": len(source), "video_ids": tables.video_ids, "captions": caps},
-                    f,
-                    ensure_ascii=False,
-                )
-            os.replace(tmp, path)
-        except OSError:
-            pass  # read-only data_dir: fine, only slower next time
-    return tables
-
-
-def _read_tables(source) -> _Tables:
-    """Video ids and captions of every record, without decoding frames."""
-    from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
-
-    video_ids, texts, offsets = [], [], [0]
-    n = len(source)
-    step = 256
-    for lo in range(0, n, step):
-        raws = source.__getitems__(list(range(lo, min(lo + step, n))))
-        for raw in raws:
-            feats = example_pb2.Example.FromString(raw).features.feature
-            video_ids.append(feats["video_id"].bytes_list.value[0].decode("utf-8"))
-            caps = [c.decode("utf-8") for c in feats["captions"].bytes_list.value]
-            texts.extend(caps)
-            offsets.append(offsets[-1] + len(caps))
-    return _Tables(video_ids, texts, np.asarray(offsets, np.int64))
-
-
 def resolve_split(split: str, built: list[str], name: str = "") -> str:
     """`split`, or ``test`` for ``val``/``val_1`` where the dataset has no separate val split.
 
@@ -241,40 +146,34 @@ def resolve_split(split: str, built: list[str], name: str = "") -> str:
     raise DataError(f"{name} has no split {split!r}; it has {sorted(built)}")
 
 
-def dataset_problems(config, split: str | None = None) -> str:
-    """'' when `config`'s dataset is built (with its splits); else what is missing and how to build it."""
-    from data_pipeline import builder as builder_lib  # pylint: disable=g-import-not-at-top
+def _builder(data_cfg, data_dir: str) -> builder_lib.UcofiaVideoText:
+    """The reader of `data_cfg`'s dataset and frame sampling in `data_dir`."""
+    return builder_lib.get_builder(
+        data_cfg.dataset,
+        data_dir=data_dir,
+        max_frames=data_cfg.max_frames,
+        image_size=data_cfg.image_size,
+        feature_framerate=data_cfg.feature_framerate,
+        slice_framepos=data_cfg.slice_framepos,
+    )
 
-    dataset = _cfg(config, "data.dataset")
-    data_dir = _cfg(config, "data.data_dir")
+
+def dataset_problems(data_cfg, split: str | None = None) -> str:
+    """'' when ``config.data``'s dataset is built with the splits a run reads (`split`, or the
+    train and eval splits); else what is missing and the command that builds it."""
+    return _problems(data_cfg, data_cfg.data_dir, split)
+
+
+def _problems(data_cfg, data_dir: str, split: str | None) -> str:
     try:
-        b = builder_lib.get_builder(
-            dataset,
-            data_dir=data_dir,
-            max_frames=_cfg(config, "data.max_frames"),
-            image_size=int(_cfg(config, "data.image_size", 224)),
-            feature_framerate=int(_cfg(config, "data.feature_framerate", 1)),
-            slice_framepos=int(_cfg(config, "data.slice_framepos", 2)),
-        )
-    except ValueError as e:
+        b = _builder(data_cfg, data_dir)
+    except ValueError as e:  # unknown dataset
         return str(e)
     c = b.builder_config
     if not b.is_prepared():
-        manual = _cfg(config, "data.manual_dir") or "RAW"
-        return (
-            f"{c.name} is not built in {data_dir} (expected {b.data_dir}). Build it with:\n"
-            f"  python -m data_pipeline.build --dataset={dataset} --manual_dir={manual} "
-            f"--data_dir={data_dir} --max_frames={c.max_frames} --image_size={c.image_size}"
-            + (f" --feature_framerate={c.feature_framerate}" if c.feature_framerate != 1 else "")
-            + (f" --slice_framepos={c.slice_framepos}" if c.slice_framepos != 2 else "")
-        )
+        return _not_built(data_cfg, data_dir, b)
     built = list(b.info.splits)
-    wanted = (
-        [split]
-        if split
-        else [_cfg(config, "data.train_split", "train"), _cfg(config, "data.eval_split", "test")]
-    )
-    for s in wanted:
+    for s in [split] if split else [data_cfg.train_split, data_cfg.eval_split]:
         try:
             resolve_split(s, built, c.name)
         except DataError as e:
@@ -282,53 +181,71 @@ def dataset_problems(config, split: str | None = None) -> str:
     return ""
 
 
+def _not_built(data_cfg, data_dir: str, b: builder_lib.UcofiaVideoText) -> str:
+    c = b.builder_config
+    manual_dir = data_cfg.manual_dir
+    # Whether the raw files are there decides the next step: fetch them, or only build.
+    if not manual_dir:
+        raw = (
+            "Raw files first: config.data.manual_dir is not set; it must name a folder laid "
+            f"out as\n{builder_lib.layout_text(c.dataset)}"
+        )
+    else:
+        try:
+            builder_lib.check_manual_dir(c.dataset, manual_dir)
+            raw = f"The raw files in config.data.manual_dir = {manual_dir!r} look complete."
+        except DataError as e:
+            raw = f"Raw files first (config.data.manual_dir): {e}"
+    cmd = (
+        f"python -m data_pipeline.build --dataset={c.dataset} --manual_dir={manual_dir or 'RAW'} "
+        f"--data_dir={data_dir} --max_frames={c.max_frames} --image_size={c.image_size}"
+    )
+    if c.feature_framerate != 1:
+        cmd += f" --feature_framerate={c.feature_framerate}"
+    if c.slice_framepos != 2:
+        cmd += f" --slice_framepos={c.slice_framepos}"
+    return (
+        f"the {c.dataset} dataset ({c.name}) is not built in config.data.data_dir = "
+        f"{data_dir!r} (expected {b.data_dir}).\n{raw}\nThen build it with:\n  {cmd}"
+    )
+
+
 class VideoTextData:
     """One split of a built dataset: tables of ids/captions, tokens, and batch streams.
 
     Args:
-      config: the experiment config; reads ``data.{dataset, data_dir, max_words, max_frames,
-        image_size, feature_framerate, slice_framepos, expand_sentences}``.
+      data_cfg: the ``config.data`` section; reads ``dataset, data_dir, max_words, max_frames,
+        image_size, feature_framerate, slice_framepos, expand_sentences, prefetch,
+        num_parallel_calls`` (and ``manual_dir`` for the message when it is not built).
       split: ``train`` / ``val`` / ``test``.
-      data_dir: overrides ``config.data.data_dir``.
+      data_dir: overrides ``data_cfg.data_dir``.
       process_index, process_count: default to jax's; tests pass them to simulate processes.
     """
 
     def __init__(
         self,
-        config,
+        data_cfg,
         *,
         split: str,
         data_dir: str | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
     ):
-        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-        from data_pipeline import builder as builder_lib  # pylint: disable=g-import-not-at-top
-        from ucofia_jax import tokenizer  # pylint: disable=g-import-not-at-top
-
-        self.config = config
+        _hide_accelerators_from_tensorflow()
+        self.data_cfg = data_cfg
         self.split = split
         self.process_index, self.process_count = _process(process_index, process_count)
-        dataset = _cfg(config, "data.dataset")
-        data_dir = data_dir or _cfg(config, "data.data_dir")
-        if not dataset or not data_dir:
+        data_dir = data_dir or data_cfg.data_dir
+        if not data_cfg.dataset or not data_dir:
             raise ValueError(
                 "config.data.dataset and a data_dir (config.data.data_dir) are required"
             )
-        self.max_words = int(_cfg(config, "data.max_words", 32))
-        self.expand_sentences = bool(_cfg(config, "data.expand_sentences", False))
-        self.builder = builder_lib.get_builder(
-            dataset,
-            data_dir=data_dir,
-            max_frames=_cfg(config, "data.max_frames"),
-            image_size=int(_cfg(config, "data.image_size", 224)),
-            feature_framerate=int(_cfg(config, "data.feature_framerate", 1)),
-            slice_framepos=int(_cfg(config, "data.slice_framepos", 2)),
-        )
+        self.max_words = int(data_cfg.max_words)
+        self.expand_sentences = bool(data_cfg.expand_sentences)
+        self.builder = _builder(data_cfg, data_dir)
         name = self.builder.builder_config.name
         if not self.builder.is_prepared():
-            raise DataError(dataset_problems(config_with_data_dir(config, data_dir)))
+            raise DataError(_not_built(data_cfg, data_dir, self.builder))
         split = resolve_split(split, list(self.builder.info.splits), name)
         self.split = split
         self.max_frames = self.builder.builder_config.max_frames
@@ -336,7 +253,7 @@ class VideoTextData:
         self._source = self.builder.as_data_source(
             split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
         )
-        tables = load_tables(self._source, self.builder.data_dir, split)
+        tables = tables_lib.load_tables(self._source, self.builder.data_dir, split)
         self.video_ids = tables.video_ids
         self.texts = tables.texts
         self.text_offsets = tables.text_offsets
@@ -377,6 +294,16 @@ class VideoTextData:
         tplan = shard_plan(tplan, self.process_index, self.process_count)[start_step:]
         for batch in self._video_stream(vplan, {"text_index": tplan}, prefetch):
             yield self._add_text(batch)
+
+    def train_epochs(self, *, seed: int, global_batch: int) -> TrainEpochs:
+        """The training stream as the train loop takes it (``config.data.prefetch`` batches)."""
+        return TrainEpochs(
+            data=self,
+            seed=seed,
+            global_batch=global_batch,
+            prefetch=self.data_cfg.prefetch,
+            steps_per_epoch=self.steps_per_epoch(global_batch),
+        )
 
     # --- evaluation ---
 
@@ -441,13 +368,9 @@ class VideoTextData:
         self, video_plan: np.ndarray, extra: dict[str, np.ndarray], prefetch: int
     ) -> Iterator[dict[str, np.ndarray]]:
         """Fetches and decodes the records of `video_plan` [steps, b] in order, batched by row."""
-        tf = _tensorflow()
-
         steps, b = video_plan.shape
         if steps == 0:
             return
-        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
         source = self._source
         features = self.builder.info.features
         decoders = {"frames": tfds.decode.SkipDecoding()}
@@ -476,7 +399,7 @@ class VideoTextData:
         flat.update({k: v.reshape(-1).astype(np.int32) for k, v in extra.items()})
         ds = tf.data.Dataset.from_tensor_slices(flat)
         # deterministic=True keeps the planned order even with parallel decoding.
-        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(load, num_parallel_calls=self.data_cfg.num_parallel_calls, deterministic=True)
         ds = ds.batch(b, drop_remainder=True)
         ds = ds.prefetch(prefetch)
         options = tf.data.Options()
@@ -486,84 +409,22 @@ class VideoTextData:
         yield from ds.as_numpy_iterator()
 
 
-# ---------------------------------------------------------------------------------------
-# Function entry points (what train.py / evaluate.py call).
+@dataclasses.dataclass(frozen=True)
+class TrainEpochs:
+    """`trainer.TrainData` over a `VideoTextData`: a fixed step count per epoch and each
+    epoch's batches, from a given step on when a run resumes (the order is seeded per epoch)."""
 
+    data: VideoTextData
+    seed: int
+    global_batch: int
+    prefetch: int
+    steps_per_epoch: int
 
-def train_dataset(
-    config,
-    *,
-    epoch: int,
-    start_step: int = 0,
-    data_dir: str | None = None,
-    data: VideoTextData | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Training batches of one epoch: seed ``config.seed``, global batch ``config.train.batch_size``.
-
-    Pass `data` (a `VideoTextData` of the train split) to avoid re-reading the tables each epoch.
-    """
-    data = data or VideoTextData(
-        config,
-        split=_cfg(config, "data.train_split", "train"),
-        data_dir=data_dir,
-        process_index=process_index,
-        process_count=process_count,
-    )
-    return data.train_batches(
-        epoch=epoch,
-        seed=int(_cfg(config, "seed", 0)),
-        global_batch=int(_cfg(config, "train.batch_size")),
-        start_step=start_step,
-        prefetch=int(_cfg(config, "data.prefetch", 2)),
-    )
-
-
-def eval_dataset(
-    config,
-    *,
-    split: str | None = None,
-    data_dir: str | None = None,
-    data: VideoTextData | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-) -> dict[str, Any]:
-    """The evaluation streams of a split, global batch ``config.eval.batch_size``.
-
-    Returns ``{'data': VideoTextData, 'videos': iterator, 'texts': iterator,
-    'text_to_video': int32 [T], 'num_videos', 'num_texts'}``.
-    """
-    split = split or _cfg(config, "data.eval_split", "test")
-    data = data or VideoTextData(
-        config,
-        split=split,
-        data_dir=data_dir,
-        process_index=process_index,
-        process_count=process_count,
-    )
-    gb = int(_cfg(config, "eval.batch_size", _cfg(config, "train.batch_size")))
-    return {
-        "data": data,
-        "videos": data.eval_video_batches(global_batch=gb),
-        "texts": data.eval_text_batches(global_batch=gb),
-        "text_to_video": data.text_to_video,
-        "num_videos": data.num_videos,
-        "num_texts": data.num_texts,
-    }
-
-
-def sk_text_bank(
-    config, *, size: int | None = None, data_dir: str | None = None, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Training-split texts for the SK-norm query bank (SPEC §8), at most ``size``
-    (default ``config.eval.sk_bank_size``; negative = all)."""
-    data = VideoTextData(
-        config,
-        split=_cfg(config, "data.train_split", "train"),
-        data_dir=data_dir,
-        process_index=0,
-        process_count=1,
-    )
-    size = size if size is not None else _cfg(config, "eval.sk_bank_size", -1)
-    return data.text_bank(None if size < 0 else size, seed=seed)
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        return self.data.train_batches(
+            epoch=epoch,
+            seed=self.seed,
+            global_batch=self.global_batch,
+            start_step=start_step,
+            prefetch=self.prefetch,
+        )

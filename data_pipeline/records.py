@@ -1,4 +1,5 @@
-"""Clip records, the skip report and the data error type shared by the whole data pipeline.
+"""Clip records, the skip report, the data error type and the dataset spec shared by the whole
+data pipeline.
 
 A reader turns a dataset's annotation files into `ClipRecord`s; anything it cannot use is
 either recorded in a `SkipReport` (default) or raised as a `DataError` (``--strict``). The
@@ -17,6 +18,23 @@ from typing import Iterable
 
 class DataError(Exception):
     """Bad input data (annotation or video). Raised in strict mode, or when nothing is usable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What a dataset needs on disk and how it is sampled by default (SPEC §9.3, §11).
+
+    Each reader module in `data_pipeline.datasets` declares its own, next to the code that
+    reads those files; the builder and the build command take them from there.
+    """
+
+    # The splits a build writes unless told otherwise (a reader may know more, e.g. train_7k).
+    build_splits: tuple[str, ...]
+    # Annotation files that must be at the root of manual_dir, per split ("*" = every split).
+    files: dict
+    max_frames: int = 12
+    # Shown in the manual download instructions: where the original files come from.
+    source: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from _tiny import random_arrays, tiny_config  # noqa: E402
 
-from ucofia_jax import checkpoints, sharding, train  # noqa: E402
-from ucofia_jax.models.retrieval import RetrievalModel  # noqa: E402
+from ucofia_jax.training import checkpoints, sharding, train  # noqa: E402
+from ucofia_jax.models.model import RetrievalModel  # noqa: E402
 
 N, KILL_AT = 6, 5
 

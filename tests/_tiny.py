@@ -3,6 +3,7 @@
 import numpy as np
 
 from configs import demo
+from ucofia_jax.models.model import Model
 
 
 def tiny_config():
@@ -39,6 +40,10 @@ def tiny_config():
     )
     c.mesh.data = -1
     return c
+
+
+def tiny_model(c) -> Model:
+    return Model.from_config(c.model, max_frames=c.data.max_frames, max_words=c.data.max_words)
 
 
 def random_arrays(n, c, seed=0):

@@ -6,9 +6,17 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from ucofia_jax.models.ucofia import UCoFiAHead
+from ucofia_jax.kernels import native
+from ucofia_jax.models.head import UCoFiAHead
 from ucofia_jax.ops.blockwise import blockwise_similarity, map_in_blocks
-from ucofia_jax.ops.similarity import IsaMatrices, pair_levels
+from ucofia_jax.ops.similarity import (
+    IsaMatrices,
+    PairConstants,
+    TextPairInputs,
+    VideoPairInputs,
+    pair_levels,
+    prepare_video_block,
+)
 
 D, F, NW, NTOK = 64, 3, 5, 6
 P = 4 * F
@@ -17,20 +25,20 @@ P = 4 * F
 def _inputs(n, m, seed=0):
     r = np.random.RandomState(seed)
     norm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
-    text = dict(
+    text = TextPairInputs(
         sentence=norm(r.randn(n, D)),
         sentence_g=r.randn(n, D) * 0.2,
         words_l=norm(r.randn(n, NW, D)),
     )
-    video = dict(
+    video = VideoPairInputs(
         video_g=r.randn(m, D) * 0.2,
-        frame_features=norm(r.randn(m, F, D)),
+        frames=norm(r.randn(m, F, D)),
         pixels_l=r.randn(m, P, D) * 0.3,
     )
     mats = IsaMatrices(*[np.eye(k) + 0.1 * r.randn(k, k) for k in (F, NW, P, P, NW)])
     cast = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), t)
-    shared = dict(mats=mats, scale=100.0, scale3=1.0, tau=0.01)
-    return cast(text), cast(video), cast(shared)
+    consts = PairConstants(mats=mats, scale=100.0, scale3=1.0, tau=0.01)
+    return cast(text), cast(video), cast(consts)
 
 
 @pytest.mark.parametrize("tb,vb", [(4, 3), (32, 32)])
@@ -59,7 +67,7 @@ def test_blockwise_sharded_over_mesh():
 
 def test_blockwise_rejects_ragged_inputs():
     text, video, shared = _inputs(5, 4)
-    text["sentence"] = text["sentence"][:3]
+    text = text._replace(sentence=text.sentence[:3])
     with pytest.raises(ValueError, match="same leading"):
         blockwise_similarity(pair_levels, text, video, shared)
 
@@ -70,7 +78,10 @@ def test_map_in_blocks_crops_and_matches():
     np.testing.assert_array_equal(np.asarray(out["y"]), np.asarray(x) * 2)
 
 
-def test_head_blockwise_levels_equal_similarity_levels():
+@pytest.mark.parametrize("level3_kernel", ["xla", "auto"])
+def test_head_pair_inputs_blockwise_equal_one_shot(level3_kernel):
+    # 'auto' is the evaluation's default: the native level-3 kernel where it builds (CPU).
+    pair_fn = native.pair_levels_for(level3_kernel, mask_padding=False)
     head = UCoFiAHead(embed_dim=D, max_frames=F, max_words=NW, seq_layers=1)
     r = np.random.RandomState(3)
     n, m = 6, 5
@@ -92,8 +103,15 @@ def test_head_blockwise_levels_equal_similarity_levels():
     def run(mod):
         t = mod.encode_text(tc, tt)
         v = mod.encode_video(fc, pt, vm, rng=jax.random.PRNGKey(2))
-        one = mod.similarity_levels(t, v, jnp.log(100.0), train=False)
-        blk = mod.blockwise_levels(t, v, jnp.log(100.0), text_block=4, video_block=2)
+        inputs = mod.pair_inputs(t, v, jnp.log(100.0), train=False)
+        one = pair_fn(*inputs)
+        blk = blockwise_similarity(
+            pair_fn,
+            *inputs,
+            text_block=4,
+            video_block=2,
+            video_block_fn=prepare_video_block,
+        )
         return one, blk
 
     one, blk = jax.jit(lambda p: head.apply(p, method=run))(params)

@@ -6,6 +6,7 @@ that bad input is skipped, counted and named in the report.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import pytest
 
 from data_pipeline import build as build_lib
 from data_pipeline import builder as builder_lib
-from data_pipeline import synthetic
+from data_pipeline import datasets, synthetic
 from data_pipeline import video as video_lib
 from data_pipeline.records import DataError
 
@@ -213,6 +214,14 @@ def test_config_names_and_instructions():
         builder_lib.config_name("msvd", max_frames=8, image_size=112, slice_framepos=0)
         == "msvd_f8_s112_pos0"
     )
+    # One list of datasets, in this order: the readers, the builder configs and the CLI agree.
+    assert builder_lib.DATASETS == ("msrvtt", "msvd", "lsmdc", "activitynet", "didemo", "vatex")
+    assert tuple(datasets.READERS) == tuple(datasets.SPLITS) == builder_lib.DATASETS
+    assert [c.dataset for c in builder_lib.UcofiaVideoText.BUILDER_CONFIGS] == list(
+        builder_lib.DATASETS
+    )
+    dataset_flag = next(a for a in build_lib._parser()._actions if a.dest == "dataset")
+    assert tuple(dataset_flag.choices) == builder_lib.DATASETS
     text = builder_lib.UcofiaVideoText.MANUAL_DOWNLOAD_INSTRUCTIONS
     for name in builder_lib.DATASETS:
         assert f"{name}:" in text
@@ -224,8 +233,6 @@ def test_config_names_and_instructions():
 
 def test_didemo_paragraphs_and_clip_window(tmp_path):
     """A paragraph-to-video dataset: one record per video, 0-31 s window clipped to the file."""
-    import shutil
-
     raw = str(tmp_path / "didemo")
     synth = str(tmp_path / "synth")
     synthetic.make_synthetic_dataset(synth, num_train=3, num_test=2, frame_size=32, seed=2)

@@ -14,9 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from clip_testutil import TINY, VIT_B32, hf_outputs, inputs, random_hf_clip, state_dict_numpy
+from ml_collections import ConfigDict
 
 from ucofia_jax.models import clip
 from ucofia_jax.models.clip_import import convert_hf_state_dict
+from ucofia_jax.models.layers import MLP, LayerNorm, MultiHeadAttention
+from ucofia_jax.ops.token_shift import token_shift
 
 RTOL = 1e-4
 
@@ -109,9 +112,6 @@ def test_encode_video_matches_frames_without_shift(tiny_params):
 def test_token_shift_in_video(tiny_params):
     """Shift on the last block only: equals a forward written out by hand that shifts the
     LayerNormed attention input (the residual keeps the unshifted tokens)."""
-    from ucofia_jax.models.layers import MLP, LayerNorm, MultiHeadAttention
-    from ucofia_jax.ops.token_shift import token_shift
-
     cfg = clip.CLIPConfig(**TINY, token_shift_blocks=(1,))
     frames = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 32, 32, 3))
     got = np.asarray(_apply(cfg, "encode_video")(tiny_params, frames)).reshape(8, 17, 32)
@@ -144,8 +144,6 @@ def test_token_shift_in_video(tiny_params):
 
 
 def test_config_and_helpers(tiny_params):
-    from ml_collections import ConfigDict
-
     c = clip.CLIPConfig.from_ml(
         ConfigDict(
             dict(

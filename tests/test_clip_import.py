@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 from clip_testutil import TINY, hf_outputs, inputs, random_hf_clip, state_dict_numpy
+from safetensors.numpy import save_file
 
-from ucofia_jax.models import clip, clip_import
+from ucofia_jax.models import clip_import
 from ucofia_jax.models.clip_import import CheckpointError
 
 
@@ -98,7 +99,7 @@ def _assert_same_params(a, b, atol=0.0):
 def test_hf_directory(tmp_path, hf_model, hf_import):
     hf_model.save_pretrained(tmp_path)
     assert os.path.exists(tmp_path / "model.safetensors")
-    model, params = clip.load_pretrained(str(tmp_path), token_shift_blocks=(1,))
+    model, params = clip_import.load_pretrained(str(tmp_path), token_shift_blocks=(1,))
     assert model.cfg.sizes() == TINY and model.cfg.token_shift_blocks == (1,)
     _assert_same_params(params, hf_import[1])
     images, ids = inputs(TINY, 2, 10, seed=5)
@@ -112,17 +113,15 @@ def test_hf_directory(tmp_path, hf_model, hf_import):
 def test_openai_torch_save(tmp_path, hf_model, hf_import):
     path = str(tmp_path / "openai.pt")
     torch.save(openai_layout(hf_model), path)
-    model, params = clip.load_pretrained(path)
+    model, params = clip_import.load_pretrained(path)
     assert model.cfg == hf_import[0]
     _assert_same_params(params, hf_import[1])
 
 
 def test_openai_safetensors_and_prefix(tmp_path, hf_model, hf_import):
-    from safetensors.numpy import save_file
-
     sd = {k: v.numpy() for k, v in openai_layout(hf_model).items()}
     save_file(sd, str(tmp_path / "openai.safetensors"))
-    _, params = clip.load_pretrained(str(tmp_path / "openai.safetensors"))
+    _, params = clip_import.load_pretrained(str(tmp_path / "openai.safetensors"))
     _assert_same_params(params, hf_import[1])
     # A UCoFiA checkpoint keeps CLIP under "clip."; other keys are not CLIP's business.
     ucofia = {**{f"clip.{k}": v for k, v in sd.items()}, "global_mat_weight": np.eye(4)}
@@ -143,10 +142,8 @@ def test_openai_torchscript_archive(tmp_path, hf_model, hf_import):
     )
     _assert_same_params(params, rounded)
     # The conversion recipe of docs/clip.md: TorchScript -> safetensors (OpenAI layout).
-    from safetensors.numpy import save_file
-
     save_file(clip_import.read_torch_file(path), str(tmp_path / "ViT-tiny.safetensors"))
-    _, params2 = clip.load_pretrained(str(tmp_path / "ViT-tiny.safetensors"))
+    _, params2 = clip_import.load_pretrained(str(tmp_path / "ViT-tiny.safetensors"))
     _assert_same_params(params2, rounded)
 
 
@@ -167,8 +164,6 @@ def _sd(hf_model):
 
 
 def test_errors(tmp_path, hf_model):
-    from safetensors.numpy import save_file
-
     sd = _sd(hf_model)
 
     def write(d, name="bad.safetensors"):
@@ -180,24 +175,24 @@ def test_errors(tmp_path, hf_model):
     with pytest.raises(
         CheckpointError, match=r"bad\.safetensors.*missing key 'visual\.ln_post\.bias'"
     ):
-        clip.load_pretrained(p)
+        clip_import.load_pretrained(p)
     p = write({**sd, "ln_final.bias": np.zeros(7, np.float32)})
     with pytest.raises(CheckpointError, match=r"bad\.safetensors.*ln_final/bias has shape \(7,\)"):
-        clip.load_pretrained(p)
+        clip_import.load_pretrained(p)
     p = write({**sd, "visual.layer1.0.conv1.weight": np.zeros((2, 2, 3, 3), np.float32)})
     with pytest.raises(CheckpointError, match="ResNet CLIP"):
-        clip.load_pretrained(p)
+        clip_import.load_pretrained(p)
     p = write({**sd, "visual.extra": np.zeros(3, np.float32)})
     with pytest.raises(CheckpointError, match=r"unexpected keys \['visual\.extra'\]"):
-        clip.load_pretrained(p)
+        clip_import.load_pretrained(p)
     with pytest.raises(CheckpointError, match="no such file"):
-        clip.load_pretrained(str(tmp_path / "nope.pt"))
+        clip_import.load_pretrained(str(tmp_path / "nope.pt"))
     (tmp_path / "w.npz").write_bytes(b"")
     with pytest.raises(CheckpointError, match="unknown checkpoint format"):
-        clip.load_pretrained(str(tmp_path / "w.npz"))
+        clip_import.load_pretrained(str(tmp_path / "w.npz"))
     p = write(sd, "ok.safetensors")
     with pytest.raises(ValueError, match="disagrees with the checkpoint"):
-        clip.load_pretrained(p, vision_width=64)
+        clip_import.load_pretrained(p, vision_width=64)
     # HF directory with an activation we do not implement.
     d = tmp_path / "hf"
     hf_model.save_pretrained(d)
@@ -205,6 +200,6 @@ def test_errors(tmp_path, hf_model):
     cfg["text_config"]["hidden_act"] = "gelu"
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="hidden_act='gelu'"):
-        clip.load_pretrained(str(d))
+        clip_import.load_pretrained(str(d))
     with pytest.raises(CheckpointError, match="no config.json"):
-        clip.load_pretrained(str(tmp_path))
+        clip_import.load_pretrained(str(tmp_path))

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-from ucofia_jax import config_validation as cv
+from ucofia_jax import config as cv
 
 CONFIGS = ("msrvtt", "msvd", "lsmdc", "activitynet", "didemo", "vatex", "demo")
 

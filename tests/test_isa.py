@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ucofia_jax.ops.isa import isa_aggregate, isa_weights, stable_softmax
 
@@ -34,8 +35,6 @@ def test_isa_mask_removes_positions():
 
 
 def test_isa_rejects_wrong_matrix_shape():
-    import pytest
-
     with pytest.raises(ValueError, match="ISA matrix has shape"):
         isa_weights(jnp.ones((2, 4)), jnp.eye(3))
 

@@ -8,7 +8,7 @@ import os
 import pytest
 from _tiny import tiny_config
 
-from ucofia_jax import config_validation, main
+from ucofia_jax import config, main
 
 
 def _config(workdir):
@@ -68,7 +68,7 @@ def test_main_train_and_eval_then_eval(tmp_path):
     import numpy as np
     import torch
 
-    from ucofia_jax import checkpoints
+    from ucofia_jax.training import checkpoints
     from ucofia_jax.models import ucofia_names
 
     state, _ = checkpoints.restore_params(workdir, _abstract_state(_config(workdir)))
@@ -87,8 +87,8 @@ def test_main_train_and_eval_then_eval(tmp_path):
 def _abstract_state(config):
     import jax
 
-    from ucofia_jax import optim, train
-    from ucofia_jax.models.retrieval import RetrievalModel
+    from ucofia_jax.training import optim, train
+    from ucofia_jax.models.model import RetrievalModel
 
     model = RetrievalModel.from_config(config)
     state = train.create_train_state(model, config, config.seed)

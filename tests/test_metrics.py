@@ -4,7 +4,7 @@ multi-sentence protocol."""
 import numpy as np
 import pytest
 
-from ucofia_jax import metrics
+from ucofia_jax.ops import metrics
 
 
 def test_square_ranks_by_hand():

@@ -43,7 +43,7 @@ def _mechanics(out: Path) -> dict:
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from ucofia_jax import distributed
+    from ucofia_jax.runtime import distributed
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
     rng = np.random.default_rng(0)
@@ -184,8 +184,8 @@ class LocalRows:
 def _train(out: Path) -> dict:
     import jax
 
-    from ucofia_jax import checkpoints, distributed, sharding, train
-    from ucofia_jax.models.retrieval import RetrievalModel
+    from ucofia_jax.training import checkpoints, distributed, sharding, train
+    from ucofia_jax.models.model import RetrievalModel
 
     config = tiny_config()
     model = RetrievalModel.from_config(config)
@@ -312,7 +312,7 @@ def _evaluate(model, config, mesh, state, out: Path) -> dict:
     so the last batch is padded."""
     import jax
 
-    from ucofia_jax import evaluate
+    from ucofia_jax.evaluation import evaluator as evaluate
 
     test = ArrayVideoText(tiny_arrays(config, 12, seed=2))
     bank = ArrayVideoText(tiny_arrays(config, 32, seed=1))
@@ -345,7 +345,7 @@ def main(argv: list[str]) -> None:
         import faulthandler
 
         faulthandler.dump_traceback_later(float(os.environ["UCOFIA_TEST_TRACEBACK_AFTER"]))
-    from ucofia_jax import distributed
+    from ucofia_jax.runtime import distributed
 
     up = distributed.maybe_initialize()
     import jax
@@ -371,7 +371,7 @@ def main(argv: list[str]) -> None:
 
 
 def test_settings_from_env_and_config():
-    from ucofia_jax import distributed as d
+    from ucofia_jax.runtime import distributed as d
 
     s = d.settings_from_env(
         {
@@ -424,7 +424,7 @@ def test_single_process_helpers():
     import numpy as np
     from jax.sharding import Mesh
 
-    from ucofia_jax import distributed as d
+    from ucofia_jax.runtime import distributed as d
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
     n = len(jax.devices())
@@ -591,7 +591,7 @@ def test_setup_logging_quiets_and_prefixes_other_processes(monkeypatch):
 
     import jax
 
-    from ucofia_jax import distributed as d
+    from ucofia_jax.runtime import distributed as d
 
     root = logging.getLogger()
     handler = logging.StreamHandler()

@@ -8,9 +8,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ucofia_jax import optim
+from ucofia_jax.config import base_config
+from ucofia_jax.training import optim
 
 TOL = dict(rtol=1e-5, atol=1e-7)
+LOGIT_MAX = math.log(100)
+# The optimisers take every hyper-parameter; the defaults (the original recipe) live only in
+# the config schema.
+TRAIN = base_config().train
+HYPERS = ("lr", "clip_lr", "warmup_proportion", "b1", "b2", "eps", "weight_decay", "grad_clip")
+
+
+def _hypers(*extra, **overrides):
+    kw = {k: TRAIN[k] for k in (*HYPERS, *extra)}
+    kw.update(frozen=tuple(TRAIN.frozen), schedule=TRAIN.schedule)
+    kw.update(overrides)
+    return kw
 
 
 def _params(rng):
@@ -50,7 +63,7 @@ def _reference_bertadam(
     b2=0.98,
     e=1e-6,
     max_grad_norm=1.0,
-    logit_max=math.log(100),
+    logit_max=LOGIT_MAX,
 ):
     """The original, literally: torch clip_grad_norm_ semantics, BertAdam loop, clamp."""
     p = {k: v.astype(np.float64).copy() for k, v in _flat(params).items()}
@@ -88,7 +101,7 @@ def test_bertadam_matches_original(num_steps):
     # Big gradients so that both the global and the per-tensor clip are active; one small
     # tensor below the per-tensor threshold after the global clip.
     grads_seq = []
-    for s in range(num_steps):
+    for _ in range(num_steps):
         g = jax.tree.map(lambda x: (rng.normal(size=np.shape(x)) * 3.0).astype(np.float32), params)
         g["head"]["dense"]["bias"] = (g["head"]["dense"]["bias"] * 1e-3).astype(np.float32)
         grads_seq.append(g)
@@ -97,11 +110,14 @@ def test_bertadam_matches_original(num_steps):
     tx = optim.bertadam(
         params,
         total_steps=total,
-        lr=1e-1,
-        clip_lr=1e-2,
-        warmup_proportion=warmup,
-        weight_decay=0.2,
-        frozen=frozen,
+        **_hypers(
+            "per_tensor_clip",
+            lr=1e-1,
+            clip_lr=1e-2,
+            warmup_proportion=warmup,
+            weight_decay=0.2,
+            frozen=frozen,
+        ),
     )
     p = jax.tree.map(jnp.asarray, params)
     state = tx.init(p)
@@ -132,7 +148,7 @@ def test_bertadam_matches_original(num_steps):
 
 
 def test_schedule_shape():
-    s = optim.make_schedule(1.0, 100, 0.1)
+    s = optim.make_schedule(1.0, 100, 0.1, "warmup_cosine")
     np.testing.assert_allclose(float(s(0)), 0.0)
     np.testing.assert_allclose(float(s(5)), 0.5)
     # Jumps from ~1 to 0.5(1+cos(0.1 pi)) = 0.976 at x = 0.1: the cosine spans the whole run.
@@ -153,7 +169,11 @@ def test_labels_and_decay_mask():
 
 def test_adamw_alternative_runs():
     params = jax.tree.map(jnp.asarray, _params(np.random.default_rng(2)))
-    tx = optim.adamw(params, total_steps=10, lr=1e-2, clip_lr=1e-3, frozen=("token_embedding",))
+    tx = optim.adamw(
+        params,
+        total_steps=10,
+        **_hypers(lr=1e-2, clip_lr=1e-3, frozen=("token_embedding",)),
+    )
     state = tx.init(params)
     g = jax.tree.map(jnp.ones_like, params)
     for _ in range(3):

@@ -1,41 +1,50 @@
 """tf.data pipeline on a built synthetic dataset (12 train / 6 test clips, 5 captions each)."""
 
-import ml_collections
+import json
+import os
+import shutil
+
 import numpy as np
 import pytest
 
+from configs import demo
 from data_pipeline import build as build_lib
-from data_pipeline import pipeline, synthetic
+from data_pipeline import pipeline, synthetic, tables
+from ucofia_jax.models import tokenizer
 
 F, S, NW = 4, 32, 16
 
 
-def _config(data_dir, expand=False):
-    return ml_collections.ConfigDict(
-        {
-            "seed": 0,
-            "data": {
-                "dataset": "msrvtt",
-                "data_dir": data_dir,
-                "max_words": NW,
-                "max_frames": F,
-                "image_size": S,
-                "expand_sentences": expand,
-            },
-            "train": {"batch_size": 4},
-            "eval": {"batch_size": 4, "sk_bank_size": 7},
-        }
+def _data_cfg(data_dir, expand=False, dataset="msrvtt", manual_dir=""):
+    """``config.data`` of the demo, pointed at `data_dir` with this file's sampling."""
+    d = demo.get_config().data
+    d.update(
+        dict(
+            dataset=dataset,
+            data_dir=data_dir,
+            manual_dir=manual_dir,
+            max_words=NW,
+            max_frames=F,
+            image_size=S,
+            expand_sentences=expand,
+        )
     )
+    return d
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def raw_dir(tmp_path_factory):
     raw = str(tmp_path_factory.mktemp("raw"))
-    out = str(tmp_path_factory.mktemp("tfds"))
     synthetic.make_synthetic_dataset(raw, num_train=12, num_test=6, frame_size=32, seed=0)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, raw_dir):
+    out = str(tmp_path_factory.mktemp("tfds"))
     build_lib.build(
         "msrvtt",
-        manual_dir=raw,
+        manual_dir=raw_dir,
         data_dir=out,
         max_frames=F,
         image_size=S,
@@ -49,7 +58,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def train(data_dir):
     return pipeline.VideoTextData(
-        _config(data_dir), split="train", process_index=0, process_count=1
+        _data_cfg(data_dir), split="train", process_index=0, process_count=1
     )
 
 
@@ -68,8 +77,6 @@ def test_shapes_and_text_alignment(train):
     assert b["video_index"].dtype == np.int32 and b["text_index"].dtype == np.int32
     # Each text belongs to its row's video, and the tokens are the tokens of that text.
     np.testing.assert_array_equal(train.text_to_video[b["text_index"]], b["video_index"])
-    from ucofia_jax import tokenizer
-
     ids, _ = tokenizer.tokenize([train.texts[t] for t in b["text_index"]], NW)
     np.testing.assert_array_equal(b["input_ids"], ids)
     # Frames are the stored frames of the row's video.
@@ -111,12 +118,24 @@ def test_resume_at_step_sees_the_same_batches(train):
         next(train.train_batches(epoch=2, seed=3, global_batch=4, start_step=4))
 
 
+def test_train_epochs_is_the_seeded_stream_per_epoch(train):
+    epochs = train.train_epochs(seed=3, global_batch=4)
+    assert epochs.steps_per_epoch == train.steps_per_epoch(4) == 3
+    for epoch, start in ((0, 0), (2, 1)):
+        want = list(train.train_batches(epoch=epoch, seed=3, global_batch=4, start_step=start))
+        got = list(epochs.epoch(epoch, start))
+        assert len(got) == len(want) == 3 - start
+        for a, b in zip(got, want):
+            for k in b:
+                np.testing.assert_array_equal(a[k], b[k])
+
+
 def test_two_processes_partition_every_global_batch(data_dir, train):
     single = list(train.train_batches(epoch=0, seed=0, global_batch=4))
     parts = []
     for p in range(2):
         d = pipeline.VideoTextData(
-            _config(data_dir), split="train", process_index=p, process_count=2
+            _data_cfg(data_dir), split="train", process_index=p, process_count=2
         )
         parts.append(list(d.train_batches(epoch=0, seed=0, global_batch=4)))
     assert len(parts[0]) == len(parts[1]) == len(single)
@@ -127,14 +146,14 @@ def test_two_processes_partition_every_global_batch(data_dir, train):
         assert not set(a["video_index"]) & set(b["video_index"])
     with pytest.raises(ValueError, match="divisible"):
         d3 = pipeline.VideoTextData(
-            _config(data_dir), split="train", process_index=0, process_count=3
+            _data_cfg(data_dir), split="train", process_index=0, process_count=3
         )
         next(d3.train_batches(epoch=0, seed=0, global_batch=4))
 
 
 def test_expand_sentences_uses_every_pair_once(data_dir):
     d = pipeline.VideoTextData(
-        _config(data_dir, expand=True), split="train", process_index=0, process_count=1
+        _data_cfg(data_dir, expand=True), split="train", process_index=0, process_count=1
     )
     assert d.num_texts == 60
     vplan, tplan = pipeline.train_plan(
@@ -155,10 +174,12 @@ def test_expand_sentences_uses_every_pair_once(data_dir):
 def test_eval_yields_every_item_once_with_padding(data_dir, process_count):
     seen_v, seen_t, nbatches = [], [], []
     for p in range(process_count):
-        ev = pipeline.eval_dataset(_config(data_dir), process_index=p, process_count=process_count)
-        assert ev["num_videos"] == 6 and ev["num_texts"] == 6  # MSR-VTT 1k-A: one text per video
-        vb = list(ev["videos"])
-        tb = list(ev["texts"])
+        ev = pipeline.VideoTextData(
+            _data_cfg(data_dir), split="test", process_index=p, process_count=process_count
+        )
+        assert ev.num_videos == 6 and ev.num_texts == 6  # MSR-VTT 1k-A: one text per video
+        vb = list(ev.eval_video_batches(global_batch=4))
+        tb = list(ev.eval_text_batches(global_batch=4))
         nbatches.append((len(vb), len(tb)))
         for b in vb:
             assert b["frames"].shape == (4 // process_count, F, S, S, 3)
@@ -167,7 +188,7 @@ def test_eval_yields_every_item_once_with_padding(data_dir, process_count):
         for b in tb:
             assert b["input_ids"].shape == (4 // process_count, NW)
             seen_t += list(b["text_index"][b["valid"] == 1])
-            np.testing.assert_array_equal(b["video_index"], ev["text_to_video"][b["text_index"]])
+            np.testing.assert_array_equal(b["video_index"], ev.text_to_video[b["text_index"]])
     assert sorted(seen_v) == list(range(6))  # 6 videos in 2 global batches of 4: 2 padding rows
     assert sorted(seen_t) == list(range(6))
     assert len(set(nbatches)) == 1 and nbatches[0] == (2, 2)  # same step count on every process
@@ -185,27 +206,43 @@ def test_multi_sentence_text_stream_and_sk_bank(data_dir, train):
         train.texts[t] in train.texts[train.text_offsets[v] : train.text_offsets[v + 1]]
         for t, v in zip(tidx, vidx)
     )
-    bank = pipeline.sk_text_bank(_config(data_dir))
-    assert bank["input_ids"].shape == (7, NW)  # config.eval.sk_bank_size
+    bank = train.text_bank(7)
+    assert bank["input_ids"].shape == (7, NW)
     assert len(set(bank["text_index"])) == 7
-    again = pipeline.sk_text_bank(_config(data_dir))
-    np.testing.assert_array_equal(bank["text_index"], again["text_index"])
-    assert pipeline.sk_text_bank(_config(data_dir), size=-1)["input_ids"].shape == (60, NW)
+    np.testing.assert_array_equal(bank["text_index"], train.text_bank(7)["text_index"])
+    assert train.text_bank(None)["input_ids"].shape == (60, NW)
 
 
-def test_unbuilt_dataset_names_the_build_command(tmp_path, data_dir):
-    msg = pipeline.dataset_problems(_config(str(tmp_path)))
-    assert "msrvtt_f4_s32 is not built" in msg
+def test_unbuilt_dataset_names_the_build_command(tmp_path, data_dir, raw_dir):
+    msg = pipeline.dataset_problems(_data_cfg(str(tmp_path)))
+    assert "the msrvtt dataset (msrvtt_f4_s32) is not built" in msg
+    assert "config.data.manual_dir is not set" in msg
     assert (
         f"python -m data_pipeline.build --dataset=msrvtt --manual_dir=RAW "
         f"--data_dir={tmp_path} --max_frames=4 --image_size=32" in msg
     )
+    # Whether the raw files are complete says which step comes first.
+    msg = pipeline.dataset_problems(_data_cfg(str(tmp_path), manual_dir=raw_dir))
+    assert f"The raw files in config.data.manual_dir = {raw_dir!r} look complete." in msg
+    assert f"--manual_dir={raw_dir} --data_dir={tmp_path}" in msg
+    missing = str(tmp_path / "no_raw")
+    msg = pipeline.dataset_problems(_data_cfg(str(tmp_path), manual_dir=missing))
+    assert f"Raw files first (config.data.manual_dir): manual_dir {missing} does not exist" in msg
     with pytest.raises(Exception, match="python -m data_pipeline.build --dataset=msrvtt"):
         pipeline.VideoTextData(
-            _config(str(tmp_path)), split="train", process_index=0, process_count=1
+            _data_cfg(str(tmp_path)), split="train", process_index=0, process_count=1
         )
-    assert pipeline.dataset_problems(_config(data_dir)) == ""
-    assert "no split 'train_7k'" in pipeline.dataset_problems(_config(data_dir), "train_7k")
+    # The data_dir argument overrides config.data.data_dir, also in the message.
+    with pytest.raises(Exception, match="not built in config.data.data_dir = '/nonexistent'"):
+        pipeline.VideoTextData(
+            _data_cfg(data_dir),
+            split="train",
+            data_dir="/nonexistent",
+            process_index=0,
+            process_count=1,
+        )
+    assert pipeline.dataset_problems(_data_cfg(data_dir)) == ""
+    assert "no split 'train_7k'" in pipeline.dataset_problems(_data_cfg(data_dir), "train_7k")
     # MSR-VTT / VATEX / ActivityNet validate on their test files: 'val' and 'val_1' map to test.
     assert pipeline.resolve_split("val_1", ["train", "test"]) == "test"
     assert pipeline.resolve_split("val", ["train", "val", "test"]) == "val"
@@ -213,10 +250,6 @@ def test_unbuilt_dataset_names_the_build_command(tmp_path, data_dir):
 
 def _vatex_from_synthetic(tmp_path_factory):
     """The synthetic clips in VATEX layout: test videos keep all 5 captions (multi-sentence)."""
-    import json
-    import os
-    import shutil
-
     raw = str(tmp_path_factory.mktemp("synth_for_vatex"))
     synthetic.make_synthetic_dataset(raw, num_train=8, num_test=6, frame_size=32, seed=1)
     vatex = str(tmp_path_factory.mktemp("vatex"))
@@ -248,12 +281,11 @@ def test_multi_sentence_eval_on_vatex(tmp_path_factory):
         log=lambda *_: None,
     )
     assert summary["written"] == {"train": 8, "test": 6}
-    config = _config(out)
-    config.data.dataset = "vatex"
-    ev = pipeline.eval_dataset(config, process_index=0, process_count=1)
-    data = ev["data"]
-    assert ev["num_videos"] == 6 and ev["num_texts"] == 30  # every caption is a query
-    texts = list(ev["texts"])
+    data = pipeline.VideoTextData(
+        _data_cfg(out, dataset="vatex"), split="test", process_index=0, process_count=1
+    )
+    assert data.num_videos == 6 and data.num_texts == 30  # every caption is a query
+    texts = list(data.eval_text_batches(global_batch=4))
     assert len(texts) == 8  # 30 texts in global batches of 4, last one padded
     valid = np.concatenate([b["valid"] for b in texts]).astype(bool)
     assert valid.sum() == 30
@@ -262,25 +294,22 @@ def test_multi_sentence_eval_on_vatex(tmp_path_factory):
     assert sorted(tidx) == list(range(30))
     for t, v in zip(tidx, vidx):
         assert data.texts[t] in caps[data.video_ids[v]]
-    videos = list(ev["videos"])
+    videos = list(data.eval_video_batches(global_batch=4))
     vvalid = np.concatenate([b["valid"] for b in videos]).astype(bool)
     assert sorted(np.concatenate([b["video_index"] for b in videos])[vvalid]) == list(range(6))
 
 
 def test_tables_sidecar_matches_the_records(data_dir, train):
-    import json
-    import os
-
-    path = pipeline.tables_path(train.builder.data_dir, "train")
+    path = tables.tables_path(train.builder.data_dir, "train")
     assert os.path.exists(path)  # written by the build
-    from_records = pipeline._read_tables(train._source)  # pylint: disable=protected-access
+    from_records = tables.read_tables(train._source)
     assert from_records.video_ids == train.video_ids
     assert from_records.texts == train.texts
     np.testing.assert_array_equal(from_records.text_offsets, train.text_offsets)
     # A stale sidecar (other record count) is ignored and rewritten.
     with open(path, "w") as f:
         json.dump({"num_records": 3, "video_ids": [], "captions": []}, f)
-    again = pipeline.load_tables(train._source, train.builder.data_dir, "train")  # pylint: disable=protected-access
+    again = tables.load_tables(train._source, train.builder.data_dir, "train")
     assert again.video_ids == train.video_ids
     with open(path) as f:
         assert json.load(f)["num_records"] == 12

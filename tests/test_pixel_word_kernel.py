@@ -9,6 +9,7 @@ The kernel is built with the system C++ compiler; where there is none these test
 'auto' falls back to XLA, tested below). Where a compiler exists, a build failure fails here.
 """
 
+import inspect
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,10 @@ import numpy as np
 import pytest
 
 from ucofia_jax.kernels import native
+from ucofia_jax.models.head import UCoFiAHead
+from ucofia_jax.models.model import Model
 from ucofia_jax.ops import similarity as S
+from ucofia_jax.ops.blockwise import blockwise_similarity
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -57,7 +61,9 @@ def _inputs(t, w, v, p, d=64, seed=0, pixel_scale=0.3):
 def test_native_equals_xla(kernel, t, w, v, p):
     words, pixels, mats = _inputs(t, w, v, p, seed=t + w)
     ref = jax.jit(S.pixel_word)(words, pixels, mats, 0.01)
-    got = jax.jit(lambda a, b, m: S.pixel_word(a, b, m, 0.01, native=True))(words, pixels, mats)
+    got = jax.jit(lambda a, b, m: S.pixel_word(a, b, m, 0.01, after_gemm=native.level3_native))(
+        words, pixels, mats
+    )
     assert got.shape == (t, v)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=RTOL, atol=ATOL)
 
@@ -67,11 +73,13 @@ def test_native_changes_when_a_matrix_changes(kernel):
     # Each of the four matrices must reach the output (a swapped or ignored argument would not).
     # A weight of 2 off the diagonal moves the argmax of the saturated second softmax.
     words, pixels, mats = _inputs(2, 8, 3, 12, seed=3)
-    base = np.asarray(S.pixel_word(words, pixels, mats, 0.01, native=True))
+    base = np.asarray(S.pixel_word(words, pixels, mats, 0.01, after_gemm=native.level3_native))
     for field in ("word_mat_weight", "pixel_mat_weight", "pixel_mat_weight2", "word_mat_weight2"):
         m = getattr(mats, field)
         changed = mats._replace(**{field: m + 2.0 * jnp.roll(jnp.eye(m.shape[0]), 1, axis=1)})
-        got = np.asarray(S.pixel_word(words, pixels, changed, 0.01, native=True))
+        got = np.asarray(
+            S.pixel_word(words, pixels, changed, 0.01, after_gemm=native.level3_native)
+        )
         ref = np.asarray(S.pixel_word(words, pixels, changed, 0.01))
         np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL, err_msg=field)
         assert np.abs(got - base).max() > 1e-4, field
@@ -83,7 +91,7 @@ def test_native_tau_and_saturated_softmaxes(kernel):
     words, pixels, mats = _inputs(3, 9, 4, 10, seed=7, pixel_scale=3.0)
     for tau in (0.01, 1.0):
         ref = S.pixel_word(words, pixels, mats, tau)
-        got = S.pixel_word(words, pixels, mats, tau, native=True)
+        got = S.pixel_word(words, pixels, mats, tau, after_gemm=native.level3_native)
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=RTOL, atol=ATOL)
 
 
@@ -91,7 +99,7 @@ def test_native_tau_and_saturated_softmaxes(kernel):
 def test_native_nan_stays_in_its_pair(kernel):
     words, pixels, mats = _inputs(3, 6, 4, 8, seed=1)
     pixels = pixels.at[2, 5, 0].set(jnp.nan)  # video 2 only
-    got = np.asarray(S.pixel_word(words, pixels, mats, 0.01, native=True))
+    got = np.asarray(S.pixel_word(words, pixels, mats, 0.01, after_gemm=native.level3_native))
     assert np.isnan(got[:, 2]).all()
     assert np.isfinite(np.delete(got, 2, axis=1)).all()
 
@@ -100,7 +108,9 @@ def test_native_nan_stays_in_its_pair(kernel):
 def test_native_under_vmap_and_shape_errors(kernel):
     words, pixels, mats = _inputs(2, 5, 3, 6, seed=2)
     stacked = jnp.stack([pixels, 2 * pixels])
-    got = jax.vmap(lambda px: S.pixel_word(words, px, mats, 0.01, native=True))(stacked)
+    got = jax.vmap(lambda px: S.pixel_word(words, px, mats, 0.01, after_gemm=native.level3_native))(
+        stacked
+    )
     ref = jax.vmap(lambda px: S.pixel_word(words, px, mats, 0.01))(stacked)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=RTOL, atol=ATOL)
     g = jnp.zeros((2, 5, 3, 6))
@@ -109,21 +119,23 @@ def test_native_under_vmap_and_shape_errors(kernel):
             g, mats.pixel_mat_weight, jnp.eye(6), mats.word_mat_weight, mats.pixel_mat_weight2, 0.01
         )
     with pytest.raises(ValueError, match="no masks"):
-        S.pixel_word(words, pixels, mats, 0.01, word_mask=jnp.ones((2, 5), bool), native=True)
+        S.pixel_word(
+            words,
+            pixels,
+            mats,
+            0.01,
+            word_mask=jnp.ones((2, 5), bool),
+            after_gemm=native.level3_native,
+        )
 
 
 @needs_compiler
 def test_head_blockwise_native_equals_xla(kernel):
-    from ucofia_jax.models.ucofia import UCoFiAHead
-
     d, f, w, ntok, n_text, n_video = 64, 4, 8, 10, 7, 5
-    heads = {
-        k: UCoFiAHead(embed_dim=d, max_frames=f, max_words=w, seq_layers=1, level3_kernel=k)
-        for k in ("xla", "native")
-    }
+    h = UCoFiAHead(embed_dim=d, max_frames=f, max_words=w, seq_layers=1)
     r = np.random.default_rng(0)
     z = lambda *s: jnp.asarray(r.standard_normal(s, np.float32))
-    params = heads["xla"].init(
+    params = h.init(
         jax.random.PRNGKey(0),
         z(1, d),
         z(1, w, d),
@@ -133,7 +145,6 @@ def test_head_blockwise_native_equals_xla(kernel):
         0.0,
         rng=jax.random.PRNGKey(1),
     )
-    h = heads["xla"]
     txt = h.apply(params, z(n_text, d), z(n_text, w, d), method=h.encode_text)
     vid = h.apply(
         params,
@@ -144,17 +155,20 @@ def test_head_blockwise_native_equals_xla(kernel):
         method=h.encode_video,
         train=False,
     )
+    inputs = h.apply(params, txt, vid, jnp.log(100.0), train=False, method=h.pair_inputs)
+    pair_fns = {
+        "xla": native.pair_levels_for("xla", mask_padding=False),
+        "native": native.pair_levels_for("native", mask_padding=False),
+    }
     out = {
-        k: hk.apply(
-            params,
-            txt,
-            vid,
-            jnp.log(100.0),
-            method=hk.blockwise_levels,
+        k: blockwise_similarity(
+            fn,
+            *inputs,
             text_block=3,
             video_block=2,
+            video_block_fn=S.prepare_video_block,
         )
-        for k, hk in heads.items()
+        for k, fn in pair_fns.items()
     }
     for level, (a, b) in enumerate(zip(out["native"], out["xla"])):
         tol = (RTOL, ATOL) if level == 2 else (0, 0)  # levels 1, 2 are the same XLA code
@@ -162,21 +176,41 @@ def test_head_blockwise_native_equals_xla(kernel):
             np.asarray(a), np.asarray(b), rtol=tol[0], atol=tol[1], err_msg=f"level {level + 1}"
         )
     assert native.resolve_level3_kernel("auto") == "native"  # on this CPU backend
-    assert heads["native"]._pair_fn(False) is S.pair_levels_native
-    assert heads["native"]._pair_fn(True) is S.pair_levels  # training: XLA
+    assert pair_fns["native"] is native.pair_levels_native
+    assert pair_fns["xla"] is S.pair_levels
+    assert native.pair_levels_for("auto", mask_padding=False) is native.pair_levels_native
+
+
+def test_pair_function_choice():
+    # Masked padding needs the XLA code: 'auto' falls back to it, 'native' is refused.
+    assert native.pair_levels_for("auto", mask_padding=True) is S.pair_levels
+    assert native.pair_levels_for("xla", mask_padding=True) is S.pair_levels
+    with pytest.raises(ValueError, match="takes no masks"):
+        native.pair_levels_for("native", mask_padding=True)
+    with pytest.raises(ValueError, match="level3_kernel must be one of"):
+        native.pair_levels_for("fast", mask_padding=False)
+    # Training scores with the XLA code: the door's default pair function (Model.loss passes
+    # none), never the kernel.
+    assert inspect.signature(Model.score).parameters["pair_fn"].default is S.pair_levels
 
 
 def test_auto_falls_back_without_compiler_and_native_says_why(tmp_path):
-    # A fresh process with no compiler and an empty cache: 'auto' -> XLA, 'native' -> an error
-    # naming the missing compiler, and blockwise evaluation still runs.
+    # A fresh process with no compiler and an empty cache: 'auto' -> XLA (the evaluation's
+    # pair function is the XLA one), 'native' -> an error naming the missing compiler.
     code = """
-import jax.numpy as jnp
 from ucofia_jax.kernels import native
+from ucofia_jax.ops import similarity
 print("auto:", native.resolve_level3_kernel("auto"))
+print("auto pair function is XLA:", native.pair_levels_for("auto", mask_padding=False)
+      is similarity.pair_levels)
 try:
     native.resolve_level3_kernel("native")
 except RuntimeError as e:
     print("native error:", e)
+try:
+    native.pair_levels_for("native", mask_padding=False)
+except RuntimeError as e:
+    print("native pair function error:", e)
 try:
     native.resolve_level3_kernel("fast")
 except ValueError as e:
@@ -197,7 +231,11 @@ except ValueError as e:
         "native error: level3_kernel='native' but the kernel is unavailable: no C++ "
         "compiler: '/nonexistent/c++' not found" in p.stdout
     )
-    assert "bad choice: level3_kernel must be 'auto', 'xla' or 'native', got 'fast'" in p.stdout
+    assert "auto pair function is XLA: True" in p.stdout
+    assert "native pair function error: level3_kernel='native' but" in p.stdout
+    assert (
+        "bad choice: level3_kernel must be one of ('auto', 'xla', 'native'), got 'fast'" in p.stdout
+    )
 
 
 @needs_compiler
@@ -220,11 +258,13 @@ def test_build_is_cached_per_source_and_reports_compile_errors(tmp_path, monkeyp
 def test_native_gradient_is_the_xla_gradient(kernel):
     # The kernel has no derivative of its own: its custom VJP recomputes the XLA code's.
     words, pixels, mats = _inputs(2, 6, 3, 8, seed=4)
-    loss = lambda native: (
-        lambda a, b, m: jnp.sum(S.pixel_word(a, b, m, 0.01, native=native) * jnp.arange(1.0, 4.0))
+    loss = lambda after_gemm: (
+        lambda a, b, m: jnp.sum(
+            S.pixel_word(a, b, m, 0.01, after_gemm=after_gemm) * jnp.arange(1.0, 4.0)
+        )
     )
-    got = jax.grad(loss(True), argnums=(0, 1, 2))(words, pixels, mats)
-    ref = jax.grad(loss(False), argnums=(0, 1, 2))(words, pixels, mats)
+    got = jax.grad(loss(native.level3_native), argnums=(0, 1, 2))(words, pixels, mats)
+    ref = jax.grad(loss(None), argnums=(0, 1, 2))(words, pixels, mats)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     assert max(float(jnp.abs(x).max()) for x in jax.tree_util.tree_leaves(got)) > 0

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ucofia_jax.models.ucofia import PredictorLG
+from ucofia_jax.models.head import PredictorLG
 
 
 def _concatenated_reference(params, x, num_frames, version):

@@ -5,8 +5,8 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from ucofia_jax.losses import symmetric_cross_entropy
 from ucofia_jax.ops import similarity as S
+from ucofia_jax.ops.losses import symmetric_cross_entropy
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "ucofia_reference", "case_2.npz")
 
@@ -51,6 +51,40 @@ def test_levels_match_fixture():
     logits = S.combine_levels(s1, s2, s3)
     _close(logits, z["train.logits"])
     _close(symmetric_cross_entropy(logits), z["train.loss"])
+
+
+def test_pair_levels_match_fixture():
+    # The same levels through the typed pair inputs (what UCoFiAHead.pair_inputs returns).
+    z = np.load(FIX)
+    j = lambda k: jnp.asarray(z[k])
+    scale = jnp.exp(j("param.clip.logit_scale"))
+    sent = j("train.sentence_feature")
+    text = S.TextPairInputs(
+        sentence=sent,
+        sentence_g=sent @ j("param.global_mat_weight"),
+        words_l=j("train.word_features_norm") @ j("param.local_mat_weight"),
+    )
+    video = S.VideoPairInputs(
+        video_g=j("train.video_feature") @ j("param.global_mat_weight_1"),
+        frames=j("train.frame_features_norm"),
+        pixels_l=j("train.pixel_tokens") @ j("param.local_mat_weight1"),
+    )
+    mats = S.IsaMatrices(
+        j("param.frame_logit_weight"),
+        j("param.word_mat_weight"),
+        j("param.pixel_mat_weight"),
+        j("param.pixel_mat_weight2"),
+        j("param.word_mat_weight2"),
+    )
+    consts = S.PairConstants(mats=mats, scale=scale, scale3=jnp.float32(1.0), tau=jnp.float32(0.01))
+    levels = S.pair_levels(text, video, consts)
+    assert isinstance(levels, S.SimilarityLevels)
+    _close(levels.video_sentence, z["train.sim_video_sentence"])
+    _close(levels.sentence_frame, z["train.sim_sentence_frame"])
+    _close(levels.patch_word, z["train.sim_pixel_word"])
+    _close(levels.mean(), z["train.logits"])
+    # The block-level GEMM operand (prepare_video_block) gives the same level 3.
+    _close(S.pair_levels(text, S.prepare_video_block(video), consts).patch_word, levels.patch_word)
 
 
 def test_level3_is_not_symmetric_in_its_directions():

@@ -119,7 +119,7 @@ def test_encoding_is_byte_identical_on_every_rerun(tmp_path):
     # known to vary must all give the same bytes.
     clips = [(_demo_clip(149), 2), (_demo_clip(15), 2)]
     rng = np.random.default_rng(0)
-    for i in range(39):
+    for _ in range(39):
         synthetic.sample_scene(rng)
     clips.append(
         (

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from ucofia_jax import tokenizer
+from ucofia_jax.models import tokenizer
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "tokenizer_expected.json")
 
@@ -58,6 +58,108 @@ def test_truncation_keeps_eot(expected):
     ids, mask = tokenizer.tokenize([long["text"]], 32)
     assert mask.sum() == 32 and ids[0, -1] == expected["eot"] and ids[0, 0] == expected["sot"]
     np.testing.assert_array_equal(ids[0, 1:-1], long["bpe"][:30])
+
+
+def test_byte_symbols_are_a_bijection_fixing_visible_bytes():
+    table = tokenizer.byte_symbols()
+    assert sorted(table) == list(range(256))
+    assert len(set(table.values())) == 256
+    # Written from the rule, not from the ranges in the module: a byte whose latin-1
+    # character is visible (printable and not blank) is kept, the others are renumbered
+    # from 256 up in byte order.
+    hidden = [b for b in range(256) if not (chr(b).isprintable() and not chr(b).isspace())]
+    assert len(hidden) == 68
+    for b in range(256):
+        if b in hidden:
+            assert table[b] == chr(256 + hidden.index(b)), b
+        else:
+            assert table[b] == chr(b), b
+    assert all(c.isprintable() and not c.isspace() for c in table.values())
+    # Known values: space, NUL, DEL, NBSP and the soft hyphen.
+    assert (table[0x20], table[0x00], table[0x7F], table[0xA0], table[0xAD]) == (
+        "\u0120",
+        "\u0100",
+        "\u0121",
+        "\u0142",
+        "\u0143",
+    )
+
+
+def test_vocabulary_layout():
+    tok = tokenizer.get_tokenizer()
+    enc = tok.encoder
+    # 256 base symbols in code-point order, the same with the end-of-word marker, then the
+    # merges in rank order, then the two special tokens.
+    assert (enc["!"], enc["~"], enc["\xa1"], enc["\xff"], enc["\u0100"], enc["\u0143"]) == (
+        0,
+        93,
+        94,
+        187,
+        188,
+        255,
+    )
+    assert (enc["!</w>"], enc["a</w>"], enc["\u0143</w>"]) == (256, 320, 511)
+    assert (enc["in"], enc["th"], enc["an"]) == (512, 513, 514)  # the first three merges
+    assert len(enc) == tok.vocab_size == 49408
+    assert tok.merge_rank[("i", "n")] == 0 and len(tok.merge_rank) == 49408 - 512 - 2
+    # The file lists more merges than CLIP uses; the first one past the cut must not apply.
+    assert tok.word_pieces("jekyll") == ["jekyll</w>"]
+    assert tok.word_pieces("habib") == ["ha", "bib</w>"]
+
+
+def test_merge_symbols_rank_order():
+    merge = tokenizer.merge_symbols
+    # The lower rank wins wherever the pair sits, not the leftmost ranked pair.
+    assert merge(["a", "b", "c"], {("b", "c"): 0, ("a", "b"): 1}) == ["a", "bc"]
+    assert merge(["a", "b", "c"], {("a", "b"): 0, ("b", "c"): 1}) == ["ab", "c"]
+    # Overlapping occurrences join from the left, every occurrence in one round.
+    assert merge(["a", "a", "a"], {("a", "a"): 0}) == ["aa", "a"]
+    assert merge(["a", "a", "a", "a", "a"], {("a", "a"): 0}) == ["aa", "aa", "a"]
+    # Every occurrence of the chosen pair joins in the same round, before any pair that
+    # only exists once it has joined: one occurrence at a time would give ["aba", "b"].
+    assert merge(["a", "b", "a", "b"], {("ab", "a"): 0, ("a", "b"): 1}) == ["ab", "ab"]
+    # Joined symbols take part in later rounds; a pair without a rank never joins.
+    ranks = {("a", "b"): 0, ("ab", "c"): 1, ("c", "d"): 2}
+    assert merge(["a", "b", "c", "d"], ranks) == ["abc", "d"]
+    assert merge(["x"], {}) == ["x"]
+    assert merge(["x", "y"], {}) == ["x", "y"]
+
+
+@pytest.mark.parametrize(
+    "word,pieces",
+    [
+        # Each differs from what a wrong merge order gives with CLIP's ranks: always taking the
+        # leftmost ranked pair, taking the highest rank, or scanning right to left.
+        ("aaaa", ["aaaa</w>"]),
+        ("zzzzzz", ["zzzz", "zz</w>"]),
+        ("woooow", ["woo", "oo", "w</w>"]),
+        ("nananana", ["nan", "an", "ana</w>"]),
+        ("bookkeeper", ["book", "keeper</w>"]),
+        ("assesses", ["asse", "sses</w>"]),
+    ],
+)
+def test_word_pieces_where_merge_order_matters(word, pieces):
+    tok = tokenizer.get_tokenizer()
+    assert tok.word_pieces(word) == pieces
+    assert tok.encode(word) == [tok.encoder[p] for p in pieces]
+
+
+def test_each_distinct_word_is_merged_once(monkeypatch):
+    calls = []
+    real = tokenizer.merge_symbols
+
+    def counting(symbols, ranks):
+        calls.append("".join(symbols))
+        return real(symbols, ranks)
+
+    monkeypatch.setattr(tokenizer, "merge_symbols", counting)
+    tok = tokenizer.SimpleTokenizer()
+    first = tok.encode("a man and a man")
+    assert tok.encode("A MAN") == first[:2]
+    assert calls == ["a</w>", "man</w>", "and</w>"]
+    # Spelled-out special tokens map to their own ids without going through the merges.
+    assert tok.encode("<|startoftext|> <|endoftext|>") == [tok.sot_id, tok.eot_id]
+    assert len(calls) == 3
 
 
 def test_errors():

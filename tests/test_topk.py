@@ -6,8 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
-from ucofia_jax.ops.topk import hard_topk, perturbed_topk
+from ucofia_jax.ops.topk import (
+    _topk_by_insertion,
+    _topk_sorted_indices,
+    hard_topk,
+    hash_normal,
+    perturbed_topk,
+)
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "ucofia_reference", "case_3.npz")
 
@@ -52,10 +59,6 @@ def test_rng_path_and_slot_order():
 
 
 def test_hash_normal_is_standard_normal_and_keyed():
-    from scipy import stats
-
-    from ucofia_jax.ops.topk import hash_normal
-
     k0, k1 = jax.random.PRNGKey(0), jax.random.PRNGKey(1)
     x = np.asarray(hash_normal(k0, (200, 500, 49))).ravel()
     assert abs(x.mean()) < 5e-3 and abs(x.std() - 1) < 5e-3
@@ -67,8 +70,6 @@ def test_hash_normal_is_standard_normal_and_keyed():
 
 
 def test_noise_prng_hash_draws_hash_normal():
-    from ucofia_jax.ops.topk import hash_normal
-
     s = jnp.asarray(np.random.RandomState(1).randn(4, 9) * 0.1, jnp.float32)
     k = jax.random.PRNGKey(3)
     a = perturbed_topk(s, 2, 50, 0.05, rng=k, noise_prng="hash")
@@ -86,8 +87,6 @@ def test_sorted_indices_equal_lax_top_k_ties_included(k):
     # The insertion pass must pick exactly lax.top_k's set (lower position first among equal
     # values) -- heavy ties from rounding, and rows lax.top_k ranks that insertion cannot
     # (NaN, too many -inf) going through the fallback.
-    from ucofia_jax.ops.topk import _topk_by_insertion, _topk_sorted_indices
-
     r = np.random.RandomState(k)
     x = np.round(r.randn(3000, 49) * 2) / 2  # many ties
     x[:5] = 1.0  # all equal

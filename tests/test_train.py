@@ -1,13 +1,17 @@
 """The sharded train step (batch over 4 virtual CPU devices) equals the single-device step,
 and a non-finite loss stops the run naming the step and the videos."""
 
+import os
+import signal
+
 import jax
 import numpy as np
 import pytest
-from _tiny import random_arrays, tiny_config
+from _tiny import random_arrays, tiny_config, tiny_model
 
-from ucofia_jax import sharding, train
-from ucofia_jax.models.retrieval import RetrievalModel
+from ucofia_jax.runtime import sharding
+from ucofia_jax.training import checkpoints
+from ucofia_jax.training import trainer as train
 
 # Float32 reductions are ordered differently once XLA splits the batch and gathers; after
 # two Adam steps of lr 1e-3 the params agree to ~1e-6 absolute.
@@ -17,9 +21,9 @@ PARAM_ATOL = 2e-5
 
 def _setup(config, devices):
     mesh = sharding.make_mesh(config.mesh, devices)
-    model = RetrievalModel.from_config(config)
-    state = train.create_train_state(model, config, 0)
-    trainer = train.make_trainer(model, config, mesh, state, schedule_total=10)
+    model = tiny_model(config)
+    state = train.create_train_state(model, 0)
+    trainer = train.make_trainer(model, config.train, mesh, state, schedule_total=10)
     return mesh, trainer, state
 
 
@@ -55,7 +59,7 @@ def test_sharded_step_equals_single_device(single_device):
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(p1)[0], jax.tree.leaves(p4)):
         np.testing.assert_allclose(b, a, atol=PARAM_ATOL, err_msg=jax.tree_util.keystr(path))
     # The step did something (lr is constant 1e-3 here, no warmup).
-    p0 = jax.device_get(train.create_train_state(RetrievalModel.from_config(c), c, 0)["params"])
+    p0 = jax.device_get(train.create_train_state(tiny_model(c), 0)["params"])
     diffs = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1))]
     assert max(diffs) > 1e-4
 
@@ -82,11 +86,6 @@ def test_nan_in_loop_is_reported(tmp_path, single_device):
 
 def test_sigterm_saves_and_stops(tmp_path, single_device):
     """SIGTERM mid-epoch: the loop finishes the current step, saves it and returns."""
-    import os
-    import signal
-
-    from ucofia_jax import checkpoints
-
     c, (mesh, trainer, state) = single_device
     arrays = train.ArrayData(random_arrays(32, c), batch_size=8)  # 4 steps per epoch
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ucofia_jax.models import ucofia_names as names
-from ucofia_jax.models.ucofia import UCoFiAHead, init_temporal_from_clip
+from ucofia_jax.models.head import UCoFiAHead, init_temporal_from_clip
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "ucofia_reference", "case_2.npz")
 
@@ -81,7 +81,7 @@ def test_fresh_head_round_trip_and_clip_init():
     clip = {
         "transformer": {
             f"resblocks_{i}": jax.tree_util.tree_map(
-                lambda x: x + i + 1.0, params["temporal"]["resblocks_0"]
+                lambda x, i=i: x + i + 1.0, params["temporal"]["resblocks_0"]
             )
             for i in range(3)
         },
@@ -99,15 +99,14 @@ def test_fresh_head_round_trip_and_clip_init():
 
 
 def test_full_checkpoint_split(monkeypatch):
-    import ucofia_jax.models.clip_import as ci
-
     seen = {}
 
     def fake_convert(sd):
         seen.update(sd)
         return "cfg", {"ok": True}
 
-    monkeypatch.setattr(ci, "convert_openai_state_dict", fake_convert)
+    # ucofia_names imports the converter by name: patch the name it calls.
+    monkeypatch.setattr(names, "convert_openai_state_dict", fake_convert)
     sd = _fixture_sd()
     sd["clip.logit_scale"] = np.float32(4.6)
     sd["clip.visual.transformer.resblocks.10.attn.net.in_proj_weight"] = np.zeros((3, 1))

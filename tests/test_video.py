@@ -1,7 +1,9 @@
 """PyAV decoding: the original sampling rule, resize/crop, padding + mask, and broken input."""
 
+import fractions
 import os
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -11,59 +13,101 @@ from data_pipeline.records import DataError
 from data_pipeline.video import VideoDecodeError
 
 
-def original_indices(frame_count, fps, start_time=None, end_time=None, sample_fp=1):
-    """rawvideo_util.video_to_tensor's loop, restated (its cap.read() fails past the end)."""
-    total_duration = (frame_count + fps - 1) // fps
-    start_sec, end_sec = 0, total_duration
-    if start_time is not None:
-        start_sec, end_sec = start_time, end_time if end_time <= total_duration else total_duration
-    interval = fps // sample_fp if sample_fp > 0 else 1
-    if sample_fp <= 0:
-        sample_fp = fps
-    if interval == 0:
-        interval = 1
-    inds = [ind for ind in np.arange(0, fps, interval)][:sample_fp]
-    out, ret = [], True
-    for sec in np.arange(start_sec, end_sec + 1):
-        if not ret:
-            break
-        sec_base = int(sec * fps)
-        for ind in inds:
-            if sec_base + ind >= frame_count:  # cap.read() returns False
-                ret = False
-                break
-            out.append(sec_base + ind)
-    return out
-
-
+# Expected indices worked out by hand from the rule (docs/data.md, SPEC section 11): integer
+# fps; seconds 0 .. ceil(n / fps) (or start .. min(end, ceil(n / fps))), both ends inclusive;
+# in each second the frames sec * fps + j * (fps // feature_framerate) for
+# j < feature_framerate; indices past the last frame are dropped.
 @pytest.mark.parametrize(
-    "n,fps,start,end,ff",
+    "n,fps,start,end,ff,want",
     [
-        (300, 30, None, None, 1),
-        (299, 30, None, None, 1),
-        (301, 30, None, None, 1),
-        (45, 3, None, None, 1),
-        (45, 3, None, None, 3),
-        (45, 3, 2, 7, 1),
-        (45, 3, 2, 100, 1),
-        (250, 25, 3, 5, 2),
-        (29, 29, None, None, 1),
-        (100, 10, 0, 31, 1),
-        (7, 3, None, None, 2),
+        # 10 s exactly: second 10 would be frame 300, one past the end.
+        (300, 30, None, None, 1, list(range(0, 300, 30))),
+        # ceil(299 / 30) = 10: the same ten frames, the last second is partial.
+        (299, 30, None, None, 1, list(range(0, 300, 30))),
+        # ceil(301 / 30) = 11: frame 300 exists and is taken.
+        (301, 30, None, None, 1, list(range(0, 301, 30))),
+        (45, 3, None, None, 1, [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 42]),
+        # feature_framerate = fps: every frame.
+        (45, 3, None, None, 3, list(range(45))),
+        # Window 2..7 s, both ends included.
+        (45, 3, 2, 7, 1, [6, 9, 12, 15, 18, 21]),
+        # end beyond the file is clipped to ceil(45 / 3) = 15 s, whose frame 45 does not exist.
+        (45, 3, 2, 100, 1, [6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 42]),
+        # 2 per second at 25 fps: offsets 0 and 25 // 2 = 12 within seconds 3, 4, 5.
+        (250, 25, 3, 5, 2, [75, 87, 100, 112, 125, 137]),
+        # A one-second file: second 1 would be frame 29, past the end.
+        (29, 29, None, None, 1, [0]),
+        # DiDeMo's 0..31 s window on a 10 s file.
+        (100, 10, 0, 31, 1, [0, 10, 20, 30, 40, 50, 60, 70, 80, 90]),
+        # interval 3 // 2 = 1: offsets 0, 1 of seconds 0, 1, 2 (frames 7 and up are past the end).
+        (7, 3, None, None, 2, [0, 1, 3, 4, 6]),
+        # interval 30 // 4 = 7: offsets 0, 7, 14, 21, not spread over the whole second.
+        (60, 30, None, None, 4, [0, 7, 14, 21, 30, 37, 44, 51]),
     ],
 )
-def test_frame_indices_match_original(n, fps, start, end, ff):
+def test_frame_indices_by_hand(n, fps, start, end, ff, want):
     got = video.frame_indices(n, fps, start=start, end=end, feature_framerate=ff)
-    np.testing.assert_array_equal(got, original_indices(n, fps, start, end, ff))
+    assert got.tolist() == want
+
+
+# decode_clip refuses feature_framerate above the fps, so those pairs are left out.
+@pytest.mark.parametrize(
+    "fps,ff", [(f, r) for f in (1, 3, 10, 25, 29, 30) for r in (1, 2, 3) if r <= f]
+)
+def test_frame_indices_properties(fps, ff):
+    interval = fps // ff
+    for n in [fps, fps + 1, 2 * fps - 1, 7 * fps, 7 * fps + fps // 2]:
+        got = video.frame_indices(n, fps, feature_framerate=ff).tolist()
+        assert got == sorted(set(got)) and got[0] == 0 and got[-1] < n
+        # Every second the file touches (the partial last one too) gives its first `ff`
+        # offsets on the `interval` grid, as many as fit before the end.
+        seconds = -(-n // fps)
+        assert sorted({i // fps for i in got}) == list(range(seconds))
+        for s in range(seconds):
+            offsets = [i % fps for i in got if i // fps == s]
+            fit = [j * interval for j in range(ff) if s * fps + j * interval < n]
+            assert offsets == fit, (n, s)
+        if ff == 1:
+            assert len(got) == seconds
+        # A window keeps exactly the frames of its seconds, its first frame at start * fps.
+        win = video.frame_indices(n, fps, start=1, end=3, feature_framerate=ff).tolist()
+        assert win == [i for i in got if 1 <= i // fps <= 3]
+        assert win[:1] == ([fps] if n > fps else [])
 
 
 def test_subsample_slice_framepos():
-    np.testing.assert_array_equal(video.subsample(5, 12, 2), np.arange(5))
-    np.testing.assert_array_equal(video.subsample(20, 4, 0), [0, 1, 2, 3])
-    np.testing.assert_array_equal(video.subsample(20, 4, 1), [16, 17, 18, 19])
-    np.testing.assert_array_equal(video.subsample(20, 4, 2), np.linspace(0, 19, 4, dtype=int))
+    # No more frames than max_frames: all of them, whatever slice_framepos.
+    for pos in (0, 1, 2):
+        assert video.subsample(5, 12, pos).tolist() == [0, 1, 2, 3, 4]
+        assert video.subsample(12, 12, pos).tolist() == list(range(12))
+    assert video.subsample(20, 4, 0).tolist() == [0, 1, 2, 3]  # head
+    assert video.subsample(20, 4, 1).tolist() == [16, 17, 18, 19]  # tail
+    # Uniform: position k at k * (n - 1) / (max_frames - 1), truncated.
+    assert video.subsample(20, 4, 2).tolist() == [0, 6, 12, 19]  # 0, 6.33, 12.67, 19
+    assert video.subsample(10, 4, 2).tolist() == [0, 3, 6, 9]
+    assert video.subsample(11, 4, 2).tolist() == [0, 3, 6, 10]  # 3.33, 6.67: truncated
+    # 13 frames to 12: step 12 / 11, only frame 11 falls out.
+    assert video.subsample(13, 12, 2).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12]
+    assert video.subsample(16, 12, 2).tolist() == [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 15]
     with pytest.raises(ValueError):
         video.subsample(20, 4, 3)
+
+
+def test_subsample_properties():
+    for m in (2, 3, 4, 12, 15):
+        for n in range(m + 1, 200):
+            head, tail = video.subsample(n, m, 0).tolist(), video.subsample(n, m, 1).tolist()
+            assert head == list(range(m)) and tail == list(range(n - m, n))
+            got = video.subsample(n, m, 2).tolist()
+            assert len(got) == m and got[0] == 0 and got[-1] == n - 1
+            assert all(a < b for a, b in zip(got, got[1:]))
+            for k, i in enumerate(got):
+                ideal = k * (n - 1) / (m - 1)
+                # Truncation of the evenly spaced position. The original's float np.linspace
+                # can land just below a whole position (n = 123, m = 15, k = 7:
+                # 60.99999999999999 -> 60), hence one frame of slack below.
+                assert ideal - 1 - 1e-9 <= i <= ideal + 1e-9, (n, m, k)
+    assert video.subsample(123, 15, 2).tolist()[7] == 60
 
 
 def _gray_video(path, num_frames, fps, size=(48, 32), step=7):
@@ -199,10 +243,6 @@ def test_find_video_extensions(tmp_path):
 
 def test_ntsc_rate_truncates_to_integer_fps(tmp_path):
     # 29.97 fps -> fps 29 as OpenCV's int(CAP_PROP_FPS): frames 0, 29, 58 of 70.
-    import fractions
-
-    import av
-
     p = str(tmp_path / "ntsc.mp4")
     with av.open(p, mode="w") as out:
         s = out.add_stream("libx264", rate=fractions.Fraction(30000, 1001), options={"crf": "0"})

@@ -16,9 +16,23 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Any, Dict, Optional
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
 from absl import app, flags
 from ml_collections import config_flags
+
+from data_pipeline import build as build_lib
+from data_pipeline import pipeline, synthetic
+from ucofia_jax import config as config_lib
+from ucofia_jax.evaluation import evaluator, report
+from ucofia_jax.models import ucofia_names
+from ucofia_jax.models.model import Model
+from ucofia_jax.runtime import distributed, sharding
+from ucofia_jax.training import checkpoints, optim, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -28,64 +42,232 @@ flags.DEFINE_string("workdir", None, "Checkpoints, logs, results.json, report.")
 flags.DEFINE_enum(
     "mode",
     "train_and_eval",
-    ["train", "eval", "train_and_eval"],
+    list(config_lib.MODES),
     "train: train only; eval: evaluate the workdir's (or the released) "
     "checkpoint; train_and_eval: both.",
 )
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
-log = logging.getLogger("ucofia_jax")
+
+def run(config, workdir: str, mode: str, progress: bool = True) -> Dict[str, Any]:
+    """The whole program (importable for tests): check, build, train, evaluate, report.
+
+    Returns the evaluation metrics ({} for --mode=train; {'preempted', 'step'} when a
+    signal stopped training)."""
+    train, evaluate = config_lib.MODES[mode]
+    distributed.maybe_initialize(config)  # before anything touches jax.devices()
+    if distributed.process_count() > 1:
+        distributed.setup_logging()  # INFO from process 0 only, the others prefixed
+    config_lib.resolve_paths(config, workdir)
+    config_lib.validate(config)
+    config_lib.check_inputs(config, mode, workdir)
+
+    out = _RunOutput(workdir)
+    try:
+        out.write_config(config)
+        if config.data.synthetic.enabled:
+            _prepare_synthetic_data(config, out)
+        mesh = _make_mesh(config, out)
+        model = Model.from_config(
+            config.model, max_frames=config.data.max_frames, max_words=config.data.max_words
+        )
+        fns = evaluator.retrieval_fns(model, mesh, config.eval)  # compiled once per run
+        splits = _Splits.open(config, train=train, evaluate=evaluate)
+        if train:
+            params, step = _train(config, workdir, model, mesh, fns, splits, out, progress)
+            if params is None:
+                return {"preempted": True, "step": step}
+        else:
+            params, step = _params_to_evaluate(config, workdir, model, out)
+        if not evaluate:
+            return {}
+        return _evaluate_and_report(config, workdir, fns, mesh, params, step, splits, out)
+    finally:
+        out.close()
 
 
-def prepare_synthetic_data(config, log_fn=print) -> None:
+# --------------------------------------------------------------------------- the steps
+
+
+class _RunOutput:
+    """log.txt + TensorBoard + stdout, written by process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.t_start = time.time()
+        self.main = distributed.is_main_process()
+        os.makedirs(workdir, exist_ok=True)
+        self.writer = trainer.MetricWriter(workdir, enabled=self.main)
+
+    def say(self, msg: str) -> None:
+        if self.main:
+            self.writer.text(msg)
+            print(msg, flush=True)
+
+    def write_config(self, config) -> None:
+        if self.main:
+            with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
+                f.write(config.to_json_best_effort(indent=2))
+
+    def close(self) -> None:
+        self.say(f"total wall time {time.time() - self.t_start:.0f} s")
+        self.writer.close()
+
+
+def _prepare_synthetic_data(config, out: _RunOutput) -> None:
     """Demo: make the synthetic clips (MSR-VTT layout) and build the TFDS dataset if absent."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-    from data_pipeline import build as build_lib  # pylint: disable=g-import-not-at-top
-    from data_pipeline import synthetic  # pylint: disable=g-import-not-at-top
-
-    tfds.disable_progress_bar()
-    s = config.data.synthetic
-    raw = config.data.manual_dir
-    if not os.path.exists(os.path.join(raw, "MSRVTT_data.json")):
-        t0 = time.time()
-        synthetic.make_synthetic_dataset(
-            raw,
-            num_train=s.num_train,
-            num_test=s.num_test,
-            frame_size=s.frame_size,
-            num_seconds=s.num_seconds,
-            fps=s.fps,
-            seed=s.seed,
-            captions_per_video=s.captions_per_video,
+    if out.main:
+        tfds.disable_progress_bar()
+        s, raw = config.data.synthetic, config.data.manual_dir
+        if not os.path.exists(os.path.join(raw, "MSRVTT_data.json")):
+            t0 = time.time()
+            synthetic.make_synthetic_dataset(
+                raw,
+                num_train=s.num_train,
+                num_test=s.num_test,
+                frame_size=s.frame_size,
+                num_seconds=s.num_seconds,
+                fps=s.fps,
+                seed=s.seed,
+                captions_per_video=s.captions_per_video,
+            )
+            out.say(
+                f"synthetic dataset: {s.num_train} train + {s.num_test} test clips in {raw} "
+                f"({time.time() - t0:.0f} s)"
+            )
+        d = config.data
+        build_lib.build(
+            d.dataset,
+            manual_dir=raw,
+            data_dir=d.data_dir,
+            max_frames=d.max_frames,
+            image_size=d.image_size,
+            feature_framerate=d.feature_framerate,
+            slice_framepos=d.slice_framepos,
+            progress=False,
+            log=out.say,
         )
-        log_fn(
-            f"synthetic dataset: {s.num_train} train + {s.num_test} test clips in {raw} "
-            f"({time.time() - t0:.0f} s)"
-        )
-    build_lib.build(
-        config.data.dataset,
-        manual_dir=raw,
-        data_dir=config.data.data_dir,
-        max_frames=config.data.max_frames,
-        image_size=config.data.image_size,
-        feature_framerate=config.data.feature_framerate,
-        slice_framepos=config.data.slice_framepos,
-        progress=False,
-        log=log_fn,
+    distributed.sync("synthetic_data")
+
+
+def _make_mesh(config, out: _RunOutput):
+    mesh = sharding.make_mesh(config.mesh)
+    mult = sharding.batch_size_multiple(mesh)
+    for section in ("train", "eval"):
+        size = config[section].batch_size
+        if size % mult:
+            raise config_lib.ConfigError(
+                f"config.{section}.batch_size = {size} is not a multiple of the {mult} devices "
+                "on the batch axes (config.mesh)"
+            )
+    out.say(
+        f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+        f"devices; global batch {config.train.batch_size}"
     )
+    return mesh
 
 
-def load_released_checkpoint(model, params, path: str):
+class _Splits:
+    """The dataset splits a run reads: training (also the SK-norm banks) and evaluation."""
+
+    def __init__(self, train_data, test_data):
+        self.train, self.test = train_data, test_data
+
+    @classmethod
+    def open(cls, config, *, train: bool, evaluate: bool) -> _Splits:
+        d = config.data
+        need_train = train or config.eval.sk_norm
+        need_test = evaluate or (train and config.train.eval_every_epochs > 0)
+        return cls(
+            pipeline.VideoTextData(d, split=d.train_split) if need_train else None,
+            pipeline.VideoTextData(d, split=d.eval_split) if need_test else None,
+        )
+
+
+def _train(config, workdir, model, mesh, fns, splits, out, progress):
+    """Train from scratch or from the last checkpoint; (params, step), params None when a
+    signal stopped the run (its state is saved)."""
+    tc = config.train
+    spe = splits.train.steps_per_epoch(tc.batch_size)
+    total = trainer.total_train_steps(tc, spe)
+    state = trainer.create_train_state(model, config.seed)
+    run_trainer = trainer.make_trainer(model, tc, mesh, state, trainer.schedule_steps(tc, spe))
+    ckpt = checkpoints.Checkpointer(workdir, keep=tc.keep_checkpoints)
+    try:
+        if ckpt.latest_step() is not None:
+            state, meta = ckpt.restore(trainer.place_state(run_trainer, state))
+            out.say(
+                f"resumed from step {int(meta['step'])} (epoch {meta['epoch']}, step "
+                f"{meta['step_in_epoch']} of it) in {workdir}/checkpoints"
+            )
+        else:
+            state = trainer.place_state(run_trainer, state)
+        guard = checkpoints.PreemptionGuard()
+
+        def validate_epoch(epoch, st) -> Optional[float]:
+            every = tc.eval_every_epochs
+            if not every or (epoch + 1) % every or splits.test is None:
+                return None
+            res = evaluator.evaluate(
+                fns,
+                st["params"],
+                mesh,
+                config.eval,
+                splits.test,
+                rng=jax.random.PRNGKey(config.seed + 1),
+                step=int(jax.device_get(st["step"])),
+                sk_norm=False,
+            ).metrics
+            out.writer.scalars(res["step"], res["t2v"], prefix="val/t2v/")
+            out.say(f"epoch {epoch + 1}: val t2v R@1 {res['t2v']['R@1']:.1f}")
+            return res["t2v"]["R@1"]
+
+        t0 = time.time()
+        state = trainer.train_loop(
+            run_trainer,
+            state,
+            splits.train.train_epochs(seed=config.seed, global_batch=tc.batch_size),
+            workdir=workdir,
+            total_steps=total,
+            checkpointer=ckpt,
+            guard=guard,
+            writer=out.writer,
+            on_epoch_end=validate_epoch,
+            progress=progress and out.main,
+            meta_extra={"experiment": config.experiment},
+        )
+        guard.restore()
+    finally:
+        ckpt.close()
+    step = int(jax.device_get(state["step"]))
+    out.say(f"trained to step {step}/{total} in {time.time() - t0:.0f} s")
+    return (None if guard.requested else state["params"]), step
+
+
+def _params_to_evaluate(config, workdir, model, out):
+    """(params, step) of --mode=eval: the released UCoFiA weights or the workdir's checkpoint."""
+    state = trainer.create_train_state(model, config.seed)
+    if config.model.ucofia_checkpoint:
+        return _released_params(model, state["params"], config.model.ucofia_checkpoint), 0
+    params = state["params"]
+    tx = optim.make_optimizer(config.train, params, 1)
+    target = {
+        "step": state["step"],
+        "params": params,
+        "opt_state": jax.eval_shape(tx.init, params),
+        "rng": state["rng"],
+    }
+    restored, meta = checkpoints.restore_params(workdir, target)
+    step = int(meta["step"])
+    out.say(f"evaluating the checkpoint of step {step} from {workdir}")
+    return restored["params"], step
+
+
+def _released_params(model: Model, params, path: str):
     """Our params with the head (and CLIP, when present) from a released UCoFiA state dict."""
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-    from ucofia_jax.models import ucofia_names  # pylint: disable=g-import-not-at-top
-
     parts = ucofia_names.load_original_checkpoint(path, head_template=params["head"])
     if parts["predictor"] and parts["predictor"] != model.head.predictor:
-        raise ValueError(
+        raise config_lib.ConfigError(
             f"{path} has the '{parts['predictor']}' token predictor; run with "
             f"--config.model.head.predictor={parts['predictor']}"
         )
@@ -95,224 +277,44 @@ def load_released_checkpoint(model, params, path: str):
     return new
 
 
-def run(config, workdir: str, mode: str, progress: bool = True) -> dict:
-    """The whole program (importable for tests): validate, data, train, evaluate, report."""
-    from ucofia_jax import distributed  # pylint: disable=g-import-not-at-top
-
-    distributed.maybe_initialize(config)  # before anything touches jax.devices()
-    if distributed.process_count() > 1:
-        distributed.setup_logging()  # INFO from process 0 only, the others prefixed
-
-    from ucofia_jax import config_validation  # pylint: disable=g-import-not-at-top
-
-    config_validation.resolve_paths(config, workdir)
-    config_validation.validate(config)
-    config_validation.check_inputs(config, mode)
-    if mode == "eval" and not config.model.ucofia_checkpoint:
-        from ucofia_jax import checkpoints  # pylint: disable=g-import-not-at-top
-
-        d, _ = checkpoints.find_checkpoint_dir(workdir)
-        if not os.path.isdir(d) or not any(n.isdigit() for n in os.listdir(d)):
-            raise FileNotFoundError(
-                f"--mode=eval: no checkpoint in {workdir} (checkpoints/ or checkpoints_best/). "
-                "Train first (--mode=train_and_eval with this --workdir), or evaluate the released "
-                "UCoFiA weights with --config.model.ucofia_checkpoint=/path/to/pytorch_model.bin"
-            )
-
-    import jax  # pylint: disable=g-import-not-at-top
-
-    from data_pipeline import pipeline  # pylint: disable=g-import-not-at-top
-    from ucofia_jax import checkpoints, evaluate, sharding, train  # pylint: disable=g-import-not-at-top
-    from ucofia_jax.models.retrieval import RetrievalModel  # pylint: disable=g-import-not-at-top
-
-    t_start = time.time()
-    os.makedirs(workdir, exist_ok=True)
-    main_proc = distributed.is_main_process()
-    writer = train.MetricWriter(workdir, enabled=main_proc)
-    say = lambda msg: (writer.text(msg), print(msg, flush=True)) if main_proc else None
-    if main_proc:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
-
-    if config.data.synthetic.enabled:
-        if main_proc:
-            prepare_synthetic_data(config, log_fn=say)
-        distributed.sync("synthetic_data")
-
-    mesh = sharding.make_mesh(config.mesh)
-    mult = sharding.batch_size_multiple(mesh)
-    for key in ("train.batch_size", "eval.batch_size"):
-        sec, name = key.split(".")
-        if config[sec][name] % mult:
-            raise ValueError(
-                f"config.{key} = {config[sec][name]} is not a multiple of the "
-                f"{mult} devices on the batch axes (config.mesh)"
-            )
-    say(
-        f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices; "
-        f"global batch {config.train.batch_size}"
+def _evaluate_and_report(config, workdir, fns, mesh, params, step, splits, out):
+    ev = evaluator.evaluate(
+        fns,
+        params,
+        mesh,
+        config.eval,
+        splits.test,
+        rng=jax.random.PRNGKey(config.seed + 1),
+        step=step,
+        train_data=splits.train,
+        bank_seed=config.seed,
     )
-
-    model = RetrievalModel.from_config(config)
-    encoder = evaluate.Encoder(model, mesh, config.eval)  # one per run: encoders compile once
-    state = train.create_train_state(model, config, config.seed)
-    if mode == "eval" and config.model.ucofia_checkpoint:
-        state["params"] = load_released_checkpoint(
-            model, state["params"], config.model.ucofia_checkpoint
+    res = ev.metrics
+    path = evaluator.write_results(workdir, res, out.writer)
+    if out.main:
+        with open(os.path.join(workdir, "results.md"), encoding="utf-8") as fh:
+            out.say(f"wrote {path} ({res['seconds']} s):\n" + fh.read())
+    if config.eval.write_report and out.main:
+        test = splits.test
+        html_path = report.write_report(
+            workdir,
+            res,
+            ev.similarity,
+            test.text_to_video,
+            test.texts,
+            _first_frames(test, config.eval.batch_size),
+            test.video_ids,
+            title=f"UCoFiA {config.experiment}",
         )
-
-    train_data = None
-    need_train_split = mode != "eval" or (config.eval.sk_norm)
-    if need_train_split:
-        train_data = pipeline.VideoTextData(config, split="train")
-    test_data = (
-        pipeline.VideoTextData(config, split=config.data.eval_split)
-        if mode != "train" or config.train.eval_every_epochs > 0
-        else None
-    )
-
-    ckpt = checkpoints.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    result = {}
-    try:
-        if mode in ("train", "train_and_eval"):
-            spe = train_data.steps_per_epoch(config.train.batch_size)
-            total = train.total_train_steps(config, spe)
-            trainer = train.make_trainer(
-                model, config, mesh, state, train.schedule_steps(config, spe)
-            )
-            meta = {}
-            if ckpt.latest_step() is not None:
-                target = train.place_state(trainer, state)
-                state, meta = ckpt.restore(target)
-                say(
-                    f"resumed from step {int(meta['step'])} (epoch {meta['epoch']}, step "
-                    f"{meta['step_in_epoch']} of it) in {workdir}/checkpoints"
-                )
-            else:
-                state = train.place_state(trainer, state)
-            guard = checkpoints.PreemptionGuard()
-            data = _PipelineTrainData(train_data, config)
-
-            def on_epoch_end(epoch, st):
-                every = config.train.eval_every_epochs
-                if not every or (epoch + 1) % every or test_data is None:
-                    return None
-                res = evaluate.evaluate(
-                    model,
-                    st["params"],
-                    mesh,
-                    config,
-                    test_data,
-                    rng=jax.random.PRNGKey(config.seed + 1),
-                    step=int(jax.device_get(st["step"])),
-                    sk_norm=False,
-                    encoder=encoder,
-                )
-                writer.scalars(res["step"], res["t2v"], prefix="val/t2v/")
-                say(f"epoch {epoch + 1}: val t2v R@1 {res['t2v']['R@1']:.1f}")
-                return res["t2v"]["R@1"]
-
-            t0 = time.time()
-            state = train.train_loop(
-                trainer,
-                state,
-                data,
-                workdir=workdir,
-                total_steps=total,
-                checkpointer=ckpt,
-                guard=guard,
-                writer=writer,
-                on_epoch_end=on_epoch_end,
-                progress=progress and main_proc,
-                meta_extra={"experiment": config.experiment},
-            )
-            guard.restore()
-            step = int(jax.device_get(state["step"]))
-            say(f"trained to step {step}/{total} in {time.time() - t0:.0f} s")
-            if guard.requested:
-                return {"preempted": True, "step": step}
-            params = state["params"]
-        else:
-            step = 0
-            params = state["params"]
-            if not config.model.ucofia_checkpoint:
-                from ucofia_jax import optim  # pylint: disable=g-import-not-at-top
-
-                tx = optim.make_optimizer(config.train, params, 1)
-                target = {
-                    "step": state["step"],
-                    "params": params,
-                    "opt_state": jax.eval_shape(tx.init, params),
-                    "rng": state["rng"],
-                }
-                restored, meta = checkpoints.restore_params(workdir, target)
-                params, step = restored["params"], int(meta["step"])
-                say(f"evaluating the checkpoint of step {step} from {workdir}")
-
-        if mode in ("eval", "train_and_eval"):
-            res = evaluate.evaluate(
-                model,
-                params,
-                mesh,
-                config,
-                test_data,
-                train_data=train_data,
-                rng=jax.random.PRNGKey(config.seed + 1),
-                step=step,
-                encoder=encoder,
-            )
-            sim = res.pop("_similarity")
-            path = evaluate.write_results(workdir, res, writer)
-            if main_proc:
-                with open(os.path.join(workdir, "results.md"), encoding="utf-8") as fh:
-                    say(f"wrote {path} ({res['seconds']} s):\n" + fh.read())
-            result = res
-            if config.eval.write_report and main_proc:
-                from ucofia_jax import report  # pylint: disable=g-import-not-at-top
-
-                frames = _first_frames(test_data, config.eval.batch_size)
-                html_path = report.write_report(
-                    workdir,
-                    res,
-                    sim,
-                    test_data.text_to_video,
-                    test_data.texts,
-                    frames,
-                    test_data.video_ids,
-                    title=f"UCoFiA {config.experiment}",
-                )
-                say(f"report: {html_path}")
-    finally:
-        ckpt.close()
-        say(f"total wall time {time.time() - t_start:.0f} s")
-        writer.close()
-    return result
+        out.say(f"report: {html_path}")
+    return res
 
 
-def _first_frames(test_data, batch):
-    import numpy as np  # pylint: disable=g-import-not-at-top
-
+def _first_frames(test_data, batch: int) -> np.ndarray:
     out = []
     for b in test_data.eval_video_batches(global_batch=batch):
         out.append(b["frames"][np.asarray(b["valid"], bool), 0])
     return np.concatenate(out)
-
-
-class _PipelineTrainData:
-    """train.TrainData over pipeline.VideoTextData (deterministic per seed and epoch)."""
-
-    def __init__(self, data, config):
-        self.data, self.config = data, config
-        self.steps_per_epoch = data.steps_per_epoch(config.train.batch_size)
-
-    def epoch(self, epoch, start_step=0):
-        return self.data.train_batches(
-            epoch=epoch,
-            seed=self.config.seed,
-            global_batch=self.config.train.batch_size,
-            start_step=start_step,
-            prefetch=self.config.data.prefetch,
-        )
 
 
 def main(argv):

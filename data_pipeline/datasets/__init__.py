@@ -6,20 +6,19 @@
 ``video_dir`` defaults to ``root/videos``. ``expand_sentences`` gives one record per caption
 (the training recipe for MSR-VTT / MSVD / VATEX); without it a record holds all captions of
 its video (multi-sentence evaluation, or one random caption per epoch in the pipeline).
-ActivityNet and DiDeMo always give one paragraph per video.
+ActivityNet and DiDeMo always give one paragraph per video. Each module also names the
+dataset (``NAME``), the splits its reader knows (``SPLITS``) and what a build needs
+(``SPEC``, a `records.DatasetSpec`).
 """
 
 from data_pipeline.datasets import activitynet, didemo, lsmdc, msrvtt, msvd, vatex
 
-READERS = {
-    "msrvtt": msrvtt.read_split,
-    "msvd": msvd.read_split,
-    "lsmdc": lsmdc.read_split,
-    "activitynet": activitynet.read_split,
-    "didemo": didemo.read_split,
-    "vatex": vatex.read_split,
-}
-SPLITS = {m.NAME: m.SPLITS for m in (msrvtt, msvd, lsmdc, activitynet, didemo, vatex)}
+# The one list of supported datasets, in the order they are shown everywhere; every other
+# list (readers, splits, specs, `builder.DATASETS`, the build choices) is derived from it.
+MODULES = (msrvtt, msvd, lsmdc, activitynet, didemo, vatex)
+READERS = {m.NAME: m.read_split for m in MODULES}
+SPLITS = {m.NAME: m.SPLITS for m in MODULES}
+SPECS = {m.NAME: m.SPEC for m in MODULES}
 
 
 def get_reader(name: str):

@@ -16,10 +16,17 @@ from __future__ import annotations
 import os
 
 from data_pipeline.datasets import _common as C
-from data_pipeline.records import ClipRecord, SkipReport, skip_or_raise
+from data_pipeline.records import ClipRecord, DatasetSpec, SkipReport, skip_or_raise
 
 NAME = "activitynet"
 SPLITS = ("train", "val", "test")
+SPEC = DatasetSpec(
+    build_splits=("train", "test"),
+    files={"train": ("train.json",), "test": ("val_1.json",)},
+    max_frames=64,
+    source="ActivityNet Captions annotations, test split = val_1; train_ids.json and "
+    "val_ids.json are optional",
+)
 FILES = {
     "train": ("train.json", "train_ids.json"),
     "val": ("val_1.json", "val_ids.json"),

@@ -15,10 +15,16 @@ import collections
 import os
 
 from data_pipeline.datasets import _common as C
-from data_pipeline.records import ClipRecord, SkipReport, skip_or_raise
+from data_pipeline.records import ClipRecord, DatasetSpec, SkipReport, skip_or_raise
 
 NAME = "didemo"
 SPLITS = ("train", "val", "test")
+SPEC = DatasetSpec(
+    build_splits=("train", "val", "test"),
+    files={s: (f"{s}_list.txt", f"{s}_data.json") for s in ("train", "val", "test")},
+    max_frames=64,
+    source="the DiDeMo release (LocalizingMoments) + its videos",
+)
 START, END = 0.0, 31.0
 
 

@@ -18,10 +18,19 @@ from __future__ import annotations
 import os
 
 from data_pipeline.datasets import _common as C
-from data_pipeline.records import ClipRecord, SkipReport, skip_or_raise
+from data_pipeline.records import ClipRecord, DatasetSpec, SkipReport, skip_or_raise
 
 NAME = "lsmdc"
 SPLITS = ("train", "val", "test")
+SPEC = DatasetSpec(
+    build_splits=("train", "val", "test"),
+    files={
+        "train": ("LSMDC16_annos_training.csv",),
+        "val": ("LSMDC16_annos_val.csv",),
+        "test": ("LSMDC16_challenge_1000_publictect.csv",),
+    },
+    source="the LSMDC 2016 release (requires registration with MPII)",
+)
 FILES = {
     "train": "LSMDC16_annos_training.csv",
     "val": "LSMDC16_annos_val.csv",

@@ -15,10 +15,21 @@ from __future__ import annotations
 import collections
 
 from data_pipeline.datasets import _common as C
-from data_pipeline.records import ClipRecord, SkipReport, skip_or_raise
+from data_pipeline.records import ClipRecord, DatasetSpec, SkipReport, skip_or_raise
 
 NAME = "msrvtt"
 SPLITS = ("train", "train_7k", "val", "test")
+SPEC = DatasetSpec(
+    build_splits=("train", "test"),
+    files={
+        "*": ("MSRVTT_data.json",),
+        "train": ("MSRVTT_train.9k.csv",),
+        "test": ("MSRVTT_JSFUSION_test.csv",),
+        "train_7k": ("MSRVTT_train.7k.csv",),
+    },
+    source="CLIP4Clip's msrvtt_data.zip + the MSRVTT_Videos archive; add "
+    "MSRVTT_train.7k.csv and --splits=train,test,train_7k for the 7k split",
+)
 TRAIN_CSV = {"train": "MSRVTT_train.9k.csv", "train_7k": "MSRVTT_train.7k.csv"}
 TEST_CSV = "MSRVTT_JSFUSION_test.csv"
 

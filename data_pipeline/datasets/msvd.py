@@ -17,10 +17,21 @@ import io
 import pickle
 
 from data_pipeline.datasets import _common as C
-from data_pipeline.records import ClipRecord, DataError, SkipReport, skip_or_raise
+from data_pipeline.records import ClipRecord, DataError, DatasetSpec, SkipReport, skip_or_raise
 
 NAME = "msvd"
 SPLITS = ("train", "val", "test")
+SPEC = DatasetSpec(
+    build_splits=("train", "val", "test"),
+    files={
+        "*": ("raw-captions.pkl",),
+        "train": ("train_list.txt",),
+        "val": ("val_list.txt",),
+        "test": ("test_list.txt",),
+    },
+    source="CLIP4Clip's msvd_data.zip + YouTubeClips.tar; val_list.txt is built but "
+    "unused by the recipe",
+)
 _ALLOWED = {
     ("builtins", "dict"),
     ("builtins", "list"),

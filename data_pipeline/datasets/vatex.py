@@ -12,10 +12,19 @@ multi-sentence (one record per video with all its captions, the default).
 from __future__ import annotations
 
 from data_pipeline.datasets import _common as C
-from data_pipeline.records import ClipRecord, SkipReport
+from data_pipeline.records import ClipRecord, DatasetSpec, SkipReport
 
 NAME = "vatex"
 SPLITS = ("train", "val", "test")
+SPEC = DatasetSpec(
+    build_splits=("train", "test"),
+    files={
+        "*": ("ref_captions.json",),
+        "train": ("train_list.txt",),
+        "test": ("test_list.txt",),
+    },
+    source="VATEX English captions as ref_captions.json + train/test id lists + videos",
+)
 LISTS = {"train": "train_list.txt", "val": "test_list.txt", "test": "test_list.txt"}
 
 

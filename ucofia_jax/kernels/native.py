@@ -2,9 +2,12 @@
 
 One kernel so far: ``pixel_word_isa``, level 3 of the head after its GEMM (see
 ``pixel_word_cpu.cc``), 2-3x faster than the XLA:CPU fusions of the same maths. It is an
-evaluation fast path: no masks, float32, CPU backend, forward only (``ops.similarity`` gives it
-the XLA code's gradient). Everything else, and every platform without a C++ compiler, uses the
+evaluation fast path: no masks, float32, CPU backend; its gradient is the XLA code's
+(``level3_native``). Everything else, and every platform without a C++ compiler, uses the
 pure-JAX code in ``ops.similarity``, which stays the reference (tests compare the two).
+
+The choice between the two is made here, above the maths: ``pair_levels_for(choice,
+mask_padding)`` returns the pair function the evaluation passes to ``Model.score``.
 
 Build: ``$CXX`` (default: the first of ``c++``, ``g++``, ``clang++`` on PATH) with
 ``-O3 -march=native`` against the FFI headers that ship with jaxlib; the shared library is
@@ -30,6 +33,9 @@ from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import jaxlib
+
+from ucofia_jax.ops import similarity
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,9 @@ SOURCE = Path(__file__).with_name("pixel_word_cpu.cc")
 TARGET = "ucofia_pixel_word_isa"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 BUILD_TIMEOUT_S = 300
+
+# Config values of ``eval.level3_kernel``: "auto" = native on a CPU backend when it builds.
+LEVEL3_KERNELS = ("auto", "xla", "native")
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str (the library path when ok), "lib"
@@ -78,8 +87,6 @@ def _build() -> Path:
     cxx, version = _compiler()
     if cxx is None:
         raise RuntimeError(version)
-    import jaxlib
-
     include = jax.ffi.include_dir()
     key = hashlib.sha256(
         "\0".join(
@@ -136,8 +143,8 @@ def resolve_level3_kernel(choice: str) -> str:
 
     'auto' is 'native' when the default backend is the CPU and the kernel builds; 'native'
     insists (error naming the reason when it cannot)."""
-    if choice not in ("auto", "xla", "native"):
-        raise ValueError(f"level3_kernel must be 'auto', 'xla' or 'native', got {choice!r}")
+    if choice not in LEVEL3_KERNELS:
+        raise ValueError(f"level3_kernel must be one of {LEVEL3_KERNELS}, got {choice!r}")
     if choice == "xla":
         return "xla"
     if jax.default_backend() != "cpu":
@@ -191,3 +198,52 @@ def pixel_word_isa(
     return call(
         f32(g), f32(pixel_w), f32(word_w2), f32(word_w), f32(pixel_w2), jnp.reshape(f32(tau), ())
     )
+
+
+@jax.custom_vjp
+def level3_native(g: jax.Array, mats: similarity.IsaMatrices, tau: jax.Array) -> jax.Array:
+    """``similarity.level3_from_g`` in the native kernel (``pixel_word(after_gemm=...)``).
+
+    Its gradient is that of the XLA code, recomputed in the backward pass, so differentiating
+    an evaluation path still works."""
+    return pixel_word_isa(
+        g, mats.pixel_mat_weight, mats.word_mat_weight2, mats.word_mat_weight,
+        mats.pixel_mat_weight2, tau,
+    )  # fmt: skip
+
+
+def _level3_native_fwd(g, mats, tau):
+    return level3_native(g, mats, tau), (g, mats, tau)
+
+
+def _level3_native_bwd(residuals, cotangent):
+    return jax.vjp(similarity.level3_from_g, *residuals)[1](cotangent)
+
+
+level3_native.defvjp(_level3_native_fwd, _level3_native_bwd)
+
+
+def pair_levels_native(
+    text: similarity.TextPairInputs,
+    video: similarity.VideoPairInputs,
+    consts: similarity.PairConstants,
+) -> similarity.SimilarityLevels:
+    """``similarity.pair_levels`` with level 3 after its GEMM in the native kernel. A stable
+    module-level function: blockwise kernels take the pair function as a static argument."""
+    return similarity.pair_levels(text, video, consts, after_gemm=level3_native)
+
+
+def pair_levels_for(choice: str, *, mask_padding: bool):
+    """The pair function for ``eval.level3_kernel = choice`` in this process.
+
+    Masked padding needs the XLA code ('auto' falls back to it; 'native' is refused)."""
+    if mask_padding:
+        if choice == "native":
+            raise ValueError(
+                "level3_kernel='native' takes no masks; model.head.mask_padding=True needs "
+                "'auto' or 'xla'"
+            )
+        return similarity.pair_levels
+    if resolve_level3_kernel(choice) == "native":
+        return pair_levels_native
+    return similarity.pair_levels

@@ -29,7 +29,7 @@ from ucofia_jax.ops.token_shift import token_shift
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +67,8 @@ class CLIPConfig:
         object.__setattr__(
             self, "token_shift_blocks", tuple(int(i) for i in self.token_shift_blocks)
         )
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"clip.py: dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"clip.py: dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.image_resolution % self.vision_patch_size:
             raise ValueError(
                 f"clip.py: image_resolution {self.image_resolution} is not a multiple "
@@ -90,7 +90,7 @@ class CLIPConfig:
 
     @property
     def compute_dtype(self):
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
     def sizes(self) -> dict:
         return {k: getattr(self, k) for k in self._SIZE_FIELDS}
@@ -283,23 +283,3 @@ def init_clip(cfg: CLIPConfig, rng: jax.Array) -> tuple[CLIP, dict]:
         return params
 
     return model, jax.jit(init)(rng)
-
-
-def load_pretrained(path: str, **cfg_overrides) -> tuple[CLIP, dict]:
-    """CLIP from a HF ``CLIPModel`` directory, or an OpenAI ``.pt`` / ``.bin`` /
-    ``.safetensors`` checkpoint. Sizes come from the checkpoint; ``cfg_overrides`` may set
-    the non-size fields (``token_shift_blocks``, ``token_shift_n_div``, ``dtype``) and may
-    repeat size fields only if they agree with the checkpoint."""
-    from ucofia_jax.models import clip_import  # import here: clip_import imports this module
-
-    cfg, params = clip_import.load_checkpoint(path)
-    sizes = cfg.sizes()
-    clash = {k: (v, sizes[k]) for k, v in cfg_overrides.items() if k in sizes and sizes[k] != v}
-    if clash:
-        raise ValueError(
-            f"clip.py: {path}: config disagrees with the checkpoint "
-            f"(requested, checkpoint): {clash}"
-        )
-    cfg = dataclasses.replace(cfg, **cfg_overrides)
-    params = jax.tree_util.tree_map(jnp.asarray, params)
-    return CLIP(cfg), params

@@ -27,9 +27,14 @@ import zipfile
 from collections import OrderedDict
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+from safetensors.numpy import load_file
 
-from ucofia_jax.models.clip import CLIPConfig
+from ucofia_jax.models import clip as clip_lib
+from ucofia_jax.models.clip import CLIP, CLIPConfig
 
 # Keys of the OpenAI JIT model that are not weights (build_model deletes the first three;
 # attn_mask is a plain tensor attribute of the text blocks that our unpickler also sees).
@@ -124,10 +129,6 @@ def _block_params(get, pre: str) -> dict:
 
 
 def _expected_shapes(cfg: CLIPConfig) -> dict:
-    import jax
-
-    from ucofia_jax.models.clip import CLIP
-
     model = CLIP(cfg)
     images = jax.ShapeDtypeStruct((1, cfg.image_resolution, cfg.image_resolution, 3), np.float32)
     ids = jax.ShapeDtypeStruct((1, 2), np.int32)
@@ -338,8 +339,6 @@ class _StorageType:
 def _np_dtype(name: str):
     dt = _STORAGE_DTYPES[name]
     if dt == "bfloat16":
-        import ml_dtypes
-
         return ml_dtypes.bfloat16
     return np.dtype(dt)
 
@@ -432,7 +431,7 @@ def read_torch_file(path: str) -> dict[str, np.ndarray]:
     if zipfile.is_zipfile(path):
         return read_torch_zip(path)
     try:
-        import torch
+        import torch  # noqa: PLC0415 -- optional: only legacy (non-zip) files need it
     except ImportError as e:
         raise CheckpointError(
             f"{path}: legacy (non-zip) torch file; install torch to read it "
@@ -468,8 +467,6 @@ def load_hf_dir(path: str) -> tuple[CLIPConfig, dict]:
         )
     st = os.path.join(path, "model.safetensors")
     if os.path.exists(st):
-        from safetensors.numpy import load_file
-
         sd = load_file(st)
         source = st
     elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
@@ -490,8 +487,6 @@ def load_checkpoint(path: str) -> tuple[CLIPConfig, dict]:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory (weights are never downloaded)")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
         sd = load_file(path)
         if _is_hf_layout(sd):
             raise CheckpointError(
@@ -508,3 +503,20 @@ def load_checkpoint(path: str) -> tuple[CLIPConfig, dict]:
             ".pt/.pth/.bin/.safetensors)"
         )
     return convert_openai_state_dict(sd, source=path)
+
+
+def load_pretrained(path: str, **cfg_overrides) -> tuple[CLIP, dict]:
+    """CLIP from a HF ``CLIPModel`` directory, or an OpenAI ``.pt`` / ``.bin`` /
+    ``.safetensors`` checkpoint. Sizes come from the checkpoint; ``cfg_overrides`` may set
+    the non-size fields (``token_shift_blocks``, ``token_shift_n_div``, ``dtype``) and may
+    repeat size fields only if they agree with the checkpoint."""
+    cfg, params = load_checkpoint(path)
+    sizes = cfg.sizes()
+    clash = {k: (v, sizes[k]) for k, v in cfg_overrides.items() if k in sizes and sizes[k] != v}
+    if clash:
+        raise ValueError(
+            f"{path}: config disagrees with the checkpoint (requested, checkpoint): {clash}"
+        )
+    cfg = dataclasses.replace(cfg, **cfg_overrides)
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    return clip_lib.CLIP(cfg), params

@@ -23,6 +23,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from ucofia_jax.models.clip_import import convert_openai_state_dict
+
 SELECTOR_PREFIX = "visual_token_selector.score_predictor."
 TEMPORAL_PREFIX = "transformerClip.resblocks."
 MATRICES = (
@@ -241,7 +243,7 @@ def load_original_checkpoint(path_or_sd, head_template=None) -> Dict[str, Any]:
     if isinstance(path_or_sd, Mapping):
         sd = path_or_sd
     else:
-        import torch  # only needed to read the original pickle format
+        import torch  # noqa: PLC0415 -- optional: only the original pickle format needs it
 
         sd = torch.load(path_or_sd, map_location="cpu", weights_only=True)
         if "state_dict" in sd and not any(k.startswith("clip.") for k in sd):
@@ -251,8 +253,6 @@ def load_original_checkpoint(path_or_sd, head_template=None) -> Dict[str, Any]:
     clip_sd = clip_state_dict_from_checkpoint(sd)
     clip_config = clip_params = None
     if clip_sd:
-        from ucofia_jax.models.clip_import import convert_openai_state_dict
-
         clip_config, clip_params = convert_openai_state_dict(clip_sd)
     head = load_original_head_state_dict(sd, head_template)
     ignored = sorted(k for k in sd if not k.startswith("clip.") and not is_head_key(k))

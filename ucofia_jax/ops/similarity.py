@@ -1,16 +1,20 @@
 """The three similarity levels of UCoFiA (SPEC §6) as pure functions.
 
-Inputs are *prepared* features (what ``UCoFiAHead.encode_text`` / ``encode_video`` return,
-after the D x D projections of ``project_text`` / ``project_video``), so that this module can
-run on any (text block, video block) pair: every softmax lives inside one (text, video) pair,
-which is what makes blockwise evaluation exact.
+Inputs are the *pair inputs* of ``UCoFiAHead.pair_inputs``: text and video features after the
+head's D x D projections (``TextPairInputs``, ``VideoPairInputs``) and what every pair shares
+(``PairConstants``). Every softmax lives inside one (text, video) pair, so ``pair_levels`` can
+run on any (text block, video block) pair, which is what makes blockwise evaluation exact.
+
+Level 3 after its GEMM is a parameter (``after_gemm``) so that a faster implementation of the
+same maths (``ucofia_jax.kernels.native``) can be passed in from above; this module imports
+no kernel.
 
 Shapes: t texts, v videos, w words, f frames, p kept visual tokens (4 per frame), d width.
 """
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -62,14 +66,58 @@ def fine_grained(words_l: jax.Array, pixels_l: jax.Array) -> jax.Array:
     return jnp.einsum("twd,vpd->tvwp", words_l, pixels_l)
 
 
-def prepare_video_block(video: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+class TextPairInputs(NamedTuple):
+    """Per text, after the head's projections (``UCoFiAHead.pair_inputs``)."""
+
+    sentence: jax.Array  # 't d'   L2-normalised sentence feature (level 2)
+    sentence_g: jax.Array  # 't d'   sentence times global_mat_weight (level 1)
+    words_l: jax.Array  # 't w d' normalised words times local_mat_weight (level 3)
+    word_mask: Optional[jax.Array] = None  # 't w' bool; only when padding is masked
+
+
+class VideoPairInputs(NamedTuple):
+    """Per video, after the head's projections (``UCoFiAHead.pair_inputs``)."""
+
+    video_g: jax.Array  # 'v d'   video feature times global_mat_weight_1 (level 1)
+    frames: jax.Array  # 'v f d' L2-normalised frame CLS features (level 2)
+    pixels_l: jax.Array  # 'v p d' selected tokens (times local_mat_weight1 in training)
+    frame_mask: Optional[jax.Array] = None  # 'v f' bool; only when padding is masked
+    pixel_mask: Optional[jax.Array] = None  # 'v p' bool; only when padding is masked
+    pixels_dvp: Optional[jax.Array] = None  # 'd (v p)': see prepare_video_block
+
+
+class PairConstants(NamedTuple):
+    """What every (text, video) pair shares: the ISA matrices, logit scales and tau."""
+
+    mats: IsaMatrices
+    scale: jax.Array  # [] exp(logit_scale), levels 1 and 2
+    scale3: jax.Array  # [] level 3's scale (1 in the original)
+    tau: jax.Array  # [] ISA softmax temperature
+
+
+class SimilarityLevels(NamedTuple):
+    """The three levels ['t v'] of every (text, video) pair; their mean is the score."""
+
+    video_sentence: jax.Array
+    sentence_frame: jax.Array
+    patch_word: jax.Array
+
+    def mean(self) -> jax.Array:
+        return combine_levels(*self)
+
+
+def prepare_video_block(video: VideoPairInputs) -> VideoPairInputs:
     """Once per video block (``blockwise_similarity(video_block_fn=...)``): the selected tokens
     as the level-3 GEMM wants its right operand, 'd (v p)'. Without it, XLA:CPU transposes
     the block's 'v p d' tokens again for every text block (7-9% of level 3 in block-level
     runs at 50 x 50).
     """
-    v, p, d = video["pixels_l"].shape
-    return dict(video, pixels_dvp=video["pixels_l"].reshape(v * p, d).T)
+    v, p, d = video.pixels_l.shape
+    return video._replace(pixels_dvp=video.pixels_l.reshape(v * p, d).T)
+
+
+# after_gemm(g 't w v p', mats, tau) -> 't v': level 3 once its GEMM is done.
+Level3AfterGemm = Callable[[jax.Array, IsaMatrices, jax.Array], jax.Array]
 
 
 def pixel_word(
@@ -81,16 +129,16 @@ def pixel_word(
     pixel_mask: Optional[jax.Array] = None,
     return_intermediates: bool = False,
     pixels_dvp: Optional[jax.Array] = None,
-    native: bool = False,
+    after_gemm: Optional[Level3AfterGemm] = None,
 ):
     """Level 3 (no logit scale in the original): two ISA stages in two directions.
 
     words_l 't w d' (normalised words times Wl), pixels_l 'v p d' (selected tokens, not
     normalised, times Wl1 in training) -> 't v'. Masks ('t w', 'v p' bool) only when padding
     is excluded (not the original). ``pixels_dvp``: the same tokens as 'd (v p)' (see
-    ``prepare_video_block``), used for the GEMM when given. ``native``: everything after the
-    GEMM runs in the fused CPU kernel ``kernels.native.pixel_word_isa`` (no masks, no
-    intermediates; same values to float32 rounding; gradients are the XLA code's).
+    ``prepare_video_block``), used for the GEMM when given. ``after_gemm``: another
+    implementation of ``level3_from_g`` (same maths; no masks, no intermediates), e.g. the
+    native CPU kernel.
     """
     # Layouts are chosen so that every softmax / ISA GEMM / weighted sum runs along the last
     # (contiguous) axis: G comes out of the GEMM as 't w v p' (dot_general's natural order, no
@@ -102,17 +150,17 @@ def pixel_word(
     else:
         (t, w, d), (v, p) = words_l.shape, pixels_l.shape[:2]
         g = (words_l.reshape(t * w, d) @ pixels_dvp).reshape(t, w, v, p)
-    if native:
+    if after_gemm is not None:
         if word_mask is not None or pixel_mask is not None or return_intermediates:
             raise ValueError(
-                "the native pixel-word kernel takes no masks and returns no "
-                "intermediates; use native=False"
+                "pixel_word(after_gemm=...) takes no masks and returns no intermediates; "
+                "use the default (after_gemm=None)"
             )
-        return _level3_native(g, mats, jnp.asarray(tau, jnp.float32))
-    return _level3_from_g(g, mats, tau, word_mask, pixel_mask, return_intermediates)
+        return after_gemm(g, mats, jnp.asarray(tau, jnp.float32))
+    return level3_from_g(g, mats, tau, word_mask, pixel_mask, return_intermediates)
 
 
-def _level3_from_g(
+def level3_from_g(
     g, mats: IsaMatrices, tau, word_mask=None, pixel_mask=None, return_intermediates: bool = False
 ):
     # g 't w v p' -> 't v' (and the intermediates): both ISA directions and second stages.
@@ -148,77 +196,32 @@ def _level3_from_g(
     )
 
 
-@jax.custom_vjp
-def _level3_native(g, mats: IsaMatrices, tau):
-    """``_level3_from_g`` in the native CPU kernel. Its gradient is that of the XLA code
-    (recomputed in the backward pass), so differentiating an evaluation path still works."""
-    from ucofia_jax.kernels.native import pixel_word_isa
-
-    return pixel_word_isa(
-        g,
-        mats.pixel_mat_weight,
-        mats.word_mat_weight2,
-        mats.word_mat_weight,
-        mats.pixel_mat_weight2,
-        tau,
-    )
-
-
-def _level3_native_fwd(g, mats, tau):
-    return _level3_native(g, mats, tau), (g, mats, tau)
-
-
-def _level3_native_bwd(residuals, cotangent):
-    return jax.vjp(_level3_from_g, *residuals)[1](cotangent)
-
-
-_level3_native.defvjp(_level3_native_fwd, _level3_native_bwd)
-
-
 def pair_levels(
-    text: Dict[str, jax.Array],
-    video: Dict[str, jax.Array],
-    shared: Dict,
-    tau: float = TAU,
-    native_level3: bool = False,
-):
-    """(S1, S2, S3) ['t v'] from projected text/video features (see UCoFiAHead.project_*).
+    text: TextPairInputs,
+    video: VideoPairInputs,
+    consts: PairConstants,
+    after_gemm: Optional[Level3AfterGemm] = None,
+) -> SimilarityLevels:
+    """The three levels ['t v'] of every pair of a text block and a video block.
 
-    text: 'sentence' 't d', 'sentence_g' 't d', 'words_l' 't w d', optional 'word_mask'.
-    video: 'video_g' 'v d', 'frame_features' 'v f d', 'pixels_l' 'v p d', optional
-    'frame_mask', 'pixel_mask', 'pixels_dvp' (``prepare_video_block``). shared: 'mats'
-    (IsaMatrices), 'scale' [], 'scale3' [], optional 'tau' (overrides the argument; lets
-    blockwise kernels keep one stable pair_fn). ``native_level3``: level 3 after its GEMM in
-    the fused CPU kernel (``pixel_word(native=True)``).
+    ``after_gemm``: see ``pixel_word``; None is the XLA code (``level3_from_g``).
     """
-    mats = shared["mats"]
-    tau = shared.get("tau", tau)
-    s1 = video_sentence(text["sentence_g"], video["video_g"], shared["scale"])
+    mats, scale = consts.mats, consts.scale
+    s1 = video_sentence(text.sentence_g, video.video_g, scale)
     s2 = sentence_frame(
-        text["sentence"],
-        video["frame_features"],
-        mats.frame_logit_weight,
-        shared["scale"],
-        tau,
-        video.get("frame_mask"),
+        text.sentence, video.frames, mats.frame_logit_weight, scale, consts.tau, video.frame_mask
     )
-    s3 = shared["scale3"] * pixel_word(
-        text["words_l"],
-        video["pixels_l"],
+    s3 = consts.scale3 * pixel_word(
+        text.words_l,
+        video.pixels_l,
         mats,
-        tau,
-        text.get("word_mask"),
-        video.get("pixel_mask"),
-        pixels_dvp=video.get("pixels_dvp"),
-        native=native_level3,
+        consts.tau,
+        text.word_mask,
+        video.pixel_mask,
+        pixels_dvp=video.pixels_dvp,
+        after_gemm=after_gemm,
     )
-    return s1, s2, s3
-
-
-def pair_levels_native(text: Dict[str, jax.Array], video: Dict[str, jax.Array], shared: Dict):
-    """``pair_levels`` with level 3 in the native CPU kernel: a stable module-level pair_fn for
-    ``blockwise_similarity`` (``UCoFiAHead.level3_kernel``)."""
-    return pair_levels(text, video, shared, native_level3=True)
+    return SimilarityLevels(s1, s2, s3)
 
 
 def combine_levels(s1: jax.Array, s2: jax.Array, s3: jax.Array) -> jax.Array:

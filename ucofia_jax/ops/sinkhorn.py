@@ -112,6 +112,9 @@ def sinkhorn_knopp_log(s: jax.Array, n_iters: int = 4) -> SinkhornResult:
     return _sk_log(s, n_iters)
 
 
+SK_DOMAINS = ("plain", "log")  # config.eval.sk_domain
+
+
 def _sk(domain):
     if domain == "plain":
         return sinkhorn_knopp

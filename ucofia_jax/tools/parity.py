@@ -1,11 +1,18 @@
 """Parity of the JAX head with the original PyTorch UCoFiA on golden fixtures.
 
-    python -m ucofia_jax.tools.parity --fixtures DIR [--json OUT] [--only KEY_PREFIX]
+    python -m ucofia_jax.tools.parity --fixtures DIR [--json OUT] [--failures-only]
+        [--level3-kernel auto|xla|native]
 
 Loads every ``case_*.npz`` in DIR (format: tests/fixtures/ucofia_reference/README.md), maps
 ``param.*`` to our parameters (models/ucofia_names.py), runs our code on ``in.*`` and prints,
 for every compared key, max abs error, max relative error, the tolerance and pass/fail; exits
 non-zero if any key fails (or a case cannot be run).
+
+The head is reached only through its public methods (``encode_text``, ``encode_video``,
+``select_tokens``, ``temporal_encoder``, ``pair_inputs``, ``__call__``) and the pure functions
+of ``ops.similarity``. The loss and its gradients come from the head's training forward;
+the evaluation paths score pairs with the pair function of ``--level3-kernel`` (as
+``eval.level3_kernel``: the native CPU kernel after the GEMM where it builds).
 
 Tolerances (float32 vs float32 references; see docs/head.md):
 * values:      |Δ| <= atol·max(1, max|ref|) + rtol·|ref|, rtol 1e-4, atol 1e-5
@@ -32,7 +39,18 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Dict, List, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from ucofia_jax.kernels import native
+from ucofia_jax.models.features import TextFeatures, VideoFeatures
+from ucofia_jax.models.head import UCoFiAHead
+from ucofia_jax.models.ucofia_names import load_original_head_state_dict, our_path
+from ucofia_jax.ops import similarity as sim_ops
+from ucofia_jax.ops.losses import cross_entropy_diag, symmetric_cross_entropy
+from ucofia_jax.ops.sinkhorn import sinkhorn_knopp
+from ucofia_jax.ops.token_shift import token_shift
 
 
 @dataclass
@@ -111,8 +129,6 @@ def _load_case(path):
 
 
 def _head_params(z, prefix, template, predictor_prefix=None):
-    from ucofia_jax.models.ucofia_names import load_original_head_state_dict
-
     sd = {k[len(prefix) :]: v for k, v in z.items() if k.startswith(prefix)}
     if predictor_prefix is not None:
         sel = "visual_token_selector."
@@ -123,16 +139,12 @@ def _head_params(z, prefix, template, predictor_prefix=None):
     return load_original_head_state_dict(sd, template)
 
 
-def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
-    import jax
-    import jax.numpy as jnp
-
-    from ucofia_jax.losses import symmetric_cross_entropy
-    from ucofia_jax.models.ucofia import UCoFiAHead
-    from ucofia_jax.models.ucofia_names import our_path
-    from ucofia_jax.ops import similarity as sim_ops
-    from ucofia_jax.ops.sinkhorn import sinkhorn_knopp
-
+def run_case(
+    path: str, tol: Optional[Tolerances] = None, level3_kernel: str = "auto"
+) -> List[Result]:
+    """Every comparable key of one case. ``level3_kernel`` ('auto' | 'xla' | 'native', as
+    ``eval.level3_kernel``) picks how the evaluation paths run level 3 after its GEMM;
+    training always runs the XLA code, as training does."""
     tol = tol or Tolerances()
     z = _load_case(path)
     case = os.path.splitext(os.path.basename(path))[0]
@@ -161,7 +173,6 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
             predictor=predictor,
         )
 
-    head = make_head("new")
     dummy = (
         jnp.zeros((1, d)),
         jnp.zeros((1, nw, d)),
@@ -170,10 +181,13 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
         jnp.ones((1, f)),
         0.0,
     )
-    template = jax.eval_shape(
-        lambda: head.init(jax.random.PRNGKey(0), *dummy, train=False, rng=jax.random.PRNGKey(0))
-    )["params"]
-    params = jax.tree_util.tree_map(jnp.asarray, _head_params(z, "param.", template))
+
+    def template(m: UCoFiAHead):
+        key = jax.random.PRNGKey(0)
+        return jax.eval_shape(partial(m.init, key, *dummy, train=False, rng=key))["params"]
+
+    head = make_head("new")
+    params = jax.tree_util.tree_map(jnp.asarray, _head_params(z, "param.", template(head)))
     ls = f32("param.clip.logit_scale")
     inputs = dict(
         text_cls=f32("in.text_cls"),
@@ -191,25 +205,26 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
 
     # ---------------------------------------------------------------- training path
     def train_forward(m: UCoFiAHead, text_cls, text_tokens, frame_cls, patch_tokens, ls):
-        t = m.encode_text(text_cls, text_tokens)
+        # The head's training forward (``__call__``) step by step, exposing its intermediates;
+        # that ``__call__`` computes the same logits is checked below.
         pixels, scores, ind = m.select_tokens(patch_tokens, train=True, **sel_kw)
         seq_out = m.temporal_encoder(frame_cls, vmask)
+        t = m.encode_text(text_cls, text_tokens)
         v = m.encode_video(frame_cls, patch_tokens, vmask, train=True, **sel_kw)
-        tp, vp = m.project_text(t), m.project_video(v, train=True)
-        sh = m.shared_inputs(ls)
-        s1, s2, _ = sim_ops.pair_levels(tp, vp, sh, m.tau)
+        text_in, video_in, consts = m.pair_inputs(t, v, ls, train=True)
+        lv = sim_ops.pair_levels(text_in, video_in, consts)
         s3, inter = sim_ops.pixel_word(
-            tp["words_l"], vp["pixels_l"], sh["mats"], m.tau, return_intermediates=True
+            text_in.words_l, video_in.pixels_l, consts.mats, consts.tau, return_intermediates=True
         )
-        logits = sim_ops.combine_levels(s1, s2, s3)
+        logits = sim_ops.combine_levels(lv.video_sentence, lv.sentence_frame, s3)
         aux = dict(
             scores=scores,
             indicator=ind,
             pixels=pixels,
             seq_out=seq_out,
-            video=v["video_feature"],
-            s1=s1,
-            s2=s2,
+            video=v.video,
+            s1=lv.video_sentence,
+            s2=lv.sentence_frame,
             s3=s3,
             logits=logits,
             **inter,
@@ -265,10 +280,22 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
     cmp("train.sim_pixel_word", aux["s3"])
     cmp("train.logits", aux["logits"])
     cmp("train.loss", loss)
-    cmp("train.loss_t2v", symmetric_cross_entropy.__globals__["cross_entropy_diag"](aux["logits"]))
-    cmp(
-        "train.loss_v2t", symmetric_cross_entropy.__globals__["cross_entropy_diag"](aux["logits"].T)
+    cmp("train.loss_t2v", cross_entropy_diag(aux["logits"]))
+    cmp("train.loss_v2t", cross_entropy_diag(aux["logits"].T))
+    # The forward above is the head's own training forward (a separate program: one graph
+    # with both would change XLA's fusions, hence float32 rounding, of the compared keys).
+    call_logits = jax.jit(partial(head.apply, train=True, **sel_kw))(
+        {"params": params},
+        inputs["text_cls"],
+        inputs["text_tokens"],
+        inputs["frame_cls"],
+        inputs["patch_tokens"],
+        vmask,
+        ls,
     )
+    gap = float(jnp.max(jnp.abs(call_logits - aux["logits"])))
+    if not gap <= tol.atol * max(1.0, float(jnp.max(jnp.abs(aux["logits"])))):
+        raise RuntimeError(f"UCoFiAHead.__call__ differs from its steps by {gap:.3e} (logits)")
 
     # gradients
     for key in sorted(k for k in z if k.startswith("grad.")):
@@ -290,11 +317,18 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
         cmp(key, g_in[name], "grad")
 
     # ---------------------------------------------------------------- eval paths
+    # As the evaluator does (evaluation.evaluator.retrieval_fns): the pair function of
+    # eval.level3_kernel, i.e. the native kernel after the GEMM where it is chosen.
+    pair_fn = native.pair_levels_for(level3_kernel, mask_padding=head.mask_padding)
+
+    def eval_pairs(m: UCoFiAHead, text: TextFeatures, video: VideoFeatures):
+        return sim_ops.SimilarityLevels(*pair_fn(*m.pair_inputs(text, video, ls, train=False)))
+
     def eval_levels(m, text_cls, text_tokens, frame_cls, patch_tokens, vmask, ls, indicator):
         t = m.encode_text(text_cls, text_tokens)
         _, scores, _ = m.select_tokens(patch_tokens, train=False, indicator=indicator)
         v = m.encode_video(frame_cls, patch_tokens, vmask, train=False, indicator=indicator)
-        return scores, m.similarity_levels(t, v, ls, train=False), t, v
+        return scores, eval_pairs(m, t, v)
 
     levels = {}
     videos = {}
@@ -302,11 +336,8 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
         if f"{tag}.sim_video_sentence" not in z:
             continue
         m = make_head(predictor)
-        tmpl = jax.eval_shape(
-            lambda: m.init(jax.random.PRNGKey(0), *dummy, train=False, rng=jax.random.PRNGKey(0))
-        )["params"]
-        prm = _head_params(z, "param.", tmpl, predictor_prefix=pp)
-        scores, lv, _, v = jax.jit(partial(m.apply, method=eval_levels))(
+        prm = _head_params(z, "param.", template(m), predictor_prefix=pp)
+        scores, lv = jax.jit(partial(m.apply, method=eval_levels))(
             {"params": prm},
             inputs["text_cls"],
             inputs["text_tokens"],
@@ -335,12 +366,12 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
                 train=False,
                 indicator=f32("evalt2v.tokensel_topk_indicator"),
             )
-            return m.similarity_levels(t, v, ls, train=False)
+            return eval_pairs(m, t, v)
 
         bank = jax.jit(partial(m.apply, method=bank_t2v))(
             {"params": prm}, f32("sk_t2v.in.train_text_cls"), f32("sk_t2v.in.train_text_tokens")
         )
-        _sk_checks(cmp, z, "sk_t2v", bank, levels["evalt2v"], sinkhorn_knopp, "t2v")
+        _sk_checks(cmp, z, "sk_t2v", bank, levels["evalt2v"], "t2v")
 
     # SK-norm v2t: (test texts x training videos)ᵀ
     if "sk_v2t.final_sim" in z and "evalv2t" in levels:
@@ -355,25 +386,21 @@ def run_case(path: str, tol: Optional[Tolerances] = None) -> List[Result]:
                 train=False,
                 indicator=f32("sk_v2t.train_tokensel_topk_indicator"),
             )
-            return m.similarity_levels(t, v, ls, train=False)
+            return eval_pairs(m, t, v)
 
         bank = jax.jit(partial(m.apply, method=bank_v2t))({"params": prm})
-        _sk_checks(cmp, z, "sk_v2t", bank, levels["evalv2t"], sinkhorn_knopp, "v2t")
+        _sk_checks(cmp, z, "sk_v2t", bank, levels["evalv2t"], "v2t")
 
     # TS2-Net token shift (CLIP visual blocks 10-11)
     if "patchshift.in" in z:
-        from ucofia_jax.ops.token_shift import token_shift
-
         x = np.asarray(z["patchshift.in"])  # 'n f c' (sequence first)
         y = token_shift(jnp.asarray(x.transpose(1, 0, 2)), num_frames=x.shape[1])
         cmp("patchshift.out", np.asarray(y).transpose(1, 0, 2))
     return out
 
 
-def _sk_checks(cmp, z, tag, bank, test_levels, sinkhorn_knopp, direction):
+def _sk_checks(cmp, z, tag, bank, test_levels, direction):
     """Sinkhorn on the *stored* bank (isolates SK), and the final matrix from our own chain."""
-    import jax.numpy as jnp
-
     priors = []
     for l in (1, 2, 3):
         cmp(f"{tag}.train_sim_{l}", bank[l - 1])
@@ -414,9 +441,18 @@ def main(argv=None) -> int:
         help="keep XLA's default CPU backend optimisation (compiles ~4x slower on "
         "these tiny shapes; results agree within the tolerances either way)",
     )
+    ap.add_argument(
+        "--level3-kernel",
+        default="auto",
+        choices=native.LEVEL3_KERNELS,
+        help="how the evaluation paths run level 3 after its GEMM, as eval.level3_kernel "
+        "(auto: the native CPU kernel where it builds)",
+    )
     args = ap.parse_args(argv)
-    if not args.no_fast_compile and "jax" not in sys.modules:
-        # Must be set before the XLA backend starts; the cases are tiny, compiling dominates.
+    if not args.no_fast_compile:
+        # Read when the XLA backend starts (importing jax does not start it; the first
+        # computation does), so it has no effect in a process that already computed.
+        # The cases are tiny: compiling dominates.
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_backend_optimization_level" not in flags:
             os.environ["XLA_FLAGS"] = (flags + " --xla_backend_optimization_level=0").strip()
@@ -429,10 +465,12 @@ def main(argv=None) -> int:
     errors: Dict[str, str] = {}
     for p in paths:
         try:
-            results += run_case(p, tol)
+            results += run_case(p, tol, args.level3_kernel)
         except Exception as e:  # report and go on with the other cases
             errors[os.path.basename(p)] = f"{type(e).__name__}: {e}"
     w = max((len(r.key) for r in results), default=10)
+    kernel = native.resolve_level3_kernel(args.level3_kernel)
+    print(f"evaluation paths: level 3 after its GEMM in {kernel} (--level3-kernel)")
     print(f"{'case':8s} {'key':{w}s} {'max_abs':>10s} {'max_rel':>10s} result  tolerance")
     for r in results:
         if args.failures_only and r.passed:

@@ -19,21 +19,24 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from typing import Any, Callable, Dict, Iterable, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+from tensorflow.core.util import event_pb2
+from tqdm import tqdm
 
-from ucofia_jax import optim
-from ucofia_jax import sharding as sharding_lib
-from ucofia_jax.losses import symmetric_cross_entropy
+from ucofia_jax.models.model import Model
+from ucofia_jax.runtime import sharding as sharding_lib
+from ucofia_jax.training import optim
 
 log = logging.getLogger(__name__)
-
-# Inputs the jitted step consumes; the rest of a batch (ids, strings) stays on the host.
-MODEL_INPUTS = ("input_ids", "frames", "frame_mask")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -43,34 +46,34 @@ class NonFiniteLossError(FloatingPointError):
 # --------------------------------------------------------------------------- state
 
 
-def create_train_state(model, config, rng_seed: int, params=None) -> Dict[str, Any]:
+def create_train_state(model: Model, rng_seed: int, params=None) -> Dict[str, Any]:
     """TrainState as a plain pytree: {'step', 'params', 'opt_state', 'rng'} (host arrays)."""
     rng = jax.random.PRNGKey(rng_seed)
     r_init, r_train = jax.random.split(rng)
     if params is None:
-        params = model.init(r_init, config)
+        params = model.init(r_init)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": None, "rng": r_train}
 
 
-def total_train_steps(config, steps_per_epoch: int) -> int:
-    if config.train.num_steps > 0:
-        return int(config.train.num_steps)
-    return int(config.train.epochs * steps_per_epoch)
+def total_train_steps(train_cfg, steps_per_epoch: int) -> int:
+    if train_cfg.num_steps > 0:
+        return int(train_cfg.num_steps)
+    return int(train_cfg.epochs * steps_per_epoch)
 
 
-def schedule_steps(config, steps_per_epoch: int) -> int:
+def schedule_steps(train_cfg, steps_per_epoch: int) -> int:
     """t_total of the lr schedule: the whole run (epochs x steps per epoch) as the original."""
-    if config.train.epochs > 0:
-        return int(config.train.epochs * steps_per_epoch)
-    return int(config.train.num_steps)
+    if train_cfg.epochs > 0:
+        return int(train_cfg.epochs * steps_per_epoch)
+    return int(train_cfg.num_steps)
 
 
 @dataclasses.dataclass
 class Trainer:
     """Everything the step needs, built once: model, optimizer, mesh, shardings, jitted fns."""
 
-    model: Any
-    config: Any
+    model: Model
+    config: Any  # config.train
     mesh: Any
     tx: Any
     state_shardings: Any
@@ -78,35 +81,33 @@ class Trainer:
     init_opt_state: Callable
 
 
-def make_trainer(model, config, mesh, state: Dict[str, Any], schedule_total: int) -> Trainer:
+def make_trainer(
+    model: Model, train_cfg, mesh, state: Dict[str, Any], schedule_total: int
+) -> Trainer:
     """Builds the optimizer, the shardings and the jitted, sharded train step."""
-    tx = optim.make_optimizer(config.train, state["params"], schedule_total)
+    tx = optim.make_optimizer(train_cfg, state["params"], schedule_total)
     replicated = sharding_lib.replicated(mesh)
     param_sh = sharding_lib.param_shardings(state["params"], mesh)
     opt_shapes = jax.eval_shape(tx.init, state["params"])
     opt_sh = sharding_lib.param_shardings(opt_shapes, mesh)
     state_sh = {"step": replicated, "params": param_sh, "opt_state": opt_sh, "rng": replicated}
-    schedules = optim.learning_rate_schedules(config.train, schedule_total)
-    logit_max = float(config.train.logit_scale_max)
-
-    def loss_fn(params, batch, rng):
-        logits = model.logits(params, batch, rng, train=True)
-        return symmetric_cross_entropy(logits), logits
+    schedules = optim.learning_rate_schedules(train_cfg, schedule_total)
+    logit_max = float(train_cfg.logit_scale_max)
 
     def step_fn(state, batch):
         rng = jax.random.fold_in(state["rng"], state["step"])
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, logits), grads = jax.value_and_grad(model.loss, has_aux=True)(
             state["params"], batch, rng
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        params = optax.apply_updates(state["params"], updates)
         params = optim.clamp_logit_scale(params, logit_max)
         acc = jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0]))
         metrics = {
             "loss": loss,
             "lr": schedules["head"](state["step"]),
             "clip_lr": schedules["clip"](state["step"]),
-            "grad_norm": optax_global_norm(grads),
+            "grad_norm": optax.global_norm(grads),
             "logit_scale": params["clip"]["logit_scale"],
             "train_t2v_acc": acc,
         }
@@ -129,11 +130,7 @@ def make_trainer(model, config, mesh, state: Dict[str, Any], schedule_total: int
         donate_argnums=(0,),
     )
     init_opt = jax.jit(tx.init, out_shardings=opt_sh)
-    return Trainer(model, config, mesh, tx, state_sh, train_step, init_opt)
-
-
-def optax_global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+    return Trainer(model, train_cfg, mesh, tx, state_sh, train_step, init_opt)
 
 
 def place_state(trainer: Trainer, state: Dict[str, Any]) -> Dict[str, Any]:
@@ -199,11 +196,6 @@ class MetricWriter:
         os.makedirs(workdir, exist_ok=True)
         self._text = open(os.path.join(workdir, "log.txt"), "a", encoding="utf-8")
         try:
-            import socket  # pylint: disable=g-import-not-at-top
-
-            import tensorflow as tf  # pylint: disable=g-import-not-at-top
-            from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
-
             tb_dir = os.path.join(workdir, "tensorboard")
             os.makedirs(tb_dir, exist_ok=True)
             path = os.path.join(
@@ -233,9 +225,6 @@ class MetricWriter:
             + json.dumps({prefix + k: round(float(v), 6) for k, v in values.items()})
         )
         if self._tb is not None:
-            from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
-            from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
-
             summ = summary_pb2.Summary(
                 value=[
                     summary_pb2.Summary.Value(tag=prefix + k, simple_value=float(v))
@@ -315,11 +304,10 @@ def train_loop(
     spe = data.steps_per_epoch
     if spe <= 0:
         raise ValueError(
-            f"no full training batch: batch_size {cfg.train.batch_size} is larger "
-            "than the training split"
+            f"no full training batch: batch_size {cfg.batch_size} is larger than the training split"
         )
     step = int(jax.device_get(state["step"]))
-    global_batch = int(cfg.train.batch_size)
+    global_batch = int(cfg.batch_size)
     meta_extra = dict(meta_extra or {})
 
     def meta(step_: int) -> Dict[str, Any]:
@@ -334,8 +322,6 @@ def train_loop(
 
     bar = None
     if progress and writer is not None and writer.enabled:
-        from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     if writer is not None:
         writer.text(
@@ -356,7 +342,7 @@ def train_loop(
                 if pending is not None:
                     _report(pending, writer, bar, cfg)
                 pending = (step, metrics, batch)
-                if step % cfg.train.log_every_steps == 0 or step == total_steps:
+                if step % cfg.log_every_steps == 0 or step == total_steps:
                     vals = _report(pending, writer, bar, cfg, force=True)
                     pending = None
                     now = time.time()
@@ -370,7 +356,7 @@ def train_loop(
                         )
                     if writer is not None:
                         writer.scalars(step, {"samples_per_second": sps})
-                if checkpointer is not None and step % cfg.train.checkpoint_every_steps == 0:
+                if checkpointer is not None and step % cfg.checkpoint_every_steps == 0:
                     checkpointer.save(step, state, meta(step))
                 if guard is not None and guard.requested:
                     if pending is not None:
@@ -410,7 +396,7 @@ def train_loop(
 def _report(pending, writer, bar, cfg, force: bool = False):
     step, metrics, batch = pending
     vals = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if cfg.train.stop_on_nonfinite:
+    if cfg.stop_on_nonfinite:
         check_finite_loss(vals["loss"], step - 1, batch)
     if bar is not None:
         bar.update(step - bar.n)

@@ -29,6 +29,8 @@ PyTree = Any
 
 # Torch's clip_grad_norm_ divides by (norm + 1e-6); optax's clip_by_global_norm does not.
 TORCH_CLIP_EPS = 1e-6
+OPTIMIZERS = ("bertadam", "adamw")  # config.train.optimizer
+SCHEDULES = ("warmup_cosine", "constant")  # config.train.schedule
 
 
 # --------------------------------------------------------------------------- schedules
@@ -45,7 +47,7 @@ def warmup_cosine(step: jax.Array, total_steps: int, warmup_proportion: float) -
 
 
 def make_schedule(
-    base_lr: float, total_steps: int, warmup_proportion: float, kind: str = "warmup_cosine"
+    base_lr: float, total_steps: int, warmup_proportion: float, kind: str
 ) -> optax.Schedule:
     if kind == "constant":
         return lambda step: jnp.asarray(base_lr, jnp.float32)
@@ -230,17 +232,17 @@ def bertadam(
     params: PyTree,
     *,
     total_steps: int,
-    lr: float = 1e-4,
-    clip_lr: float = 1e-7,
-    warmup_proportion: float = 0.1,
-    b1: float = 0.9,
-    b2: float = 0.98,
-    eps: float = 1e-6,
-    weight_decay: float = 0.2,
-    grad_clip: float = 1.0,
-    per_tensor_clip: float = 1.0,
-    frozen: Sequence[str] = (),
-    schedule: str = "warmup_cosine",
+    lr: float,
+    clip_lr: float,
+    warmup_proportion: float,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    grad_clip: float,
+    per_tensor_clip: float,
+    frozen: Sequence[str],
+    schedule: str,
 ) -> optax.GradientTransformation:
     """The original update (module docstring) for a params tree ``{'clip', 'head'}``."""
     return _grouped_chain(
@@ -262,20 +264,18 @@ def adamw(
     params: PyTree,
     *,
     total_steps: int,
-    lr: float = 1e-4,
-    clip_lr: float = 1e-7,
-    warmup_proportion: float = 0.1,
-    b1: float = 0.9,
-    b2: float = 0.98,
-    eps: float = 1e-6,
-    weight_decay: float = 0.2,
-    grad_clip: float = 1.0,
-    frozen: Sequence[str] = (),
-    schedule: str = "warmup_cosine",
-    **unused,
+    lr: float,
+    clip_lr: float,
+    warmup_proportion: float,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    grad_clip: float,
+    frozen: Sequence[str],
+    schedule: str,
 ) -> optax.GradientTransformation:
     """Standard AdamW (bias-corrected), same groups, decay mask, clipping and schedule."""
-    del unused
     return _grouped_chain(
         params,
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps),

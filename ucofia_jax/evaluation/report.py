@@ -12,17 +12,15 @@ import os
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
-from ucofia_jax import metrics as metrics_lib
+from ucofia_jax.ops import metrics as metrics_lib
 
 
-def _plt():
-    import matplotlib  # pylint: disable=g-import-not-at-top
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-    return plt
+def _subplots(*args, **kwargs):
+    # Figure objects need no pyplot state machine and no GUI backend (headless runs).
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def recall_curve(sim: np.ndarray, text_video: np.ndarray, ks: Sequence[int]) -> np.ndarray:
@@ -34,7 +32,6 @@ def recall_curve(sim: np.ndarray, text_video: np.ndarray, ks: Sequence[int]) -> 
 
 def _save(fig, path):
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
     return path
 
 
@@ -55,7 +52,6 @@ def write_report(
     ``sim`` [T, V] test similarities, ``text_video`` [T] ground-truth video of each text,
     ``texts`` the T captions, ``first_frames`` uint8 [V, S, S, 3].
     """
-    plt = _plt()
     out = os.path.join(workdir, "report")
     os.makedirs(out, exist_ok=True)
     sim = np.asarray(sim, np.float64)
@@ -65,7 +61,7 @@ def write_report(
 
     # Recall@K curve vs chance.
     ks = np.arange(1, min(nv, 50) + 1)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = _subplots(figsize=(5, 3.5))
     ax.plot(ks, recall_curve(sim, text_video, ks), label="text-to-video")
     if nt == nv and np.array_equal(text_video, np.arange(nt)):
         ax.plot(ks, recall_curve(sim.T, np.arange(nv), ks), label="video-to-text", alpha=0.8)
@@ -77,7 +73,7 @@ def write_report(
     # Similarity heatmap (first 40 x 40; rows/cols in ground-truth order).
     n = min(40, nt, nv)
     order = np.argsort(text_video, kind="stable")[:n]
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig, ax = _subplots(figsize=(4.5, 4))
     im = ax.imshow(sim[order][:, :n], cmap="viridis")
     ax.set_xlabel("video"), ax.set_ylabel("text (sorted by its video)")
     ax.set_title("similarity (diagonal = ground truth)")
@@ -86,7 +82,7 @@ def write_report(
 
     # Example queries: a fixed spread of test texts, top clips' first frames.
     idx = np.linspace(0, nt - 1, min(num_examples, nt)).astype(int)
-    fig, axes = plt.subplots(
+    fig, axes = _subplots(
         len(idx), top + 1, figsize=(2.2 * (top + 1), 2.3 * len(idx)), squeeze=False
     )
     for r, t in enumerate(idx):

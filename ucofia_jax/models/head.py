@@ -12,13 +12,11 @@ field (see docs/head.md for the table).
 
 from __future__ import annotations
 
-from typing import Any, Dict
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ucofia_jax.losses import symmetric_cross_entropy
+from ucofia_jax.models.features import TextFeatures, VideoFeatures
 from ucofia_jax.models.layers import LayerNorm, Transformer
 from ucofia_jax.ops import similarity as sim_ops
 from ucofia_jax.ops.isa import TAU
@@ -26,6 +24,7 @@ from ucofia_jax.ops.topk import NOISE_PRNGS, hard_topk, perturbed_topk
 
 POSITION_TABLE = 77  # nn.Embedding(77, D): CLIP's context length (SPEC §5)
 KEY_MASK_VALUE = -1e6  # additive key-padding mask of seqTransf
+PREDICTORS = ("new", "old")  # PredictorLG of the training code / of the original t2v eval
 
 
 def _eye_init(key, shape, dtype=jnp.float32):
@@ -110,11 +109,8 @@ class UCoFiAHead(nn.Module):
     ``jax.random.normal``). Same N(0, 1) distribution, different draws. Training always uses
     ``jax.random.normal``; given ``noise=``/``indicator=`` nothing is drawn.
 
-    Not a quirk either: ``level3_kernel`` ("auto" | "xla" | "native") picks how blockwise
-    evaluation runs level 3 after its GEMM: "native" is the fused CPU kernel of
-    ``kernels.native`` (built with the system C++ compiler on first use, 2-3x faster than
-    XLA:CPU there), "xla" the pure-JAX code, "auto" native on a CPU backend when it builds and
-    without ``mask_padding``. Same values to float32 rounding. Training always uses XLA.
+    The fields' defaults are the only defaults of ``config.model.head`` (the config schema
+    reads them); ``embed_dim``, ``max_frames`` and ``max_words`` come from CLIP and the data.
     """
 
     embed_dim: int
@@ -131,7 +127,6 @@ class UCoFiAHead(nn.Module):
     scale_pixel_word: bool = False
     eval_local_mat_weight1: bool = False
     eval_noise_prng: str = "hash"
-    level3_kernel: str = "auto"
 
     @property
     def num_pixels(self) -> int:
@@ -239,9 +234,8 @@ class UCoFiAHead(nn.Module):
         noise=None,
         indicator=None,
         train: bool = False,
-    ) -> Dict[str, jax.Array]:
-        """Per-video features: {'video_feature' 'b d', 'frame_features' 'b f d',
-        'pixel_tokens' 'b (4f) d', 'video_mask' 'b f'} (normalised as the original does)."""
+    ) -> VideoFeatures:
+        """Per-video features (normalised as the original does), once per video."""
         self._check_video(frame_cls, patch_tokens, video_mask)
         pixels, _, _ = self.select_tokens(
             patch_tokens, train=train, rng=rng, noise=noise, indicator=indicator
@@ -250,16 +244,16 @@ class UCoFiAHead(nn.Module):
         seq = sim_ops.l2_normalize(seq)
         m = video_mask.astype(seq.dtype)[..., None]
         video = jnp.sum(seq * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-        return {
-            "video_feature": sim_ops.l2_normalize(video),
-            "frame_features": sim_ops.l2_normalize(frame_cls),  # raw CLS, no mask (§6)
-            "pixel_tokens": pixels,
-            "video_mask": video_mask,
-        }
+        return VideoFeatures(
+            video=sim_ops.l2_normalize(video),
+            frames=sim_ops.l2_normalize(frame_cls),  # raw CLS, no mask (§6)
+            pixels=pixels,
+            mask=video_mask,
+        )
 
     # ------------------------------------------------------------------ text side
-    def encode_text(self, text_cls, text_tokens, text_mask=None) -> Dict[str, jax.Array]:
-        """{'sentence' 't d', 'words' 't w d'} L2-normalised; all word positions kept."""
+    def encode_text(self, text_cls, text_tokens, text_mask=None) -> TextFeatures:
+        """Sentence 't d' and words 't w d', L2-normalised; all word positions kept."""
         if text_cls.ndim == 3:
             text_cls = text_cls[:, 0]
         if text_tokens.shape[1:] != (self.max_words, self.embed_dim):
@@ -267,46 +261,38 @@ class UCoFiAHead(nn.Module):
                 f"text_tokens has shape {text_tokens.shape}, expected [t, "
                 f"{self.max_words}, {self.embed_dim}] (max_words, embed_dim)"
             )
-        out = {
-            "sentence": sim_ops.l2_normalize(text_cls),
-            "words": sim_ops.l2_normalize(text_tokens),
-        }
-        if text_mask is not None:
-            out["text_mask"] = text_mask
-        elif self.mask_padding:
+        if text_mask is None and self.mask_padding:
             raise ValueError("mask_padding=True needs text_mask in encode_text")
-        return out
+        return TextFeatures(
+            sentence=sim_ops.l2_normalize(text_cls),
+            words=sim_ops.l2_normalize(text_tokens),
+            mask=text_mask,
+        )
 
     # ------------------------------------------------------------------ pairs
-    def project_text(self, text_side) -> Dict[str, jax.Array]:
-        """Once per text: the D x D projections (sent Wg, words Wl)."""
-        out = {
-            "sentence": text_side["sentence"],
-            "sentence_g": text_side["sentence"] @ self.global_mat_weight,
-            "words_l": text_side["words"] @ self.local_mat_weight,
-        }
-        if self.mask_padding:
-            out["word_mask"] = text_side["text_mask"].astype(bool)
-        return out
-
-    def project_video(self, video_side, *, train: bool) -> Dict[str, jax.Array]:
-        """Once per video: video Wg1, pixels Wl1 (training only, unless the flag says so)."""
-        pixels = video_side["pixel_tokens"]
+    def pair_inputs(
+        self, text: TextFeatures, video: VideoFeatures, logit_scale_log, *, train: bool
+    ) -> tuple[sim_ops.TextPairInputs, sim_ops.VideoPairInputs, sim_ops.PairConstants]:
+        """What ``ops.similarity.pair_levels`` needs: the D x D projections, once per text
+        (sentence Wg, words Wl) and once per video (video Wg1; pixels Wl1 in training, or at
+        inference when the flag says so), and the constants every pair shares."""
+        pixels = video.pixels
         if train or self.eval_local_mat_weight1:
             pixels = pixels @ self.local_mat_weight1
-        out = {
-            "video_g": video_side["video_feature"] @ self.global_mat_weight_1,
-            "frame_features": video_side["frame_features"],
-            "pixels_l": pixels,
-        }
+        text_in = sim_ops.TextPairInputs(
+            sentence=text.sentence,
+            sentence_g=text.sentence @ self.global_mat_weight,
+            words_l=text.words @ self.local_mat_weight,
+        )
+        video_in = sim_ops.VideoPairInputs(
+            video_g=video.video @ self.global_mat_weight_1, frames=video.frames, pixels_l=pixels
+        )
         if self.mask_padding:
-            fm = video_side["video_mask"].astype(bool)
-            out["frame_mask"] = fm
-            out["pixel_mask"] = jnp.repeat(fm, self.topk + 1, axis=1)
-        return out
-
-    def shared_inputs(self, logit_scale_log) -> Dict[str, Any]:
-        """What every (text, video) block needs: ISA matrices and the logit scales."""
+            frame_mask = video.mask.astype(bool)
+            text_in = text_in._replace(word_mask=text.mask.astype(bool))
+            video_in = video_in._replace(
+                frame_mask=frame_mask, pixel_mask=jnp.repeat(frame_mask, self.topk + 1, axis=1)
+            )
         scale = jnp.exp(jnp.asarray(logit_scale_log, jnp.float32))
         mats = sim_ops.IsaMatrices(
             self.frame_logit_weight,
@@ -315,59 +301,13 @@ class UCoFiAHead(nn.Module):
             self.pixel_mat_weight2,
             self.word_mat_weight2,
         )
-        return {
-            "mats": mats,
-            "scale": scale,
-            "scale3": scale if self.scale_pixel_word else jnp.ones((), jnp.float32),
-        }
-
-    def similarity_levels(self, text_side, video_side, logit_scale_log, *, train: bool):
-        """(S1, S2, S3) [Bt, Bv]: video-sentence, sentence-frame, patch-word."""
-        shared = dict(self.shared_inputs(logit_scale_log), tau=jnp.float32(self.tau))
-        return self._pair_fn(train)(
-            self.project_text(text_side), self.project_video(video_side, train=train), shared
+        consts = sim_ops.PairConstants(
+            mats=mats,
+            scale=scale,
+            scale3=scale if self.scale_pixel_word else jnp.ones((), jnp.float32),
+            tau=jnp.float32(self.tau),
         )
-
-    def blockwise_levels(
-        self,
-        text_side,
-        video_side,
-        logit_scale_log,
-        *,
-        train: bool = False,
-        text_block: int = 128,
-        video_block: int = 128,
-        mesh=None,
-        axis: str = "data",
-    ):
-        """(S1, S2, S3) [N, M] for N texts x M videos in blocks (``ops.blockwise``), exactly the
-        one-shot ``similarity_levels``; projections run once per text / video."""
-        from ucofia_jax.ops.blockwise import blockwise_similarity
-
-        shared = dict(self.shared_inputs(logit_scale_log), tau=jnp.float32(self.tau))
-        return blockwise_similarity(
-            self._pair_fn(train),
-            self.project_text(text_side),
-            self.project_video(video_side, train=train),
-            shared,
-            text_block=text_block,
-            video_block=video_block,
-            mesh=mesh,
-            axis=axis,
-            video_block_fn=sim_ops.prepare_video_block,
-        )
-
-    def _pair_fn(self, train: bool):
-        # A module-level function (stable: blockwise_similarity's static pair_fn).
-        from ucofia_jax.kernels.native import resolve_level3_kernel
-
-        if self.mask_padding and self.level3_kernel == "native":
-            raise ValueError(
-                "level3_kernel='native' takes no masks; mask_padding=True needs 'auto' or 'xla'"
-            )
-        if train or self.mask_padding or resolve_level3_kernel(self.level3_kernel) == "xla":
-            return sim_ops.pair_levels
-        return sim_ops.pair_levels_native
+        return text_in, video_in, consts
 
     def __call__(
         self,
@@ -384,7 +324,7 @@ class UCoFiAHead(nn.Module):
         indicator=None,
         train: bool = True,
     ):
-        """Full training forward: logits [Bt, Bv] = mean of the three levels."""
+        """Full forward from CLIP features: logits [Bt, Bv] = mean of the three levels."""
         t = self.encode_text(text_cls, text_tokens, text_mask)
         v = self.encode_video(
             frame_cls,
@@ -395,41 +335,7 @@ class UCoFiAHead(nn.Module):
             indicator=indicator,
             train=train,
         )
-        return sim_ops.combine_levels(*self.similarity_levels(t, v, logit_scale_log, train=train))
-
-    def loss(self, *args, **kwargs):
-        return symmetric_cross_entropy(self(*args, **kwargs))
-
-
-def head_from_config(config) -> UCoFiAHead:
-    """Build the head from ``config.model.head``, ``config.data`` and ``config.model.clip``."""
-    h = config.model.head
-    get = lambda name, default: (
-        h.get(name, default) if hasattr(h, "get") else getattr(h, name, default)
-    )
-    embed_dim = config.model.get("embed_dim", None) if hasattr(config.model, "get") else None
-    if embed_dim is None:
-        embed_dim = config.model.clip.embed_dim
-    return UCoFiAHead(
-        embed_dim=int(embed_dim),
-        max_frames=int(config.data.max_frames),
-        max_words=int(config.data.max_words),
-        topk=int(get("topk", 3)),
-        num_samples=int(get("num_samples", 500)),
-        sigma=float(get("sigma", 0.05)),
-        tau=float(get("tau", TAU)),
-        seq_layers=int(get("seq_layers", 4)),
-        predictor=str(get("predictor", "new")),
-        selection_noise_at_eval=bool(get("selection_noise_at_eval", True)),
-        mask_padding=bool(get("mask_padding", False)),
-        scale_pixel_word=bool(get("scale_pixel_word", False)),
-        eval_local_mat_weight1=bool(get("eval_local_mat_weight1", False)),
-        eval_noise_prng=str(get("eval_noise_prng", "hash")),
-        level3_kernel=str(get("level3_kernel", "auto")),
-    )
-
-
-UCoFiAHead.from_config = staticmethod(head_from_config)
+        return sim_ops.pair_levels(*self.pair_inputs(t, v, logit_scale_log, train=train)).mean()
 
 
 def init_temporal_from_clip(head_params, clip_params):

@@ -1,39 +1,194 @@
-"""Validate a run's ConfigDict before anything is compiled.
+"""The config schema: every knob of a run with its default, and the checks before compiling.
+
+:func:`base_config` is the one place where defaults live. The model sections are read off the
+modules they configure: ``model.clip`` is ``CLIPConfig``'s fields (plus ``checkpoint``) and
+``model.head`` is ``UCoFiAHead``'s fields (plus ``init_temporal_from_clip``), so a default
+changed there is changed here. Experiment files (``configs/<name>.py``) start from
+:func:`base_config` and override what differs.
 
 Two checks, both fail fast with the offending key in the message:
 
-* :func:`validate` -- the config itself: every key must exist in the base schema
-  (``configs/common.py``) with a value of the right type and range, and the sizes must fit
-  together (patch size divides the resolution, heads divide widths, the head's position
-  table holds ``max_frames``...). Pure; no file system access.
+* :func:`validate` -- the config itself: every key must exist in :func:`base_config` with a
+  value of the right type and range, and the sizes must fit together (patch size divides the
+  resolution, heads divide widths, the head's position table holds ``max_frames``...). Pure;
+  no file system access.
 * :func:`check_inputs` -- what the run will read: the CLIP / UCoFiA checkpoints and the
   built dataset, naming the missing files and the command that makes them.
+
+Each layer gets its section: ``Model.from_config(config.model, ...)``,
+``VideoTextData(config.data, ...)``, the trainer ``config.train``, the evaluator
+``config.eval``, the mesh ``config.mesh``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from typing import Any, Iterable, List
+from typing import Any, List
 
 import ml_collections
+
+from data_pipeline import builder as builder_lib
+from data_pipeline import pipeline
+from ucofia_jax.kernels.native import LEVEL3_KERNELS
+from ucofia_jax.models import clip as clip_lib
+from ucofia_jax.models import head as head_lib
+from ucofia_jax.ops.sinkhorn import SK_DOMAINS
+from ucofia_jax.ops.topk import NOISE_PRNGS
+from ucofia_jax.runtime import distributed
+from ucofia_jax.training import checkpoints
+from ucofia_jax.training.optim import OPTIMIZERS, SCHEDULES
+
+
+# --mode of ucofia_jax.main -> (train, evaluate)
+MODES = {"train": (True, False), "eval": (False, True), "train_and_eval": (True, True)}
 
 
 class ConfigError(ValueError):
     """A bad config value; the message names the key (``config.a.b``)."""
 
 
+# Which CLIP params the original freezes (SPEC §3, main_ucofia.py:445-464): every CLIP param
+# outside the resblocks and ln_final/text_projection/logit_scale/visual.ln_post/visual.proj.
+FROZEN_CLIP = (
+    "token_embedding",
+    "positional_embedding",
+    "visual/conv1",
+    "visual/class_embedding",
+    "visual/positional_embedding",
+    "visual/ln_pre",
+)
+# Head fields that are sizes taken from CLIP and the data, not knobs of their own.
+_HEAD_SIZES = ("embed_dim", "max_frames", "max_words")
+_CONFIG_FIELDS = ("parent", "name")  # flax Module bookkeeping, not fields of the head
+
+
+def _defaults(cls, skip=()) -> dict:
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(cls)
+        if f.name not in skip and f.name not in _CONFIG_FIELDS and f.init
+    }
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every knob with its default: the original MSR-VTT recipe (SPEC §9) unless noted."""
+    c = ml_collections.ConfigDict()
+    c.seed = 42
+    c.experiment = "base"
+
+    # ------------------------------------------------------------------ model
+    c.model = ml_collections.ConfigDict()
+    clip = _defaults(clip_lib.CLIPConfig)  # OpenAI ViT-B/32 sizes
+    clip["token_shift_blocks"] = (10, 11)  # the recipe: TS2-Net shift on visual blocks 10-11
+    # checkpoint: a HF CLIPModel dir or an OpenAI ViT-B-32.pt; '' = CLIP from scratch.
+    c.model.clip = ml_collections.ConfigDict(dict(checkpoint="", **clip))
+    head = _defaults(head_lib.UCoFiAHead, skip=_HEAD_SIZES)
+    # init_temporal_from_clip: seqTransf <- CLIP text blocks 0..3 (SPEC §5).
+    c.model.head = ml_collections.ConfigDict(dict(init_temporal_from_clip=True, **head))
+    # A released UCoFiA state dict (pytorch_model.bin) for --mode=eval; '' = none.
+    c.model.ucofia_checkpoint = ""
+
+    # ------------------------------------------------------------------ data
+    c.data = ml_collections.ConfigDict(
+        dict(
+            dataset="msrvtt",
+            data_dir="data/tfds",  # TFDS data_dir (python -m data_pipeline.build)
+            manual_dir="data/raw/msrvtt",  # raw videos + annotation files
+            max_words=32,
+            max_frames=12,
+            image_size=224,
+            feature_framerate=1,
+            slice_framepos=2,
+            expand_sentences=True,  # MSR-VTT 9k: every caption a training sample
+            train_split="train",
+            eval_split="test",
+            shuffle_buffer=2048,
+            prefetch=2,
+            num_parallel_calls=-1,  # tf.data.AUTOTUNE
+            synthetic=ml_collections.ConfigDict(
+                dict(
+                    # True: make data_pipeline.synthetic's set (MSR-VTT layout) in the
+                    # workdir if absent
+                    enabled=False,
+                    num_train=300,
+                    num_test=100,
+                    frame_size=64,
+                    num_seconds=4,
+                    fps=6,
+                    captions_per_video=5,
+                    seed=0,
+                )
+            ),
+        )
+    )
+
+    # ------------------------------------------------------------------ training
+    c.train = ml_collections.ConfigDict(
+        dict(
+            batch_size=128,  # global batch = number of negatives + 1
+            epochs=15,
+            num_steps=-1,  # >0: stop after this many steps (smoke runs, benchmarks)
+            optimizer="bertadam",  # 'bertadam' (original) | 'adamw'
+            lr=1e-4,  # new modules (UCoFiA head)
+            clip_lr=1e-7,  # CLIP backbone = lr * coef_lr 1e-3
+            warmup_proportion=0.1,
+            schedule="warmup_cosine",  # 'warmup_cosine' (original) | 'constant'
+            b1=0.9,
+            b2=0.98,
+            eps=1e-6,
+            weight_decay=0.2,
+            grad_clip=1.0,  # global norm clip (main_ucofia.py:278)
+            per_tensor_clip=1.0,  # BertAdam's per-tensor clip (optimization.py:135)
+            logit_scale_max=4.605170185988092,  # ln 100, clamped after every step
+            frozen=FROZEN_CLIP,  # param paths (under 'clip/') that never change
+            log_every_steps=10,
+            checkpoint_every_steps=1000,
+            keep_checkpoints=2,
+            eval_every_epochs=1,  # validation (R@1 picks the best checkpoint)
+            stop_on_nonfinite=True,
+        )
+    )
+
+    # ------------------------------------------------------------------ evaluation
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            batch_size=32,  # encoding batch (texts and videos)
+            text_block=256,  # blockwise scoring: texts x videos per block
+            video_block=64,
+            # Level 3 after its GEMM: 'auto' (the fused native CPU kernel on a CPU backend when
+            # a C++ compiler builds it, else XLA), 'xla' or 'native' (insist). Same values to
+            # float32 rounding (docs/head.md, "Native CPU kernel"). Training always uses XLA.
+            level3_kernel="auto",
+            sk_norm=True,
+            sk_bank_size=-1,  # training texts in the SK query bank; -1 = all
+            sk_iters=4,
+            sk_domain="plain",  # 'plain' (original) | 'log' (finite where plain overflows)
+            sk_v2t_bank_size=1000,  # training videos for the v2t prior (encoded; costly)
+            write_report=False,
+        )
+    )
+
+    # ------------------------------------------------------------------ devices
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+    c.distributed = ml_collections.ConfigDict(dict(mode="auto"))
+    return c
+
+
 _CHOICES = {
-    "model.clip.dtype": ("float32", "bfloat16"),
-    "model.head.predictor": ("new", "old"),
-    "model.head.eval_noise_prng": ("hash", "threefry"),
-    "model.head.level3_kernel": ("auto", "xla", "native"),
-    "train.optimizer": ("bertadam", "adamw"),
-    "train.schedule": ("warmup_cosine", "constant"),
-    "eval.sk_domain": ("plain", "log"),
-    "data.dataset": ("msrvtt", "msvd", "lsmdc", "activitynet", "didemo", "vatex"),
-    "distributed.mode": ("auto", "on", "off"),
+    "model.clip.dtype": tuple(clip_lib.DTYPES),
+    "model.head.predictor": head_lib.PREDICTORS,
+    "model.head.eval_noise_prng": NOISE_PRNGS,
+    "eval.level3_kernel": LEVEL3_KERNELS,
+    "train.optimizer": OPTIMIZERS,
+    "train.schedule": SCHEDULES,
+    "eval.sk_domain": SK_DOMAINS,
+    "data.dataset": tuple(builder_lib.DATASETS),
+    "distributed.mode": distributed.MODES,
 }
+# Keys that moved: a hint in the unknown-key error.
+_MOVED = {"model.head.level3_kernel": "eval.level3_kernel"}
 _POSITIVE = (
     "model.clip.embed_dim",
     "model.clip.image_resolution",
@@ -78,8 +233,7 @@ _UNIT_INTERVAL = ("train.warmup_proportion", "train.b1", "train.b2")
 
 def _flatten(cfg: Any, prefix: str = "") -> dict:
     out = {}
-    items = cfg.items() if hasattr(cfg, "items") else []
-    for k, v in items:
+    for k, v in cfg.items():
         key = f"{prefix}{k}"
         if isinstance(v, (ml_collections.ConfigDict, dict)):
             out[key] = "__dict__"
@@ -87,10 +241,6 @@ def _flatten(cfg: Any, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
-
-
-def _get(flat: dict, key: str) -> Any:
-    return flat[key]
 
 
 def _type_ok(value: Any, ref: Any) -> bool:
@@ -111,14 +261,15 @@ def _type_ok(value: Any, ref: Any) -> bool:
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Raise :class:`ConfigError` naming the first bad key; return ``config`` unchanged."""
-    from configs import common  # the schema: every knob with its default
-
-    schema = _flatten(common.get_base_config())
+    schema = _flatten(base_config())
     flat = _flatten(config)
     errors: List[str] = []
 
     unknown = sorted(k for k in flat if k not in schema)
     for k in unknown:
+        if k in _MOVED:
+            errors.append(f"config.{k}: moved to config.{_MOVED[k]}")
+            continue
         parent = k.rsplit(".", 1)[0] if "." in k else ""
         near = sorted(s for s in schema if s.rsplit(".", 1)[0] == parent and s != parent)
         errors.append(
@@ -127,7 +278,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         )
     missing = sorted(k for k in schema if k not in flat)
     for k in missing:
-        errors.append(f"config.{k}: missing (start from configs/common.get_base_config())")
+        errors.append(f"config.{k}: missing (start from ucofia_jax.config.base_config())")
     for k, ref in schema.items():
         if k in flat and (ref == "__dict__") != (flat[k] == "__dict__"):
             errors.append(
@@ -188,8 +339,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         bad("data.max_words", "needs room for <|startoftext|> and <|endoftext|> (>= 2)")
     if flat["data.max_frames"] > 77:
         bad("data.max_frames", "exceeds the 77-row frame position table (SPEC §5)")
-    if flat["data.multi_sentence"] and flat["data.paragraph"]:
-        bad("data.paragraph", "cannot be combined with data.multi_sentence")
     grid = clip["image_resolution"] // max(clip["vision_patch_size"], 1)
     if flat["model.head.topk"] > grid * grid:
         bad("model.head.topk", f"more than the {grid * grid} patches per frame")
@@ -209,9 +358,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "model.head.seq_layers",
                 f"more than the {clip['text_layers']} CLIP text blocks to copy",
             )
-    if flat.get("model.head.level3_kernel") == "native" and flat["model.head.mask_padding"]:
+    if flat["eval.level3_kernel"] == "native" and flat["model.head.mask_padding"]:
         bad(
-            "model.head.level3_kernel",
+            "eval.level3_kernel",
             "'native' takes no masks; model.head.mask_padding=True needs 'auto' or 'xla'",
         )
     if flat["train.logit_scale_max"] <= 0 or not math.isfinite(flat["train.logit_scale_max"]):
@@ -244,12 +393,17 @@ def resolve_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collect
     return config
 
 
-def _missing_files(paths: Iterable[str]) -> List[str]:
-    return [p for p in paths if not os.path.exists(p)]
-
-
-def check_inputs(config: ml_collections.ConfigDict, mode: str) -> None:
+def check_inputs(config: ml_collections.ConfigDict, mode: str, workdir: str) -> None:
     """Fail at once when a checkpoint or the built dataset is missing, saying how to make it."""
+    if mode == "eval" and not config.model.ucofia_checkpoint:
+        d, _ = checkpoints.find_checkpoint_dir(workdir)
+        if not os.path.isdir(d) or not any(n.isdigit() for n in os.listdir(d)):
+            raise FileNotFoundError(
+                f"--mode=eval: no checkpoint in {workdir} (checkpoints/ or checkpoints_best/). "
+                "Train first (--mode=train_and_eval with this --workdir), or evaluate the "
+                "released UCoFiA weights with "
+                "--config.model.ucofia_checkpoint=/path/to/pytorch_model.bin"
+            )
     ckpt = config.model.clip.checkpoint
     if ckpt and not os.path.exists(ckpt):
         raise FileNotFoundError(
@@ -267,41 +421,6 @@ def check_inputs(config: ml_collections.ConfigDict, mode: str) -> None:
         )
     if config.data.synthetic.enabled:
         return  # made in the workdir by main when absent
-    problems = dataset_problems(config)
+    problems = pipeline.dataset_problems(config.data)
     if problems:
         raise FileNotFoundError(problems)
-
-
-def dataset_problems(config: ml_collections.ConfigDict) -> str:
-    """'' when the built dataset is there; otherwise what is missing and how to build it."""
-    from data_pipeline import builder as builder_lib  # pylint: disable=g-import-not-at-top
-    from data_pipeline.records import DataError  # pylint: disable=g-import-not-at-top
-
-    d = config.data
-    b = builder_lib.get_builder(
-        d.dataset,
-        data_dir=d.data_dir,
-        max_frames=d.max_frames,
-        image_size=d.image_size,
-        feature_framerate=d.feature_framerate,
-        slice_framepos=d.slice_framepos,
-    )
-    if b.is_prepared():
-        return ""
-    try:
-        builder_lib.check_manual_dir(d.dataset, d.manual_dir)
-        raw = f"The raw files in config.data.manual_dir = {d.manual_dir!r} look complete."
-    except DataError as e:
-        raw = f"Raw files first (config.data.manual_dir): {e}"
-    cmd = (
-        f"python -m data_pipeline.build --dataset={d.dataset} --manual_dir={d.manual_dir} "
-        f"--data_dir={d.data_dir} --max_frames={d.max_frames} --image_size={d.image_size}"
-    )
-    if d.feature_framerate != 1:
-        cmd += f" --feature_framerate={d.feature_framerate}"
-    if d.slice_framepos != 2:
-        cmd += f" --slice_framepos={d.slice_framepos}"
-    return (
-        f"the {d.dataset} dataset ({b.builder_config.name}) is not built in "
-        f"config.data.data_dir = {d.data_dir!r}.\n{raw}\nThen build it with:\n  {cmd}"
-    )

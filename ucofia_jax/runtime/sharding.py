@@ -17,6 +17,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ucofia_jax.runtime import distributed
+
 MESH_AXES = ("data", "fsdp", "model")
 
 # Logical axis -> mesh axes. 'batch' rows of every input; 'param_rows' / 'param_cols' the two
@@ -60,7 +62,8 @@ def logical_to_spec(logical: Sequence[str | None]) -> P:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-    """Leading (batch) axis over data x fsdp, the rest replicated."""
+    """Leading (batch) axis over data x fsdp, the rest replicated: the one batch sharding
+    (`distributed.local_batch_slice` / `global_batch_from_local` take it as an argument)."""
     return NamedSharding(mesh, logical_to_spec(["batch"] + [None] * (ndim - 1)))
 
 
@@ -95,8 +98,6 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
     """Host numpy batch (this process's rows) -> global arrays sharded on the batch axes."""
-    from ucofia_jax import distributed
-
     return {
         k: distributed.global_batch_from_local(v, sharding=batch_sharding(mesh, np.ndim(v)))
         for k, v in batch.items()

@@ -5,8 +5,8 @@ the environment; the program calls :func:`maybe_initialize` first thing (before 
 touches ``jax.devices()``), then builds its mesh over ``jax.devices()`` (all processes'
 devices) as usual.
 
-Settings, highest priority first: keyword arguments, ``config.distributed`` / absl flags
-(:func:`define_flags`), environment variables set by ``launch.sh``:
+Settings, highest priority first: keyword arguments, ``config.distributed`` (or a flat mapping
+of the same names), environment variables set by ``launch.sh``:
 
 ``UCOFIA_DISTRIBUTED``      ``auto`` (default), ``on`` or ``off``.
                             ``auto``: initialise when a coordinator is given, inside a SLURM
@@ -24,10 +24,11 @@ On CPU the cross-process collectives need an implementation: this jax defaults t
 we set ``jax_cpu_collectives_implementation='gloo'`` explicitly when it is unset/``none``.
 
 Data: each process reads only its rows of the global batch (:func:`local_batch_slice`),
-and :func:`global_batch_from_local` turns those rows into global ``jax.Array`` s sharded on
-the mesh's ``data`` axis. Metrics are brought to every host with :func:`process_allgather`
-or :func:`to_host`. Logging, reports and checkpoint metadata are written by process 0 only
-(:func:`is_main_process`, :func:`setup_logging`); Orbax saves from every process.
+and :func:`global_batch_from_local` turns those rows into global ``jax.Array`` s with the
+batch sharding it is given (``sharding.batch_sharding``, the one definition of it). Metrics
+are brought to every host with :func:`process_allgather` or :func:`to_host`. Logging,
+reports and checkpoint metadata are written by process 0 only (:func:`is_main_process`,
+:func:`setup_logging`); Orbax saves from every process.
 """
 
 from __future__ import annotations
@@ -35,16 +36,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
+import jax
 import numpy as np
+from absl import logging as absl_logging
+from jax.experimental import multihost_utils
+from jax.sharding import Sharding
 
 __all__ = [
     "DistributedSettings",
     "settings_from_env",
     "maybe_initialize",
     "is_initialized",
-    "define_flags",
     "is_main_process",
     "process_index",
     "process_count",
@@ -54,7 +58,6 @@ __all__ = [
     "to_host",
     "sync",
     "setup_logging",
-    "main_process_only",
 ]
 
 ENV_MODE = "UCOFIA_DISTRIBUTED"
@@ -64,7 +67,7 @@ ENV_PROCESS_ID = "UCOFIA_PROCESS_ID"
 ENV_LOCAL_DEVICE_IDS = "UCOFIA_LOCAL_DEVICE_IDS"
 ENV_INIT_TIMEOUT = "UCOFIA_INIT_TIMEOUT"
 
-_MODES = ("auto", "on", "off")
+MODES = ("auto", "on", "off")
 _initialized_by_us = False
 
 
@@ -80,10 +83,10 @@ class DistributedSettings:
     initialization_timeout: int = 300
 
     def validate(self) -> "DistributedSettings":
-        if self.mode not in _MODES:
+        if self.mode not in MODES:
             raise ValueError(
-                f"distributed mode must be one of {_MODES}, got {self.mode!r} "
-                f"(config.distributed.mode / --distributed / ${ENV_MODE})"
+                f"distributed mode must be one of {MODES}, got {self.mode!r} "
+                f"(config.distributed.mode / ${ENV_MODE})"
             )
         explicit = (self.coordinator_address, self.num_processes, self.process_id)
         if any(v is not None for v in explicit) and any(v is None for v in explicit):
@@ -148,12 +151,12 @@ def _get(obj: Any, key: str) -> Any:
         return obj.get(key)
     try:
         return getattr(obj, key)
-    except Exception:  # absl FlagValues raise on unknown names; ConfigDict on missing keys
+    except Exception:  # ConfigDict raises on missing keys
         return None
 
 
 _FIELDS = (
-    # field, names looked up (flat flag name first, then config.distributed.<name>), converter
+    # field, names looked up (flat name first, then config.distributed.<name>), converter
     ("mode", ("distributed_mode", "mode"), str),
     ("coordinator_address", ("coordinator_address",), str),
     ("num_processes", ("num_processes",), lambda v: _int_or_none(v, "num_processes")),
@@ -185,7 +188,7 @@ def _merge(settings: DistributedSettings, source: Any) -> DistributedSettings:
             if value is not None:
                 updates[field] = conv(value)
                 break
-    if isinstance(sub, str) and sub:  # --distributed=on style
+    if isinstance(sub, str) and sub:  # {"distributed": "on"}
         updates["mode"] = sub
     return dataclasses.replace(settings, **updates)
 
@@ -207,17 +210,16 @@ def _tpu_multi_worker(env: Mapping[str, str]) -> bool:
 
 def is_initialized() -> bool:
     """True when ``jax.distributed`` is up (ours or someone else's call)."""
-    try:
-        from jax._src import distributed as _dist
-
-        return _dist.global_state.client is not None
-    except Exception:  # private API moved: fall back to our own record
+    public = getattr(jax.distributed, "is_initialized", None)
+    if public is not None:
+        return public()
+    try:  # an older jax without the public query: the state it reads
+        return jax._src.distributed.global_state.client is not None
+    except AttributeError:
         return _initialized_by_us
 
 
 def _ensure_cpu_collectives() -> None:
-    import jax
-
     try:
         current = jax.config.jax_cpu_collectives_implementation
     except AttributeError:
@@ -227,18 +229,19 @@ def _ensure_cpu_collectives() -> None:
 
 
 def maybe_initialize(
-    config_or_flags: Any = None, *, env: Mapping[str, str] | None = None, **overrides: Any
+    config: Any = None, *, env: Mapping[str, str] | None = None, **overrides: Any
 ) -> bool:
     """Initialise ``jax.distributed`` when the launch asks for it; returns whether it is up.
 
-    ``config_or_flags``: a ConfigDict (reads ``config.distributed.{mode, coordinator_address,
-    num_processes, process_id, local_device_ids}``), absl FLAGS from :func:`define_flags`, a
-    mapping, or None (environment only). ``overrides``: the same names as keywords. Must run
-    before the first ``jax.devices()``; calling it again is a no-op.
+    ``config``: a ConfigDict (reads ``config.distributed.{mode, coordinator_address,
+    num_processes, process_id, local_device_ids}``), a flat mapping or attribute object with
+    those names (``distributed_mode`` for the mode), or None (environment only).
+    ``overrides``: the same names as keywords. Must run before the first ``jax.devices()``;
+    calling it again is a no-op.
     """
     global _initialized_by_us
     env = os.environ if env is None else env
-    settings = _merge(settings_from_env(env), config_or_flags)
+    settings = _merge(settings_from_env(env), config)
     settings = _merge(settings, overrides).validate()
     if is_initialized():
         return True
@@ -252,8 +255,6 @@ def maybe_initialize(
     if settings.mode == "auto" and explicit and settings.num_processes == 1:
         # One process: nothing to coordinate; skip the service (and its port).
         return False
-
-    import jax
 
     platforms = (env.get("JAX_PLATFORMS") or env.get("JAX_PLATFORM_NAME") or "").lower()
     if platforms in ("", "cpu") or platforms.startswith("cpu"):
@@ -279,70 +280,14 @@ def maybe_initialize(
     return True
 
 
-def define_flags(flag_values: Any = None) -> None:
-    """absl flags ``--distributed``, ``--coordinator_address``, ``--num_processes``,
-    ``--process_id``, ``--local_device_ids``, for ``maybe_initialize(FLAGS)``.
-
-    Environment variables fill whatever a flag leaves unset.
-    """
-    from absl import flags
-
-    fv = flags.FLAGS if flag_values is None else flag_values
-    defs = (
-        (
-            flags.DEFINE_enum,
-            "distributed_mode",
-            None,
-            dict(enum_values=list(_MODES)),
-            "jax.distributed: auto (coordinator given / SLURM / TPU pod), on, off. "
-            f"Default ${ENV_MODE} or auto.",
-        ),
-        (
-            flags.DEFINE_string,
-            "coordinator_address",
-            None,
-            {},
-            f"host:port of process 0 (default ${ENV_COORDINATOR}).",
-        ),
-        (
-            flags.DEFINE_integer,
-            "num_processes",
-            None,
-            {},
-            f"Number of processes (default ${ENV_NUM_PROCESSES}).",
-        ),
-        (
-            flags.DEFINE_integer,
-            "process_id",
-            None,
-            {},
-            f"This process's index (default ${ENV_PROCESS_ID}).",
-        ),
-        (
-            flags.DEFINE_string,
-            "local_device_ids",
-            None,
-            {},
-            f"Comma-separated local device ids (default ${ENV_LOCAL_DEVICE_IDS}).",
-        ),
-    )
-    for define, name, default, extra, help_ in defs:
-        if name not in fv:
-            define(name, default, help=help_, flag_values=fv, **extra)
-
-
 # --------------------------------------------------------------------------- queries
 
 
 def process_index() -> int:
-    import jax
-
     return jax.process_index()
 
 
 def process_count() -> int:
-    import jax
-
     return jax.process_count()
 
 
@@ -351,52 +296,36 @@ def is_main_process() -> bool:
     return process_index() == 0
 
 
-def main_process_only(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator: run ``fn`` on process 0 only (returns None elsewhere)."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if is_main_process():
-            return fn(*args, **kwargs)
-        return None
-
-    return wrapper
-
-
 # --------------------------------------------------------------------------- data
 
 
-def _batch_sharding(mesh: Any, sharding: Any, ndim: int) -> Any:
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    if sharding is None:
-        return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
-    if isinstance(sharding, P):
-        return NamedSharding(mesh, sharding)
-    return sharding
+def _check_sharding(sharding: Any) -> None:
+    # Both functions once took a mesh in this position; say what they take now.
+    if not isinstance(sharding, Sharding):
+        raise TypeError(
+            f"expected a jax.sharding.Sharding (e.g. sharding.batch_sharding(mesh, 1)), "
+            f"got {type(sharding).__name__}"
+        )
 
 
-def local_batch_slice(global_batch_size: int, mesh: Any = None, sharding: Any = None) -> slice:
+def local_batch_slice(global_batch_size: int, sharding: Sharding | None = None) -> slice:
     """The rows of a global batch this process must read (contiguous, in mesh order).
 
-    With the batch sharded on ``data`` over ``jax.devices()`` order, process ``p`` owns one
-    contiguous block. The data pipeline reads exactly these rows (e.g. its ``p``-th shard of
-    ``global_batch_size // process_count`` examples) and hands them to
+    ``sharding``: the batch's sharding (``sharding.batch_sharding(mesh, 1)``); process ``p``
+    owns one contiguous block of its rows. None: the ``p``-th of ``process_count`` equal
+    blocks, which is the same block when the mesh lists each process's devices together.
+    The data pipeline reads exactly these rows and hands them to
     :func:`global_batch_from_local`.
     """
-    import jax
-
-    if mesh is None and sharding is None:
+    if sharding is None:
         n = jax.process_count()
         if global_batch_size % n:
             raise ValueError(f"global batch {global_batch_size} not divisible by {n} processes")
         per = global_batch_size // n
         return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
-    sh = _batch_sharding(mesh, sharding, 1)
+    _check_sharding(sharding)
     rows = set()
-    for index in sh.addressable_devices_indices_map((global_batch_size,)).values():
+    for index in sharding.addressable_devices_indices_map((global_batch_size,)).values():
         rows.update(range(*index[0].indices(global_batch_size)))
     lo, hi = min(rows), max(rows) + 1
     if len(rows) != hi - lo:
@@ -407,22 +336,18 @@ def local_batch_slice(global_batch_size: int, mesh: Any = None, sharding: Any = 
     return slice(lo, hi)
 
 
-def global_batch_from_local(local_batch: Any, mesh: Any = None, sharding: Any = None) -> Any:
-    """Process-local numpy batch (pytree) -> global ``jax.Array`` s sharded on ``data``.
+def global_batch_from_local(local_batch: Any, sharding: Sharding) -> Any:
+    """Process-local numpy batch (pytree) -> global ``jax.Array`` s with ``sharding``.
 
-    Every leaf's leading axis is this process's rows (``local_batch_slice``); the global
-    leading size is ``local rows * process_count`` (inferred by JAX). ``sharding``: a
-    ``NamedSharding``, a ``PartitionSpec`` over ``mesh``, or None for ``P('data')`` on the
-    leading axis. In a single process this is a plain ``device_put``.
+    Every leaf's leading axis is this process's rows (:func:`local_batch_slice`); the global
+    leading size is ``local rows * process_count`` (inferred by JAX). ``sharding`` shards the
+    leading axis (``sharding.batch_sharding``); a spec shorter than a leaf's rank leaves the
+    other axes replicated. In a single process this is a plain ``device_put``.
     """
-    import jax
-
-    def one(x):
-        x = np.asarray(x)
-        sh = _batch_sharding(mesh, sharding, x.ndim)
-        return jax.make_array_from_process_local_data(sh, x)
-
-    return jax.tree.map(one, local_batch)
+    _check_sharding(sharding)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
 
 
 def process_allgather(tree: Any, tiled: bool = True) -> Any:
@@ -431,8 +356,6 @@ def process_allgather(tree: Any, tiled: bool = True) -> Any:
     Global (sharded) ``jax.Array`` s come back whole; process-local arrays are concatenated
     over processes along axis 0 (``tiled=True``) or stacked on a new leading axis.
     """
-    import jax
-
     if jax.process_count() == 1:
 
         def local(x):
@@ -442,19 +365,14 @@ def process_allgather(tree: Any, tiled: bool = True) -> Any:
         if tiled:
             return jax.tree.map(lambda x: np.asarray(x), tree)
         return jax.tree.map(local, tree)
-    from jax.experimental import multihost_utils
-
     return multihost_utils.process_allgather(tree, tiled=tiled)
 
 
 def to_host(tree: Any) -> Any:
     """Global arrays (sharded over all processes) -> full numpy on every process."""
-    import jax
 
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
 
@@ -463,11 +381,7 @@ def to_host(tree: Any) -> Any:
 
 def sync(name: str) -> None:
     """Barrier across processes (no-op for one process)."""
-    import jax
-
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -475,19 +389,12 @@ def setup_logging(level: int = logging.INFO) -> None:
     """Process 0 logs at ``level``; the others log warnings and errors only, each line prefixed
     with ``[process i]``. Loggers given a level of their own keep it on process 0 (main.py quiets
     absl, orbax, jax and tensorflow)."""
-    import jax
-
     idx = jax.process_index()
     root = logging.getLogger()
     if idx == 0:
         root.setLevel(level)
         return
-    try:
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    except ImportError:
-        pass
+    absl_logging.set_verbosity(absl_logging.WARNING)
     root.setLevel(max(level, logging.WARNING))
     for handler in root.handlers:
         handler.setFormatter(logging.Formatter(f"[process {idx}] %(levelname)s %(message)s"))

@@ -1,0 +1,1 @@
+"""Evaluation: encode every text and video once, score all pairs, metrics, report."""

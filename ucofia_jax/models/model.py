@@ -1,0 +1,216 @@
+"""The model's one door: CLIP towers + UCoFiA head behind four methods.
+
+Every tool (the train step, the evaluator, later the search index) reaches the model only
+through ``Model``: ``encode_text`` and ``encode_video`` (once per caption / video, typed
+``TextFeatures`` / ``VideoFeatures``), ``score`` (the three similarity levels of every pair,
+optionally in blocks) and ``loss``. Parameters are one plain pytree ``{'clip', 'head'}``;
+``Model`` holds no state, only the Flax modules and how to initialise them.
+
+Frames arrive as uint8 and are normalised on the device (4x less host->device traffic).
+Mixed precision: ``model.clip.dtype='bfloat16'`` runs the backbone matmuls in bf16;
+LayerNorms, the head's softmaxes and the loss stay float32 (models/layers.py, ops/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from ucofia_jax.models import clip as clip_lib
+from ucofia_jax.models import clip_import
+from ucofia_jax.models import head as head_lib
+from ucofia_jax.models.features import TextFeatures, VideoFeatures
+from ucofia_jax.ops import similarity
+from ucofia_jax.ops.blockwise import blockwise_similarity
+from ucofia_jax.ops.losses import symmetric_cross_entropy
+
+Params = Dict[str, Any]
+PairFn = Callable[..., similarity.SimilarityLevels]
+
+# Keys of config.model.clip / config.model.head that say how to initialise, not what to build.
+CLIP_INIT_KEYS = ("checkpoint",)
+HEAD_INIT_KEYS = ("init_temporal_from_clip",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """How ``Model.score`` tiles N texts x M videos (``ops.blockwise``): memory is set by the
+    block, not by N x M. With a mesh, text blocks are split over its ``axis`` devices."""
+
+    text: int
+    video: int
+    mesh: Optional[Mesh] = None
+    axis: str = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """Stateless: Flax modules and pure methods that take ``params``."""
+
+    clip_config: clip_lib.CLIPConfig
+    clip: clip_lib.CLIP
+    head: head_lib.UCoFiAHead
+    clip_checkpoint: str = ""
+    init_temporal_from_clip: bool = False
+
+    @classmethod
+    def from_config(cls, model_cfg, *, max_frames: int, max_words: int) -> Model:
+        """From ``config.model`` and the data sizes (``config.data.max_frames/max_words``)."""
+        clip_cfg = clip_lib.CLIPConfig.from_ml(model_cfg.clip)
+        head_fields = {k: v for k, v in model_cfg.head.items() if k not in HEAD_INIT_KEYS}
+        head = head_lib.UCoFiAHead(
+            embed_dim=clip_cfg.embed_dim,
+            max_frames=int(max_frames),
+            max_words=int(max_words),
+            **head_fields,
+        )
+        return cls(
+            clip_config=clip_cfg,
+            clip=clip_lib.CLIP(clip_cfg),
+            head=head,
+            clip_checkpoint=model_cfg.clip.checkpoint,
+            init_temporal_from_clip=bool(model_cfg.head.init_temporal_from_clip),
+        )
+
+    @property
+    def masks_padding(self) -> bool:
+        """Whether padded words / frames are kept out of the ISA softmaxes (not the original)."""
+        return self.head.mask_padding
+
+    # ---------------------------------------------------------------- init
+    def init(self, rng: jax.Array) -> Params:
+        """CLIP from ``clip_checkpoint`` (or random) + a random head; the head's temporal
+        encoder starts as CLIP's text blocks when ``init_temporal_from_clip``."""
+        r_clip, r_head, r_sel = jax.random.split(rng, 3)
+        if self.clip_checkpoint:
+            cfg = self.clip_config
+            _, clip_params = clip_import.load_pretrained(
+                self.clip_checkpoint,
+                token_shift_blocks=cfg.token_shift_blocks,
+                token_shift_n_div=cfg.token_shift_n_div,
+                dtype=cfg.dtype,
+            )
+        else:
+            _, clip_params = clip_lib.init_clip(self.clip_config, r_clip)
+        head_params = self._init_head(r_head, r_sel)
+        if self.init_temporal_from_clip:
+            head_params = head_lib.init_temporal_from_clip(head_params, clip_params)
+        return {"clip": clip_params, "head": head_params}
+
+    def _init_head(self, rng: jax.Array, selection_rng: jax.Array) -> Params:
+        h, d = self.head, self.head.embed_dim
+        n = 1 + self.clip_config.grid_size**2
+        f, w = h.max_frames, h.max_words
+        args = (
+            jnp.zeros((1, d)),
+            jnp.zeros((1, w, d)),
+            jnp.zeros((1, f, d)),
+            jnp.zeros((1, f * n, d)),
+            jnp.ones((1, f), jnp.int32),
+            jnp.zeros(()),
+        )
+        variables = jax.jit(lambda r, s: h.init(r, *args, rng=s, train=True))(rng, selection_rng)
+        return dict(variables["params"])
+
+    # ---------------------------------------------------------------- towers
+    def encode_text(self, params: Params, input_ids: jax.Array) -> TextFeatures:
+        """Token ids 't w' -> the text side of every pair (once per caption)."""
+        hidden = self.clip.apply(
+            {"params": params["clip"]}, input_ids, method=clip_lib.CLIP.encode_text
+        )
+        sentence = clip_lib.sentence_features(hidden, input_ids)
+        # Real tokens are SOT..EOT; EOT has the largest id, as in sentence_features.
+        eot = jnp.argmax(input_ids, axis=-1)
+        mask = (jnp.arange(input_ids.shape[1])[None, :] <= eot[:, None]).astype(jnp.int32)
+        return self.head.apply(
+            {"params": params["head"]},
+            sentence,
+            hidden,
+            mask,
+            method=head_lib.UCoFiAHead.encode_text,
+        )
+
+    def encode_video(
+        self,
+        params: Params,
+        frames: jax.Array,
+        frame_mask: jax.Array,
+        rng: Optional[jax.Array],
+        *,
+        train: bool = False,
+    ) -> VideoFeatures:
+        """Frames uint8 'b f s s 3' + mask 'b f' -> the video side of every pair. ``rng``
+        draws the token-selection noise (the original draws it at inference too)."""
+        x = clip_lib.normalize_images(frames) if frames.dtype == jnp.uint8 else frames
+        hidden = self.clip.apply({"params": params["clip"]}, x, method=clip_lib.CLIP.encode_video)
+        b, f, n, d = hidden.shape
+        return self.head.apply(
+            {"params": params["head"]},
+            hidden[:, :, 0],
+            hidden.reshape(b, f * n, d),
+            frame_mask,
+            rng=rng,
+            train=train,
+            method=head_lib.UCoFiAHead.encode_video,
+        )
+
+    # ---------------------------------------------------------------- pairs
+    def score(
+        self,
+        params: Params,
+        text: TextFeatures,
+        video: VideoFeatures,
+        *,
+        train: bool = False,
+        blockwise: Optional[Blocks] = None,
+        pair_fn: PairFn = similarity.pair_levels,
+    ) -> similarity.SimilarityLevels:
+        """The three levels ['t v'] of every (text, video) pair; ``.mean()`` is the score.
+
+        ``blockwise``: tile the pairs (exact: every softmax lives inside one pair); the
+        projections still run once per text / video. ``pair_fn``: the pair function, e.g.
+        ``kernels.native.pair_levels_for(...)``'s choice; a stable module-level function.
+        """
+        text_in, video_in, consts = self.head.apply(
+            {"params": params["head"]},
+            text,
+            video,
+            params["clip"]["logit_scale"],
+            train=train,
+            method=head_lib.UCoFiAHead.pair_inputs,
+        )
+        if blockwise is None:
+            return similarity.SimilarityLevels(*pair_fn(text_in, video_in, consts))
+        levels = blockwise_similarity(
+            pair_fn,
+            text_in,
+            video_in,
+            consts,
+            text_block=blockwise.text,
+            video_block=blockwise.video,
+            mesh=blockwise.mesh,
+            axis=blockwise.axis,
+            video_block_fn=similarity.prepare_video_block,
+        )
+        return similarity.SimilarityLevels(*levels)
+
+    def logits(
+        self, params: Params, batch: Dict[str, jax.Array], rng: jax.Array, *, train: bool = True
+    ) -> jax.Array:
+        """[B, B] text x video logits over the (global) batch: the mean of the three levels.
+
+        ``batch``: ``input_ids`` 'b w', ``frames`` 'b f s s 3', ``frame_mask`` 'b f'."""
+        text = self.encode_text(params, batch["input_ids"])
+        video = self.encode_video(params, batch["frames"], batch["frame_mask"], rng, train=train)
+        return self.score(params, text, video, train=train).mean()
+
+    def loss(
+        self, params: Params, batch: Dict[str, jax.Array], rng: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """(symmetric cross-entropy, the [B, B] logits) of one training batch."""
+        logits = self.logits(params, batch, rng, train=True)
+        return symmetric_cross_entropy(logits), logits

@@ -1,0 +1,1 @@
+"""Devices and processes: jax.distributed set-up, the mesh and batch sharding."""

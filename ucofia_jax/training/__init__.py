@@ -1,0 +1,1 @@
+"""Training: the sharded train step, the loop, the optimizer and checkpoints."""
