@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # launch.sh: run ucofia-jax on one host, N local CPU processes, a SLURM cluster or a TPU pod.
 # `bash launch.sh help` for usage. Every process runs the same program; multi-process runs
-# use jax.distributed (ucofia_jax/distributed.py reads the UCOFIA_* variables set here).
+# use jax.distributed (ucofia_jax/runtime/distributed.py reads the UCOFIA_* variables set here).
 set -euo pipefail
 
 SCRIPT_PATH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"

@@ -3,14 +3,17 @@ tokens, 4 seqTransf layers): time and peak memory of
 
   select     token selection + temporal encoder for 1k videos (perturbed top-k, 500 samples)
   full       1k texts x 1k videos: selection + text side + blockwise three levels
-  oneshot    one-shot ``similarity_levels`` vs blockwise on a smaller N x N (one-shot 1k x 1k
+  oneshot    one-shot ``Model.score`` vs blockwise on a smaller N x N (one-shot 1k x 1k
              needs the 't v w p' tensor alone at 6.3 GB)
   bank       SK-norm prior from a query bank (default 9k texts) x 1k videos: three blockwise
              levels in text chunks + Sinkhorn per level
 
 Each configuration runs in its own subprocess so that its peak RSS (ru_maxrss) is its own;
 ``base`` is the RSS after importing jax and building the inputs that are not streamed.
-CLIP outputs are random features; per-video token features are generated inside the jitted
+Scoring is ``Model.score`` (blockwise with ``Blocks``) with the pair function that evaluation
+uses (``kernels.native.pair_levels_for(--level3-kernel)``), as ``evaluation.evaluator``.
+CLIP outputs are random features (the head alone is initialised, CLIP only lends its
+logit scale); per-video token features are generated inside the jitted
 per-block loop (as if streamed from CLIP), so the 1.2 GB of [1k, 600, 512] patch tokens never
 exist at once; they are drawn with ``ops.topk.hash_normal`` (``--inputs threefry`` for
 ``jax.random.normal``, which alone costs ~7 s of CPU for 1k videos). ``synth`` times that
@@ -25,12 +28,27 @@ input synthesis alone, so it can be subtracted from ``select`` / ``full``. CPU t
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ucofia_jax.kernels import native  # noqa: E402
+from ucofia_jax.models import clip as clip_lib  # noqa: E402
+from ucofia_jax.models.head import UCoFiAHead  # noqa: E402
+from ucofia_jax.models.model import Blocks, Model  # noqa: E402
+from ucofia_jax.ops.blockwise import map_in_blocks  # noqa: E402
+from ucofia_jax.ops.sinkhorn import sk_prior_t2v  # noqa: E402
+from ucofia_jax.ops.topk import hash_normal  # noqa: E402
 
 D, NW, F, NTOK, LAYERS = 512, 32, 12, 50, 4
 
@@ -79,8 +97,6 @@ def _rss_parts_mb():
 
 def _malloc_trim():
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -91,37 +107,45 @@ def _cpu_s():
     return r.ru_utime + r.ru_stime
 
 
-def _child(cfg, args):
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+def _model(args) -> Model:
+    """The evaluation model at MSR-VTT sizes (ViT-B/32 CLIP, whose weights are never made).
 
-    from ucofia_jax.models.head import UCoFiAHead
-    from ucofia_jax.ops.blockwise import map_in_blocks
-    from ucofia_jax.ops.sinkhorn import sk_prior_t2v
-    from ucofia_jax.ops.topk import hash_normal
-
-    normal = hash_normal if args.inputs == "hash" else jax.random.normal
-
+    Built from its parts rather than ``Model.from_config``: ``ucofia_jax.config`` imports
+    the data pipeline and with it TensorFlow (~0.5 GB resident), which would count in every
+    configuration's memory."""
+    clip_cfg = clip_lib.CLIPConfig()
     head = UCoFiAHead(
         embed_dim=D,
         max_frames=F,
         max_words=NW,
         seq_layers=LAYERS,
         eval_noise_prng=args.noise_prng,
-        level3_kernel=args.level3_kernel,
     )
+    if clip_cfg.embed_dim != D:
+        raise ValueError(f"CLIPConfig's width is {clip_cfg.embed_dim}, expected {D}")
+    return Model(clip_config=clip_cfg, clip=clip_lib.CLIP(clip_cfg), head=head)
+
+
+def _child(cfg, args):
+    normal = hash_normal if args.inputs == "hash" else jax.random.normal
+
+    model = _model(args)
+    head = model.head
+    pair_fn = native.pair_levels_for(args.level3_kernel, mask_padding=model.masks_padding)
+    blocks = Blocks(text=args.text_block, video=args.video_block)
     key = jax.random.PRNGKey(0)
     z = lambda *s: jnp.zeros(s, jnp.float32)
-    params = jax.jit(
+    head_params = jax.jit(
         lambda k: head.init(
             k, z(1, D), z(1, NW, D), z(1, F, D), z(1, F * NTOK, D), jnp.ones((1, F)), 0.0, rng=k
-        )
+        )["params"]
     )(key)
+    # Only the head is initialised: of CLIP, scoring reads nothing but the logit scale.
+    params = {"clip": {"logit_scale": jnp.log(100.0)}, "head": head_params}
     # Initialisation compiles a program of its own (and, op by op, many small ones); drop
     # those executables so that the resident base is what evaluation itself holds.
     jax.clear_caches()
-    ls = jnp.log(100.0)
+    head_vars = {"params": params["head"]}
 
     def _synth(i):  # i: [block] video ids -> random CLIP features of the block
         kf, kp, ks = jax.random.split(jax.random.fold_in(key, i[0]), 3)
@@ -137,44 +161,33 @@ def _child(cfg, args):
             if synth_only:
                 return {"sum": jnp.sum(pt, axis=(1, 2)) + jnp.sum(fc, axis=(1, 2))}
             return head.apply(
-                params, fc, pt, jnp.ones((i.shape[0], F)), rng=ks, method=head.encode_video
+                params, fc, pt, jnp.ones((i.shape[0], F)), rng=ks, method=UCoFiAHead.encode_video
             )
 
         return map_in_blocks(one, idx, block)
 
     videos_j = jax.jit(_videos)
-    videos = lambda n: videos_j(params, jnp.arange(n))
+    videos = lambda n: videos_j(head_vars, jnp.arange(n))
 
     def texts(n, seed):
         tt = jnp.asarray(np.random.default_rng(seed).standard_normal((n, NW, D), np.float32) * 0.5)
-        return head.apply(params, tt[:, -1], tt, method=head.encode_text)
+        return head.apply(head_vars, tt[:, -1], tt, method=UCoFiAHead.encode_text)
 
-    levels_j = jax.jit(
-        lambda t, v: head.apply(
-            params,
-            t,
-            v,
-            ls,
-            method=head.blockwise_levels,
-            train=False,
-            text_block=args.text_block,
-            video_block=args.video_block,
-        )
-    )
+    levels_j = jax.jit(lambda t, v: model.score(params, t, v, blockwise=blocks, pair_fn=pair_fn))
     levels = levels_j
 
     def warm(n_texts=None, n_videos=None):
         # compile without running (lower().compile() fills the same cache as the call)
         if n_videos is not None:
-            videos_j.lower(params, jnp.arange(n_videos)).compile()
+            videos_j.lower(head_vars, jnp.arange(n_videos)).compile()
         if n_texts is not None:
             ts = jax.eval_shape(lambda: texts(n_texts, 0))
-            vs = jax.eval_shape(lambda: videos_j(params, jnp.arange(n_videos)))
+            vs = jax.eval_shape(lambda: videos_j(head_vars, jnp.arange(n_videos)))
             levels_j.lower(ts, vs).compile()
 
     out = {"config": cfg}
     if cfg == "synth":
-        synth_j = jax.jit(lambda idx: _videos(params, idx, synth_only=True))
+        synth_j = jax.jit(lambda idx: _videos(head_vars, idx, synth_only=True))
         jax.block_until_ready(synth_j(jnp.arange(1000)))
         _reset_peak()
         t0, c0 = time.time(), _cpu_s()
@@ -215,9 +228,7 @@ def _child(cfg, args):
         n = args.oneshot_n
         v = jax.block_until_ready(videos(n))
         t = texts(n, 0)
-        one = jax.jit(
-            lambda p, t, v: head.apply(p, t, v, ls, method=head.similarity_levels, train=False)
-        )
+        one = jax.jit(lambda p, t, v: model.score(p, t, v, pair_fn=pair_fn))
         jax.block_until_ready(one(params, t, v))
         jax.block_until_ready(levels(t, v))
         _reset_peak()
@@ -297,7 +308,8 @@ def main():
         "--level3-kernel",
         default="auto",
         choices=["auto", "xla", "native"],
-        help="the head's level3_kernel (native: fused CPU kernel after the GEMM)",
+        help="eval.level3_kernel: the pair function of kernels.native.pair_levels_for "
+        "(native: the fused CPU kernel after the GEMM)",
     )
     ap.add_argument("--bank-texts", type=int, default=9000)
     ap.add_argument("--bank-videos", type=int, default=1000)

@@ -20,10 +20,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import demo, msrvtt  # noqa: E402
+from ucofia_jax import config as config_lib  # noqa: E402
+from ucofia_jax.models.model import Model  # noqa: E402
+from ucofia_jax.runtime import sharding  # noqa: E402
+from ucofia_jax.training import trainer as trainer_lib  # noqa: E402
+
 
 def build_config(args):
-    from configs import demo, msrvtt  # pylint: disable=g-import-not-at-top
-
     if args.model == "demo":
         c = demo.get_config()
     else:
@@ -58,19 +65,13 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
 
-    import jax  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
-
-    from ucofia_jax import config, sharding, train  # pylint: disable=g-import-not-at-top
-    from ucofia_jax.models.model import RetrievalModel  # pylint: disable=g-import-not-at-top
-
     c = build_config(args)
-    config_validation.validate(c)
+    config_lib.validate(c)
     mesh = sharding.make_mesh(c.mesh)
-    model = RetrievalModel.from_config(c)
-    state = train.create_train_state(model, c, 0)
-    trainer = train.make_trainer(model, c, mesh, state, schedule_total=1000)
-    state = train.place_state(trainer, state)
+    model = Model.from_config(c.model, max_frames=c.data.max_frames, max_words=c.data.max_words)
+    state = trainer_lib.create_train_state(model, 0)
+    trainer = trainer_lib.make_trainer(model, c.train, mesh, state, schedule_total=1000)
+    state = trainer_lib.place_state(trainer, state)
     b, f, s = c.train.batch_size, c.data.max_frames, c.data.image_size
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 49000, (b, c.data.max_words)).astype(np.int32)

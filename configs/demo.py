@@ -43,7 +43,6 @@ def get_config():
     c.data.max_frames = 4
     c.data.image_size = 32
     c.data.expand_sentences = True
-    c.data.shuffle_buffer = 512
     c.data.synthetic.update(
         dict(
             enabled=True,

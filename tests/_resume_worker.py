@@ -3,21 +3,22 @@
 python tests/_resume_worker.py first  DIR   # straight run to N in DIR/a, then DIR/b killed
                                             # (SIGKILL, no cleanup) after step KILL_AT
 python tests/_resume_worker.py resume DIR   # resume DIR/b to N
+
+The repository root must be importable (test_resume.py puts it on PYTHONPATH); tests/, this
+script's directory, is on sys.path as for any script (``_tiny``).
 """
 
 import os
 import signal
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+from _tiny import random_arrays, tiny_config, tiny_model  # tests/ is this script's directory
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from _tiny import random_arrays, tiny_config  # noqa: E402
-
-from ucofia_jax.training import checkpoints, sharding, train  # noqa: E402
-from ucofia_jax.models.model import RetrievalModel  # noqa: E402
+from ucofia_jax.runtime import sharding
+from ucofia_jax.training import checkpoints
+from ucofia_jax.training import trainer as train
 
 N, KILL_AT = 6, 5
 
@@ -28,9 +29,9 @@ def setup():
     c.train.checkpoint_every_steps = 2
     c.train.schedule = "warmup_cosine"
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-    model = RetrievalModel.from_config(c)
-    state = train.create_train_state(model, c, 0)
-    trainer = train.make_trainer(model, c, mesh, state, schedule_total=N)
+    model = tiny_model(c)
+    state = train.create_train_state(model, 0)
+    trainer = train.make_trainer(model, c.train, mesh, state, schedule_total=N)
     # 3 steps per epoch, so the run crosses an epoch boundary (data position matters).
     data = train.ArrayData(random_arrays(24, c), batch_size=8, seed=3)
     return c, trainer, state, data

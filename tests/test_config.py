@@ -5,7 +5,9 @@ import importlib
 
 import pytest
 
+from data_pipeline import builder
 from ucofia_jax import config as cv
+from ucofia_jax.kernels import native
 
 CONFIGS = ("msrvtt", "msvd", "lsmdc", "activitynet", "didemo", "vatex", "demo")
 
@@ -34,9 +36,8 @@ def test_paper_recipe_values():
     )
     for name in ("activitynet", "didemo"):
         c = importlib.import_module(f"configs.{name}").get_config()
-        assert (c.data.max_words, c.data.max_frames) == (64, 64) and c.data.paragraph
-    for name in ("msvd", "vatex"):
-        assert importlib.import_module(f"configs.{name}").get_config().data.multi_sentence
+        assert (c.data.max_words, c.data.max_frames) == (64, 64)
+        assert not c.data.expand_sentences  # one paragraph per video
 
 
 def _demo():
@@ -68,6 +69,24 @@ def test_bad_values_name_the_key(mutate, key):
         cv.validate(c)
 
 
+def test_moved_key_says_where_it_went():
+    c = _demo()
+    with c.unlocked():
+        c.model.head.level3_kernel = "xla"
+    with pytest.raises(cv.ConfigError, match=r"model\.head\.level3_kernel: moved to config\.eval"):
+        cv.validate(c)
+
+
+def test_choices_come_from_the_code_that_uses_them():
+    # One list per choice: a value the code accepts is a value the schema accepts.
+    assert cv._CHOICES["eval.level3_kernel"] is native.LEVEL3_KERNELS
+    assert cv._CHOICES["data.dataset"] == tuple(builder.DATASETS)
+    c = _demo()
+    c.eval.level3_kernel = "fast"
+    with pytest.raises(cv.ConfigError, match=r"config\.eval\.level3_kernel"):
+        cv.validate(c)
+
+
 def test_wrong_type_names_the_key():
     c = _demo()
     with c.ignore_type():  # ConfigDict itself refuses float into an int field
@@ -80,7 +99,7 @@ def test_missing_checkpoint_says_what_to_do(tmp_path):
     c = importlib.import_module("configs.msrvtt").get_config()
     c.model.clip.checkpoint = str(tmp_path / "ViT-B-32.pt")
     with pytest.raises(FileNotFoundError, match=r"ViT-B-32\.pt.*from scratch"):
-        cv.check_inputs(c, "train")
+        cv.check_inputs(c, "train", str(tmp_path))
 
 
 def test_missing_dataset_names_files_and_command(tmp_path):
@@ -88,4 +107,4 @@ def test_missing_dataset_names_files_and_command(tmp_path):
     c.data.data_dir = str(tmp_path / "tfds")
     c.data.manual_dir = str(tmp_path / "raw")
     with pytest.raises(FileNotFoundError, match=r"python -m data_pipeline\.build --dataset=msvd"):
-        cv.check_inputs(c, "train")
+        cv.check_inputs(c, "train", str(tmp_path))

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -303,3 +304,15 @@ def test_public_index_serves_label_free_torch():
     line = next(x for x in proc.stdout.splitlines() if x.startswith("Available versions:"))
     versions = [v.strip() for v in line.partition(":")[2].split(",")]
     assert "2.13.0" in versions, line
+
+
+def test_readme_model_example_runs():
+    # The README's "one door" example, run as written.
+    text = README.read_text(encoding="utf-8")
+    start = text.index("### The model: one door")
+    block = text[text.index("```python\n", start) + len("```python\n") :]
+    block = block[: block.index("```")]
+    scope: dict = {}
+    exec(compile(block, "README.md:one-door", "exec"), scope)
+    assert scope["scores"].shape == (2, 3)
+    assert scope["logits"].shape == (2, 2) and np.isfinite(float(scope["loss"]))

@@ -5,10 +5,16 @@ steps, evaluation with SK-norm, results.json with the documented keys, the repor
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
-from _tiny import tiny_config
+import torch
+from _tiny import tiny_config, tiny_model
 
 from ucofia_jax import config, main
+from ucofia_jax.models import ucofia_names
+from ucofia_jax.training import checkpoints, optim
+from ucofia_jax.training import trainer as train
 
 
 def _config(workdir):
@@ -64,13 +70,6 @@ def test_main_train_and_eval_then_eval(tmp_path):
 
     # --mode=eval on a checkpoint in the original (PyTorch state_dict) format: our head
     # exported under the original names, read back through the name mapping.
-    import jax
-    import numpy as np
-    import torch
-
-    from ucofia_jax.training import checkpoints
-    from ucofia_jax.models import ucofia_names
-
     state, _ = checkpoints.restore_params(workdir, _abstract_state(_config(workdir)))
     sd = ucofia_names.head_params_to_state_dict(jax.device_get(state["params"]["head"]))
     path = str(tmp_path / "pytorch_model.bin")
@@ -85,13 +84,7 @@ def test_main_train_and_eval_then_eval(tmp_path):
 
 
 def _abstract_state(config):
-    import jax
-
-    from ucofia_jax.training import optim, train
-    from ucofia_jax.models.model import RetrievalModel
-
-    model = RetrievalModel.from_config(config)
-    state = train.create_train_state(model, config, config.seed)
+    state = train.create_train_state(tiny_model(config), config.seed)
     tx = optim.make_optimizer(config.train, state["params"], 1)
     state["opt_state"] = jax.eval_shape(tx.init, state["params"])
     return state
@@ -100,7 +93,7 @@ def _abstract_state(config):
 def test_bad_key_rejected_before_compile(tmp_path):
     c = _config(str(tmp_path))
     c.train.learning_rate = 1e-3  # not a key of the schema
-    with pytest.raises(config_validation.ConfigError, match=r"config\.train\.learning_rate"):
+    with pytest.raises(config.ConfigError, match=r"config\.train\.learning_rate"):
         main.run(c, str(tmp_path), "train", progress=False)
     assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints"))
 

@@ -7,19 +7,26 @@ below), so the multi-process path is exercised exactly as users launch it.
 * ``mechanics``: a contrastive loss over a global batch sharded on ``data`` (global
   negatives through XLA's all-gathers) and a few SGD steps on a replicated weight; each
   process feeds only its rows via ``make_array_from_process_local_data``.
-* ``train``: the package's own train step and evaluation (ucofia_jax.train /
-  ucofia_jax.evaluate) on the demo config shrunk to a tiny model: loss trajectory, params
-  checksum and retrieval metrics.
+* ``train``: the package's own train step and evaluation (ucofia_jax.training.trainer /
+  ucofia_jax.evaluation.evaluator) on the demo config shrunk to a tiny model: loss
+  trajectory, params checksum and retrieval metrics.
 
 Tolerances: the global arrays hold the same values in the same device order in both
 layouts, but the cross-process reductions go through gloo instead of the in-process CPU
 collectives, so sums may associate differently: rtol 1e-5 / atol 1e-6 on losses and
 parameters (float32), and metrics (ranks) equal.
+
+Imports: everything at the top. Importing jax starts no backend; launch.sh sets XLA_FLAGS
+(the virtual device count) and the UCOFIA_* variables before python starts, and ``main``
+calls ``distributed.maybe_initialize`` before anything asks for a device.
 """
 
 from __future__ import annotations
 
+import argparse
+import faulthandler
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -27,7 +34,21 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import demo
+from data_pipeline import pipeline
+from ucofia_jax.evaluation import evaluator
+from ucofia_jax.models.model import Model
+from ucofia_jax.runtime import distributed, sharding
+from ucofia_jax.training import checkpoints
+from ucofia_jax.training import trainer as train_lib
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch.sh"
@@ -37,21 +58,15 @@ LAUNCH = REPO / "launch.sh"
 
 
 def _mechanics(out: Path) -> dict:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from ucofia_jax.runtime import distributed
-
     mesh = Mesh(np.array(jax.devices()), ("data",))
     rng = np.random.default_rng(0)
     global_batch, dim, steps = 16, 8, 4
     texts = rng.standard_normal((steps, global_batch, dim)).astype(np.float32)
     videos = rng.standard_normal((steps, global_batch, dim)).astype(np.float32)
     w0 = (np.eye(dim) + 0.1 * rng.standard_normal((dim, dim))).astype(np.float32)
-    rows = distributed.local_batch_slice(global_batch, mesh)
+    replicated = NamedSharding(mesh, P())
+    batch_sh = NamedSharding(mesh, P("data", None))
+    rows = distributed.local_batch_slice(global_batch, NamedSharding(mesh, P("data")))
 
     def loss_fn(w, t, v):
         t = t @ w
@@ -62,9 +77,6 @@ def _mechanics(out: Path) -> dict:
         lt = -jnp.take_along_axis(jax.nn.log_softmax(logits, 1), labels[:, None], 1).mean()
         lv = -jnp.take_along_axis(jax.nn.log_softmax(logits, 0), labels[None, :], 0).mean()
         return (lt + lv) / 2
-
-    replicated = NamedSharding(mesh, P())
-    batch_sh = NamedSharding(mesh, P("data", None))
 
     def step(w, t, v):
         loss, g = jax.value_and_grad(loss_fn)(w, t, v)
@@ -78,17 +90,13 @@ def _mechanics(out: Path) -> dict:
     w = jax.device_put(w0, replicated)
     losses = []
     for s in range(steps):
-        t, v = distributed.global_batch_from_local(
-            (texts[s][rows], videos[s][rows]), mesh, P("data", None)
-        )
+        t, v = distributed.global_batch_from_local((texts[s][rows], videos[s][rows]), batch_sh)
         assert t.shape == (global_batch, dim), t.shape
         w, loss, rowsum = step(w, t, v)
         losses.append(float(loss))
     gathered = distributed.to_host(rowsum)  # sharded over processes -> whole on every host
 
     # Orbax from every process: a replicated and a 'data'-sharded array, saved and restored.
-    import orbax.checkpoint as ocp
-
     ckpt = ocp.StandardCheckpointer()
     path = (out / "ckpt").absolute()
     ckpt.save(path, {"w": w, "rowsum": rowsum})
@@ -112,8 +120,6 @@ def _mechanics(out: Path) -> dict:
 
 def tiny_config():
     """configs/demo.py shrunk to seconds: 1-layer towers, 2 frames of 24 px, batch 8."""
-    from configs import demo
-
     c = demo.get_config()
     c.model.clip.update(
         dict(
@@ -152,8 +158,6 @@ def tiny_config():
 
 
 def tiny_arrays(config, n: int, seed: int):
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     w, f, s = config.data.max_words, config.data.max_frames, config.data.image_size
     ids = rng.integers(1, config.model.clip.vocab_size - 1, (n, w)).astype(np.int32)
@@ -164,9 +168,6 @@ def tiny_arrays(config, n: int, seed: int):
         "frame_mask": np.ones((n, f), np.int32),
         "video_index": np.arange(n),
     }
-
-
-import numpy as np  # noqa: E402  (the program half of this file needs it at class level)
 
 
 class LocalRows:
@@ -182,18 +183,15 @@ class LocalRows:
 
 
 def _train(out: Path) -> dict:
-    import jax
-
-    from ucofia_jax.training import checkpoints, distributed, sharding, train
-    from ucofia_jax.models.model import RetrievalModel
-
     config = tiny_config()
-    model = RetrievalModel.from_config(config)
+    model = Model.from_config(
+        config.model, max_frames=config.data.max_frames, max_words=config.data.max_words
+    )
     mesh = sharding.make_mesh(config.mesh)
-    state = train.create_train_state(model, config, config.seed)
+    state = train_lib.create_train_state(model, config.seed)
     total = int(config.train.num_steps)
-    trainer = train.make_trainer(model, config, mesh, state, total)
-    state = train.place_state(trainer, state)
+    trainer = train_lib.make_trainer(model, config.train, mesh, state, total)
+    state = train_lib.place_state(trainer, state)
 
     recorded = []
     step_fn = trainer.train_step
@@ -206,12 +204,12 @@ def _train(out: Path) -> dict:
     trainer.train_step = recording_step
 
     gb = int(config.train.batch_size)
-    data = train.ArrayData(tiny_arrays(config, 4 * gb, seed=1), gb, seed=config.seed)
+    data = train_lib.ArrayData(tiny_arrays(config, 4 * gb, seed=1), gb, seed=config.seed)
     rows = distributed.local_batch_slice(gb, sharding=sharding.batch_sharding(mesh, 1))
     workdir = (out / "workdir").absolute()
     ckpt = checkpoints.Checkpointer(str(workdir), keep=1)
-    writer = train.MetricWriter(str(workdir), enabled=distributed.is_main_process())
-    state = train.train_loop(
+    writer = train_lib.MetricWriter(str(workdir), enabled=distributed.is_main_process())
+    state = train_lib.train_loop(
         trainer,
         state,
         LocalRows(data, rows),
@@ -260,16 +258,12 @@ class ArrayVideoText:
     ``shard_plan``), one caption per video."""
 
     def __init__(self, arrays):
-        import jax
-
         self.arrays = arrays
         self.num_videos = self.num_texts = len(arrays["input_ids"])
         self.text_to_video = np.arange(self.num_texts)
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
 
     def _plan(self, n, global_batch, limit, seed):
-        from data_pipeline import pipeline
-
         order = pipeline.VideoTextData._subset(n, limit, seed)
         index, valid = pipeline.eval_plan(len(order), global_batch)
         return (
@@ -296,8 +290,6 @@ class ArrayVideoText:
             }
 
     def text_bank(self, size=None, seed=0):
-        from data_pipeline import pipeline
-
         t = pipeline.VideoTextData._subset(self.num_texts, size, seed)
         return {
             "input_ids": self.arrays["input_ids"][t],
@@ -310,46 +302,37 @@ def _evaluate(model, config, mesh, state, out: Path) -> dict:
     """The package's evaluation (encoders, blockwise levels, SK-norm) on a 12-clip test split
     with a 16-text / 8-video query bank from the training arrays; eval batch 8 over 4 devices,
     so the last batch is padded."""
-    import jax
-
-    from ucofia_jax.evaluation import evaluator as evaluate
-
     test = ArrayVideoText(tiny_arrays(config, 12, seed=2))
     bank = ArrayVideoText(tiny_arrays(config, 32, seed=1))
-    res = evaluate.evaluate(
-        model,
+    fns = evaluator.retrieval_fns(model, mesh, config.eval)
+    res = evaluator.evaluate(
+        fns,
         state["params"],
         mesh,
-        config,
+        config.eval,
         test,
         train_data=bank,
         rng=jax.random.PRNGKey(5),
         step=int(config.train.num_steps),
     )
     keep = {
-        k: res[k] for k in ("t2v", "v2t", "t2v_sk", "v2t_sk", "num_texts", "num_videos") if k in res
+        k: res.metrics[k]
+        for k in ("t2v", "v2t", "t2v_sk", "v2t_sk", "num_texts", "num_videos")
+        if k in res.metrics
     }
-    np.save(out / f"similarity_{jax.process_index()}.npy", np.asarray(res["_similarity"]))
+    np.save(out / f"similarity_{jax.process_index()}.npy", np.asarray(res.similarity))
     return keep
 
 
 def main(argv: list[str]) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", choices=["mechanics", "train"], required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
     if os.environ.get("UCOFIA_TEST_TRACEBACK_AFTER"):  # debugging a hang: dump every thread
-        import faulthandler
-
         faulthandler.dump_traceback_later(float(os.environ["UCOFIA_TEST_TRACEBACK_AFTER"]))
-    from ucofia_jax.runtime import distributed
-
-    up = distributed.maybe_initialize()
-    import jax
-
+    up = distributed.maybe_initialize()  # before anything asks jax for its devices
     distributed.setup_logging()
     result = {"mechanics": _mechanics, "train": _train}[args.task](Path(args.out))
     result.update(
@@ -371,8 +354,7 @@ def main(argv: list[str]) -> None:
 
 
 def test_settings_from_env_and_config():
-    from ucofia_jax.runtime import distributed as d
-
+    d = distributed
     s = d.settings_from_env(
         {
             "UCOFIA_COORDINATOR": "10.0.0.1:1234",
@@ -420,17 +402,18 @@ def test_settings_from_env_and_config():
 
 
 def test_single_process_helpers():
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh
-
-    from ucofia_jax.runtime import distributed as d
-
+    d = distributed
     mesh = Mesh(np.array(jax.devices()), ("data",))
+    rows_sh = NamedSharding(mesh, P("data"))
     n = len(jax.devices())
-    assert d.is_main_process() and d.local_batch_slice(4 * n, mesh) == slice(0, 4 * n)
+    assert d.is_main_process() and d.local_batch_slice(4 * n, rows_sh) == slice(0, 4 * n)
+    assert d.local_batch_slice(4 * n) == slice(0, 4 * n)
     x = np.arange(4 * n * 3, dtype=np.float32).reshape(4 * n, 3)
-    g = d.global_batch_from_local({"x": x}, mesh)["x"]
+    with pytest.raises(TypeError, match="Sharding"):  # a mesh is no longer accepted
+        d.local_batch_slice(4 * n, mesh)
+    with pytest.raises(TypeError, match="Sharding"):
+        d.global_batch_from_local({"x": x}, mesh)
+    g = d.global_batch_from_local({"x": x}, rows_sh)["x"]
     assert g.shape == x.shape and len(g.sharding.device_set) == n
     np.testing.assert_array_equal(d.to_host(g), x)
     np.testing.assert_array_equal(d.process_allgather(g), x)
@@ -464,7 +447,7 @@ def _finish(proc: subprocess.Popen, log: Path, deadline: float) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        raise AssertionError(f"{proc.args} timed out:\n{log.read_text()[-6000:]}")
+        raise AssertionError(f"{proc.args} timed out:\n{log.read_text()[-6000:]}") from None
     assert proc.returncode == 0, f"{proc.args} failed:\n{log.read_text()[-8000:]}"
 
 
@@ -517,8 +500,6 @@ def _run_both(task: str, tmp_path: Path, timeout: float = 420) -> tuple[dict, di
 
 
 def _close(a, b, rtol=1e-5, atol=1e-6):
-    import numpy as np
-
     np.testing.assert_allclose(
         np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol, atol=atol
     )
@@ -545,8 +526,6 @@ def test_mechanics_two_processes_equal_one(tmp_path):
 
 @pytest.mark.slow  # compiles the train step in 3 processes: ~2 min on a busy 2-core machine
 def test_train_and_eval_two_processes_equal_one(tmp_path):
-    import numpy as np
-
     t0 = time.time()
     multi, single, views = _run_both("train", tmp_path)
     assert (
@@ -582,17 +561,8 @@ def test_train_and_eval_two_processes_equal_one(tmp_path):
     )
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
-
-
 def test_setup_logging_quiets_and_prefixes_other_processes(monkeypatch):
-    import logging
-
-    import jax
-
-    from ucofia_jax.runtime import distributed as d
-
+    d = distributed
     root = logging.getLogger()
     handler = logging.StreamHandler()
     old_level, old_handlers = root.level, list(root.handlers)
@@ -612,3 +582,7 @@ def test_setup_logging_quiets_and_prefixes_other_processes(monkeypatch):
         assert logging.getLogger("orbax").level == logging.WARNING  # quieted loggers stay quiet
     finally:
         root.handlers, _ = old_handlers, root.setLevel(old_level)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

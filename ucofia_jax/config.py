@@ -40,7 +40,6 @@ from ucofia_jax.runtime import distributed
 from ucofia_jax.training import checkpoints
 from ucofia_jax.training.optim import OPTIMIZERS, SCHEDULES
 
-
 # --mode of ucofia_jax.main -> (train, evaluate)
 MODES = {"train": (True, False), "eval": (False, True), "train_and_eval": (True, True)}
 
@@ -104,7 +103,6 @@ def base_config() -> ml_collections.ConfigDict:
             expand_sentences=True,  # MSR-VTT 9k: every caption a training sample
             train_split="train",
             eval_split="test",
-            shuffle_buffer=2048,
             prefetch=2,
             num_parallel_calls=-1,  # tf.data.AUTOTUNE
             synthetic=ml_collections.ConfigDict(

@@ -12,6 +12,7 @@ field (see docs/head.md for the table).
 
 from __future__ import annotations
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -189,7 +190,7 @@ class UCoFiAHead(nn.Module):
         (e.g. the original's, for parity): then the predictor gets no gradient through it.
         """
         b, d, f = patch_tokens.shape[0], self.embed_dim, self.max_frames
-        x = patch_tokens.reshape(b * f, -1, d)  # '(b f) n d'
+        x = einops.rearrange(patch_tokens, "b (f n) d -> (b f) n d", f=f, d=d)
         scores = self.selector(x, f)  # '(b f) n'
         if indicator is None:
             if noise is None and not train and not self.selection_noise_at_eval:
@@ -214,7 +215,8 @@ class UCoFiAHead(nn.Module):
         else:
             indicator = jax.lax.stop_gradient(indicator)
         sel = jnp.einsum("bkl,bld->bkd", indicator.astype(x.dtype), x[:, 1:])
-        out = jnp.concatenate([x[:, :1], sel], axis=1).reshape(b, f * (self.topk + 1), d)
+        kept = jnp.concatenate([x[:, :1], sel], axis=1)  # per frame: CLS + k selected
+        out = einops.rearrange(kept, "(b f) k d -> b (f k) d", b=b)
         return out, scores, indicator
 
     def temporal_encoder(self, frame_cls: jax.Array, video_mask: jax.Array) -> jax.Array:

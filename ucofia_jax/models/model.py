@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Dict, Optional
 
+import einops
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -147,11 +148,10 @@ class Model:
         draws the token-selection noise (the original draws it at inference too)."""
         x = clip_lib.normalize_images(frames) if frames.dtype == jnp.uint8 else frames
         hidden = self.clip.apply({"params": params["clip"]}, x, method=clip_lib.CLIP.encode_video)
-        b, f, n, d = hidden.shape
         return self.head.apply(
             {"params": params["head"]},
-            hidden[:, :, 0],
-            hidden.reshape(b, f * n, d),
+            hidden[:, :, 0],  # frame CLS 'b f d'
+            einops.rearrange(hidden, "b f n d -> b (f n) d"),  # every token of every frame
             frame_mask,
             rng=rng,
             train=train,
