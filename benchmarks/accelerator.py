@@ -3,7 +3,7 @@
   python benchmarks/accelerator.py --peak_tflops=989            # one H100 (dense bf16 peak)
   python benchmarks/accelerator.py --tiny                       # CPU check, tiny sizes
 
-Train: the package's sharded train step (``ucofia_jax.train.make_trainer``: ViT-B/32 CLIP +
+Train: the package's sharded train step (``training.trainer.make_trainer``: ViT-B/32 CLIP +
 UCoFiA head from configs/msrvtt.py, 12 frames, 32 words, the original optimiser chain),
 global batch 128 over every device on the ``data`` axis (falls back to the next
 ``--batch_sizes`` entry when the first one runs out of memory). Reported per backbone dtype
@@ -15,7 +15,8 @@ default, at about half the bf16 peak).
 
 Eval: ``--eval_texts`` x ``--eval_videos`` (1k x 1k) test set plus an SK-norm query bank of
 ``--bank_texts`` (9k) training captions (t2v prior) and ``--bank_videos`` (1k) training videos
-(v2t prior), through ``ucofia_jax.evaluate.evaluate``: encode every text and video once,
+(v2t prior), through ``evaluation.evaluator.evaluate`` with the ``retrieval_fns`` of the model
+(level 3 as ``config.eval.level3_kernel``): encode every text and video once,
 the three similarity levels blockwise, the Sinkhorn priors, and the metrics (timed end to
 end, after a first run that compiles every shape).
 
@@ -26,6 +27,7 @@ depend on the values. Expect about 3-4 minutes on one H100 for the defaults.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -36,8 +38,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import jax
-import numpy as np
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from data_pipeline import pipeline  # noqa: E402
+from ucofia_jax.evaluation import evaluator  # noqa: E402
+from ucofia_jax.models.model import Model  # noqa: E402
+from ucofia_jax.runtime import sharding  # noqa: E402
+from ucofia_jax.training import trainer as trainer_lib  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -116,8 +124,6 @@ def parse_args(argv=None):
 
 
 def load_config(path: str, frames: int | None, words: int | None):
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location(
         "bench_config", REPO / path if not os.path.isabs(path) else path
     )
@@ -153,9 +159,6 @@ class RandomSplit:
     batch by batch (nothing big held in host memory); one caption per video."""
 
     def __init__(self, config, num_videos: int, num_texts: int, seed: int):
-        from data_pipeline import pipeline
-
-        self._pipeline = pipeline
         self.config, self.seed = config, seed
         self.num_videos, self.num_texts = num_videos, num_texts
         self.text_to_video = np.arange(num_texts) % num_videos
@@ -166,11 +169,11 @@ class RandomSplit:
         self.pi, self.pc = jax.process_index(), jax.process_count()
 
     def _plan(self, n, global_batch, limit, seed):
-        order = self._pipeline.VideoTextData._subset(n, limit, seed)
-        index, valid = self._pipeline.eval_plan(len(order), global_batch)
+        order = pipeline.VideoTextData._subset(n, limit, seed)
+        index, valid = pipeline.eval_plan(len(order), global_batch)
         return (
-            self._pipeline.shard_plan(order[index], self.pi, self.pc),
-            self._pipeline.shard_plan(valid, self.pi, self.pc),
+            pipeline.shard_plan(order[index], self.pi, self.pc),
+            pipeline.shard_plan(valid, self.pi, self.pc),
         )
 
     def eval_text_batches(self, *, global_batch, limit=None, seed=0):
@@ -183,7 +186,7 @@ class RandomSplit:
             yield {"frames": a["frames"], "frame_mask": a["frame_mask"], "valid": v}
 
     def text_bank(self, size=None, seed=0):
-        t = self._pipeline.VideoTextData._subset(self.num_texts, size, seed)
+        t = pipeline.VideoTextData._subset(self.num_texts, size, seed)
         return {"input_ids": self.input_ids[t]}
 
 
@@ -205,15 +208,18 @@ def is_oom(err: Exception) -> bool:
 # --------------------------------------------------------------------------- train
 
 
-def bench_train(config, dtype: str, batch_sizes, args, mesh) -> dict:
-    """The package's sharded train step (ucofia_jax.train.make_trainer), timed."""
-    from ucofia_jax.runtime import sharding, train
-    from ucofia_jax.models.model import RetrievalModel
+def _model(config) -> Model:
+    return Model.from_config(
+        config.model, max_frames=config.data.max_frames, max_words=config.data.max_words
+    )
 
+
+def bench_train(config, dtype: str, batch_sizes, args, mesh) -> dict:
+    """The package's sharded train step (``training.trainer.make_trainer``), timed."""
     config = config.copy_and_resolve_references()
     config.model.clip.dtype = dtype
-    model = RetrievalModel.from_config(config)
-    host_state = train.create_train_state(model, config, 0)
+    model = _model(config)
+    host_state = trainer_lib.create_train_state(model, 0)
     n_dev = sharding.batch_size_multiple(mesh)
     last_err = None
     for bs in batch_sizes:
@@ -221,9 +227,9 @@ def bench_train(config, dtype: str, batch_sizes, args, mesh) -> dict:
             print(f"  batch {bs} is not a multiple of {n_dev} devices: skipped", flush=True)
             continue
         config.train.batch_size = bs
-        trainer = train.make_trainer(model, config, mesh, host_state, 1000)
+        trainer = trainer_lib.make_trainer(model, config.train, mesh, host_state, 1000)
         try:
-            state = train.place_state(trainer, host_state)
+            state = trainer_lib.place_state(trainer, host_state)
             batch = sharding.shard_batch(random_arrays(config, bs, bs), mesh)
             t0 = time.perf_counter()
             compiled = trainer.train_step.lower(state, batch).compile()
@@ -271,10 +277,7 @@ def bench_train(config, dtype: str, batch_sizes, args, mesh) -> dict:
 
 
 def bench_eval(config, args, mesh) -> dict:
-    """ucofia_jax.evaluate.evaluate end to end: encode, blockwise levels, SK-norm, metrics."""
-    from ucofia_jax.evaluation import evaluator as evaluate, train
-    from ucofia_jax.models.model import RetrievalModel
-
+    """``evaluation.evaluator.evaluate`` end to end: encode, blockwise levels, SK-norm, metrics."""
     config = config.copy_and_resolve_references()
     config.model.clip.dtype = args.eval_dtype
     config.eval.update(
@@ -287,41 +290,27 @@ def bench_eval(config, args, mesh) -> dict:
             sk_v2t_bank_size=args.bank_videos,
         )
     )
-    model = RetrievalModel.from_config(config)
-    params = train.create_train_state(model, config, 0)["params"]
-    from ucofia_jax.runtime import sharding
-
+    model = _model(config)
+    params = trainer_lib.create_train_state(model, 0)["params"]
     params = jax.device_put(params, sharding.replicated(mesh))
     test = RandomSplit(config, args.eval_videos, args.eval_texts, seed=1)
     bank = RandomSplit(config, max(args.bank_videos, 1), args.bank_texts, seed=2)
-
-    # evaluate() builds a fresh Encoder (new jitted closures) per call; reuse the first one so
-    # the timed run measures evaluation, not recompilation.
-    encoders = {}
-    make_encoder = evaluate.Encoder
-
-    def cached_encoder(model_, mesh_, eval_cfg):
-        key = (id(model_), id(mesh_))
-        if key not in encoders:
-            encoders[key] = make_encoder(model_, mesh_, eval_cfg)
-        return encoders[key]
+    # Built once (jitted encoders and the scorer), as ucofia_jax.main does: the timed run
+    # measures evaluation, not recompilation.
+    fns = evaluator.retrieval_fns(model, mesh, config.eval)
 
     def run():
-        evaluate.Encoder = cached_encoder
         t0 = time.perf_counter()
-        try:
-            res = evaluate.evaluate(
-                model,
-                params,
-                mesh,
-                config,
-                test,
-                train_data=bank,
-                rng=jax.random.PRNGKey(0),
-                step=0,
-            )
-        finally:
-            evaluate.Encoder = make_encoder
+        res = evaluator.evaluate(
+            fns,
+            params,
+            mesh,
+            config.eval,
+            test,
+            rng=jax.random.PRNGKey(0),
+            step=0,
+            train_data=bank,
+        ).metrics
         return time.perf_counter() - t0, res
 
     first_s, _ = run()  # compiles every shape once
@@ -351,8 +340,6 @@ def fmt_mfu(mfu: float) -> str:
 def main(argv=None):
     args = parse_args(argv)
     config = load_config(args.config, args.frames, args.words)
-    from ucofia_jax.runtime import sharding
-
     devices = jax.devices()
     config.mesh.update(dict(data=-1, fsdp=1, model=1))
     mesh = sharding.make_mesh(config.mesh)

@@ -40,6 +40,13 @@ def random_params(cfg: clip.CLIPConfig, seed: int = 0) -> dict:
     )
 
 
+def towers(model: clip.CLIP):
+    """(video, text) forward functions of ``model``, taking the params first."""
+    video = lambda p, x: model.apply({"params": p}, x, method=model.encode_video)
+    text = lambda p, t: model.apply({"params": p}, t, method=model.encode_text)
+    return video, text
+
+
 def bench(fn, args, repeats: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
@@ -77,8 +84,7 @@ def main():
     print("|---|---|---|---|---|")
     for dtype in args.dtypes.split(","):
         model = clip.CLIP(clip.CLIPConfig(token_shift_blocks=(10, 11), dtype=dtype))
-        video = lambda p, x: model.apply({"params": p}, x, method=model.encode_video)
-        text = lambda p, t: model.apply({"params": p}, t, method=model.encode_text)
+        video, text = towers(model)
         c, r = bench(video, (params, frames), args.repeats)
         print(
             f"| video ViT-B/32 | [{args.batch},{args.frames},224,224,3] | {dtype} | {c:.1f} | {1e3 * r:.0f} |",

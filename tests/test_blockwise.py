@@ -69,7 +69,7 @@ def test_blockwise_rejects_ragged_inputs():
     text, video, shared = _inputs(5, 4)
     text = text._replace(sentence=text.sentence[:3])
     with pytest.raises(ValueError, match="same leading"):
-        blockwise_similarity(pair_levels, text, video, shared)
+        blockwise_similarity(pair_levels, text, video, shared, text_block=2, video_block=2)
 
 
 def test_map_in_blocks_crops_and_matches():

@@ -258,11 +258,20 @@ def _type_ok(value: Any, ref: Any) -> bool:
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Raise :class:`ConfigError` naming the first bad key; return ``config`` unchanged."""
+    """Raise :class:`ConfigError` naming every bad key; return ``config`` unchanged."""
     schema = _flatten(base_config())
     flat = _flatten(config)
-    errors: List[str] = []
+    errors = _schema_errors(flat, schema)
+    if not errors:  # the value checks need every key, of the right type
+        errors = _value_errors(flat) + _size_errors(flat)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return config
 
+
+def _schema_errors(flat: dict, schema: dict) -> List[str]:
+    """Unknown, moved and missing keys; values of the wrong type."""
+    errors: List[str] = []
     unknown = sorted(k for k in flat if k not in schema)
     for k in unknown:
         if k in _MOVED:
@@ -284,12 +293,20 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             )
         elif k in flat and ref != "__dict__" and not _type_ok(flat[k], ref):
             errors.append(f"config.{k}: expected {type(ref).__name__}, got {flat[k]!r}")
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return errors
 
+
+def _bad(errors: List[str], flat: dict):
     def bad(key: str, why: str) -> None:
         errors.append(f"config.{key} = {flat[key]!r}: {why}")
 
+    return bad
+
+
+def _value_errors(flat: dict) -> List[str]:
+    """Choices, ranges and the combinations of values the code refuses."""
+    errors: List[str] = []
+    bad = _bad(errors, flat)
     for k, choices in _CHOICES.items():
         if flat[k] not in choices:
             bad(k, f"must be one of {choices}")
@@ -305,7 +322,30 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not (flat["train.epochs"] > 0 or flat["train.num_steps"] > 0):
         bad("train.epochs", "train.epochs or train.num_steps must be > 0")
 
-    # Sizes that must fit together.
+    if flat["eval.level3_kernel"] == "native" and flat["model.head.mask_padding"]:
+        bad(
+            "eval.level3_kernel",
+            "'native' takes no masks; model.head.mask_padding=True needs 'auto' or 'xla'",
+        )
+    if flat["train.logit_scale_max"] <= 0 or not math.isfinite(flat["train.logit_scale_max"]):
+        bad("train.logit_scale_max", "must be a positive finite log-scale")
+    for k in ("mesh.data", "mesh.fsdp", "mesh.model"):
+        if flat[k] == 0 or flat[k] < -1:
+            bad(k, "must be a positive device count or -1 (all remaining devices)")
+    if sum(1 for k in ("mesh.data", "mesh.fsdp", "mesh.model") if flat[k] == -1) > 1:
+        bad("mesh.data", "at most one mesh axis may be -1")
+    for p in flat["train.frozen"]:
+        if not isinstance(p, str) or not p:
+            bad("train.frozen", f"entries must be param paths under clip/, got {p!r}")
+    if flat["eval.sk_bank_size"] == 0 or flat["eval.sk_bank_size"] < -1:
+        bad("eval.sk_bank_size", "must be > 0 or -1 (the whole training split)")
+    return errors
+
+
+def _size_errors(flat: dict) -> List[str]:
+    """Sizes that must fit together (CLIP, the head and the data)."""
+    errors: List[str] = []
+    bad = _bad(errors, flat)
     clip = {k.split(".")[-1]: v for k, v in flat.items() if k.startswith("model.clip.")}
     if clip["image_resolution"] % clip["vision_patch_size"]:
         bad(
@@ -356,26 +396,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "model.head.seq_layers",
                 f"more than the {clip['text_layers']} CLIP text blocks to copy",
             )
-    if flat["eval.level3_kernel"] == "native" and flat["model.head.mask_padding"]:
-        bad(
-            "eval.level3_kernel",
-            "'native' takes no masks; model.head.mask_padding=True needs 'auto' or 'xla'",
-        )
-    if flat["train.logit_scale_max"] <= 0 or not math.isfinite(flat["train.logit_scale_max"]):
-        bad("train.logit_scale_max", "must be a positive finite log-scale")
-    for k in ("mesh.data", "mesh.fsdp", "mesh.model"):
-        if flat[k] == 0 or flat[k] < -1:
-            bad(k, "must be a positive device count or -1 (all remaining devices)")
-    if sum(1 for k in ("mesh.data", "mesh.fsdp", "mesh.model") if flat[k] == -1) > 1:
-        bad("mesh.data", "at most one mesh axis may be -1")
-    for p in flat["train.frozen"]:
-        if not isinstance(p, str) or not p:
-            bad("train.frozen", f"entries must be param paths under clip/, got {p!r}")
-    if flat["eval.sk_bank_size"] == 0 or flat["eval.sk_bank_size"] < -1:
-        bad("eval.sk_bank_size", "must be > 0 or -1 (the whole training split)")
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    return config
+    return errors
 
 
 # --------------------------------------------------------------------------- inputs

@@ -128,10 +128,11 @@ def _concat(parts):
     return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
-def _bank_batches(ids: np.ndarray, batch: int) -> Iterable[Batch]:
+def _bank_batches(ids: np.ndarray, batch: int, mesh) -> Iterable[Batch]:
     """Fixed-size global batches (padded with row 0, with a ``valid`` mask) of token ids that
-    every process holds whole; each process yields its own rows of every batch."""
-    rows = distributed.local_batch_slice(batch)
+    every process holds whole; each process yields its own rows of every batch, those its
+    devices hold under the batch sharding (so they come back in the order encoded)."""
+    rows = distributed.local_batch_slice(batch, sharding_lib.batch_sharding(mesh, 1))
     for lo in range(0, len(ids), batch):
         part = ids[lo : lo + batch]
         valid = (np.arange(batch) < len(part)).astype(np.int32)
@@ -196,7 +197,9 @@ def evaluate(
     if sk_norm and train_data is not None:
         size = None if ec.sk_bank_size < 0 else int(ec.sk_bank_size)
         bank = train_data.text_bank(size, seed=bank_seed)
-        bank_text = encode_texts(fns, params, _bank_batches(bank["input_ids"], ec.batch_size), mesh)
+        bank_text = encode_texts(
+            fns, params, _bank_batches(bank["input_ids"], ec.batch_size, mesh), mesh
+        )
         bank_t2v = fns.score(params, bank_text, video)  # [3, Nq, V]
         s_t2v = sk_normalised(levels, bank_t2v, "t2v", ec.sk_iters, ec.sk_domain)
         results["t2v_sk"] = metrics_lib.retrieval_metrics(s_t2v, text_video)["t2v"]

@@ -66,7 +66,7 @@ class PredictorLG(nn.Module):
     """
 
     embed_dim: int
-    version: str = "new"
+    version: str  # one of PREDICTORS
 
     @nn.compact
     def __call__(self, x: jax.Array, num_frames: int) -> jax.Array:

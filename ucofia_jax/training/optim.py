@@ -13,7 +13,7 @@ the cosine runs over the whole run. Groups: CLIP params get ``clip_lr``, the hea
 frozen CLIP params (embeddings, SPEC §3) never change. ``logit_scale`` is clamped at ln 100
 after the update (:func:`clamp_logit_scale`, called by the train step).
 
-Parameters are the pytree ``{'clip': ..., 'head': ...}`` of ``models.retrieval``.
+Parameters are the pytree ``{'clip': ..., 'head': ...}`` of ``models.model``.
 """
 
 from __future__ import annotations
