@@ -411,7 +411,7 @@ class VideoTextData:
 
 @dataclasses.dataclass(frozen=True)
 class TrainEpochs:
-    """`trainer.TrainData` over a `VideoTextData`: a fixed step count per epoch and each
+    """`training.loop.TrainData` over a `VideoTextData`: a fixed step count per epoch and each
     epoch's batches, from a given step on when a run resumes (the order is seeded per epoch)."""
 
     data: VideoTextData

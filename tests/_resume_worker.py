@@ -17,7 +17,7 @@ import numpy as np
 from _tiny import random_arrays, tiny_config, tiny_model  # tests/ is this script's directory
 
 from ucofia_jax.runtime import sharding
-from ucofia_jax.training import checkpoints
+from ucofia_jax.training import checkpoints, loop
 from ucofia_jax.training import trainer as train
 
 N, KILL_AT = 6, 5
@@ -33,7 +33,7 @@ def setup():
     state = train.create_train_state(model, 0)
     trainer = train.make_trainer(model, c.train, mesh, state, schedule_total=N)
     # 3 steps per epoch, so the run crosses an epoch boundary (data position matters).
-    data = train.ArrayData(random_arrays(24, c), batch_size=8, seed=3)
+    data = loop.ArrayData(random_arrays(24, c), batch_size=8, seed=3)
     return c, trainer, state, data
 
 
@@ -59,7 +59,7 @@ def run(workdir, trainer, state, data, guard=None):
     placed = train.place_state(trainer, state)
     if ck.latest_step() is not None:
         placed, _ = ck.restore(placed)
-    out = train.train_loop(
+    out = loop.train_loop(
         trainer,
         placed,
         data,

@@ -47,8 +47,9 @@ from data_pipeline import pipeline
 from ucofia_jax.evaluation import evaluator
 from ucofia_jax.models.model import Model
 from ucofia_jax.runtime import distributed, sharding
-from ucofia_jax.training import checkpoints
+from ucofia_jax.training import checkpoints, loop
 from ucofia_jax.training import trainer as train_lib
+from ucofia_jax.training.metric_writer import MetricWriter
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch.sh"
@@ -204,12 +205,12 @@ def _train(out: Path) -> dict:
     trainer.train_step = recording_step
 
     gb = int(config.train.batch_size)
-    data = train_lib.ArrayData(tiny_arrays(config, 4 * gb, seed=1), gb, seed=config.seed)
+    data = loop.ArrayData(tiny_arrays(config, 4 * gb, seed=1), gb, seed=config.seed)
     rows = distributed.local_batch_slice(gb, sharding=sharding.batch_sharding(mesh, 1))
     workdir = (out / "workdir").absolute()
     ckpt = checkpoints.Checkpointer(str(workdir), keep=1)
-    writer = train_lib.MetricWriter(str(workdir), enabled=distributed.is_main_process())
-    state = train_lib.train_loop(
+    writer = MetricWriter(str(workdir), enabled=distributed.is_main_process())
+    state = loop.train_loop(
         trainer,
         state,
         LocalRows(data, rows),

@@ -10,7 +10,7 @@ import pytest
 from _tiny import random_arrays, tiny_config, tiny_model
 
 from ucofia_jax.runtime import sharding
-from ucofia_jax.training import checkpoints
+from ucofia_jax.training import checkpoints, loop
 from ucofia_jax.training import trainer as train
 
 # Float32 reductions are ordered differently once XLA splits the batch and gathers; after
@@ -66,9 +66,9 @@ def test_sharded_step_equals_single_device(single_device):
 
 def test_nonfinite_loss_stops_with_step_and_videos():
     batch = {"video_id": np.array([b"video3", b"video7"])}
-    with pytest.raises(train.NonFiniteLossError, match=r"step 12.*video3.*video7"):
-        train.check_finite_loss(float("nan"), 12, batch)
-    train.check_finite_loss(1.0, 12, batch)
+    with pytest.raises(loop.NonFiniteLossError, match=r"step 12.*video3.*video7"):
+        loop.check_finite_loss(float("nan"), 12, batch)
+    loop.check_finite_loss(1.0, 12, batch)
 
 
 def test_nan_in_loop_is_reported(tmp_path, single_device):
@@ -79,15 +79,15 @@ def test_nan_in_loop_is_reported(tmp_path, single_device):
         state["params"]["head"]["global_mat_weight"] * np.nan
     )
     state = train.place_state(trainer, state)
-    data = train.ArrayData(random_arrays(16, c), batch_size=8)
-    with pytest.raises(train.NonFiniteLossError, match="step 0"):
-        train.train_loop(trainer, state, data, workdir=str(tmp_path), total_steps=2, progress=False)
+    data = loop.ArrayData(random_arrays(16, c), batch_size=8)
+    with pytest.raises(loop.NonFiniteLossError, match="step 0"):
+        loop.train_loop(trainer, state, data, workdir=str(tmp_path), total_steps=2, progress=False)
 
 
 def test_sigterm_saves_and_stops(tmp_path, single_device):
     """SIGTERM mid-epoch: the loop finishes the current step, saves it and returns."""
     c, (mesh, trainer, state) = single_device
-    arrays = train.ArrayData(random_arrays(32, c), batch_size=8)  # 4 steps per epoch
+    arrays = loop.ArrayData(random_arrays(32, c), batch_size=8)  # 4 steps per epoch
 
     class SignalOnSecondBatch:
         steps_per_epoch = arrays.steps_per_epoch
@@ -101,7 +101,7 @@ def test_sigterm_saves_and_stops(tmp_path, single_device):
     guard = checkpoints.PreemptionGuard()
     ckpt = checkpoints.Checkpointer(str(tmp_path), keep=2)
     try:
-        out = train.train_loop(
+        out = loop.train_loop(
             trainer,
             train.place_state(trainer, state),
             SignalOnSecondBatch(),

@@ -32,7 +32,8 @@ from ucofia_jax.evaluation import evaluator, report
 from ucofia_jax.models import ucofia_names
 from ucofia_jax.models.model import Model
 from ucofia_jax.runtime import distributed, sharding
-from ucofia_jax.training import checkpoints, optim, trainer
+from ucofia_jax.training import checkpoints, loop, optim, trainer
+from ucofia_jax.training.metric_writer import MetricWriter
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -97,7 +98,7 @@ class _RunOutput:
         self.t_start = time.time()
         self.main = distributed.is_main_process()
         os.makedirs(workdir, exist_ok=True)
-        self.writer = trainer.MetricWriter(workdir, enabled=self.main)
+        self.writer = MetricWriter(workdir, enabled=self.main)
 
     def say(self, msg: str) -> None:
         if self.main:
@@ -223,7 +224,7 @@ def _train(config, workdir, model, mesh, fns, splits, out, progress):
             return res["t2v"]["R@1"]
 
         t0 = time.time()
-        state = trainer.train_loop(
+        state = loop.train_loop(
             run_trainer,
             state,
             splits.train.train_epochs(seed=config.seed, global_batch=tc.batch_size),

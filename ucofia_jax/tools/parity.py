@@ -35,7 +35,7 @@ import glob
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Dict, List, Optional
 
@@ -123,9 +123,13 @@ def _compare(case, key, ours, ref, kind, tol: Tolerances, note="") -> Result:
     )
 
 
-def _load_case(path):
+def _load_npz(path) -> Dict[str, np.ndarray]:
     z = np.load(path, allow_pickle=False)
     return {k: z[k] for k in z.files}
+
+
+def _f32(z, key):
+    return jnp.asarray(z[key], jnp.float32)
 
 
 def _head_params(z, prefix, template, predictor_prefix=None):
@@ -139,74 +143,127 @@ def _head_params(z, prefix, template, predictor_prefix=None):
     return load_original_head_state_dict(sd, template)
 
 
+def _param_template(m: UCoFiAHead, n_patches: int):
+    """The shapes of ``m``'s parameter tree (an abstract init: nothing is computed)."""
+    d, f = m.embed_dim, m.max_frames
+    shapes = [(1, d), (1, m.max_words, d), (1, f, d), (1, n_patches, d), (1, f)]
+    dummy = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    key = jax.random.PRNGKey(0)
+
+    # The features go through eval_shape's own arguments: only those are made abstract
+    # (arrays bound in a partial would be traced as values). 0.0 is the logit scale.
+    def init(*features):
+        return m.init(key, *features, 0.0, train=False, rng=key)
+
+    return jax.eval_shape(init, *dummy)["params"]
+
+
+@dataclass
+class _Case:
+    """One golden case as its parts share it: the stored arrays, the results so far, and
+    the training head with the parameters and inputs every path starts from."""
+
+    name: str  # 'case_1': the Result.case of its keys
+    z: Dict[str, np.ndarray]  # the npz: in.*, param.* and the reference keys
+    tol: Tolerances
+    head: UCoFiAHead  # the training head ('new' predictor); eval heads are clones of it
+    params: dict  # param.* mapped onto the head's tree (jnp arrays)
+    logit_scale: jax.Array  # param.clip.logit_scale (log of the scale)
+    inputs: Dict[str, jax.Array]  # text_cls, text_tokens, frame_cls, patch_tokens
+    video_mask: jax.Array
+    # How the training selector picks: the stored noise where there is one, else the stored
+    # indicator (JAX and torch RNGs differ, so we never draw our own).
+    selection: Dict[str, jax.Array]
+    results: List[Result] = field(default_factory=list)
+
+    @property
+    def has_noise(self) -> bool:
+        return "train.tokensel_noise" in self.z
+
+    def f32(self, key: str):
+        return _f32(self.z, key)
+
+    def cmp(self, key: str, ours, kind: str = "value", note: str = "") -> None:
+        """Compares ``ours`` with the stored ``key`` and records the result."""
+        self.results.append(_compare(self.name, key, ours, self.z[key], kind, self.tol, note))
+
+    def params_for(self, m: UCoFiAHead, predictor_prefix: Optional[str] = None):
+        """param.* mapped onto ``m`` (its predictor from ``predictor_prefix`` if given)."""
+        template = _param_template(m, self.z["in.patch_tokens"].shape[1])
+        return _head_params(self.z, "param.", template, predictor_prefix=predictor_prefix)
+
+
+def _load_case(path: str, tol: Tolerances) -> _Case:
+    """The case in ``path`` with the head its parameters describe."""
+    z = _load_npz(path)
+    name = os.path.splitext(os.path.basename(path))[0]
+    _, f, d = z["in.frame_cls"].shape
+    nw = z["in.text_tokens"].shape[1]
+    layers = len({k.split(".")[3] for k in z if k.startswith("param.transformerClip.resblocks.")})
+    p_orig = z["param.frame_logit_weight"].shape[0]
+    if p_orig != f:
+        raise ValueError(f"{name}: frame_logit_weight is {p_orig}x{p_orig} for {f} frames")
+    npix = z["param.pixel_mat_weight"].shape[0]
+    head = UCoFiAHead(
+        embed_dim=d,
+        max_frames=f,
+        max_words=nw,
+        topk=npix // f - 1,  # level 3 sees topk + 1 tokens per frame
+        seq_layers=layers,
+        predictor="new",
+    )
+    template = _param_template(head, z["in.patch_tokens"].shape[1])
+    return _Case(
+        name=name,
+        z=z,
+        tol=tol,
+        head=head,
+        params=jax.tree_util.tree_map(jnp.asarray, _head_params(z, "param.", template)),
+        logit_scale=_f32(z, "param.clip.logit_scale"),
+        inputs={
+            k: _f32(z, "in." + k) for k in ("text_cls", "text_tokens", "frame_cls", "patch_tokens")
+        },
+        video_mask=jnp.asarray(z["in.video_mask"]),
+        selection=(
+            {"noise": _f32(z, "train.tokensel_noise")}
+            if "train.tokensel_noise" in z
+            else {"indicator": _f32(z, "train.tokensel_topk_indicator")}
+        ),
+    )
+
+
 def run_case(
     path: str, tol: Optional[Tolerances] = None, level3_kernel: str = "auto"
 ) -> List[Result]:
     """Every comparable key of one case. ``level3_kernel`` ('auto' | 'xla' | 'native', as
     ``eval.level3_kernel``) picks how the evaluation paths run level 3 after its GEMM;
-    training always runs the XLA code, as training does."""
-    tol = tol or Tolerances()
-    z = _load_case(path)
-    case = os.path.splitext(os.path.basename(path))[0]
-    out: List[Result] = []
-    cmp = lambda key, ours, kind="value", note="": out.append(
-        _compare(case, key, ours, z[key], kind, tol, note)
-    )
-    f32 = lambda k: jnp.asarray(z[k], jnp.float32)
+    training always runs the XLA code, as training does.
 
-    b, f, d = z["in.frame_cls"].shape
-    nw = z["in.text_tokens"].shape[1]
-    layers = len({k.split(".")[3] for k in z if k.startswith("param.transformerClip.resblocks.")})
-    p_orig = z["param.frame_logit_weight"].shape[0]
-    if p_orig != f:
-        raise ValueError(f"{case}: frame_logit_weight is {p_orig}x{p_orig} for {f} frames")
-    npix = z["param.pixel_mat_weight"].shape[0]
-    topk = npix // f - 1
+    Each part jits its own program(s); keep them apart: what shares one jitted program
+    decides XLA's fusions, hence the float32 rounding of the compared keys."""
+    case = _load_case(path, tol or Tolerances())
+    (loss, aux), grads = _training_step(case)
+    _training_keys(case, loss, aux)
+    _check_call_matches_steps(case, aux["logits"])
+    _gradient_keys(case, grads)
+    eval_pairs = _eval_pair_scorer(case, level3_kernel)
+    eval_paths = _eval_keys(case, eval_pairs)
+    _sk_bank_keys(case, eval_pairs, eval_paths)
+    _token_shift_keys(case)
+    return case.results
 
-    def make_head(predictor):
-        return UCoFiAHead(
-            embed_dim=d,
-            max_frames=f,
-            max_words=nw,
-            topk=topk,
-            seq_layers=layers,
-            predictor=predictor,
-        )
 
-    dummy = (
-        jnp.zeros((1, d)),
-        jnp.zeros((1, nw, d)),
-        jnp.zeros((1, f, d)),
-        jnp.zeros((1, z["in.patch_tokens"].shape[1], d)),
-        jnp.ones((1, f)),
-        0.0,
-    )
+# ------------------------------------------------------------------------- training path
 
-    def template(m: UCoFiAHead):
-        key = jax.random.PRNGKey(0)
-        return jax.eval_shape(partial(m.init, key, *dummy, train=False, rng=key))["params"]
 
-    head = make_head("new")
-    params = jax.tree_util.tree_map(jnp.asarray, _head_params(z, "param.", template(head)))
-    ls = f32("param.clip.logit_scale")
-    inputs = dict(
-        text_cls=f32("in.text_cls"),
-        text_tokens=f32("in.text_tokens"),
-        frame_cls=f32("in.frame_cls"),
-        patch_tokens=f32("in.patch_tokens"),
-    )
-    vmask = jnp.asarray(z["in.video_mask"])
-    has_noise = "train.tokensel_noise" in z
-    sel_kw = (
-        {"noise": f32("train.tokensel_noise")}
-        if has_noise
-        else {"indicator": f32("train.tokensel_topk_indicator")}
-    )
+def _training_step(case: _Case):
+    """``((loss, intermediates), (d params, d logit scale, d inputs))`` of the training
+    forward, forward and gradients in one jitted program as in training."""
+    sel_kw, vmask = case.selection, case.video_mask
 
-    # ---------------------------------------------------------------- training path
     def train_forward(m: UCoFiAHead, text_cls, text_tokens, frame_cls, patch_tokens, ls):
         # The head's training forward (``__call__``) step by step, exposing its intermediates;
-        # that ``__call__`` computes the same logits is checked below.
+        # that ``__call__`` computes the same logits is checked by _check_call_matches_steps.
         pixels, scores, ind = m.select_tokens(patch_tokens, train=True, **sel_kw)
         seq_out = m.temporal_encoder(frame_cls, vmask)
         t = m.encode_text(text_cls, text_tokens)
@@ -232,7 +289,7 @@ def run_case(
         return symmetric_cross_entropy(logits), aux
 
     def loss_fn(params, ls, inp):
-        return head.apply(
+        return case.head.apply(
             {"params": params},
             inp["text_cls"],
             inp["text_tokens"],
@@ -242,39 +299,45 @@ def run_case(
             method=train_forward,
         )
 
-    (loss, aux), (g_params, g_ls, g_in) = jax.jit(
-        jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
-    )(params, ls, inputs)
+    return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True))(
+        case.params, case.logit_scale, case.inputs
+    )
 
+
+# Patch-word intermediates: (our name in the training forward's intermediates, the reference
+# key after "train.", the permutation from our layout to the reference's). Ours are
+# 't v w p' / 't v p' / 't v w'; the original keeps 't w v p' / 't v p' / 't w v'.
+_PATCH_WORD_VALUES = [
+    ("fine_grained_sim", "pw_fine_grained_sim", (0, 2, 1, 3)),
+    ("word_level_logit", "pw_word_level_logit", None),
+    ("pixel_level_logit", "pw_pixel_level_logit", (0, 2, 1)),
+    ("sent2pixel_logit", "pw_sent2pixel_logit", None),
+    ("video2word_logit", "pw_video2word_logit", None),
+]
+_PATCH_WORD_ISA_WEIGHTS = [  # compared where stored
+    ("word_isa_weights", "pw_word_isa_weights", (0, 2, 1, 3)),
+    ("pixel_isa_weights", "pw_pixel_isa_weights", (0, 2, 1, 3)),
+    ("sent2pixel_isa_weights", "pw_sent2pixel_isa_weights", None),
+    ("video2word_isa_weights", "pw_video2word_isa_weights", (0, 2, 1)),
+]
+
+
+def _training_keys(case: _Case, loss, aux) -> None:
+    """train.*: the training forward's intermediates, logits and losses."""
+    cmp = case.cmp
     cmp("train.tokensel_pred_score", aux["scores"])
-    if has_noise:
+    if case.has_noise:  # otherwise the stored indicator was fed in
         cmp("train.tokensel_topk_indicator", aux["indicator"], "indicator")
     cmp("train.pixel_tokens", aux["pixels"])
     cmp("train.seqtransf_output", aux["seq_out"])
     cmp("train.video_feature", aux["video"])
     cmp("train.sim_video_sentence", aux["s1"])
     cmp("train.sim_sentence_frame", aux["s2"])
-    for ours, ref in [
-        ("fine_grained_sim", "pw_fine_grained_sim"),
-        ("word_level_logit", "pw_word_level_logit"),
-        ("pixel_level_logit", "pw_pixel_level_logit"),
-        ("sent2pixel_logit", "pw_sent2pixel_logit"),
-        ("video2word_logit", "pw_video2word_logit"),
-    ]:
-        # ours 't v w p' / 't v p' / 't v w'; the original keeps 't w v p' / 't v p' / 't w v'
-        val = aux[ours]
-        if ours == "fine_grained_sim":
-            val = jnp.transpose(val, (0, 2, 1, 3))
-        if ours == "pixel_level_logit":
-            val = jnp.transpose(val, (0, 2, 1))
+    for ours, ref, perm in _PATCH_WORD_VALUES:
+        val = aux[ours] if perm is None else jnp.transpose(aux[ours], perm)
         cmp("train." + ref, val)
-    for ours, ref, perm in [
-        ("word_isa_weights", "pw_word_isa_weights", (0, 2, 1, 3)),
-        ("pixel_isa_weights", "pw_pixel_isa_weights", (0, 2, 1, 3)),
-        ("sent2pixel_isa_weights", "pw_sent2pixel_isa_weights", None),
-        ("video2word_isa_weights", "pw_video2word_isa_weights", (0, 2, 1)),
-    ]:
-        if "train." + ref in z:
+    for ours, ref, perm in _PATCH_WORD_ISA_WEIGHTS:
+        if "train." + ref in case.z:
             val = aux[ours] if perm is None else jnp.transpose(aux[ours], perm)
             cmp("train." + ref, val, "isa_weights")
     cmp("train.sim_pixel_word", aux["s3"])
@@ -282,138 +345,183 @@ def run_case(
     cmp("train.loss", loss)
     cmp("train.loss_t2v", cross_entropy_diag(aux["logits"]))
     cmp("train.loss_v2t", cross_entropy_diag(aux["logits"].T))
-    # The forward above is the head's own training forward (a separate program: one graph
-    # with both would change XLA's fusions, hence float32 rounding, of the compared keys).
-    call_logits = jax.jit(partial(head.apply, train=True, **sel_kw))(
-        {"params": params},
+
+
+def _check_call_matches_steps(case: _Case, step_logits) -> None:
+    """The forward of _training_step is the head's own training forward (``__call__``).
+
+    A separate program: one graph with both would change XLA's fusions, hence the float32
+    rounding, of the compared keys."""
+    inputs = case.inputs
+    call_logits = jax.jit(partial(case.head.apply, train=True, **case.selection))(
+        {"params": case.params},
         inputs["text_cls"],
         inputs["text_tokens"],
         inputs["frame_cls"],
         inputs["patch_tokens"],
-        vmask,
-        ls,
+        case.video_mask,
+        case.logit_scale,
     )
-    gap = float(jnp.max(jnp.abs(call_logits - aux["logits"])))
-    if not gap <= tol.atol * max(1.0, float(jnp.max(jnp.abs(aux["logits"])))):
+    gap = float(jnp.max(jnp.abs(call_logits - step_logits)))
+    if not gap <= case.tol.atol * max(1.0, float(jnp.max(jnp.abs(step_logits)))):
         raise RuntimeError(f"UCoFiAHead.__call__ differs from its steps by {gap:.3e} (logits)")
 
-    # gradients
-    for key in sorted(k for k in z if k.startswith("grad.")):
+
+def _gradient_keys(case: _Case, grads) -> None:
+    """grad.* (parameters, by their original names) and grad_in.* (inputs)."""
+    g_params, g_ls, g_in = grads
+    for key in sorted(k for k in case.z if k.startswith("grad.")):
         name = key[len("grad.") :]
         if name == "clip.logit_scale":
-            cmp(key, g_ls, "grad")
+            case.cmp(key, g_ls, "grad")
             continue
         path, transposed = our_path(name)
-        if path[0] == "selector" and not has_noise:
-            continue
+        if path[0] == "selector" and not case.has_noise:
+            continue  # a fed-in indicator leaves no path from the scores to the loss
         g = g_params
         for p in path:
             g = g[p]
-        cmp(key, g.T if transposed else g, "grad")
-    for key in sorted(k for k in z if k.startswith("grad_in.")):
+        case.cmp(key, g.T if transposed else g, "grad")
+    for key in sorted(k for k in case.z if k.startswith("grad_in.")):
         name = key[len("grad_in.") :]
-        if name == "patch_tokens" and not has_noise:
-            continue
-        cmp(key, g_in[name], "grad")
+        if name == "patch_tokens" and not case.has_noise:
+            continue  # only the predictor path would differ, and it has no gradient then
+        case.cmp(key, g_in[name], "grad")
 
-    # ---------------------------------------------------------------- eval paths
-    # As the evaluator does (evaluation.evaluator.retrieval_fns): the pair function of
-    # eval.level3_kernel, i.e. the native kernel after the GEMM where it is chosen.
-    pair_fn = native.pair_levels_for(level3_kernel, mask_padding=head.mask_padding)
+
+# ------------------------------------------------------------------------- evaluation paths
+
+
+@dataclass
+class _EvalPath:
+    """One evaluation direction as the SK-norm banks reuse it."""
+
+    head: UCoFiAHead  # with this direction's predictor
+    params: dict
+    levels: sim_ops.SimilarityLevels  # test texts x test videos
+
+
+# (tag, predictor, prefix of its stored predictor parameters): t2v evaluates with the
+# original's old predictor (param_evalt2v.*), v2t with the training one.
+_EVAL_DIRECTIONS = [("evalt2v", "old", "param_evalt2v."), ("evalv2t", "new", None)]
+
+
+def _eval_pair_scorer(case: _Case, level3_kernel: str):
+    """``(head, text, video) -> SimilarityLevels`` as the evaluator scores pairs
+    (evaluation.evaluator.retrieval_fns): the pair function of eval.level3_kernel, i.e. the
+    native kernel after the GEMM where it is chosen. Called inside the jitted eval programs;
+    the logit scale is the case's, captured (a constant of those programs)."""
+    pair_fn = native.pair_levels_for(level3_kernel, mask_padding=case.head.mask_padding)
+    ls = case.logit_scale
 
     def eval_pairs(m: UCoFiAHead, text: TextFeatures, video: VideoFeatures):
         return sim_ops.SimilarityLevels(*pair_fn(*m.pair_inputs(text, video, ls, train=False)))
 
+    return eval_pairs
+
+
+def _eval_keys(case: _Case, eval_pairs) -> Dict[str, _EvalPath]:
+    """evalt2v.* / evalv2t.*: predictor scores and the three levels on the test pairs, each
+    direction with its stored selection. Returns the directions the case stores."""
+
+    # ``ls`` is passed but unused: eval_pairs scales with the captured logit scale. Left as
+    # is so that the jitted program (constants included) stays the one the guard was set on.
     def eval_levels(m, text_cls, text_tokens, frame_cls, patch_tokens, vmask, ls, indicator):
         t = m.encode_text(text_cls, text_tokens)
         _, scores, _ = m.select_tokens(patch_tokens, train=False, indicator=indicator)
         v = m.encode_video(frame_cls, patch_tokens, vmask, train=False, indicator=indicator)
         return scores, eval_pairs(m, t, v)
 
-    levels = {}
-    videos = {}
-    for tag, predictor, pp in [("evalt2v", "old", "param_evalt2v."), ("evalv2t", "new", None)]:
-        if f"{tag}.sim_video_sentence" not in z:
+    paths: Dict[str, _EvalPath] = {}
+    for tag, predictor, predictor_prefix in _EVAL_DIRECTIONS:
+        if f"{tag}.sim_video_sentence" not in case.z:
             continue
-        m = make_head(predictor)
-        prm = _head_params(z, "param.", template(m), predictor_prefix=pp)
+        m = case.head.clone(predictor=predictor)
+        prm = case.params_for(m, predictor_prefix)
         scores, lv = jax.jit(partial(m.apply, method=eval_levels))(
             {"params": prm},
-            inputs["text_cls"],
-            inputs["text_tokens"],
-            inputs["frame_cls"],
-            inputs["patch_tokens"],
-            vmask,
-            ls,
-            f32(f"{tag}.tokensel_topk_indicator"),
+            case.inputs["text_cls"],
+            case.inputs["text_tokens"],
+            case.inputs["frame_cls"],
+            case.inputs["patch_tokens"],
+            case.video_mask,
+            case.logit_scale,
+            case.f32(f"{tag}.tokensel_topk_indicator"),
         )
-        cmp(f"{tag}.tokensel_pred_score", scores)
+        case.cmp(f"{tag}.tokensel_pred_score", scores)
         for name, s in zip(("sim_video_sentence", "sim_sentence_frame", "sim_pixel_word"), lv):
-            cmp(f"{tag}.{name}", s)
-        cmp(f"{tag}.sim_mean_no_sk", sum(lv) / 3.0)
-        levels[tag], videos[tag] = lv, (m, prm)
+            case.cmp(f"{tag}.{name}", s)
+        case.cmp(f"{tag}.sim_mean_no_sk", sum(lv) / 3.0)
+        paths[tag] = _EvalPath(m, prm, lv)
+    return paths
 
-    # SK-norm t2v: training texts x test videos (the evalt2v selection is reused)
-    if "sk_t2v.final_sim" in z and "evalt2v" in levels:
-        m, prm = videos["evalt2v"]
 
-        def bank_t2v(m, ttc, ttt):
-            t = m.encode_text(ttc, ttt)
-            v = m.encode_video(
-                inputs["frame_cls"],
-                inputs["patch_tokens"],
-                vmask,
-                train=False,
-                indicator=f32("evalt2v.tokensel_topk_indicator"),
-            )
-            return eval_pairs(m, t, v)
+# ------------------------------------------------------------------------- SK-norm banks
 
-        bank = jax.jit(partial(m.apply, method=bank_t2v))(
-            {"params": prm}, f32("sk_t2v.in.train_text_cls"), f32("sk_t2v.in.train_text_tokens")
+
+def _sk_bank_keys(case: _Case, eval_pairs, paths: Dict[str, _EvalPath]) -> None:
+    """sk_t2v.* / sk_v2t.*, each on the levels of its evaluation direction."""
+    if "sk_t2v.final_sim" in case.z and "evalt2v" in paths:
+        bank = _t2v_bank(case, eval_pairs, paths["evalt2v"])
+        _sk_norm_keys(case, "sk_t2v", bank, paths["evalt2v"].levels, "t2v")
+    if "sk_v2t.final_sim" in case.z and "evalv2t" in paths:
+        bank = _v2t_bank(case, eval_pairs, paths["evalv2t"])
+        _sk_norm_keys(case, "sk_v2t", bank, paths["evalv2t"].levels, "v2t")
+
+
+def _t2v_bank(case: _Case, eval_pairs, path: _EvalPath):
+    """Levels of training texts x test videos (the evalt2v selection is reused)."""
+
+    def bank_t2v(m, ttc, ttt):
+        t = m.encode_text(ttc, ttt)
+        v = m.encode_video(
+            case.inputs["frame_cls"],
+            case.inputs["patch_tokens"],
+            case.video_mask,
+            train=False,
+            indicator=case.f32("evalt2v.tokensel_topk_indicator"),
         )
-        _sk_checks(cmp, z, "sk_t2v", bank, levels["evalt2v"], "t2v")
+        return eval_pairs(m, t, v)
 
-    # SK-norm v2t: (test texts x training videos)ᵀ
-    if "sk_v2t.final_sim" in z and "evalv2t" in levels:
-        m, prm = videos["evalv2t"]
-
-        def bank_v2t(m):
-            t = m.encode_text(inputs["text_cls"], inputs["text_tokens"])
-            v = m.encode_video(
-                f32("sk_v2t.in.train_frame_cls"),
-                f32("sk_v2t.in.train_patch_tokens"),
-                jnp.asarray(z["sk_v2t.in.train_video_mask"]),
-                train=False,
-                indicator=f32("sk_v2t.train_tokensel_topk_indicator"),
-            )
-            return eval_pairs(m, t, v)
-
-        bank = jax.jit(partial(m.apply, method=bank_v2t))({"params": prm})
-        _sk_checks(cmp, z, "sk_v2t", bank, levels["evalv2t"], "v2t")
-
-    # TS2-Net token shift (CLIP visual blocks 10-11)
-    if "patchshift.in" in z:
-        x = np.asarray(z["patchshift.in"])  # 'n f c' (sequence first)
-        y = token_shift(jnp.asarray(x.transpose(1, 0, 2)), num_frames=x.shape[1])
-        cmp("patchshift.out", np.asarray(y).transpose(1, 0, 2))
-    return out
+    return jax.jit(partial(path.head.apply, method=bank_t2v))(
+        {"params": path.params},
+        case.f32("sk_t2v.in.train_text_cls"),
+        case.f32("sk_t2v.in.train_text_tokens"),
+    )
 
 
-def _sk_checks(cmp, z, tag, bank, test_levels, direction):
+def _v2t_bank(case: _Case, eval_pairs, path: _EvalPath):
+    """Levels of test texts x training videos (transposed by _sk_norm_keys)."""
+
+    def bank_v2t(m):
+        t = m.encode_text(case.inputs["text_cls"], case.inputs["text_tokens"])
+        v = m.encode_video(
+            case.f32("sk_v2t.in.train_frame_cls"),
+            case.f32("sk_v2t.in.train_patch_tokens"),
+            jnp.asarray(case.z["sk_v2t.in.train_video_mask"]),
+            train=False,
+            indicator=case.f32("sk_v2t.train_tokensel_topk_indicator"),
+        )
+        return eval_pairs(m, t, v)
+
+    return jax.jit(partial(path.head.apply, method=bank_v2t))({"params": path.params})
+
+
+def _sk_norm_keys(case: _Case, tag, bank, test_levels, direction) -> None:
     """Sinkhorn on the *stored* bank (isolates SK), and the final matrix from our own chain."""
     priors = []
     for l in (1, 2, 3):
-        cmp(f"{tag}.train_sim_{l}", bank[l - 1])
-        ref_bank = jnp.asarray(z[f"{tag}.train_sim_{l}"])
+        case.cmp(f"{tag}.train_sim_{l}", bank[l - 1])
+        ref_bank = jnp.asarray(case.z[f"{tag}.train_sim_{l}"])
         ref_bank = ref_bank if direction == "t2v" else ref_bank.T
         r = sinkhorn_knopp(ref_bank)
-        cmp(f"{tag}.a_{l}", r.a, "scaling")
-        cmp(f"{tag}.b_{l}", r.b, "scaling")
+        case.cmp(f"{tag}.a_{l}", r.a, "scaling")
+        case.cmp(f"{tag}.b_{l}", r.b, "scaling")
         rows, cols = (
             ("text_bias", "video_bias") if direction == "t2v" else ("video_bias", "text_bias")
         )
-        cmp(f"{tag}.{rows}_{l}", r.row_log_prior)
-        cmp(f"{tag}.{cols}_{l}", r.col_log_prior)
+        case.cmp(f"{tag}.{rows}_{l}", r.row_log_prior)
+        case.cmp(f"{tag}.{cols}_{l}", r.col_log_prior)
         ours_bank = bank[l - 1] if direction == "t2v" else bank[l - 1].T
         prior = sinkhorn_knopp(ours_bank).col_log_prior
         biased = (
@@ -421,9 +529,20 @@ def _sk_checks(cmp, z, tag, bank, test_levels, direction):
             if direction == "t2v"
             else test_levels[l - 1] + prior[:, None]
         )
-        cmp(f"{tag}.test_sim_biased_{l}", biased)
+        case.cmp(f"{tag}.test_sim_biased_{l}", biased)
         priors.append(biased)
-    cmp(f"{tag}.final_sim", sum(priors) / 3.0)
+    case.cmp(f"{tag}.final_sim", sum(priors) / 3.0)
+
+
+# ------------------------------------------------------------------------- token shift
+
+
+def _token_shift_keys(case: _Case) -> None:
+    """patchshift.out: TS2-Net token shift (CLIP visual blocks 10-11)."""
+    if "patchshift.in" in case.z:
+        x = np.asarray(case.z["patchshift.in"])  # 'n f c' (sequence first)
+        y = token_shift(jnp.asarray(x.transpose(1, 0, 2)), num_frames=x.shape[1])
+        case.cmp("patchshift.out", np.asarray(y).transpose(1, 0, 2))
 
 
 def main(argv=None) -> int:
