@@ -34,18 +34,19 @@ import sys
 import time
 from pathlib import Path
 
+# Accelerator hosts may run this from a copy of the tree without `pip install -e .`.
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax  # noqa: E402 -- after the sys.path line
+import numpy as np  # noqa: E402 -- after the sys.path line
 
-from data_pipeline import pipeline  # noqa: E402
-from ucofia_jax.evaluation import evaluator  # noqa: E402
-from ucofia_jax.models.model import Model  # noqa: E402
-from ucofia_jax.runtime import sharding  # noqa: E402
-from ucofia_jax.training import trainer as trainer_lib  # noqa: E402
+from data_pipeline import pipeline  # noqa: E402 -- after the sys.path line
+from ucofia_jax.evaluation import evaluator  # noqa: E402 -- after the sys.path line
+from ucofia_jax.models.model import Model  # noqa: E402 -- after the sys.path line
+from ucofia_jax.runtime import sharding  # noqa: E402 -- after the sys.path line
+from ucofia_jax.training import trainer as trainer_lib  # noqa: E402 -- after the sys.path line
 
 
 def parse_args(argv=None):

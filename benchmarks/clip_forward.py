@@ -12,16 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ucofia_jax.models import clip  # noqa: E402
+from ucofia_jax.models import clip
 
 
 def random_params(cfg: clip.CLIPConfig, seed: int = 0) -> dict:

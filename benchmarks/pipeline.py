@@ -17,11 +17,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import demo  # noqa: E402
-from data_pipeline import build as build_lib  # noqa: E402
-from data_pipeline import pipeline, synthetic  # noqa: E402
+from configs import demo
+from data_pipeline import build as build_lib
+from data_pipeline import pipeline, synthetic
 
 
 def main(argv=None):

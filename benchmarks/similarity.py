@@ -36,19 +36,17 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ucofia_jax.kernels import native  # noqa: E402
-from ucofia_jax.models import clip as clip_lib  # noqa: E402
-from ucofia_jax.models.head import UCoFiAHead  # noqa: E402
-from ucofia_jax.models.model import Blocks, Model  # noqa: E402
-from ucofia_jax.ops.blockwise import map_in_blocks  # noqa: E402
-from ucofia_jax.ops.sinkhorn import sk_prior_t2v  # noqa: E402
-from ucofia_jax.ops.topk import hash_normal  # noqa: E402
+from ucofia_jax.kernels import native
+from ucofia_jax.models import clip as clip_lib
+from ucofia_jax.models.head import UCoFiAHead
+from ucofia_jax.models.model import Blocks, Model
+from ucofia_jax.ops.blockwise import map_in_blocks
+from ucofia_jax.ops.sinkhorn import sk_prior_t2v
+from ucofia_jax.ops.topk import hash_normal
 
 D, NW, F, NTOK, LAYERS = 512, 32, 12, 50, 4
 

@@ -14,20 +14,16 @@ batch is sharded over all devices on 'data'). FLOPs come from the compiled step'
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from configs import demo, msrvtt  # noqa: E402
-from ucofia_jax import config as config_lib  # noqa: E402
-from ucofia_jax.models.model import Model  # noqa: E402
-from ucofia_jax.runtime import sharding  # noqa: E402
-from ucofia_jax.training import trainer as trainer_lib  # noqa: E402
+from configs import demo, msrvtt
+from ucofia_jax import config as config_lib
+from ucofia_jax.models.model import Model
+from ucofia_jax.runtime import sharding
+from ucofia_jax.training import trainer as trainer_lib
 
 
 def build_config(args):

@@ -14,16 +14,13 @@ import argparse
 import multiprocessing
 import os
 import resource
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data_pipeline import compress  # noqa: E402
-from data_pipeline.video import decode_clip, write_video  # noqa: E402
+from data_pipeline import compress
+from data_pipeline.video import decode_clip, write_video
 
 
 def make_clip(path, seed, seconds=10, fps=30, w=320, h=240):
