@@ -181,7 +181,7 @@ class RandomSplit:
         for t, v in zip(*self._plan(self.num_texts, global_batch, limit, seed)):
             yield {"input_ids": self.input_ids[t], "valid": v}
 
-    def eval_video_batches(self, *, global_batch, limit=None, seed=0, prefetch=2):
+    def eval_video_batches(self, *, global_batch, limit=None, seed=0):
         for i, (t, v) in enumerate(zip(*self._plan(self.num_videos, global_batch, limit, seed))):
             a = random_arrays(self.config, len(t), self.seed * 100003 + i)
             yield {"frames": a["frames"], "frame_mask": a["frame_mask"], "valid": v}

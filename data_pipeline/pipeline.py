@@ -278,7 +278,7 @@ class VideoTextData:
         return n // global_batch
 
     def train_batches(
-        self, *, epoch: int, seed: int, global_batch: int, start_step: int = 0, prefetch: int = 2
+        self, *, epoch: int, seed: int, global_batch: int, start_step: int = 0
     ) -> Iterator[dict[str, np.ndarray]]:
         """This process's share of every global batch of `epoch`, from `start_step` on."""
         vplan, tplan = train_plan(
@@ -292,23 +292,22 @@ class VideoTextData:
             raise ValueError(f"start_step {start_step} not in [0, {len(vplan)}] (steps per epoch)")
         vplan = shard_plan(vplan, self.process_index, self.process_count)[start_step:]
         tplan = shard_plan(tplan, self.process_index, self.process_count)[start_step:]
-        for batch in self._video_stream(vplan, {"text_index": tplan}, prefetch):
+        for batch in self._video_stream(vplan, {"text_index": tplan}):
             yield self._add_text(batch)
 
     def train_epochs(self, *, seed: int, global_batch: int) -> TrainEpochs:
-        """The training stream as the train loop takes it (``config.data.prefetch`` batches)."""
+        """The training stream as the train loop takes it."""
         return TrainEpochs(
             data=self,
             seed=seed,
             global_batch=global_batch,
-            prefetch=self.data_cfg.prefetch,
             steps_per_epoch=self.steps_per_epoch(global_batch),
         )
 
     # --- evaluation ---
 
     def eval_video_batches(
-        self, *, global_batch: int, limit: int | None = None, seed: int = 0, prefetch: int = 2
+        self, *, global_batch: int, limit: int | None = None, seed: int = 0
     ) -> Iterator[dict[str, np.ndarray]]:
         """Every video of the split exactly once (or `limit` of them, seeded), last batch padded."""
         order = self._subset(self.num_videos, limit, seed)
@@ -317,7 +316,6 @@ class VideoTextData:
         yield from self._video_stream(
             shard_plan(index, self.process_index, self.process_count),
             {"valid": shard_plan(valid, self.process_index, self.process_count)},
-            prefetch,
         )
 
     def eval_text_batches(
@@ -365,7 +363,7 @@ class VideoTextData:
         return batch
 
     def _video_stream(
-        self, video_plan: np.ndarray, extra: dict[str, np.ndarray], prefetch: int
+        self, video_plan: np.ndarray, extra: dict[str, np.ndarray]
     ) -> Iterator[dict[str, np.ndarray]]:
         """Fetches and decodes the records of `video_plan` [steps, b] in order, batched by row."""
         steps, b = video_plan.shape
@@ -401,7 +399,7 @@ class VideoTextData:
         # deterministic=True keeps the planned order even with parallel decoding.
         ds = ds.map(load, num_parallel_calls=self.data_cfg.num_parallel_calls, deterministic=True)
         ds = ds.batch(b, drop_remainder=True)
-        ds = ds.prefetch(prefetch)
+        ds = ds.prefetch(self.data_cfg.prefetch)
         options = tf.data.Options()
         options.deterministic = True
         options.threading.private_threadpool_size = max(os.cpu_count() or 1, 2)
@@ -417,7 +415,6 @@ class TrainEpochs:
     data: VideoTextData
     seed: int
     global_batch: int
-    prefetch: int
     steps_per_epoch: int
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -426,5 +423,4 @@ class TrainEpochs:
             seed=self.seed,
             global_batch=self.global_batch,
             start_step=start_step,
-            prefetch=self.prefetch,
         )

@@ -281,7 +281,7 @@ class ArrayVideoText:
                 "valid": v,
             }
 
-    def eval_video_batches(self, *, global_batch, limit=None, seed=0, prefetch=2):
+    def eval_video_batches(self, *, global_batch, limit=None, seed=0):
         for t, v in zip(*self._plan(self.num_videos, global_batch, limit, seed)):
             yield {
                 "frames": self.arrays["frames"][t],

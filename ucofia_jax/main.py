@@ -72,8 +72,10 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> Dict[str, Any
         model = Model.from_config(
             config.model, max_frames=config.data.max_frames, max_words=config.data.max_words
         )
-        fns = evaluator.retrieval_fns(model, mesh, config.eval)  # compiled once per run
         splits = _Splits.open(config, train=train, evaluate=evaluate)
+        # Built once per run, and only when something is evaluated: choosing the level-3
+        # kernel may compile it.
+        fns = None if splits.test is None else evaluator.retrieval_fns(model, mesh, config.eval)
         if train:
             params, step = _train(config, workdir, model, mesh, fns, splits, out, progress)
             if params is None:

@@ -138,13 +138,17 @@ def load() -> Tuple[bool, str]:
         return _state["ok"], _state["reason"]
 
 
+def _check_choice(choice: str) -> None:
+    if choice not in LEVEL3_KERNELS:
+        raise ValueError(f"level3_kernel must be one of {LEVEL3_KERNELS}, got {choice!r}")
+
+
 def resolve_level3_kernel(choice: str) -> str:
     """'auto' | 'xla' | 'native' -> 'xla' or 'native' for this process.
 
     'auto' is 'native' when the default backend is the CPU and the kernel builds; 'native'
     insists (error naming the reason when it cannot)."""
-    if choice not in LEVEL3_KERNELS:
-        raise ValueError(f"level3_kernel must be one of {LEVEL3_KERNELS}, got {choice!r}")
+    _check_choice(choice)
     if choice == "xla":
         return "xla"
     if jax.default_backend() != "cpu":
@@ -238,6 +242,7 @@ def pair_levels_for(choice: str, *, mask_padding: bool):
 
     Masked padding needs the XLA code ('auto' falls back to it; 'native' is refused)."""
     if mask_padding:
+        _check_choice(choice)
         if choice == "native":
             raise ValueError(
                 "level3_kernel='native' takes no masks; model.head.mask_padding=True needs "

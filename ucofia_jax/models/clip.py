@@ -113,9 +113,15 @@ def normalize_images(images: jax.Array) -> jax.Array:
     return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
 
 
+def eot_positions(input_ids: jax.Array) -> jax.Array:
+    """input_ids 'b l' -> 'b': where EOT stands, found as argmax(ids) (it has the largest id),
+    as the original does."""
+    return jnp.argmax(input_ids, axis=-1)
+
+
 def sentence_features(text_hidden: jax.Array, input_ids: jax.Array) -> jax.Array:
-    """text_hidden 'b l d', input_ids 'b l' -> 'b d' at argmax(ids) (the EOT, as the original)."""
-    idx = jnp.argmax(input_ids, axis=-1)
+    """text_hidden 'b l d', input_ids 'b l' -> 'b d' at the EOT token."""
+    idx = eot_positions(input_ids)
     return jnp.take_along_axis(text_hidden, idx[:, None, None], axis=1)[:, 0]
 
 

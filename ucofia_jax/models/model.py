@@ -32,8 +32,8 @@ from ucofia_jax.ops.losses import symmetric_cross_entropy
 Params = Dict[str, Any]
 PairFn = Callable[..., similarity.SimilarityLevels]
 
-# Keys of config.model.clip / config.model.head that say how to initialise, not what to build.
-CLIP_INIT_KEYS = ("checkpoint",)
+# Keys of config.model.head that say how to initialise, not what to build (config.model.clip's
+# `checkpoint` is set aside by CLIPConfig.from_ml).
 HEAD_INIT_KEYS = ("init_temporal_from_clip",)
 
 
@@ -124,8 +124,7 @@ class Model:
             {"params": params["clip"]}, input_ids, method=clip_lib.CLIP.encode_text
         )
         sentence = clip_lib.sentence_features(hidden, input_ids)
-        # Real tokens are SOT..EOT; EOT has the largest id, as in sentence_features.
-        eot = jnp.argmax(input_ids, axis=-1)
+        eot = clip_lib.eot_positions(input_ids)  # real tokens are SOT..EOT
         mask = (jnp.arange(input_ids.shape[1])[None, :] <= eot[:, None]).astype(jnp.int32)
         return self.head.apply(
             {"params": params["head"]},
