@@ -30,8 +30,19 @@ EXTRAS_REQUIRE = {
     # torch==2.13.0 takes a 2.13.0+cpu wheel where pip is offered one (see README
     # "Quick start") and the public build elsewhere; an unpinned torch pulls a
     # multi-GB CUDA build. ruff: tests/test_style.py; its formatting and rules
-    # change between minor releases, hence the range.
-    "test": ["pytest>=7", "pytest-xdist>=3", "torch==2.13.0", "ruff>=0.17,<0.18"],
+    # change between minor releases, hence the range. hypothesis: the reader fuzz tests;
+    # selenium: the search page's browser test (it drives Debian's chromium).
+    "test": [
+        "pytest>=7",
+        "pytest-xdist>=3",
+        "torch==2.13.0",
+        "ruff>=0.17,<0.18",
+        "hypothesis>=6.100",
+        "selenium>=4.20",
+    ],
+    # `python -m ucofia_jax.search`: the embedded vector store. The web page uses only the
+    # standard library's http.server.
+    "search": ["lancedb>=0.40,<0.41"],
     "openai": ["torch>=2.0"],  # only to import OpenAI ``.pt`` checkpoints
 }
 
