@@ -53,8 +53,11 @@ setup(
     packages=find_packages(
         include=["ucofia_jax", "ucofia_jax.*", "data_pipeline", "data_pipeline.*", "configs"]
     ),
-    # kernels/*.cc: the native CPU kernel is compiled from source on first use
-    package_data={"ucofia_jax": ["assets/*.gz", "assets/LICENSE-*", "kernels/*.cc"]},
+    # kernels/*.cc: the native CPU kernel is compiled from source on first use;
+    # search/static: the search page
+    package_data={
+        "ucofia_jax": ["assets/*.gz", "assets/LICENSE-*", "kernels/*.cc", "search/static/*"]
+    },
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 
 from data_pipeline import builder as builder_lib
 from data_pipeline import tables
+from data_pipeline.datasets._common import ANNOTATION_REASONS
 from data_pipeline.records import DataError
 
 
@@ -61,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--strict",
         action="store_true",
-        help="fail at the first bad annotation row or video instead of skipping it",
+        help="refuse bad input instead of skipping it: lists every annotation problem of "
+        "every split before decoding (and every video of a split that fails to decode)",
     )
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: all CPUs)")
     p.add_argument(
@@ -95,7 +97,8 @@ def build(
 
     Keys: ``config``, ``path`` (the TFDS version dir), ``written`` (clips per split),
     ``skipped`` (count per reason), ``report`` (report file or None), ``reused`` (bool).
-    Raises `DataError` for a bad layout, and in strict mode for any bad input.
+    Raises `DataError` for a bad layout, and in strict mode for any bad input (one error
+    that lists every problem; the skip report on disk has them too).
     """
     if not progress:
         tfds.disable_progress_bar()  # TFDS's own per-split bars
@@ -179,7 +182,11 @@ def build(
     total = sum(written.values())
     per_split = ", ".join(f"{s} {n}" for s, n in written.items())
     log(f"{name}: wrote {total} clips ({per_split}) to {b.data_dir} in {time.time() - t0:.1f} s")
-    log(f"{name}: {b.skip_report.summary()}; report: {report}")
+    n_ann = sum(1 for e in b.skip_report if e["reason"] in ANNOTATION_REASONS)
+    log(
+        f"{name}: {b.skip_report.summary()}; {n_ann} of them annotation problems, "
+        f"{len(b.skip_report) - n_ann} videos; report: {report}"
+    )
     return {
         "config": name,
         "path": os.fspath(b.data_dir),

@@ -281,7 +281,9 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
             for MSR-VTT's 7k training list).
           video_dir: folder of the video files; default ``<manual_dir>/videos``.
           workers: decode processes; default all CPUs. 0 decodes in this process.
-          strict: raise `DataError` at the first bad annotation or video instead of skipping.
+          strict: refuse bad input instead of skipping it: every annotation problem of every
+            split is listed in one `DataError` before any video is decoded; the videos of a
+            split that fail to decode are listed together at the end of that split.
           cache_dir: per-clip decode cache (resume); default ``<data_dir>/.ucofia_cache/<config>``;
             '' disables it.
           progress: show a tqdm bar per split.
@@ -297,6 +299,7 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
         self._splits = tuple(splits) if splits else None
         self.skip_report = records_lib.SkipReport()
         self.written: dict[str, int] = {}
+        self._records: dict[str, list[records_lib.ClipRecord]] = {}  # read ahead (strict)
 
     def _info(self) -> tfds.core.DatasetInfo:
         c = self.builder_config
@@ -334,19 +337,35 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
         c = self.builder_config
         splits = self._splits or _spec(c.dataset).build_splits
         check_manual_dir(c.dataset, manual_dir, self._video_dir, splits)
+        if self._strict:
+            # Every annotation problem of every split at once, before any decoding.
+            problems = records_lib.SkipReport()
+            for split in splits:
+                self._records[split] = self._read_all(manual_dir, split, problems)
+            if len(problems):
+                self.skip_report.extend(problems)
+                raise records_lib.DataError(
+                    strict_message(problems, f"the annotations of {c.dataset} ({manual_dir})")
+                )
         return {split: self._generate_examples(manual_dir, split) for split in splits}
 
-    def _read_records(self, manual_dir: str, split: str) -> list[records_lib.ClipRecord]:
+    def _read_all(self, manual_dir: str, split: str, report: records_lib.SkipReport):
         reader = datasets.get_reader(self.builder_config.dataset)
         # One record per clip with all its captions; the pipeline expands or samples captions.
-        recs = reader(
+        # strict=False: each problem goes to the report (--strict turns the list into one error).
+        return reader(
             manual_dir,
             split,
             video_dir=self._video_dir,
             expand_sentences=False,
-            strict=self._strict,
-            report=self.skip_report,
+            strict=False,
+            report=report,
         )
+
+    def _read_records(self, manual_dir: str, split: str) -> list[records_lib.ClipRecord]:
+        recs = self._records.pop(split, None)
+        if recs is None:
+            recs = self._read_all(manual_dir, split, self.skip_report)
         return records_lib.check_records(
             recs, f"{self.builder_config.dataset} {split} ({manual_dir})"
         )
@@ -375,29 +394,33 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
         if self._progress:
             pbar = tqdm(total=len(jobs), desc=f"{c.name} {split}", unit="clip", file=sys.stderr)
         results = _run_jobs(jobs, self._workers)
+        failed = records_lib.SkipReport()
         try:
-            yield from self._write(results, recs, split, pbar)
+            yield from self._write(results, recs, split, pbar, failed)
         finally:
             # Stops the pool now (not at garbage collection) when --strict or an interruption
             # ends the split early.
             results.close()
             if pbar is not None:
                 pbar.close()
+        if self._strict and len(failed):
+            raise records_lib.DataError(
+                strict_message(failed, f"the videos of {c.dataset} {split}")
+            )
         if self.written[split] == 0:
             raise records_lib.DataError(
                 f"{c.dataset} {split}: every clip failed to decode ({self.skip_report.summary()})"
             )
 
-    def _write(self, results, recs, split, pbar):
+    def _write(self, results, recs, split, pbar, failed: records_lib.SkipReport):
         for index, jpegs, mask, error in results:
             if pbar is not None:
                 pbar.update(1)
             r = recs[index]
             if error is not None:
                 reason, detail = error
-                records_lib.skip_or_raise(
-                    self.skip_report, self._strict, r.video_path, reason, detail
-                )
+                self.skip_report.add(r.video_path, reason, detail)
+                failed.add(r.video_path, reason, detail)  # strict: listed at the split's end
                 continue
             if self._fail_after is not None and sum(self.written.values()) >= self._fail_after:
                 raise RuntimeError(f"fail_after={self._fail_after}: simulated interruption")
@@ -428,6 +451,19 @@ def _run_jobs(jobs: list[_Job], workers: int):
     with ctx.Pool(min(workers, len(jobs))) as pool:
         # Unordered: TFDS shuffles by key anyway, and slow videos should not stall the bar.
         yield from pool.imap_unordered(process_clip, jobs, chunksize=1)
+
+
+def strict_message(problems: records_lib.SkipReport, what: str, limit: int = 200) -> str:
+    """The one error of a --strict build: every problem, one per line (file: reason (detail))."""
+    lines = [
+        f"  {e['file']}: {e['reason']}" + (f" ({e['detail']})" if e["detail"] else "")
+        for e in list(problems)[:limit]
+    ]
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return (
+        f"--strict: {len(problems)} problem(s) in {what} ({problems.summary()}); nothing "
+        "was written:\n" + "\n".join(lines) + more
+    )
 
 
 def check_manual_dir(

@@ -31,7 +31,11 @@ missing video into zeros and later into NaN losses). The rules, checked in this 
   ``max(N - 2, 0.95 * N)`` decode (a small tolerance: edit lists and B-frame delays make real
   files lose a frame or two without being broken). Checked only when decoding reaches the end
   of the file (not when an explicit ``end`` stops it early) and only for containers that
-  declare a count (mp4/mov/avi; not webm/mkv);
+  declare a count (mp4/mov/avi; not webm/mkv). Where no count is declared (Matroska/WebM),
+  the decoded span (last frame time - first + one frame) is compared with the declared
+  duration (the video stream's, else its ``DURATION`` tag, else the container's): shorter by
+  more than ``max(1 s, 10 %)`` is truncated (a .mkv cut in half still declares the full
+  duration in its header);
 * ``bad frame rate``: integer fps below 1, or below ``feature_framerate`` (the original
   asserts there);
 * ``shorter than one second``: fewer decoded frames than the integer fps, i.e.
@@ -204,11 +208,13 @@ def decode_clip(
             )
         else:
             want = _candidates(fps, start=start, end=end, feature_framerate=feature_framerate)
-        n, reached_end, kept = _decode_pass(container, stream, path, want, stop_after)
+        n, reached_end, kept, times = _decode_pass(container, stream, path, want, stop_after)
         if n == 0:
             raise VideoDecodeError(path, "no frames", "nothing decodes")
         if reached_end and declared > 0 and n < max(declared - 2, 0.95 * declared):
             raise VideoDecodeError(path, "truncated", f"decoded {n} of {declared} declared frames")
+        if reached_end and declared == 0:
+            _check_duration(path, container, stream, times, _stream_fps(stream))
         if n < fps:
             raise VideoDecodeError(path, "shorter than one second", f"{n} frames at {fps} fps")
 
@@ -221,7 +227,7 @@ def decode_clip(
         with av.open(path) as container:
             stream = container.streams.video[0]
             stream.thread_count = max(int(threads), 1)
-            _, _, kept = _decode_pass(container, stream, path, set(idx.tolist()), int(idx[-1]))
+            _, _, kept, _ = _decode_pass(container, stream, path, set(idx.tolist()), int(idx[-1]))
         if any(int(i) not in kept for i in idx):
             raise VideoDecodeError(
                 path, "corrupt stream", "frame count differs between two decodes"
@@ -239,9 +245,42 @@ def _final_indices(n, fps, start, end, feature_framerate, max_frames, slice_fram
     return idx[subsample(len(idx), max_frames, slice_framepos)]
 
 
+def _declared_duration(container, stream) -> float | None:
+    """Seconds the file says its video lasts: the stream's duration, its ``DURATION`` tag
+    (Matroska writes one per track), else the container's (which may include audio)."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = (stream.metadata or {}).get("DURATION") or (stream.metadata or {}).get("duration")
+    if tag:
+        try:
+            h, m, s = tag.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(s)
+        except ValueError:
+            pass  # a malformed tag: fall back to the container
+    if container.duration:
+        return container.duration / av.time_base
+    return None
+
+
+def _check_duration(path, container, stream, times, fps: float) -> None:
+    """Raises ``truncated`` when the decoded span falls short of the declared duration."""
+    declared = _declared_duration(container, stream)
+    first, last = times
+    if declared is None or first is None or last is None or fps <= 0:
+        return
+    span = last - first + 1.0 / fps
+    if span < declared - max(1.0, 0.1 * declared):
+        raise VideoDecodeError(
+            path,
+            "truncated",
+            f"decoded {span:.2f} s of the {declared:.2f} s the container declares",
+        )
+
+
 def _decode_pass(container, stream, path, want, stop_after):
     """Decodes in order, keeping frames whose index is in `want` (a set or an increasing
-    iterator); returns (frames decoded, whether the end of the file was reached, {index: frame})."""
+    iterator); returns (frames decoded, whether the end of the file was reached, {index: frame},
+    (time of the first frame, time of the last) in seconds, None where unknown)."""
     if isinstance(want, set):
         is_wanted = want.__contains__
     else:
@@ -255,16 +294,21 @@ def _decode_pass(container, stream, path, want, stop_after):
 
     kept: dict[int, av.VideoFrame] = {}
     n = 0
+    first = last = None
     try:
         for frame in container.decode(stream):
             if is_wanted(n):
                 kept[n] = frame
+            t = frame.time
+            if t is not None:  # min/max: decoders may emit timestamps out of order
+                first = t if first is None else min(first, t)
+                last = t if last is None else max(last, t)
             n += 1
             if stop_after is not None and n > stop_after:
-                return n, False, kept
+                return n, False, kept, (first, last)
     except av.error.FFmpegError as e:
         raise VideoDecodeError(path, "corrupt stream", f"after {n} frames: {e}") from e
-    return n, True, kept
+    return n, True, kept, (first, last)
 
 
 def find_video(video_dir: str, video_id: str) -> str | None:

@@ -126,10 +126,11 @@ def test_missing_annotation_files_are_named(tmp_path, capsys):
 
 def test_strict_fails_on_bad_video_and_leaves_nothing(raw, tmp_path):
     out = str(tmp_path / "tfds")
-    with pytest.raises(DataError, match="video1"):
+
+    def strict_build(manual_dir):
         build_lib.build(
             "msrvtt",
-            manual_dir=raw,
+            manual_dir=manual_dir,
             data_dir=out,
             strict=True,
             workers=0,
@@ -137,6 +138,25 @@ def test_strict_fails_on_bad_video_and_leaves_nothing(raw, tmp_path):
             log=lambda *_: None,
             **SAMPLING,
         )
+
+    # The missing test video is found while the annotations are read: listed before any
+    # video is decoded (the corrupt video1 is not reached).
+    with pytest.raises(DataError) as info:
+        strict_build(raw)
+    msg = str(info.value)
+    assert msg.startswith("--strict: 1 problem(s) in the annotations of msrvtt"), msg
+    assert f"{os.path.join(raw, 'videos', 'video13')}: missing video" in msg, msg
+    # With it back, the corrupt training video fails its decode: listed at the split's end.
+    raw2 = str(tmp_path / "raw2")
+    shutil.copytree(raw, raw2)
+    shutil.copy(
+        os.path.join(raw2, "videos", "video2.mp4"), os.path.join(raw2, "videos", "video13.mp4")
+    )
+    with pytest.raises(DataError) as info:
+        strict_build(raw2)
+    msg = str(info.value)
+    assert msg.startswith("--strict: 1 problem(s) in the videos of msrvtt train"), msg
+    assert os.path.join(raw2, "videos", "video1.mp4") in msg, msg
     b = builder_lib.get_builder("msrvtt", data_dir=out, **SAMPLING)
     assert not b.is_prepared()
     leftovers = os.listdir(b.dataset_root) if os.path.isdir(b.dataset_root) else []

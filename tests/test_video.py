@@ -2,6 +2,7 @@
 
 import fractions
 import os
+import re
 
 import av
 import numpy as np
@@ -282,3 +283,26 @@ def test_keeps_only_predicted_frames_and_repairs_a_wrong_prediction(tmp_path, mo
     passes.clear()
     f, m = video.decode_clip(p, max_frames=3, image_size=8)
     assert _frame_ids(f, m) == [0, 10, 30] and len(passes) == 2
+
+
+@pytest.mark.parametrize("ext,codec", [(".mkv", "libx264"), (".webm", "libvpx")])
+def test_truncated_matroska_is_rejected(tmp_path, ext, codec):
+    """Matroska/WebM declare no frame count, but their header keeps the full duration: a file
+    cut at 50% (10 s declared, ~5 s decodable) is refused; the whole file decodes."""
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(50)]
+    p = video.write_video(str(tmp_path / f"whole{ext}"), frames, 5, codec=codec)
+    with av.open(p) as c:  # the premise: no declared count, a declared duration
+        assert int(c.streams.video[0].frames or 0) == 0 and c.duration
+    _, m = video.decode_clip(p, max_frames=12, image_size=16)
+    assert m.sum() == 10  # seconds 0..10 at 1 fps; second 10 (frame 50) is past the end
+    cut = str(tmp_path / f"cut{ext}")
+    data = open(p, "rb").read()
+    open(cut, "wb").write(data[: len(data) // 2])
+    with pytest.raises(VideoDecodeError) as e:
+        video.decode_clip(cut, max_frames=12, image_size=16)
+    assert e.value.reason == "truncated", e.value
+    assert re.search(r"decoded [45]\.\d+ s of the 10\.00 s", str(e.value)), e.value
+    # An explicit window that ends early never reaches the end: no duration verdict there.
+    _, m = video.decode_clip(cut, start=0, end=2, max_frames=12, image_size=16)
+    assert m.sum() == 3

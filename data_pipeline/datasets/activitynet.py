@@ -52,18 +52,21 @@ def read_split(
     video_dir = C.default_video_dir(root, video_dir)
     ann_name, ids_name = FILES[split]
     ann_path = C.require_file(root, ann_name, NAME)
-    ann = C.load_json(ann_path)
+    ann = C.load_json(ann_path, report, strict)
     if not isinstance(ann, dict):
         raise C.DataError(f"{ann_path}: expected an object {{video_id: {{duration, sentences}}}}")
     ids_path = os.path.join(root, ids_name)
     if os.path.isfile(ids_path):
-        ids = C.load_json(ids_path)
+        ids = C.load_json(ids_path, report, strict)
         if not isinstance(ids, list):
             raise C.DataError(f"{ids_path}: expected a list of video ids")
         pairs = []
+        seen = C.FirstSeen(report, strict)
         for j, vid in enumerate(ids):
             if not isinstance(vid, str) or C.has_bad_text(vid):
                 skip_or_raise(report, strict, f"{ids_path}[{j}]", C.REASON_BAD_ROW, "bad video id")
+                continue
+            if seen.repeat(vid, f"{ids_path}[{j}]"):
                 continue
             if vid not in ann:
                 skip_or_raise(

@@ -42,7 +42,7 @@ def read_split(
     video_dir = C.default_video_dir(root, video_dir)
     list_path = C.require_file(root, f"{split}_list.txt", NAME)
     data_path = C.require_file(root, f"{split}_data.json", NAME)
-    data = C.load_json(data_path)
+    data = C.load_json(data_path, report, strict)
     if not isinstance(data, list):
         raise C.DataError(f"{data_path}: expected a list of {{video, description, times}}")
     desc = collections.defaultdict(list)
@@ -59,7 +59,10 @@ def read_split(
         if cap is not None:
             desc[itm["video"]].append(cap)
     items = []
+    seen = C.FirstSeen(report, strict)
     for i, vid in C.read_lines(list_path, report, strict):
+        if seen.repeat(vid, f"{list_path}:{i}"):
+            continue
         if vid not in desc:
             skip_or_raise(
                 report,

@@ -10,7 +10,9 @@
 
 Each clip is its own pre-cut video file, so records decode the whole file
 (start = end = None); the timestamps are positions in the movie, only checked to be present.
-One caption per clip; a clip id repeated in the csv keeps the last row (as the original dict).
+One caption per clip; a clip id repeated in the csv keeps the last row (as the original dict)
+and the earlier row is reported as a duplicate. Each line is parsed on its own (tab-separated,
+no quoting: LSMDC sentences contain unbalanced quotes).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def read_split(
     video_dir = C.default_video_dir(root, video_dir)
     path = C.require_file(root, FILES[split], NAME)
     captions: dict[str, list[str]] = {}
-    for i, row in enumerate(C.read_csv(path, delimiter="\t"), 1):
+    line_of: dict[str, int] = {}
+    for i, row in C.read_csv_rows(path, report, strict, delimiter="\t"):
         where = f"{path}:{i}"
         if not any(x.strip() for x in row):
             continue
@@ -71,7 +74,16 @@ def read_split(
             continue
         cap = C.clean_caption(row[5], where, report, strict)
         if cap is not None:
+            if clip_id in line_of:
+                skip_or_raise(
+                    report,
+                    strict,
+                    f"{path}:{line_of[clip_id]}",
+                    C.REASON_DUPLICATE,
+                    f"clip id {clip_id} again at line {i}, which replaces this row",
+                )
             captions[clip_id] = [cap]
+            line_of[clip_id] = i
 
     def names(clip_id):
         movie = clip_id.rsplit("_", 1)[0]

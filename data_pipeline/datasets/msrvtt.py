@@ -35,16 +35,18 @@ TEST_CSV = "MSRVTT_JSFUSION_test.csv"
 
 
 def _csv_rows(path, report, strict, needed):
-    """Header-addressed rows as dicts; rows missing a needed column are reported."""
-    rows = C.read_csv(path)
+    """Header-addressed rows as dicts, one per line (`C.read_csv_rows`: a stray quote cannot
+    merge lines); rows with the wrong number of fields and repeated video ids are reported."""
+    rows = C.read_csv_rows(path, report, strict)
     if not rows:
         raise C.DataError(f"{path}: empty csv file")
-    header = [h.strip() for h in rows[0]]
+    header = [h.strip() for h in rows[0][1]]
     missing = [c for c in needed if c not in header]
     if missing:
         raise C.DataError(f"{path}: header {header} lacks column(s) {missing}")
     out = []
-    for i, row in enumerate(rows[1:], 2):
+    seen = C.FirstSeen(report, strict)
+    for i, row in rows[1:]:
         if not any(x.strip() for x in row):
             continue
         if len(row) != len(header):
@@ -56,7 +58,10 @@ def _csv_rows(path, report, strict, needed):
                 f"{len(row)} fields, header has {len(header)}",
             )
             continue
-        out.append((i, dict(zip(header, row))))
+        fields = dict(zip(header, row))
+        if seen.repeat(fields["video_id"].strip(), f"{path}:{i}"):
+            continue
+        out.append((i, fields))
     return out
 
 
@@ -75,7 +80,7 @@ def read_split(
     if split.startswith("train"):
         csv_path = C.require_file(root, TRAIN_CSV[split], NAME)
         data_path = C.require_file(root, "MSRVTT_data.json", NAME)
-        data = C.load_json(data_path)
+        data = C.load_json(data_path, report, strict)
         if not isinstance(data, dict) or not isinstance(data.get("sentences"), list):
             raise C.DataError(f"{data_path}: expected an object with a 'sentences' list")
         captions = collections.defaultdict(list)

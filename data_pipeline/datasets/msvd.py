@@ -14,6 +14,7 @@ Every caption is a training sample (``expand_sentences=True``); evaluation is mu
 from __future__ import annotations
 
 import io
+import os
 import pickle
 
 from data_pipeline.datasets import _common as C
@@ -62,24 +63,48 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise DataError(f"{self._path}: refusing persistent id {pid!r} in a captions file")
 
 
+# MSVD's raw-captions.pkl is ~2 MB with ~600k objects; the bounds leave room for far larger
+# sets while refusing files built to exhaust memory or time.
+MAX_PICKLE_BYTES = 256 << 20
+MAX_OBJECTS = 50_000_000
+
+
 def _check_types(obj, path):
+    """Only dict/list/tuple/str, visiting each container once: a pickle can share one object
+    many times (each level of ``[x, x]`` doubles the paths to it), so walking paths instead of
+    objects takes time exponential in the file size. Also bounds the number of objects."""
+    seen: set[int] = set()
     stack = [obj]
+    visited = 0
     while stack:
         o = stack.pop()
-        if isinstance(o, dict):
-            stack.extend(o.keys())
-            stack.extend(o.values())
-        elif isinstance(o, (list, tuple)):
-            stack.extend(o)
-        elif not isinstance(o, str):
+        visited += 1
+        if visited > MAX_OBJECTS:
+            raise DataError(f"{path}: more than {MAX_OBJECTS} objects in a captions file")
+        if isinstance(o, str):
+            continue
+        if not isinstance(o, (dict, list, tuple)):
             raise DataError(
                 f"{path}: unexpected {type(o).__name__} in a captions file; only dict, "
                 f"list, str and tuple are allowed"
             )
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        else:
+            stack.extend(o)
 
 
 def load_captions_pickle(path: str):
     """raw-captions.pkl through the restricted unpickler; raises DataError naming the file."""
+    size = os.path.getsize(path)
+    if size > MAX_PICKLE_BYTES:
+        raise DataError(
+            f"{path}: {size} bytes, more than the {MAX_PICKLE_BYTES} a captions file may have"
+        )
     with open(path, "rb") as f:
         data = f.read()
     try:

@@ -41,7 +41,7 @@ def read_split(
     video_dir = C.default_video_dir(root, video_dir)
     list_path = C.require_file(root, LISTS[split], NAME)
     cap_path = C.require_file(root, "ref_captions.json", NAME)
-    ann = C.load_json(cap_path)
+    ann = C.load_json(cap_path, report, strict)
     if not isinstance(ann, dict):
         raise C.DataError(f"{cap_path}: expected an object {{video_id: [captions]}}")
     items = []

@@ -24,6 +24,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from ucofia_jax.models.clip_import import convert_openai_state_dict
+from ucofia_jax.models.torch_reader import read_torch_file
 
 SELECTOR_PREFIX = "visual_token_selector.score_predictor."
 TEMPORAL_PREFIX = "transformerClip.resblocks."
@@ -237,23 +238,27 @@ def _to_numpy(sd):
 def load_original_checkpoint(path_or_sd, head_template=None) -> Dict[str, Any]:
     """A released UCoFiA ``pytorch_model.bin`` (or its state dict) -> our parts.
 
+    A path is read by ``torch_reader.read_torch_file``: the restricted, bounds-checked
+    reader of torch's zip format (no code from the file runs, torch is not needed; only a
+    legacy pre-1.6 file would need torch). The keys may carry DDP's ``module.`` prefix and a
+    training checkpoint may wrap them in ``state_dict``; CLIP weights may be fp16 (the
+    original's ``convert_weights``): everything becomes float32 here.
+
     Returns {'clip_config', 'clip_params', 'head_params', 'logit_scale', 'predictor',
     'ignored'}. ``head_template`` (our head params) enables the shape checks.
     """
+    source = "state dict"
     if isinstance(path_or_sd, Mapping):
         sd = path_or_sd
     else:
-        import torch  # noqa: PLC0415 -- optional: only the original pickle format needs it
-
-        sd = torch.load(path_or_sd, map_location="cpu", weights_only=True)
-        if "state_dict" in sd and not any(k.startswith("clip.") for k in sd):
-            sd = sd["state_dict"]
+        source = str(path_or_sd)
+        sd = read_torch_file(source)  # unwraps a {'state_dict': ...} training checkpoint
     sd = _to_numpy(sd)
     sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
     clip_sd = clip_state_dict_from_checkpoint(sd)
     clip_config = clip_params = None
     if clip_sd:
-        clip_config, clip_params = convert_openai_state_dict(clip_sd)
+        clip_config, clip_params = convert_openai_state_dict(clip_sd, source=source)
     head = load_original_head_state_dict(sd, head_template)
     ignored = sorted(k for k in sd if not k.startswith("clip.") and not is_head_key(k))
     return {
