@@ -35,6 +35,15 @@ ALLOWED = {
     "ucofia_jax.tools": {"ucofia_jax.models", "ucofia_jax.ops", "ucofia_jax.kernels"},
     # The data layer only needs the tokenizer of the model's text tower.
     "data_pipeline": {"ucofia_jax.models.tokenizer"},
+    # Search your videos: a tool beside evaluation (its scorer, the decoder, checkpoints).
+    "ucofia_jax.search": {
+        "ucofia_jax.models",
+        "ucofia_jax.ops",
+        "ucofia_jax.evaluation",
+        "ucofia_jax.runtime",
+        "ucofia_jax.training",
+        "data_pipeline",
+    },
 }
 # The program at the top may import everything.
 TOP = {"ucofia_jax.main"}

@@ -1,0 +1,441 @@
+"""The search page's server (ucofia_jax/search/web.py) over a fake index: routes, JSON, Range,
+and the refusals (path traversal, files outside the root or not in the index, bad requests).
+
+The fake index is duck-typed like the real one (root, search, thumbnail, describe, len); the
+server is bound to port 0 and served from a thread. No browser: see test_search_browser.py.
+"""
+
+import dataclasses
+import http.client
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from urllib.parse import quote
+
+import pytest
+from PIL import Image
+
+from ucofia_jax.search import web
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeHit:
+    rank: int
+    score: float
+    path: str
+    start: float | None
+    end: float | None
+    video_id: str
+
+
+def jpeg_bytes(color, size=(32, 24)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+class FakeIndex:
+    """Scores by word overlap between the query and a caption per entry (ties: path order).
+
+    Entries are (path, caption, start, end); one path may hold several segments.
+    """
+
+    def __init__(self, root, entries, thumbs):
+        self.root = root
+        self.entries = entries
+        self.thumbs = thumbs
+        self.calls = []
+
+    def __len__(self):
+        return len(self.entries)
+
+    def search(self, texts, top):
+        self.calls.append((list(texts), top))
+        out = []
+        for text in texts:
+            if text == "boom":
+                raise RuntimeError("the fake index failed on purpose")
+            if text == "refuse me":
+                raise ValueError("the fake index refuses this query")
+            words = set(text.lower().split())
+            scored = []
+            for i, (path, caption, start, end) in enumerate(self.entries):
+                overlap = len(words & set(caption.split())) / (1 + len(caption.split()))
+                scored.append((-overlap, path, i, start, end))
+            scored.sort()
+            out.append(
+                [
+                    FakeHit(r + 1, -s, p, st, en, f"v{i}")
+                    for r, (s, p, i, st, en) in enumerate(scored[:top])
+                ]
+            )
+        return out
+
+    def thumbnail(self, path):
+        return self.thumbs.get(path)
+
+    def describe(self):
+        return {"model": "fake <b>model</b>", "count": len(self.entries), "clip_only": True}
+
+
+WEIRD = 'sub dir/we<i>rd "name" & 100%.mp4'
+VIDEO_BYTES = bytes(range(256)) * 40  # 10240 bytes, every offset distinguishable mod 256
+SECRET = b"root:x:0:0:secret outside the root\n"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    base = tmp_path_factory.mktemp("site")
+    root = base / "videos"
+    (root / "sub dir").mkdir(parents=True)
+    (base / "secret.txt").write_bytes(SECRET)
+    (root / "a.mp4").write_bytes(VIDEO_BYTES)
+    (root / WEIRD).write_bytes(b"weird" * 10)
+    (root / "not_indexed.mp4").write_bytes(b"x" * 10)
+    (root / "empty.mp4").write_bytes(b"")
+    os.symlink(base / "secret.txt", root / "link_out.mp4")  # indexed, but points outside
+    os.symlink(root / "a.mp4", root / "link_in.mp4")  # indexed, points inside: allowed
+    entries = [
+        ("a.mp4", "a red circle moves left", None, None),
+        (WEIRD, "a blue square jumps", 1.5, 4.25),
+        (WEIRD, "a blue square spins red", 6.0, 8.0),
+        ("link_out.mp4", "secret", None, None),
+        ("link_in.mp4", "a red square", None, None),
+        ("gone.mp4", "a deleted file", None, None),
+        ("empty.mp4", "nothing", None, None),
+    ]
+    thumbs = {path: jpeg_bytes((40 * i, 80, 120)) for i, (path, *_) in enumerate(entries)}
+    index = FakeIndex(root, entries, thumbs)
+    server = web.make_server(index, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    yield index, server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def request(server, path, headers=None, method="GET"):
+    """Raw request: http.client sends the path exactly as given (no '..' normalising)."""
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    try:
+        conn.request(method, path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def get_json(server, path):
+    status, headers, body = request(server, path)
+    assert headers["Content-Type"].startswith("application/json"), headers
+    return status, json.loads(body)
+
+
+def test_bound_to_loopback_by_default(site):
+    _, server = site
+    assert server.server_address[0] == "127.0.0.1"
+    assert server.url == f"http://127.0.0.1:{server.server_address[1]}/"
+    assert server.allowed_hosts is not None
+
+
+def test_page_and_static_files(site):
+    _, server = site
+    status, headers, body = request(server, "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert b'id="q"' in body and b"/static/app.js" in body
+    assert "script-src 'self'" in headers["Content-Security-Policy"]
+    statics = [("app.js", "text/javascript"), ("style.css", "text/css")]
+    for name, kind in statics + [("favicon.svg", "image/svg+xml")]:
+        status, headers, body = request(server, f"/static/{name}")
+        assert status == 200 and headers["Content-Type"].startswith(kind) and body
+    # Only the whitelisted files: the module beside them is not reachable.
+    for path in ["/static/../web.py", "/static/%2e%2e/web.py", "/static/web.py"]:
+        status, _, body = request(server, path)
+        assert status == 404 and b"import" not in body, path
+
+
+def test_search_returns_the_index_ranking(site):
+    index, server = site
+    status, body = get_json(server, "/api/search?q=" + quote("red square") + "&top=5")
+    assert status == 200
+    expected = index.search(["red square"], 5)[0]
+    assert body["query"] == "red square" and body["top"] == 5 and body["count"] == len(expected)
+    assert body["latency_ms"] >= 0
+    got = body["results"]
+    assert [h["path"] for h in got] == [h.path for h in expected]
+    assert [h["rank"] for h in got] == list(range(1, len(expected) + 1))
+    assert [h["score"] for h in got] == pytest.approx([h.score for h in expected], abs=1e-12)
+    assert all(a["score"] >= b["score"] for a, b in zip(got, got[1:]))
+    assert [h["video_id"] for h in got] == [h.video_id for h in expected]
+    for hit, ref in zip(got, expected):
+        assert hit["thumb_url"] == "/thumb/" + quote(ref.path)
+        assert hit["video_url"].startswith("/video/" + quote(ref.path))
+        assert (hit["start"], hit["end"]) == (ref.start, ref.end)
+    # A segment carries the media fragment that makes the browser play only that part.
+    seg = next(h for h in got if h["start"] is not None)
+    assert seg["video_url"].endswith(f"#t={seg['start']:.3f},{seg['end']:.3f}")
+    assert index.calls[-1] == (["red square"], 5)
+
+
+def test_search_default_top_and_weird_path_round_trip(site):
+    _, server = site
+    status, body = get_json(server, "/api/search?q=blue+square")
+    assert status == 200 and body["top"] == web.DEFAULT_TOP
+    weird = [h for h in body["results"] if h["path"] == WEIRD]
+    assert len(weird) == 2  # two segments of one file
+    status, headers, data = request(server, weird[0]["video_url"].partition("#")[0])
+    assert status == 200 and data == b"weird" * 10
+
+
+@pytest.mark.parametrize(
+    "query, fragment",
+    [
+        ("", "empty query"),
+        ("q=", "empty query"),
+        ("q=%20%20", "empty query"),
+        ("q=dog&top=abc", "integer"),
+        ("q=dog&top=0", "top must be"),
+        (f"q=dog&top={web.MAX_TOP + 1}", "top must be"),
+        ("q=" + "a" * (web.MAX_QUERY_CHARS + 1), "too long"),
+        ("q=%ff%fe", "bad query string"),
+        ("q=refuse+me", "refuses"),
+    ],
+)
+def test_bad_search_is_400_json(site, query, fragment):
+    _, server = site
+    status, body = get_json(server, "/api/search?" + query)
+    assert status == 400 and fragment in body["error"], body
+
+
+def test_failing_index_is_500_and_server_survives(site):
+    _, server = site
+    status, body = get_json(server, "/api/search?q=boom")
+    assert status == 500 and "failed on purpose" in body["error"]
+    status, body = get_json(server, "/api/search?q=red")
+    assert status == 200 and body["count"] > 0
+
+
+def test_info(site):
+    index, server = site
+    status, body = get_json(server, "/api/info")
+    assert status == 200
+    assert body["description"] == index.describe()
+    assert body["count"] == len(index) and body["root"] == str(index.root.resolve())
+    assert body["limits"]["max_top"] == web.MAX_TOP
+
+
+def test_thumbnail_is_the_index_jpeg(site):
+    index, server = site
+    status, headers, body = request(server, "/thumb/" + quote(WEIRD))
+    assert status == 200 and headers["Content-Type"] == "image/jpeg"
+    assert body[:2] == b"\xff\xd8" and body == index.thumbnail(WEIRD)
+    status, _, _ = request(server, "/thumb/unknown.mp4")
+    assert status == 404
+
+
+def test_video_whole_file_and_head(site):
+    _, server = site
+    status, headers, body = request(server, "/video/a.mp4")
+    assert status == 200 and body == VIDEO_BYTES
+    assert headers["Accept-Ranges"] == "bytes" and headers["Content-Type"] == "video/mp4"
+    assert int(headers["Content-Length"]) == len(VIDEO_BYTES)
+    status, headers, body = request(server, "/video/a.mp4", method="HEAD")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) == len(VIDEO_BYTES)
+
+
+@pytest.mark.parametrize(
+    "header, first, last",
+    [
+        ("bytes=10-19", 10, 19),
+        ("bytes=0-0", 0, 0),
+        ("bytes=10000-", 10000, 10239),
+        ("bytes=-5", 10235, 10239),
+        ("bytes=-99999", 0, 10239),
+        ("bytes=10230-99999", 10230, 10239),
+    ],
+)
+def test_video_range(site, header, first, last):
+    _, server = site
+    status, headers, body = request(server, "/video/a.mp4", {"Range": header})
+    assert status == 206
+    assert headers["Content-Range"] == f"bytes {first}-{last}/{len(VIDEO_BYTES)}"
+    assert body == VIDEO_BYTES[first : last + 1]
+
+
+@pytest.mark.parametrize("header", ["bytes=10240-", "bytes=99999-100000", "bytes=-0"])
+def test_video_range_not_satisfiable(site, header):
+    _, server = site
+    status, headers, _ = request(server, "/video/a.mp4", {"Range": header})
+    assert status == 416 and headers["Content-Range"] == f"bytes */{len(VIDEO_BYTES)}"
+
+
+@pytest.mark.parametrize("header", ["items=0-5", "bytes=5-2", "bytes=a-b", "bytes=0-1,4-5"])
+def test_video_range_not_understood_sends_whole_file(site, header):
+    _, server = site
+    status, headers, body = request(server, "/video/a.mp4", {"Range": header})
+    assert status == 200 and body == VIDEO_BYTES and "Content-Range" not in headers
+
+
+def test_parse_range_edges():
+    assert web.parse_range(None, 100) is None
+    assert web.parse_range("bytes=0-", 100) == (0, 99)
+    assert web.parse_range(" bytes = 5 - 7 ", 100) == (5, 7)
+    with pytest.raises(web.RangeNotSatisfiable):
+        web.parse_range("bytes=0-", 0)  # an empty file has no byte 0
+    with pytest.raises(web.RangeNotSatisfiable):
+        web.parse_range("bytes=-1", 0)
+
+
+@pytest.mark.parametrize(
+    "path, status",
+    [
+        ("/video/../../etc/passwd", 403),
+        ("/video/../secret.txt", 403),
+        ("/video/%2e%2e/secret.txt", 403),
+        ("/video/%2E%2E%2Fsecret.txt", 403),
+        ("/video/..%2f..%2f..%2fetc%2fpasswd", 403),
+        ("/video/sub%20dir/../a.mp4", 403),  # stays inside, still refused: paths are plain
+        ("/video/./a.mp4", 403),
+        ("/video//etc/passwd", 403),
+        ("/video/%2Fetc%2Fpasswd", 403),
+        ("/video/link_out.mp4", 403),  # in the index, but a symlink to outside the root
+        ("/thumb/../secret.txt", 403),
+        ("/thumb/%2e%2e%2fsecret.txt", 403),
+        ("/video/a.mp4%00.txt", 400),
+        ("/video/%ff.mp4", 400),
+        ("/video/not_indexed.mp4", 404),  # under the root, but not in the index
+        ("/video/gone.mp4", 404),  # in the index, deleted from disk
+        ("/video/", 404),
+        ("/etc/passwd", 404),
+        ("/../../etc/passwd", 404),
+    ],
+)
+def test_refused_paths(site, path, status):
+    _, server = site
+    got, headers, body = request(server, path)
+    assert got == status, (path, body)
+    assert SECRET not in body and b"root:" not in body
+    assert headers["Content-Type"].startswith("application/json")
+
+
+def test_symlink_inside_root_and_empty_file_are_served(site):
+    _, server = site
+    status, _, body = request(server, "/video/link_in.mp4", {"Range": "bytes=0-3"})
+    assert status == 206 and body == VIDEO_BYTES[:4]
+    status, headers, body = request(server, "/video/empty.mp4")
+    assert status == 200 and body == b"" and headers["Content-Length"] == "0"
+
+
+def test_index_with_contains_decides_membership(tmp_path):
+    """An index with `in` is asked that, not thumbnail(): a video it does not contain is 404."""
+    (tmp_path / "a.mp4").write_bytes(b"abc")
+    (tmp_path / "b.mp4").write_bytes(b"def")
+
+    class WithContains(FakeIndex):
+        def __contains__(self, path):
+            return path == "a.mp4"
+
+    thumbs = {"a.mp4": jpeg_bytes((1, 2, 3)), "b.mp4": jpeg_bytes((3, 2, 1))}
+    index = WithContains(tmp_path, [("a.mp4", "x", None, None)], thumbs)
+    server = web.make_server(index, port=0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        assert request(server, "/video/a.mp4")[::2] == (200, b"abc")
+        assert request(server, "/video/b.mp4")[0] == 404
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:80", "127.0.0.1.evil.example"])
+def test_foreign_host_header_refused(site, host):
+    """DNS rebinding: a page whose name now resolves to 127.0.0.1 must not read the videos."""
+    _, server = site
+    status, _, body = request(server, "/video/a.mp4", {"Host": host})
+    assert status == 403 and VIDEO_BYTES[:64] not in body
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1:1234", "[::1]:8080", "LOCALHOST"])
+def test_loopback_host_headers_accepted(site, host):
+    _, server = site
+    status, _, _ = request(server, "/api/info", {"Host": host})
+    assert status == 200
+
+
+def test_host_guard_only_on_loopback():
+    """Bound to loopback: only loopback names; bound elsewhere (the user chose): any Host."""
+    assert {"localhost", "127.0.0.1", "[::1]"} <= web._allowed_host_names("127.0.0.1")
+    assert "127.0.0.2" in web._allowed_host_names("127.0.0.2")
+    assert "[::1]" in web._allowed_host_names("::1")
+    assert "localhost" in web._allowed_host_names("localhost")
+    assert web._allowed_host_names("0.0.0.0") is None
+    assert web._allowed_host_names("192.168.1.20") is None
+    assert web._allowed_host_names("myhost.lan") is None
+
+
+def test_unknown_route_is_404_json(site):
+    _, server = site
+    status, body = get_json(server, "/nope")
+    assert status == 404 and "no such page" in body["error"]
+
+
+SERVE_SCRIPT = """
+import sys
+from pathlib import Path
+from ucofia_jax.search import web
+
+class Tiny:
+    root = Path(sys.argv[1])
+    def __init__(self, n): self.n, self.searched = n, []
+    def __len__(self): return self.n
+    def search(self, texts, top):
+        self.searched.append(list(texts))
+        return [[] for _ in texts]
+    def thumbnail(self, path): return None
+    def describe(self): return {}
+
+index = Tiny(int(sys.argv[2]))
+web.serve(index, port=0)
+print("returned; searches:", index.searched, flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig, count", [("SIGINT", 0), ("SIGTERM", 3)])
+def test_serve_prints_url_and_stops_cleanly(tmp_path, sig, count):
+    """serve() prints where it listens, warms the model up (non-empty index), and returns on
+    Ctrl-C or SIGTERM with the socket closed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE_SCRIPT, str(tmp_path), str(count)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        assert f"Search over {count} videos under {tmp_path.resolve()}" in lines[0], lines
+        assert "Serving on http://127.0.0.1:" in lines[1], lines
+        host_port = lines[1].split()[2].removeprefix("http://").rstrip("/")
+        if count:
+            assert "Model ready" in proc.stdout.readline()
+        conn = http.client.HTTPConnection(host_port, timeout=10)
+        conn.request("GET", "/api/search?q=x")
+        assert json.loads(conn.getresponse().read())["count"] == 0
+        conn.close()
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Stopped." in out
+    # The warm-up search runs only when there is something to search.
+    expected = [["warm up"], ["x"]] if count else [["x"]]
+    assert f"returned; searches: {expected}" in out
+    with pytest.raises(OSError):  # the port is closed
+        http.client.HTTPConnection(host_port, timeout=2).request("GET", "/")

@@ -1,0 +1,211 @@
+"""The index on disk: a LanceDB database (an embedded, versioned columnar store).
+
+Two tables in the index directory:
+
+* ``videos``: one row per indexed file. ``video_id`` (a stable hash of the relative path),
+  ``path`` (POSIX, relative to the indexed root), ``size`` / ``mtime_ns`` (what the
+  incremental run compares), ``start`` / ``end`` (seconds when the row is a segment, else
+  null), ``vector`` (the per-video feature the shortlist ranks by), the per-video token
+  features the full score needs (``frames`` 'f d', ``pixels`` '(f k) d', ``mask`` 'f';
+  flattened fixed-size lists), all float16, and ``thumbnail`` (a JPEG made at index time).
+  With ``clip_only`` only ``vector`` (the mean-pooled CLIP frame feature) is stored.
+* ``meta``: one row of JSON: the model fingerprint and how to load the model, the feature
+  shapes, the root, created / updated times.
+
+Every ``add`` / ``delete`` is one atomic LanceDB commit (a new table version), so a killed
+indexer leaves the table at its last committed batch; readers open one version and see a
+consistent table while a writer appends.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+
+VIDEOS = "videos"
+META = "meta"
+FEATURE_DTYPE = np.float16
+TOKEN_COLUMNS = ("frames", "pixels", "mask")
+
+
+class IndexError_(Exception):
+    """A path that is not a usable index (named in the message)."""
+
+
+def video_id_for(rel_path: str) -> str:
+    """Stable id of an indexed file: 16 hex digits of SHA-1 of its relative POSIX path."""
+    return hashlib.sha1(rel_path.encode("utf-8")).hexdigest()[:16]
+
+
+def noise_seed_for(video_id: str) -> int:
+    """uint32 seed of a video's selection noise (independent of batch and process)."""
+    return int(video_id[:8], 16)
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _fixed(values: np.ndarray, width: int, dtype) -> pa.FixedSizeListArray:
+    flat = np.ascontiguousarray(values, dtype=dtype).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat), width)
+
+
+def videos_schema(shapes: Dict[str, List[int]], clip_only: bool) -> pa.Schema:
+    """``shapes``: per-video feature shapes, e.g. {'vector': [d], 'frames': [f, d], ...}."""
+    f16 = pa.float16()
+    fields = [
+        pa.field("video_id", pa.string()),
+        pa.field("path", pa.string()),
+        pa.field("size", pa.int64()),
+        pa.field("mtime_ns", pa.int64()),
+        pa.field("start", pa.float64()),
+        pa.field("end", pa.float64()),
+        pa.field("vector", pa.list_(f16, int(np.prod(shapes["vector"])))),
+    ]
+    if not clip_only:
+        fields += [
+            pa.field("frames", pa.list_(f16, int(np.prod(shapes["frames"])))),
+            pa.field("pixels", pa.list_(f16, int(np.prod(shapes["pixels"])))),
+            pa.field("mask", pa.list_(pa.int8(), int(np.prod(shapes["mask"])))),
+        ]
+    fields.append(pa.field("thumbnail", pa.binary()))
+    return pa.schema(fields)
+
+
+class Store:
+    """The LanceDB database of one index (see the module doc)."""
+
+    def __init__(self, path: str | os.PathLike, db, meta: Dict[str, Any]):
+        self.path = Path(path)
+        self.db = db
+        self.meta = meta
+        self._table = None
+
+    # ------------------------------------------------------------------ open / create
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        return (Path(path) / f"{META}.lance").is_dir() and (Path(path) / f"{VIDEOS}.lance").is_dir()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Store:
+        path = Path(path)
+        if not path.exists():
+            raise IndexError_(f"{path}: no such index (run `python -m ucofia_jax.search index`)")
+        if not cls.exists(path):
+            raise IndexError_(
+                f"{path}: not a ucofia search index (no {META}.lance / {VIDEOS}.lance tables)"
+            )
+        db = lancedb.connect(str(path))
+        rows = db.open_table(META).to_arrow().column("json").to_pylist()
+        if len(rows) != 1:
+            raise IndexError_(f"{path}: the {META} table holds {len(rows)} rows, expected 1")
+        return cls(path, db, json.loads(rows[0]))
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, meta: Dict[str, Any]) -> Store:
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not cls.exists(path):
+            raise IndexError_(f"{path}: exists and is not a ucofia search index; not touching it")
+        path.mkdir(parents=True, exist_ok=True)
+        db = lancedb.connect(str(path))
+        schema = videos_schema(meta["shapes"], meta["clip_only"])
+        if VIDEOS not in db.list_tables().tables:
+            db.create_table(VIDEOS, schema=schema)
+        store = cls(path, db, meta)
+        store.write_meta()  # last: an index is usable once its meta exists
+        return store
+
+    def write_meta(self) -> None:
+        data = pa.table({"json": [json.dumps(self.meta, sort_keys=True)]})
+        exists = META in self.db.list_tables().tables
+        self.db.create_table(META, data, mode="overwrite" if exists else "create")
+
+    @property
+    def table(self):
+        if self._table is None:
+            self._table = self.db.open_table(VIDEOS)
+        return self._table
+
+    def refresh(self) -> None:
+        self._table = None
+
+    # ------------------------------------------------------------------ read
+    def catalogue(self) -> pa.Table:
+        """video_id, path, size, mtime_ns, start, end of every row (no features)."""
+        return self.read_columns(["video_id", "path", "size", "mtime_ns", "start", "end"])
+
+    def __len__(self) -> int:
+        return self.table.count_rows()
+
+    def read_columns(self, columns: Sequence[str]) -> pa.Table:
+        """Whole columns, in table order, reading only those columns from disk."""
+        n = self.table.count_rows()
+        if n == 0:
+            return self.table.schema.empty_table().select(list(columns))
+        return self.table.search().select(list(columns)).limit(n).to_arrow()
+
+    def take(self, offsets: Sequence[int], columns: Sequence[str]) -> pa.Table:
+        """Rows at ``offsets`` (positions in the table version opened), in the order given."""
+        offsets = np.asarray(offsets, np.int64)
+        order = np.argsort(offsets, kind="stable")
+        got = self.table.take_offsets([int(i) for i in offsets[order]]).select(list(columns))
+        got = got.to_arrow()
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return got.take(pa.array(back))
+
+    # ------------------------------------------------------------------ write
+    def delete_paths(self, paths: Iterable[str]) -> int:
+        ids = sorted({video_id_for(p) for p in paths})
+        for lo in range(0, len(ids), 500):  # bounded predicate size
+            chunk = ", ".join(f"'{i}'" for i in ids[lo : lo + 500])
+            self.table.delete(f"video_id IN ({chunk})")
+        return len(ids)
+
+    def add_rows(self, rows: List[Dict[str, Any]]) -> None:
+        """One atomic commit of indexed files: dicts with path, size, mtime_ns, start, end,
+        thumbnail and the feature arrays (float32/float16 numpy, cast to float16 here)."""
+        if not rows:
+            return
+        schema = self.table.schema
+        cols: Dict[str, Any] = {
+            "video_id": [video_id_for(r["path"]) for r in rows],
+            "path": [r["path"] for r in rows],
+            "size": [int(r["size"]) for r in rows],
+            "mtime_ns": [int(r["mtime_ns"]) for r in rows],
+            "start": [r.get("start") for r in rows],
+            "end": [r.get("end") for r in rows],
+        }
+        for name in ("vector",) + (() if self.meta["clip_only"] else TOKEN_COLUMNS):
+            width = schema.field(name).type.list_size
+            dtype = np.int8 if name == "mask" else FEATURE_DTYPE
+            cols[name] = _fixed(np.stack([r[name] for r in rows]), width, dtype)
+        cols["thumbnail"] = [r.get("thumbnail") for r in rows]
+        self.table.add(pa.table(cols, schema=schema))
+
+
+def features_from_arrow(table: pa.Table, shapes: Dict[str, List[int]]) -> Dict[str, np.ndarray]:
+    """The fixed-size-list feature columns of ``table`` as float32 (int32 mask) arrays
+    shaped [rows, *shapes[name]]."""
+    out = {}
+    for name in table.column_names:
+        if name not in shapes:
+            continue
+        col = table.column(name).combine_chunks()
+        flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False))
+        dtype = np.int32 if name == "mask" else np.float32
+        out[name] = flat.astype(dtype).reshape((len(table), *shapes[name]))
+    return out
+
+
+def maybe_empty(path: Optional[str]) -> bool:
+    return path is None or not Path(path).exists() or not any(Path(path).iterdir())
