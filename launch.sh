@@ -146,9 +146,15 @@ PY
 
 first_host() {
   # First host name of a SLURM node list: node001 | node[001-016],gpu2 | a,b
-  local list="$1"
+  local list="$1" host=""
+  # scontrol needs the cluster's slurm.conf; where it cannot read one (a login shell on
+  # another machine, a dry run), the node list is parsed here instead.
   if command -v scontrol >/dev/null 2>&1; then
-    scontrol show hostnames "$list" | head -n 1
+    host="$(scontrol show hostnames "$list" 2>/dev/null)" || host=""
+    host="${host%%$'\n'*}"   # the first line
+  fi
+  if [[ -n "$host" ]]; then
+    echo "$host"
     return
   fi
   "$PYTHON" - "$list" <<'PY'

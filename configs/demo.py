@@ -5,7 +5,12 @@ synthetic video-text set made in the workdir, then evaluation and a report.
 
 Sized to finish in well under 10 minutes on 2 CPU cores. Nothing is pretrained, so the
 original recipe's tiny CLIP lr (1e-7) and frozen embeddings would leave the towers at their
-random init: here everything trains at one from-scratch lr, nothing is frozen.
+random init: here everything trains at one from-scratch lr, nothing is frozen
+(``model.clip.from_scratch=True``: without it, training refuses an empty CLIP checkpoint).
+
+The mesh is the default, every device of every process (``mesh.data=-1``), so the same file
+runs as one process or several (``bash launch.sh cpu-multiprocess 2 --devices-per-process=2
+...``); the batch sizes (train 32, eval 40) divide over 1, 2, 4 or 8 devices.
 """
 
 from ucofia_jax.config import base_config
@@ -19,6 +24,7 @@ def get_config():
     c.model.clip.update(
         dict(
             checkpoint="",
+            from_scratch=True,
             embed_dim=64,
             image_resolution=32,
             vision_layers=2,
@@ -68,14 +74,14 @@ def get_config():
             frozen=(),
             log_every_steps=5,
             checkpoint_every_steps=200,
-            keep_checkpoints=1,
+            keep_checkpoints=2,  # a damaged latest checkpoint falls back to the previous
             eval_every_epochs=0,
         )
     )
 
     c.eval.update(
         dict(
-            batch_size=50,
+            batch_size=40,
             text_block=100,
             video_block=100,
             sk_norm=True,
@@ -84,5 +90,4 @@ def get_config():
             write_report=True,
         )
     )
-    c.mesh.data = 1
     return c

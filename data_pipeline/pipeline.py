@@ -417,6 +417,11 @@ class TrainEpochs:
     global_batch: int
     steps_per_epoch: int
 
+    @property
+    def video_ids(self) -> list:
+        """The split's video ids: a batch's ``video_index`` row ``i`` is ``video_ids[i]``."""
+        return self.data.video_ids
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         return self.data.train_batches(
             epoch=epoch,

@@ -197,9 +197,9 @@ def test_errors(tmp_path, hf_model):
     d = tmp_path / "hf"
     hf_model.save_pretrained(d)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["text_config"]["hidden_act"] = "gelu"
+    cfg["text_config"]["hidden_act"] = "relu"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="hidden_act='gelu'"):
+    with pytest.raises(CheckpointError, match="hidden_act='relu'"):
         clip_import.load_pretrained(str(d))
     with pytest.raises(CheckpointError, match="no config.json"):
         clip_import.load_pretrained(str(tmp_path))

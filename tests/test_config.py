@@ -2,6 +2,7 @@
 inputs fail with what to do. No model is built or compiled here."""
 
 import importlib
+import json
 
 import pytest
 
@@ -9,7 +10,17 @@ from data_pipeline import builder
 from ucofia_jax import config as cv
 from ucofia_jax.kernels import native
 
-CONFIGS = ("msrvtt", "msvd", "lsmdc", "activitynet", "didemo", "vatex", "demo")
+DATASET_CONFIGS = (
+    "msrvtt",
+    "msrvtt_b16",
+    "msrvtt_l14",
+    "msvd",
+    "lsmdc",
+    "activitynet",
+    "didemo",
+    "vatex",
+)
+CONFIGS = DATASET_CONFIGS + ("demo",)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -104,7 +115,136 @@ def test_missing_checkpoint_says_what_to_do(tmp_path):
 
 def test_missing_dataset_names_files_and_command(tmp_path):
     c = importlib.import_module("configs.msvd").get_config()
+    c.model.clip.from_scratch = True  # past the CLIP guard, to the dataset check
     c.data.data_dir = str(tmp_path / "tfds")
     c.data.manual_dir = str(tmp_path / "raw")
     with pytest.raises(FileNotFoundError, match=r"python -m data_pipeline\.build --dataset=msvd"):
         cv.check_inputs(c, "train", str(tmp_path))
+
+
+# --------------------------------------------------------------------------- the CLIP guard
+
+
+@pytest.mark.parametrize("name", DATASET_CONFIGS)
+@pytest.mark.parametrize("mode", ["train", "train_and_eval"])
+def test_dataset_configs_refuse_to_train_without_clip(name, mode, tmp_path):
+    c = importlib.import_module(f"configs.{name}").get_config()
+    assert c.model.clip.checkpoint == "" and not c.model.clip.from_scratch
+    with pytest.raises(cv.ConfigError) as err:
+        cv.check_inputs(c, mode, str(tmp_path))
+    msg = str(err.value)
+    assert "config.model.clip.checkpoint is empty" in msg
+    assert cv.OPENAI_VIT_B32_URL in msg and "openai/clip-vit-base-patch32" in msg  # where
+    assert "--config.model.clip.checkpoint=PATH" in msg  # how to pass it
+    assert "--config.model.clip.from_scratch=True" in msg  # the way out on purpose
+
+
+def test_guard_runs_before_the_dataset_check(tmp_path):
+    # No dataset either: the CLIP message comes first (it is the one to fix before building).
+    c = importlib.import_module("configs.msvd").get_config()
+    c.data.data_dir = str(tmp_path / "tfds")
+    with pytest.raises(cv.ConfigError, match="clip.checkpoint is empty"):
+        cv.check_inputs(c, "train", str(tmp_path))
+
+
+def test_from_scratch_on_purpose_passes_the_guard(tmp_path):
+    c = importlib.import_module("configs.msvd").get_config()
+    c.model.clip.from_scratch = True
+    c.data.data_dir = str(tmp_path / "tfds")
+    with pytest.raises(FileNotFoundError, match="data_pipeline.build"):  # the next check
+        cv.check_inputs(c, "train", str(tmp_path))
+    assert _demo().model.clip.from_scratch  # the demo trains a random CLIP on purpose
+    cv.check_clip_start(_demo(), "train")
+
+
+def test_from_scratch_with_a_checkpoint_is_refused(tmp_path):
+    c = _demo()
+    c.model.clip.checkpoint = str(tmp_path)
+    with pytest.raises(cv.ConfigError, match="choose one"):
+        cv.check_inputs(c, "train", str(tmp_path))
+
+
+def test_eval_of_a_trained_workdir_is_not_held(tmp_path):
+    c = importlib.import_module("configs.msrvtt").get_config()
+    c.data.data_dir = str(tmp_path / "tfds")
+    (tmp_path / "checkpoints" / "120").mkdir(parents=True)  # a step dir, as Orbax writes
+    with pytest.raises(FileNotFoundError, match="data_pipeline.build"):  # past the guard
+        cv.check_inputs(c, "eval", str(tmp_path))
+
+
+def test_eval_of_the_released_checkpoint_is_not_held(tmp_path):
+    c = importlib.import_module("configs.msrvtt").get_config()
+    c.data.data_dir = str(tmp_path / "tfds")
+    released = tmp_path / "pytorch_model.bin"
+    released.write_bytes(b"")
+    c.model.ucofia_checkpoint = str(released)
+    with pytest.raises(FileNotFoundError, match="data_pipeline.build"):  # past the guard
+        cv.check_inputs(c, "eval", str(tmp_path / "fresh_workdir"))
+
+
+def _hf_dir(path, text_heads, vision_heads):
+    path.mkdir()
+    cfg = {
+        "model_type": "clip",
+        "text_config": {"num_attention_heads": text_heads},
+        "vision_config": {"num_attention_heads": vision_heads},
+    }
+    (path / "config.json").write_text(json.dumps(cfg))
+    return str(path)
+
+
+def test_heads_that_differ_from_the_checkpoint_are_refused(tmp_path):
+    # Heads change no weight's shape: a wrong count would load and run, silently wrong.
+    c = importlib.import_module("configs.msrvtt").get_config()  # 768 wide: 12 heads of 64
+    c.model.clip.checkpoint = _hf_dir(tmp_path / "hf", text_heads=8, vision_heads=16)
+    with pytest.raises(cv.ConfigError, match=r"--config\.model\.clip\.vision_heads=16"):
+        cv.check_inputs(c, "train", str(tmp_path))
+    c.model.clip.vision_heads = 16  # as its config.json says: past the check, to the dataset
+    c.data.data_dir = str(tmp_path / "tfds")
+    with pytest.raises(FileNotFoundError, match="data_pipeline.build"):
+        cv.check_inputs(c, "train", str(tmp_path))
+    # An OpenAI file states no heads: width // 64 (12 for 768), so 16 is refused.
+    pt = tmp_path / "ViT-B-32.pt"
+    pt.write_bytes(b"")
+    c.model.clip.checkpoint = str(pt)
+    with pytest.raises(cv.ConfigError, match=r"vision_heads=12"):
+        cv.check_inputs(c, "train", str(tmp_path))
+
+
+def test_vision_heads_values():
+    c = _demo()
+    c.model.clip.update(dict(vision_width=160, vision_heads=2))  # heads of 80
+    cv.validate(c)
+    c.model.clip.vision_heads = 3
+    with pytest.raises(cv.ConfigError, match=r"config\.model\.clip\.vision_heads"):
+        cv.validate(c)
+    c.model.clip.vision_heads = -1  # width // 64 needs a multiple of 64
+    with pytest.raises(cv.ConfigError, match=r"config\.model\.clip\.vision_width"):
+        cv.validate(c)
+
+
+def test_activation_that_differs_from_the_checkpoint_is_refused(tmp_path):
+    c = importlib.import_module("configs.msrvtt").get_config()
+    path = _hf_dir(tmp_path / "hf", text_heads=8, vision_heads=12)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for tower in ("text_config", "vision_config"):
+        cfg[tower]["hidden_act"] = "gelu"  # OpenCLIP's
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    c.model.clip.checkpoint = path
+    with pytest.raises(cv.ConfigError, match=r"--config\.model\.clip\.activation=gelu"):
+        cv.check_inputs(c, "train", str(tmp_path))
+    c.model.clip.activation = "gelu"
+    c.data.data_dir = str(tmp_path / "tfds")
+    with pytest.raises(FileNotFoundError, match="data_pipeline.build"):  # past the check
+        cv.check_inputs(c, "train", str(tmp_path))
+
+
+def test_a_mesh_the_devices_cannot_hold_is_a_config_error():
+    # Before compile, one line at the command line (ConfigError); the multi-process case (a
+    # process left without devices) is tests/test_launch.py's.
+    c = _demo()
+    c.mesh.data = 64
+    with pytest.raises(cv.ConfigError, match=r"needs 64 devices"):
+        cv.check_devices(c)
+    c.mesh.data = -1
+    cv.check_devices(c)  # all devices: fine

@@ -3,6 +3,8 @@
 The multi-process path itself runs for real in test_multiprocess.py; here `local` and
 `cpu-multiprocess` run a tiny probe program, and `slurm` / `tpu-pod` are checked with
 ``--dry-run`` (the srun / gcloud command they would run) and their missing-variable errors.
+The README's own `cpu-multiprocess` line runs the demo as written (slow; shrunk by overrides);
+a real SLURM run is tests/test_slurm.py's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -269,3 +272,72 @@ def test_tpu_pod_errors_and_dry_run():
         "cd ~/ucofia-jax && UCOFIA_DISTRIBUTED=on bash launch.sh local -- "
         "--config=configs/msrvtt.py --workdir=gs://b/run"
     )
+
+
+# --------------------------------------------------------------------------- README, as written
+
+
+def _readme_command(subcommand: str) -> list[str]:
+    """The README's `bash launch.sh SUBCOMMAND ...` line (its multi-host block), as argv."""
+    for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith(f"bash launch.sh {subcommand} "):
+            return shlex.split(line, comments=True)
+    raise AssertionError(f"README has no `bash launch.sh {subcommand}` line")
+
+
+def test_a_mesh_without_some_process_is_refused(monkeypatch):
+    # The check behind config.check_inputs (before compile): 2 processes x 2 devices, and a
+    # mesh of process 0's devices only (the demo's old mesh.data=1) is refused, naming it.
+    import jax  # noqa: PLC0415 -- the other tests here never import jax
+
+    from ucofia_jax.runtime import distributed  # noqa: PLC0415
+
+    devices = [SimpleNamespace(process_index=p) for p in (0, 0, 1, 1)]
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "device_count", lambda: 4)
+    monkeypatch.setattr(jax, "local_device_count", lambda: 2)
+    with pytest.raises(
+        ValueError, match=r"config\.mesh uses 1 of the 4 devices .* process\(es\) \[1\]"
+    ):
+        distributed.check_mesh_spans_processes(devices[:1], "config.mesh")
+    with pytest.raises(ValueError, match=r"mesh\.data=-1"):
+        distributed.check_mesh_spans_processes(devices[:2], "config.mesh")
+    distributed.check_mesh_spans_processes(devices, "config.mesh")  # all: fine
+    distributed.check_mesh_spans_processes(devices[1:3], "config.mesh")  # one of each: fine
+
+
+@pytest.mark.slow  # two processes build the demo data, compile, train 4 steps, evaluate
+def test_readme_cpu_multiprocess_demo_as_written(tmp_path):
+    argv = _readme_command("cpu-multiprocess")
+    assert argv[3:] == [
+        "2",
+        "--devices-per-process=2",
+        "--config=configs/demo.py",
+        "--workdir=/tmp/mp",
+    ], argv
+    workdir = tmp_path / "mp"  # the README's /tmp/mp, made private to this test
+    argv = [a if not a.startswith("--workdir=") else f"--workdir={workdir}" for a in argv]
+    shrink = [  # time only: fewer clips and steps, smaller SK-norm banks
+        "--config.train.num_steps=4",
+        "--config.data.synthetic.num_train=64",
+        "--config.data.synthetic.num_test=20",
+        "--config.eval.sk_bank_size=64",
+        "--config.eval.sk_v2t_bank_size=20",
+        "--progress=false",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in SLURM_VARS}
+    env["PYTHON"] = sys.executable
+    log = tmp_path / "mp.log"
+    with open(log, "w") as out:
+        proc = subprocess.run(
+            [*argv, *shrink], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1500
+        )
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 0, text[-8000:]
+    assert "mesh {'data': 4, 'fsdp': 1, 'model': 1} over 4 cpu devices" in text
+    results = json.loads((workdir / "results.json").read_text())
+    assert (results["num_videos"], results["step"]) == (20, 4)
+    for key in ("t2v", "v2t", "t2v_sk", "v2t_sk"):
+        assert 0 <= results[key]["R@1"] <= 100
+    # The report draws clips of both processes' halves of the test set.
+    assert (workdir / "report" / "index.html").stat().st_size > 0

@@ -1,6 +1,7 @@
 """End to end: main on a tiny synthetic set (made and built in the workdir), a few training
 steps, evaluation with SK-norm, results.json with the documented keys, the report; then
-``--mode=eval`` on the checkpoint; and a bad config key rejected before anything compiles."""
+``--mode=eval`` on the checkpoint, a resume with a changed seed refused; and a bad config key
+rejected before anything compiles."""
 
 import json
 import os
@@ -67,6 +68,18 @@ def test_main_train_and_eval_then_eval(tmp_path):
     # Evaluate the checkpoint of that workdir.
     res2 = main.run(_config(workdir), workdir, "eval", progress=False)
     assert res2["step"] == 3 and res2["num_videos"] == 8
+
+    # Resuming with another seed is refused before anything is restored or compiled, naming
+    # the key, and the workdir's config.json is left as it was.
+    with open(os.path.join(workdir, "config.json")) as f:
+        before = f.read()
+    changed = _config(workdir)
+    changed.seed = 5
+    changed.train.num_steps = 4
+    with pytest.raises(config.ConfigError, match=r"config\.seed 0 -> 5"):
+        main.run(changed, workdir, "train", progress=False)
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert f.read() == before
 
     # --mode=eval on a checkpoint in the original (PyTorch state_dict) format: our head
     # exported under the original names, read back through the name mapping.

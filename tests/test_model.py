@@ -22,6 +22,7 @@ from ucofia_jax.ops import similarity
 # Head fields that are sizes (from CLIP and the data), and flax's own Module fields.
 HEAD_SIZES = ("embed_dim", "max_frames", "max_words")
 MODULE_FIELDS = ("parent", "name")
+SET_BY_MODEL = ("remat",)  # from config.model.remat: one switch for CLIP and the head
 N_TEXT, N_VIDEO = 7, 5  # block sizes below do not divide these
 
 
@@ -86,16 +87,16 @@ def test_schema_defaults_are_the_modules_defaults():
     head_defaults = {
         f.name: f.default
         for f in dataclasses.fields(UCoFiAHead)
-        if f.name not in HEAD_SIZES + MODULE_FIELDS
+        if f.name not in HEAD_SIZES + MODULE_FIELDS + SET_BY_MODEL
     }
     schema = base_config().model
     head = {k: v for k, v in schema.head.items() if k not in HEAD_INIT_KEYS}
     assert head == head_defaults
     assert schema.head.init_temporal_from_clip is True
-    # config.model.clip is CLIPConfig's fields (plus the checkpoint); the one documented
+    # config.model.clip is CLIPConfig's fields (plus checkpoint, from_scratch); the one documented
     # difference: the recipe shifts tokens in visual blocks 10 and 11 (TS2-Net).
     clip_defaults = {f.name: f.default for f in dataclasses.fields(CLIPConfig)}
-    clip = {k: v for k, v in schema.clip.items() if k != "checkpoint"}
+    clip = {k: v for k, v in schema.clip.items() if k not in ("checkpoint", "from_scratch")}
     assert clip_defaults["token_shift_blocks"] == ()
     assert clip == {**clip_defaults, "token_shift_blocks": (10, 11)}
     assert schema.clip.checkpoint == ""

@@ -117,3 +117,31 @@ def test_sigterm_saves_and_stops(tmp_path, single_device):
     assert guard.requested and guard.signal_name == "SIGTERM"
     assert int(jax.device_get(out["step"])) == 2
     assert checkpoints.Checkpointer(str(tmp_path)).latest_step() == 2
+
+
+@pytest.mark.slow
+def test_nonfinite_step_returns_the_input_state(single_device):
+    """An absurd lr (1e39 is inf in float32) makes the new params non-finite: the jitted step
+    reports finite=False and returns its input state bit for bit (step not counted), so no
+    checkpoint can hold it. A sane step reports finite=True."""
+    c = tiny_config()
+    c.mesh.data = 1
+    c.train.update(dict(lr=1e39, clip_lr=1e39))
+    mesh, trainer, state = _setup(c, jax.devices()[:1])
+    batch = sharding.shard_batch(train.model_inputs(random_arrays(8, c)), mesh)
+    placed = train.place_state(trainer, state)
+    before = jax.device_get(placed)  # host copies: the step donates its input
+    new, metrics = trainer.train_step(placed, batch)
+    assert not bool(metrics["finite"])
+    after = jax.device_get(new)
+    assert jax.tree.structure(after) == jax.tree.structure(before)
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(after)
+    ):
+        np.testing.assert_array_equal(b, a, err_msg=jax.tree_util.keystr(path))
+    assert int(after["step"]) == 0
+
+    c1, (mesh1, trainer1, state1) = single_device
+    batch1 = sharding.shard_batch(train.model_inputs(random_arrays(8, c1)), mesh1)
+    new1, metrics1 = trainer1.train_step(train.place_state(trainer1, state1), batch1)
+    assert bool(metrics1["finite"]) and int(jax.device_get(new1["step"])) == 1

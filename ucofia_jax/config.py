@@ -23,6 +23,7 @@ Each layer gets its section: ``Model.from_config(config.model, ...)``,
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from typing import Any, List
@@ -33,10 +34,12 @@ from data_pipeline import builder as builder_lib
 from data_pipeline import pipeline
 from ucofia_jax.kernels.native import LEVEL3_KERNELS
 from ucofia_jax.models import clip as clip_lib
+from ucofia_jax.models import clip_import
 from ucofia_jax.models import head as head_lib
+from ucofia_jax.models import layers as layers_lib
 from ucofia_jax.ops.sinkhorn import SK_DOMAINS
 from ucofia_jax.ops.topk import NOISE_PRNGS
-from ucofia_jax.runtime import distributed
+from ucofia_jax.runtime import distributed, sharding
 from ucofia_jax.training import checkpoints
 from ucofia_jax.training.optim import OPTIMIZERS, SCHEDULES
 
@@ -60,6 +63,7 @@ FROZEN_CLIP = (
 )
 # Head fields that are sizes taken from CLIP and the data, not knobs of their own.
 _HEAD_SIZES = ("embed_dim", "max_frames", "max_words")
+_HEAD_SET_BY_MODEL = ("remat",)  # head fields Model sets from config.model (one switch)
 _CONFIG_FIELDS = ("parent", "name")  # flax Module bookkeeping, not fields of the head
 
 
@@ -81,13 +85,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     clip = _defaults(clip_lib.CLIPConfig)  # OpenAI ViT-B/32 sizes
     clip["token_shift_blocks"] = (10, 11)  # the recipe: TS2-Net shift on visual blocks 10-11
-    # checkpoint: a HF CLIPModel dir or an OpenAI ViT-B-32.pt; '' = CLIP from scratch.
-    c.model.clip = ml_collections.ConfigDict(dict(checkpoint="", **clip))
-    head = _defaults(head_lib.UCoFiAHead, skip=_HEAD_SIZES)
+    # checkpoint: a HF CLIPModel dir or an OpenAI ViT-B-32.pt. Training refuses to start
+    # without one unless from_scratch=True says a random CLIP is meant (the demo).
+    # vision_heads -1: width // 64 (OpenAI); a HF config.json states its count.
+    c.model.clip = ml_collections.ConfigDict(dict(checkpoint="", from_scratch=False, **clip))
+    head = _defaults(head_lib.UCoFiAHead, skip=_HEAD_SIZES + _HEAD_SET_BY_MODEL)
     # init_temporal_from_clip: seqTransf <- CLIP text blocks 0..3 (SPEC §5).
     c.model.head = ml_collections.ConfigDict(dict(init_temporal_from_clip=True, **head))
     # A released UCoFiA state dict (pytorch_model.bin) for --mode=eval; '' = none.
     c.model.ucofia_checkpoint = ""
+    # Activation rematerialisation of every residual block (CLIP towers and the head's temporal
+    # encoder): 'none' | 'full' (least memory) | 'dots' (models/layers.py REMAT_POLICIES).
+    # Same parameters and gradients either way; docs/train.md "Memory".
+    c.model.remat = "none"
 
     # ------------------------------------------------------------------ data
     c.data = ml_collections.ConfigDict(
@@ -143,9 +153,16 @@ def base_config() -> ml_collections.ConfigDict:
             frozen=FROZEN_CLIP,  # param paths (under 'clip/') that never change
             log_every_steps=10,
             checkpoint_every_steps=1000,
-            keep_checkpoints=2,
+            keep_checkpoints=2,  # >= 2: a damaged latest checkpoint falls back to the previous
             eval_every_epochs=1,  # validation (R@1 picks the best checkpoint)
             stop_on_nonfinite=True,
+            # Resuming refuses a changed seed, global batch size, epochs, schedule or data
+            # split (the data order or the lr schedule would silently differ); True allows it.
+            allow_resume_with_changes=False,
+            # Exact gradient accumulation (GradCache): the global batch is encoded in this many
+            # micro-batches; the loss still sees all B x B pairs. batch_size must be divisible
+            # by accumulate_steps x the mesh's batch shards (data x fsdp).
+            accumulate_steps=1,
         )
     )
 
@@ -177,6 +194,8 @@ def base_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "model.clip.dtype": tuple(clip_lib.DTYPES),
     "model.head.predictor": head_lib.PREDICTORS,
+    "model.remat": tuple(layers_lib.REMAT_POLICIES),
+    "model.clip.activation": tuple(layers_lib.ACTIVATIONS),
     "model.head.eval_noise_prng": NOISE_PRNGS,
     "eval.level3_kernel": LEVEL3_KERNELS,
     "train.optimizer": OPTIMIZERS,
@@ -187,6 +206,24 @@ _CHOICES = {
 }
 # Keys that moved: a hint in the unknown-key error.
 _MOVED = {"model.head.level3_kernel": "eval.level3_kernel"}
+
+
+def unknown_key_message(key: str) -> str:
+    """For ``config.<key>`` absent from :func:`base_config` (e.g. a command-line override):
+    where a moved key went, else the nearest known keys."""
+    key = key.removeprefix("config.")
+    if key in _MOVED:
+        return f"config.{key}: moved to config.{_MOVED[key]}"
+    known = [k for k in _flatten(base_config()) if k not in _MOVED]
+    near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    if not near:
+        parent = key.rsplit(".", 1)[0]
+        near = sorted(k for k in known if k.rsplit(".", 1)[0] == parent)[:8]
+    return f"config.{key}: unknown key" + (
+        f" (nearest: {', '.join('config.' + n for n in near)})" if near else ""
+    )
+
+
 _POSITIVE = (
     "model.clip.embed_dim",
     "model.clip.image_resolution",
@@ -208,6 +245,7 @@ _POSITIVE = (
     "data.max_frames",
     "data.image_size",
     "train.batch_size",
+    "train.accumulate_steps",
     "eval.batch_size",
     "eval.text_block",
     "eval.video_block",
@@ -307,6 +345,9 @@ def _value_errors(flat: dict) -> List[str]:
     """Choices, ranges and the combinations of values the code refuses."""
     errors: List[str] = []
     bad = _bad(errors, flat)
+    for k, v in flat.items():  # lr=inf or NaN would train on, or stop late, with a NaN state
+        if isinstance(v, float) and not math.isfinite(v):
+            bad(k, "must be a finite number")
     for k, choices in _CHOICES.items():
         if flat[k] not in choices:
             bad(k, f"must be one of {choices}")
@@ -337,6 +378,14 @@ def _value_errors(flat: dict) -> List[str]:
     for p in flat["train.frozen"]:
         if not isinstance(p, str) or not p:
             bad("train.frozen", f"entries must be param paths under clip/, got {p!r}")
+    shards = [flat[k] for k in ("mesh.data", "mesh.fsdp") if flat[k] > 0]
+    micro = flat["train.accumulate_steps"] * int(math.prod(shards))
+    if flat["train.accumulate_steps"] > 0 and flat["train.batch_size"] % micro:
+        bad(
+            "train.batch_size",
+            f"must be divisible by train.accumulate_steps x the mesh's fixed batch shards "
+            f"(mesh.data x mesh.fsdp) = {micro}",
+        )
     if flat["eval.sk_bank_size"] == 0 or flat["eval.sk_bank_size"] < -1:
         bad("eval.sk_bank_size", "must be > 0 or -1 (the whole training split)")
     return errors
@@ -354,8 +403,18 @@ def _size_errors(flat: dict) -> List[str]:
         )
     if clip["text_width"] % clip["text_heads"]:
         bad("model.clip.text_heads", f"must divide model.clip.text_width ({clip['text_width']})")
-    if clip["vision_width"] >= 64 and clip["vision_width"] % 64:
-        bad("model.clip.vision_width", "must be a multiple of 64 (vision heads = width // 64)")
+    if clip["vision_heads"] == -1:
+        if clip["vision_width"] >= 64 and clip["vision_width"] % 64:
+            bad(
+                "model.clip.vision_width",
+                "must be a multiple of 64 when model.clip.vision_heads = -1 (width // 64); "
+                "or set model.clip.vision_heads",
+            )
+    elif clip["vision_heads"] < 1 or clip["vision_width"] % clip["vision_heads"]:
+        bad(
+            "model.clip.vision_heads",
+            f"must be -1 (width // 64) or divide model.clip.vision_width ({clip['vision_width']})",
+        )
     if clip["embed_dim"] % 64:
         bad("model.clip.embed_dim", "must be a multiple of 64 (temporal encoder heads = D // 64)")
     for i in clip["token_shift_blocks"]:
@@ -412,8 +471,70 @@ def resolve_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collect
     return config
 
 
+OPENAI_VIT_B32_URL = (
+    "https://openaipublic.azureedge.net/clip/models/"
+    "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt"
+)
+
+
+def check_clip_start(config: ml_collections.ConfigDict, mode: str) -> None:
+    """Training needs pretrained CLIP weights unless ``model.clip.from_scratch`` says a random
+    CLIP is meant: the recipe's CLIP lr (1e-7) and frozen embeddings leave a random CLIP where
+    it started, so a run without weights would spend its compute on nothing. Evaluation reads
+    its params from the workdir's checkpoint or ``model.ucofia_checkpoint`` and is not held."""
+    clip = config.model.clip
+    if clip.from_scratch and clip.checkpoint:
+        raise ConfigError(
+            f"config.model.clip.from_scratch = True and config.model.clip.checkpoint = "
+            f"{clip.checkpoint!r}: choose one (from_scratch=True needs checkpoint='')"
+        )
+    if not MODES[mode][0] or clip.checkpoint or clip.from_scratch:
+        return
+    raise ConfigError(
+        f"config.model.clip.checkpoint is empty: --mode={mode} would train CLIP from random "
+        f"weights (experiment {config.experiment!r}). Download OpenAI's ViT-B/32 "
+        f"({OPENAI_VIT_B32_URL}) or a Hugging Face CLIPModel directory (config.json + "
+        "model.safetensors, e.g. openai/clip-vit-base-patch32; configs/msrvtt_b16.py and "
+        "msrvtt_l14.py need ViT-B/16 and ViT-L/14) and pass it with "
+        "--config.model.clip.checkpoint=PATH. To train CLIP from scratch on purpose, pass "
+        "--config.model.clip.from_scratch=True."
+    )
+
+
+def _check_clip_heads(clip: ml_collections.ConfigDict, path: str) -> None:
+    """Head counts and the activation change no weight's shape, so a config that differs
+    from its checkpoint there would load and run, silently wrong: compare before loading."""
+    cfg = clip_lib.CLIPConfig.from_ml(clip)
+    stated = clip_import.stated_fields(path)
+    want = {
+        "text_heads": stated.get("text_heads", max(cfg.text_width // 64, 1)),
+        "vision_heads": stated.get("vision_heads", clip_lib.openai_vision_heads(cfg.vision_width)),
+        "activation": stated.get("activation", "quick_gelu"),
+    }
+    have = {k: getattr(cfg, k) for k in want}
+    wrong = [f"--config.model.clip.{k}={v}" for k, v in want.items() if have[k] != v]
+    if wrong:
+        raise ConfigError(
+            f"config.model.clip: {have} differ from the checkpoint {path!r} "
+            f"({'its config.json' if stated else 'OpenAI: heads of 64, quick_gelu'}: {want}); "
+            "set " + " ".join(wrong)
+        )
+
+
+def check_devices(config: ml_collections.ConfigDict) -> None:
+    """The mesh must hold devices of every process: a process outside it has no rows of the
+    batch and cannot read the results (jax.distributed up, before anything compiles)."""
+    try:
+        mesh = sharding.make_mesh(config.mesh)
+        distributed.check_mesh_spans_processes(mesh.devices.flat, "config.mesh")
+    except ValueError as e:  # a config problem: one line at the command line, not a traceback
+        raise ConfigError(str(e)) from None
+
+
 def check_inputs(config: ml_collections.ConfigDict, mode: str, workdir: str) -> None:
     """Fail at once when a checkpoint or the built dataset is missing, saying how to make it."""
+    check_clip_start(config, mode)
+    check_devices(config)
     if mode == "eval" and not config.model.ucofia_checkpoint:
         d, _ = checkpoints.find_checkpoint_dir(workdir)
         if not os.path.isdir(d) or not any(n.isdigit() for n in os.listdir(d)):
@@ -428,9 +549,11 @@ def check_inputs(config: ml_collections.ConfigDict, mode: str, workdir: str) -> 
         raise FileNotFoundError(
             f"config.model.clip.checkpoint = {ckpt!r} does not exist. Put an OpenAI ViT-B-32.pt or "
             "a Hugging Face CLIPModel directory (config.json + model.safetensors, e.g. "
-            "openai/clip-vit-base-patch32) there, or set --config.model.clip.checkpoint='' to "
-            "train CLIP from scratch."
+            "openai/clip-vit-base-patch32) there, or set --config.model.clip.checkpoint='' "
+            "--config.model.clip.from_scratch=True to train CLIP from scratch."
         )
+    if ckpt:
+        _check_clip_heads(config.model.clip, ckpt)
     uckpt = config.model.ucofia_checkpoint
     if uckpt and not os.path.exists(uckpt):
         raise FileNotFoundError(

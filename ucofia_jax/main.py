@@ -7,31 +7,40 @@ r"""Train and evaluate UCoFiA: the program users run.
 
 Any config value can be overridden on the command line (``--config.train.batch_size=64``).
 The config is validated and the inputs are checked before anything is compiled. Re-running
-with the same ``--workdir`` resumes from the last checkpoint (params, optimizer, step, PRNG,
-data position).
+with the same ``--workdir`` resumes from the last readable checkpoint (params, optimizer,
+step, PRNG, data position), after checking that it was written by the same model and run
+settings (``config.train.allow_resume_with_changes`` lets the run settings differ).
+
+A known problem (bad config key or value, missing or bad data, unreadable checkpoint, full
+or read-only disk, non-finite loss) prints one line and a hint on stderr and exits with
+status 2 (``--verbose`` or ``UCOFIA_VERBOSE=1`` adds the traceback); SIGTERM saves and exits
+0, Ctrl-C saves and exits 130, a second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import tensorflow_datasets as tfds
 from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipeline import build as build_lib
 from data_pipeline import pipeline, synthetic
+from data_pipeline.records import DataError
 from ucofia_jax import config as config_lib
 from ucofia_jax.evaluation import evaluator, report
-from ucofia_jax.models import ucofia_names
+from ucofia_jax.models import clip_import, ucofia_names
 from ucofia_jax.models.model import Model
-from ucofia_jax.runtime import distributed, sharding
+from ucofia_jax.runtime import cli, distributed, sharding
 from ucofia_jax.training import checkpoints, loop, optim, trainer
 from ucofia_jax.training.metric_writer import MetricWriter
 
@@ -48,13 +57,25 @@ flags.DEFINE_enum(
     "checkpoint; train_and_eval: both.",
 )
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_bool(
+    "verbose", False, f"Print the traceback of known errors too (or {cli.VERBOSE_ENV}=1)."
+)
+
+# One line and status 2 at the command line (runtime/cli.py); anything else is a traceback.
+KNOWN_ERRORS = (
+    config_lib.ConfigError,
+    FileNotFoundError,  # a missing dataset, checkpoint or weights file (config.check_inputs)
+    DataError,
+    clip_import.CheckpointError,  # checkpoints.CheckpointError too (a subclass)
+    loop.NonFiniteLossError,
+)
 
 
 def run(config, workdir: str, mode: str, progress: bool = True) -> Dict[str, Any]:
     """The whole program (importable for tests): check, build, train, evaluate, report.
 
-    Returns the evaluation metrics ({} for --mode=train; {'preempted', 'step'} when a
-    signal stopped training)."""
+    Returns the evaluation metrics ({} for --mode=train; {'preempted', 'step', 'signal'} when
+    a signal stopped training)."""
     train, evaluate = config_lib.MODES[mode]
     distributed.maybe_initialize(config)  # before anything touches jax.devices()
     if distributed.process_count() > 1:
@@ -65,7 +86,6 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> Dict[str, Any
 
     out = _RunOutput(workdir)
     try:
-        out.write_config(config)
         if config.data.synthetic.enabled:
             _prepare_synthetic_data(config, out)
         mesh = _make_mesh(config, out)
@@ -77,11 +97,14 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> Dict[str, Any
         # kernel may compile it.
         fns = None if splits.test is None else evaluator.retrieval_fns(model, mesh, config.eval)
         if train:
-            params, step = _train(config, workdir, model, mesh, fns, splits, out, progress)
-            if params is None:
-                return {"preempted": True, "step": step}
+            params, step, stopped_by = _train(
+                config, workdir, model, mesh, fns, splits, out, progress
+            )
+            if stopped_by:
+                return {"preempted": True, "step": step, "signal": stopped_by}
         else:
             params, step = _params_to_evaluate(config, workdir, model, out)
+            out.write_config(config)
         if not evaluate:
             return {}
         return _evaluate_and_report(config, workdir, fns, mesh, params, step, splits, out)
@@ -188,23 +211,35 @@ class _Splits:
 
 
 def _train(config, workdir, model, mesh, fns, splits, out, progress):
-    """Train from scratch or from the last checkpoint; (params, step), params None when a
-    signal stopped the run (its state is saved)."""
+    """Train from scratch or from the last readable checkpoint; (params, step, stopped_by):
+    ``stopped_by`` names the signal that stopped the run (its state is saved), else None."""
     tc = config.train
     spe = splits.train.steps_per_epoch(tc.batch_size)
     total = trainer.total_train_steps(tc, spe)
     state = trainer.create_train_state(model, config.seed)
+    _check_frozen(tc.frozen, state["params"])
     run_trainer = trainer.make_trainer(model, tc, mesh, state, trainer.schedule_steps(tc, spe))
     ckpt = checkpoints.Checkpointer(workdir, keep=tc.keep_checkpoints)
+    guard = None
     try:
-        if ckpt.latest_step() is not None:
-            state, meta = ckpt.restore(trainer.place_state(run_trainer, state))
+        params_template = state["params"]
+        state = trainer.place_state(run_trainer, state)
+        saved_config = _config_dict(config)
+
+        def check(step, meta, shapes):
+            _check_resume(config, saved_config, workdir, step, meta, shapes, params_template)
+
+        restored = ckpt.restore_latest(state, check=check)
+        start_step = None
+        if restored is not None:
+            state, meta = restored
+            start_step = int(meta["step"])
             out.say(
-                f"resumed from step {int(meta['step'])} (epoch {meta['epoch']}, step "
+                f"resumed from step {start_step} (epoch {meta['epoch']}, step "
                 f"{meta['step_in_epoch']} of it) in {workdir}/checkpoints"
             )
-        else:
-            state = trainer.place_state(run_trainer, state)
+        ckpt.check_room(state)
+        out.write_config(config)  # only now: a refused resume leaves the old one in place
         guard = checkpoints.PreemptionGuard()
 
         def validate_epoch(epoch, st) -> Optional[float]:
@@ -237,14 +272,123 @@ def _train(config, workdir, model, mesh, fns, splits, out, progress):
             writer=out.writer,
             on_epoch_end=validate_epoch,
             progress=progress and out.main,
-            meta_extra={"experiment": config.experiment},
+            meta_extra={"experiment": config.experiment, "config": saved_config},
+            start_step=start_step,
         )
-        guard.restore()
     finally:
+        if guard is not None:
+            guard.restore()
         ckpt.close()
     step = int(jax.device_get(state["step"]))
     out.say(f"trained to step {step}/{total} in {time.time() - t0:.0f} s")
-    return (None if guard.requested else state["params"]), step
+    stopped_by = guard.signal_name if guard.requested else None
+    return state["params"], step, stopped_by
+
+
+# Keys whose change makes a resumed run silently differ from the run it continues (the data
+# order or the lr schedule); refused unless config.train.allow_resume_with_changes.
+RESUME_KEYS = (
+    "seed",
+    "train.batch_size",
+    "train.epochs",
+    "train.schedule",
+    "data.dataset",
+    "data.train_split",
+    "data.expand_sentences",
+)
+# model.* keys that only say where the starting weights came from, or how memory is spent.
+_MODEL_KEYS_FREE = (
+    "model.clip.checkpoint",
+    "model.clip.from_scratch",
+    "model.ucofia_checkpoint",
+    "model.remat",
+)
+
+
+def _config_dict(config) -> Dict[str, Any]:
+    """The config as JSON values (tuples as lists), as a checkpoint's meta stores it."""
+    return json.loads(config.to_json_best_effort())
+
+
+def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _param_shapes(params) -> Dict[str, tuple]:
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): tuple(x.shape)
+        for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+
+
+def _check_resume(config, new_config, workdir, step, meta, saved_shapes, params) -> None:
+    """Refuse (ConfigError) to resume checkpoint ``step`` under a config it was not made with:
+    different parameter shapes or model keys, or changed run keys (RESUME_KEYS) unless
+    ``train.allow_resume_with_changes``. Runs before any array of the checkpoint is read."""
+    where = os.path.join(workdir, "checkpoints", str(step))
+    saved = meta.get("config")
+    if saved is None:  # a checkpoint from before configs were kept in it: the workdir's
+        try:
+            with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            saved = None
+    old, new = _flat(saved or {}), _flat(new_config)
+    both = sorted(set(old) & set(new))  # a key added since is not a difference
+    model_keys = [
+        k for k in both if k.startswith("model.") and k not in _MODEL_KEYS_FREE and old[k] != new[k]
+    ]
+    ours = _param_shapes(params)
+    shape_diff = [
+        f"{p}: saved {saved_shapes.get(p, 'absent')} now {ours.get(p, 'absent')}"
+        for p in sorted(set(saved_shapes) | set(ours))
+        if saved_shapes.get(p) != ours.get(p)
+    ]
+
+    def changes(keys):
+        return ", ".join(f"config.{k} {old[k]!r} -> {new[k]!r}" for k in keys)
+
+    if shape_diff:
+        raise config_lib.ConfigError(
+            f"{where} was written by a different model ({changes(model_keys) or 'see shapes'}); "
+            f"parameters: {'; '.join(shape_diff[:6])}"
+            + (f"; and {len(shape_diff) - 6} more" if len(shape_diff) > 6 else "")
+            + ". Use another --workdir, or the saved config's values."
+        )
+    run_keys = [k for k in RESUME_KEYS if k in old and k in new and old[k] != new[k]]
+    changed = model_keys + run_keys
+    if not changed:
+        return
+    if config.train.allow_resume_with_changes:
+        logging.warning("resuming %s with changed settings: %s", where, changes(changed))
+        return
+    raise config_lib.ConfigError(
+        f"{where} was written with other settings: {changes(changed)}. Resuming would silently "
+        "change the data order or lr schedule; use another --workdir, the saved values, or "
+        "--config.train.allow_resume_with_changes=True."
+    )
+
+
+def _check_frozen(frozen, params) -> None:
+    """Every ``train.frozen`` entry must name a parameter (or a group of them) under clip/."""
+    names = set()
+    for path in _param_shapes(params["clip"]):
+        parts = path.split("/")
+        names.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    for entry in frozen:
+        if entry.strip("/") in names:
+            continue
+        near = difflib.get_close_matches(entry.strip("/"), sorted(names), n=3, cutoff=0.5)
+        raise config_lib.ConfigError(
+            f"config.train.frozen: {entry!r} names no parameter under clip/"
+            + (f" (nearest: {', '.join(near)})" if near else "")
+        )
 
 
 def _params_to_evaluate(config, workdir, model, out):
@@ -297,40 +441,104 @@ def _evaluate_and_report(config, workdir, fns, mesh, params, step, splits, out):
     if out.main:
         with open(os.path.join(workdir, "results.md"), encoding="utf-8") as fh:
             out.say(f"wrote {path} ({res['seconds']} s):\n" + fh.read())
-    if config.eval.write_report and out.main:
+    if config.eval.write_report:
         test = splits.test
-        html_path = report.write_report(
-            workdir,
-            res,
+        # Every process: each holds its rows of the test videos; the drawn frames are gathered.
+        frames = report.drawn_first_frames(
             ev.similarity,
             test.text_to_video,
-            test.texts,
-            _first_frames(test, config.eval.batch_size),
-            test.video_ids,
-            title=f"UCoFiA {config.experiment}",
+            test.eval_video_batches(global_batch=config.eval.batch_size),
         )
-        out.say(f"report: {html_path}")
+        if out.main:
+            html_path = report.write_report(
+                workdir,
+                res,
+                ev.similarity,
+                test.text_to_video,
+                test.texts,
+                frames,
+                test.video_ids,
+                title=f"UCoFiA {config.experiment}",
+            )
+            out.say(f"report: {html_path}")
     return res
 
 
-def _first_frames(test_data, batch: int) -> np.ndarray:
-    out = []
-    for b in test_data.eval_video_batches(global_batch=batch):
-        out.append(b["frames"][np.asarray(b["valid"], bool), 0])
-    return np.concatenate(out)
-
-
-def main(argv):
+def main(argv) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise config_lib.ConfigError(
+            f"unexpected arguments {argv[1:]}: flags are --name=value, config values "
+            "--config.section.key=value"
+        )
     if FLAGS.workdir is None:
-        raise app.UsageError("--workdir is required")
+        raise config_lib.ConfigError(
+            "--workdir is required (checkpoints, logs and results go there)"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "orbax", "jax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    run(FLAGS.config, FLAGS.workdir, FLAGS.mode, progress=FLAGS.progress)
+    res = run(FLAGS.config, FLAGS.workdir, FLAGS.mode, progress=FLAGS.progress)
+    if res.get("signal") == "SIGINT":
+        return cli.INTERRUPTED  # saved; 130 tells a calling script the run did not finish
+    return 0
+
+
+def _parse_flags(argv):
+    """absl's parsing, with a bad flag, an unknown ``--config.*`` key or a config file that
+    does not load raised as a :class:`ConfigError` (one line at the command line)."""
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as e:
+        raise config_lib.ConfigError(str(e)) from e
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of no key
+        raise config_lib.ConfigError(_unknown_override(argv, e)) from e
+    try:
+        FLAGS.config.keys()  # a file that failed to load raises on first use
+    except Exception as e:  # pylint: disable=broad-except
+        path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
+        raise config_lib.ConfigError(
+            f"--config={path} does not load: {str(e).strip().splitlines()[-1].strip()}"
+        ) from e
+    return rest
+
+
+def _unknown_override(argv, error) -> str:
+    """Name the ``--config.a.b=...`` override whose key is not in the schema."""
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            key = arg[len("--config.") :].split("=", 1)[0]
+            if not _known_key(key):
+                return config_lib.unknown_key_message(key)
+    return f"a --config.* override names no key ({error})"
+
+
+def _known_key(key: str) -> bool:
+    node = config_lib.base_config()
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _hint(e: BaseException) -> Optional[str]:
+    if isinstance(e, config_lib.ConfigError) and "unknown key" in str(e):
+        return "every key and its default: ucofia_jax/config.py base_config()"
+    return None
+
+
+def cli_main(argv=None) -> None:
+    """The command line, behind the error boundary (runtime/cli.py)."""
+    argv = list(sys.argv if argv is None else argv)
+    flags.mark_flags_as_required(["config"])
+    status = cli.guarded(
+        lambda: app.run(main, argv=argv, flags_parser=_parse_flags),
+        known=KNOWN_ERRORS,
+        verbose=cli.verbose_requested(argv),
+        hint=_hint,
+    )
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli_main()

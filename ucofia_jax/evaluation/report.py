@@ -9,12 +9,16 @@ from __future__ import annotations
 import base64
 import html
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from ucofia_jax.ops import metrics as metrics_lib
+from ucofia_jax.runtime import distributed
+
+NUM_EXAMPLES = 4  # example text queries drawn
+TOP = 3  # retrieved clips shown per query
 
 
 def _subplots(*args, **kwargs):
@@ -35,22 +39,71 @@ def _save(fig, path):
     return path
 
 
+def _examples(sim: np.ndarray, num_examples: int, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """The example queries (a fixed spread of test texts) and the top videos of each."""
+    nt = sim.shape[0]
+    idx = np.linspace(0, nt - 1, min(num_examples, nt)).astype(int)
+    best = np.stack([np.argsort(-sim[t], kind="stable")[:top] for t in idx])
+    return idx, best
+
+
+def drawn_first_frames(
+    sim: np.ndarray,
+    text_video: np.ndarray,
+    video_batches: Iterable[Dict[str, np.ndarray]],
+    num_examples: int = NUM_EXAMPLES,
+    top: int = TOP,
+) -> Dict[int, np.ndarray]:
+    """{video index: first frame} of the clips ``write_report`` draws. Every process calls it:
+    ``video_batches`` are this process's rows of the test videos (``eval_video_batches``,
+    with ``video_index``, ``valid`` and ``frames``), so with several processes each holds
+    about half of the drawn clips, and the few drawn frames are gathered from all of them.
+    The drawn set is process 0's (every process has the same ``sim``; one choice is safer)."""
+    sim = np.asarray(sim, np.float64)
+    idx, best = _examples(sim, num_examples, top)
+    drawn = np.concatenate([np.asarray(text_video)[idx], best.reshape(-1)]).astype(np.int64)
+    drawn = np.asarray(distributed.process_allgather(drawn, tiled=False))[0]
+    want = np.unique(drawn)
+    frames, held = None, np.zeros(len(want), np.int32)
+    for b in video_batches:
+        valid = np.asarray(b["valid"], bool)
+        vids = np.asarray(b["video_index"])[valid]
+        first = np.asarray(b["frames"])[valid, 0]
+        if frames is None:
+            frames = np.zeros((len(want),) + np.asarray(b["frames"]).shape[2:], np.uint8)
+        pos = np.searchsorted(want, vids)
+        hit = (pos < len(want)) & (want[np.minimum(pos, len(want) - 1)] == vids)
+        frames[pos[hit]] = first[hit]
+        held[pos[hit]] = 1
+    if frames is None:
+        raise ValueError("drawn_first_frames: no test video batches on this process")
+    all_frames = np.asarray(distributed.process_allgather(frames, tiled=False))  # [P, K, ...]
+    all_held = np.asarray(distributed.process_allgather(held, tiled=False))  # [P, K]
+    missing = want[~all_held.any(axis=0)]
+    if len(missing):
+        raise ValueError(f"drawn_first_frames: videos {missing.tolist()} are in no process's rows")
+    owner = np.argmax(all_held, axis=0)
+    return {int(v): all_frames[owner[k], k] for k, v in enumerate(want)}
+
+
 def write_report(
     workdir: str,
     results: Dict[str, Any],
     sim: np.ndarray,
     text_video: np.ndarray,
     texts: Sequence[str],
-    first_frames: np.ndarray,
+    first_frames: Union[np.ndarray, Mapping[int, np.ndarray]],
     video_ids: Optional[Sequence[str]] = None,
-    num_examples: int = 4,
-    top: int = 3,
+    num_examples: int = NUM_EXAMPLES,
+    top: int = TOP,
     title: str = "UCoFiA demo",
 ) -> str:
     """Writes the PNGs and index.html; returns the HTML path.
 
     ``sim`` [T, V] test similarities, ``text_video`` [T] ground-truth video of each text,
-    ``texts`` the T captions, ``first_frames`` uint8 [V, S, S, 3].
+    ``texts`` the T captions, ``first_frames`` uint8 [V, S, S, 3] or {video index: frame}
+    holding at least the drawn clips (:func:`drawn_first_frames`, which gathers them over
+    processes).
     """
     out = os.path.join(workdir, "report")
     os.makedirs(out, exist_ok=True)
@@ -81,20 +134,20 @@ def write_report(
     p_heat = _save(fig, os.path.join(out, "similarity.png"))
 
     # Example queries: a fixed spread of test texts, top clips' first frames.
-    idx = np.linspace(0, nt - 1, min(num_examples, nt)).astype(int)
+    idx, best_of = _examples(sim, num_examples, top)
     fig, axes = _subplots(
         len(idx), top + 1, figsize=(2.2 * (top + 1), 2.3 * len(idx)), squeeze=False
     )
     for r, t in enumerate(idx):
-        best = np.argsort(-sim[t], kind="stable")[:top]
-        axes[r, 0].imshow(first_frames[text_video[t]])
+        best = best_of[r]
+        axes[r, 0].imshow(_frame(first_frames, text_video[t]))
         axes[r, 0].set_title("ground truth", fontsize=8)
         axes[r, 0].set_ylabel(
             "\n".join(_wrap(texts[t], 28)), fontsize=7, rotation=0, ha="right", va="center"
         )
         for c, v in enumerate(best):
             ok = v == text_video[t]
-            axes[r, c + 1].imshow(first_frames[v])
+            axes[r, c + 1].imshow(_frame(first_frames, v))
             axes[r, c + 1].set_title(
                 f"#{c + 1} {'(correct)' if ok else ''}",
                 fontsize=8,
@@ -125,6 +178,16 @@ def write_report(
     with open(path, "w", encoding="utf-8") as f:
         f.write(doc)
     return path
+
+
+def _frame(first_frames, video: int) -> np.ndarray:
+    try:
+        return first_frames[int(video)]
+    except (KeyError, IndexError):
+        raise ValueError(
+            f"write_report: no first frame for test video {int(video)} (it draws the ground truth "
+            "and top clips of its example queries; pass drawn_first_frames(...) or all V frames)"
+        ) from None
 
 
 def _b64(path: str) -> str:

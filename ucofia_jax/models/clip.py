@@ -24,12 +24,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ucofia_jax.models.layers import LayerNorm, Transformer
+from ucofia_jax.models.layers import ACTIVATIONS, LayerNorm, Transformer
 from ucofia_jax.ops.token_shift import token_shift
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def openai_vision_heads(width: int) -> int:
+    """OpenAI's ViTs have heads of 64 (``build_model``: width // 64); 1 below that width."""
+    return width // 64 if width >= 64 else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +54,19 @@ class CLIPConfig:
     token_shift_blocks: tuple = ()
     token_shift_n_div: int = 7
     dtype: str = "float32"
+    # -1: OpenAI's rule, width // 64 (what an OpenAI .pt implies; it does not store it). A HF
+    # config.json states it (num_attention_heads): OpenCLIP ViT-H/14 has 16 heads of 80.
+    vision_heads: int = -1
+    # The MLPs' activation (layers.ACTIVATIONS), HF config.json's hidden_act: OpenAI's CLIPs
+    # use quick_gelu, OpenCLIP's ViT-H/14 and bigG the exact gelu.
+    activation: str = "quick_gelu"
 
     _SIZE_FIELDS = (
         "embed_dim",
         "image_resolution",
         "vision_layers",
         "vision_width",
+        "vision_heads",
         "vision_patch_size",
         "context_length",
         "vocab_size",
@@ -67,6 +79,17 @@ class CLIPConfig:
         object.__setattr__(
             self, "token_shift_blocks", tuple(int(i) for i in self.token_shift_blocks)
         )
+        if self.vision_heads == -1:
+            object.__setattr__(self, "vision_heads", openai_vision_heads(self.vision_width))
+        if self.vision_heads < 1 or self.vision_width % self.vision_heads:
+            raise ValueError(
+                f"clip.py: vision_heads {self.vision_heads} must be -1 (width // 64) or a "
+                f"positive divisor of vision_width {self.vision_width}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"clip.py: activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"clip.py: dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.image_resolution % self.vision_patch_size:
@@ -81,10 +104,6 @@ class CLIPConfig:
             )
 
     @property
-    def vision_heads(self) -> int:
-        return self.vision_width // 64 if self.vision_width >= 64 else 1  # OpenAI: width // 64
-
-    @property
     def grid_size(self) -> int:
         return self.image_resolution // self.vision_patch_size
 
@@ -97,9 +116,11 @@ class CLIPConfig:
 
     @classmethod
     def from_ml(cls, cfg: Any) -> "CLIPConfig":
-        """From ``config.model.clip`` (ConfigDict or dict); ``checkpoint`` is ignored here."""
+        """From ``config.model.clip`` (ConfigDict or dict); ``checkpoint`` and ``from_scratch``
+        (how the weights start, checked by config.check_inputs) are ignored here."""
         d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
         d.pop("checkpoint", None)
+        d.pop("from_scratch", None)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -129,8 +150,30 @@ def _normal(std: float):
     return nn.initializers.normal(std)
 
 
+# Logical axis names of CLIP's parameters outside the residual blocks (whose names are
+# layers.BLOCK_PARAM_AXES), by path; runtime.sharding.LOGICAL_AXIS_RULES maps them to the
+# mesh. 'vocab' the token table, 'joint' the joint embedding (embed_dim), None: never split.
+CLIP_PARAM_AXES = {
+    "token_embedding/embedding": ("vocab", "embed"),
+    "positional_embedding": (None, "embed"),
+    "ln_final/scale": ("norm",),
+    "ln_final/bias": ("norm",),
+    "text_projection": ("embed", "joint"),
+    "logit_scale": (),
+    "visual/conv1/kernel": (None, None, None, "embed"),
+    "visual/class_embedding": ("norm",),
+    "visual/positional_embedding": (None, "embed"),
+    "visual/ln_pre/scale": ("norm",),
+    "visual/ln_pre/bias": ("norm",),
+    "visual/ln_post/scale": ("norm",),
+    "visual/ln_post/bias": ("norm",),
+    "visual/proj": ("embed", "joint"),
+}
+
+
 class VisionTransformer(nn.Module):
     cfg: CLIPConfig
+    remat: str = "none"  # layers.REMAT_POLICIES, on every residual block
 
     @nn.compact
     def __call__(self, x: jax.Array, num_frames: Optional[int] = None) -> jax.Array:
@@ -175,6 +218,8 @@ class VisionTransformer(nn.Module):
             cfg.vision_heads,
             dtype=dtype,
             attn_input_fns=fns,
+            remat=self.remat,
+            activation=cfg.activation,
             name="transformer",
         )(x)
         x = LayerNorm(name="ln_post")(x)
@@ -186,10 +231,13 @@ class CLIP(nn.Module):
     """OpenAI CLIP (ViT) with per-token outputs; see the module docstring."""
 
     cfg: CLIPConfig
+    # layers.REMAT_POLICIES on every residual block of both towers; a module field, not a
+    # CLIPConfig size: it changes memory and time, never the parameters or the outputs.
+    remat: str = "none"
 
     def setup(self):
         cfg = self.cfg
-        self.visual = VisionTransformer(cfg)
+        self.visual = VisionTransformer(cfg, remat=self.remat)
         self.token_embedding = nn.Embed(
             cfg.vocab_size, cfg.text_width, embedding_init=_normal(0.02), param_dtype=jnp.float32
         )
@@ -197,7 +245,12 @@ class CLIP(nn.Module):
             "positional_embedding", _normal(0.01), (cfg.context_length, cfg.text_width), jnp.float32
         )
         self.transformer = Transformer(
-            cfg.text_width, cfg.text_layers, cfg.text_heads, dtype=cfg.compute_dtype
+            cfg.text_width,
+            cfg.text_layers,
+            cfg.text_heads,
+            dtype=cfg.compute_dtype,
+            remat=self.remat,
+            activation=cfg.activation,
         )
         self.ln_final = LayerNorm()
         self.text_projection = self.param(

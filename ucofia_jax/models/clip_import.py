@@ -5,11 +5,10 @@ Nothing here executes code from a checkpoint:
 
 * HF directory: ``config.json`` + ``model.safetensors`` read with ``safetensors.numpy``.
 * OpenAI ``.pt`` (TorchScript archive such as ``ViT-B-32.pt``) and ``torch.save`` zip files
-  (``.pt``/``.bin``): the zip's ``data.pkl`` is read by a restricted unpickler that only
-  knows how to rebuild tensors (``torch._utils._rebuild_tensor_v2`` over the raw storage
-  files) and records ``__torch__.*`` module objects as plain attribute dicts; any other global
-  is refused. No torch needed. Legacy (pre-1.6, non-zip) files fall back to
-  ``torch.load(weights_only=True)``.
+  (``.pt``/``.bin``): read by ``torch_reader`` (a restricted unpickler that only rebuilds
+  tensors, each view bounds-checked against its storage, and records ``__torch__.*`` module
+  objects as plain attribute dicts; any other global is refused). No torch needed. Legacy
+  (pre-1.6, non-zip) files fall back to ``torch.load(weights_only=True)``.
 
 The HF layout is first renamed to OpenAI's ``state_dict`` layout, so both imports go through
 ``convert_openai_state_dict`` and map to the same function.
@@ -18,31 +17,28 @@ The HF layout is first renamed to OpenAI's ``state_dict`` layout, so both import
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
-import pickle
 import re
-import zipfile
-from collections import OrderedDict
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file
 
 from ucofia_jax.models import clip as clip_lib
 from ucofia_jax.models.clip import CLIP, CLIPConfig
+from ucofia_jax.models.layers import ACTIVATIONS
+from ucofia_jax.models.torch_reader import (  # noqa: F401 -- the .pt reader's names, re-exported
+    CheckpointError,
+    read_torch_file,
+    read_torch_zip,
+)
 
 # Keys of the OpenAI JIT model that are not weights (build_model deletes the first three;
 # attn_mask is a plain tensor attribute of the text blocks that our unpickler also sees).
 _IGNORED = re.compile(r"^(input_resolution|context_length|vocab_size|.*\.attn_mask)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be imported; the message names the file and the problem."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -58,8 +54,18 @@ def _count_blocks(sd: Mapping[str, Any], prefix: str) -> int:
     return len(idx)
 
 
-def infer_openai_config(sd: Mapping[str, Any], source: str = "state dict") -> CLIPConfig:
-    """CLIPConfig from an OpenAI-layout state dict (mirrors ``clip.model.build_model``)."""
+def infer_openai_config(
+    sd: Mapping[str, Any],
+    source: str = "state dict",
+    *,
+    vision_heads: int = -1,
+    text_heads: int | None = None,
+) -> CLIPConfig:
+    """CLIPConfig from an OpenAI-layout state dict (mirrors ``clip.model.build_model``).
+
+    The tensors do not say how many heads split the width: OpenAI's rule is heads of 64
+    (``vision_heads=-1``, ``text_heads=None``); a HF ``config.json`` states the counts and
+    :func:`convert_hf_state_dict` passes them."""
     if "visual.layer1.0.conv1.weight" in sd or "visual.attnpool.c_proj.weight" in sd:
         raise CheckpointError(
             f"{source}: ResNet CLIP (visual.layer*/attnpool) is not supported; "
@@ -91,7 +97,7 @@ def infer_openai_config(sd: Mapping[str, Any], source: str = "state dict") -> CL
             f"{source}: visual.positional_embedding has {n_pos} rows, not 1 + a square"
         )
     text_width = np.shape(sd["ln_final.weight"])[0]
-    return CLIPConfig(
+    sizes = dict(
         embed_dim=np.shape(sd["text_projection"])[1],
         image_resolution=patch * grid,
         vision_layers=_count_blocks(sd, "visual.transformer.resblocks."),
@@ -100,9 +106,18 @@ def infer_openai_config(sd: Mapping[str, Any], source: str = "state dict") -> CL
         context_length=np.shape(sd["positional_embedding"])[0],
         vocab_size=np.shape(sd["token_embedding.weight"])[0],
         text_width=text_width,
-        text_heads=max(text_width // 64, 1),
+        text_heads=max(text_width // 64, 1) if text_heads is None else text_heads,
         text_layers=_count_blocks(sd, "transformer.resblocks."),
+        vision_heads=vision_heads,
     )
+    if sizes["text_width"] % sizes["text_heads"]:
+        raise CheckpointError(
+            f"{source}: text width {text_width} is not divisible by {sizes['text_heads']} heads"
+        )
+    try:
+        return CLIPConfig(**sizes)
+    except ValueError as e:  # e.g. a vision width that the head count does not divide
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def _block_params(get, pre: str) -> dict:
@@ -137,17 +152,24 @@ def _expected_shapes(cfg: CLIPConfig) -> dict:
 
 
 def convert_openai_state_dict(
-    sd: Mapping[str, Any], prefix: str = "", strict: bool = True, source: str = "state dict"
+    sd: Mapping[str, Any],
+    prefix: str = "",
+    strict: bool = True,
+    source: str = "state dict",
+    *,
+    vision_heads: int = -1,
+    text_heads: int | None = None,
 ) -> tuple[CLIPConfig, dict]:
     """OpenAI-layout ``state_dict`` (numpy-convertible values) -> (CLIPConfig, float32 params).
 
     ``prefix`` selects keys (e.g. ``"clip."`` in a UCoFiA checkpoint; other keys are
-    ignored). With ``strict``, keys that are not CLIP weights are an error.
+    ignored). With ``strict``, keys that are not CLIP weights are an error. Head counts: see
+    :func:`infer_openai_config`.
     """
     sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     if not sd:
         raise CheckpointError(f"{source}: no keys with prefix {prefix!r}")
-    cfg = infer_openai_config(sd, source)
+    cfg = infer_openai_config(sd, source, vision_heads=vision_heads, text_heads=text_heads)
     used = set()
 
     def get(key):
@@ -280,174 +302,69 @@ def convert_hf_state_dict(
     """HF ``CLIPModel`` state dict + its ``config.json`` dict -> (CLIPConfig, params)."""
     tc, vc = hf_config.get("text_config") or {}, hf_config.get("vision_config") or {}
     for name, c in (("text_config", tc), ("vision_config", vc)):
-        act = c.get("hidden_act", "quick_gelu")
-        if act != "quick_gelu":
-            raise CheckpointError(
-                f"{source}: {name}.hidden_act={act!r}; only OpenAI's quick_gelu is implemented"
-            )
         eps = c.get("layer_norm_eps", 1e-5)
         if abs(eps - 1e-5) > 1e-12:
             raise CheckpointError(
                 f"{source}: {name}.layer_norm_eps={eps}; only 1e-5 is implemented"
             )
-    cfg, params = convert_openai_state_dict(hf_to_openai_state_dict(sd, source), source=source)
-    text_heads = tc.get("num_attention_heads", cfg.text_heads)
-    if vc.get("num_attention_heads", cfg.vision_heads) != cfg.vision_heads:
+    stated = hf_stated(hf_config, source)
+    activation = stated.pop("activation", "quick_gelu")
+    cfg, params = convert_openai_state_dict(
+        hf_to_openai_state_dict(sd, source), source=source, **stated
+    )
+    return dataclasses.replace(cfg, activation=activation), params
+
+
+def hf_stated(hf_config: Mapping[str, Any], source: str = "config.json") -> dict:
+    """What a HF ``config.json`` states that the tensors do not: ``text_heads`` and
+    ``vision_heads`` (``num_attention_heads``; OpenCLIP ViT-H/14 has 16 vision heads of 80)
+    and ``activation`` (``hidden_act``: quick_gelu for OpenAI's CLIPs, gelu for OpenCLIP's).
+    A value it leaves out is absent: heads of 64 and quick_gelu, as every OpenAI CLIP."""
+    acts = {
+        name: (hf_config.get(name) or {}).get("hidden_act")
+        for name in ("text_config", "vision_config")
+    }
+    for name, act in acts.items():
+        if act is not None and act not in ACTIVATIONS:
+            raise CheckpointError(
+                f"{source}: {name}.hidden_act={act!r}; implemented: {sorted(ACTIVATIONS)}"
+            )
+    if None not in acts.values() and len(set(acts.values())) > 1:
         raise CheckpointError(
-            f"{source}: vision_config.num_attention_heads="
-            f"{vc['num_attention_heads']} but OpenAI ViTs use width//64="
-            f"{cfg.vision_heads}"
+            f"{source}: text_config.hidden_act={acts['text_config']!r} but "
+            f"vision_config.hidden_act={acts['vision_config']!r}; one activation is implemented "
+            "for both towers"
         )
-    if cfg.text_width % text_heads:
-        raise CheckpointError(
-            f"{source}: text width {cfg.text_width} not divisible by {text_heads} heads"
-        )
-    return dataclasses.replace(cfg, text_heads=text_heads), params
+    stated = {}
+    act = acts["text_config"] or acts["vision_config"]
+    if act is not None:
+        stated["activation"] = act
+    for name, key in (("text_config", "text_heads"), ("vision_config", "vision_heads")):
+        n = (hf_config.get(name) or {}).get("num_attention_heads")
+        if n is None:
+            continue
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise CheckpointError(
+                f"{source}: {name}.num_attention_heads={n!r} is not a positive integer"
+            )
+        stated[key] = n
+    return stated
+
+
+def stated_fields(path: str) -> dict:
+    """What a checkpoint states beyond its tensors, read without loading weights: a HF
+    directory's ``config.json`` (:func:`hf_stated`); ``{}`` for an OpenAI file, which states
+    nothing (heads of 64, quick_gelu). For checking a config before anything is loaded."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path) or not os.path.exists(cfg_path):
+        return {}
+    with open(cfg_path) as f:
+        return hf_stated(json.load(f), cfg_path)
 
 
 # ---------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------
-
-_STORAGE_DTYPES = {
-    "FloatStorage": np.float32,
-    "HalfStorage": np.float16,
-    "DoubleStorage": np.float64,
-    "BFloat16Storage": "bfloat16",
-    "LongStorage": np.int64,
-    "IntStorage": np.int32,
-    "ShortStorage": np.int16,
-    "CharStorage": np.int8,
-    "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
-}
-
-
-class _TorchModuleState(dict):
-    """Stand-in for a ``__torch__.*`` (TorchScript) object: just its attribute dict."""
-
-    def __setstate__(self, state):
-        if isinstance(state, dict):
-            self.update(state)
-
-
-class _StorageType:
-    def __init__(self, name: str):
-        self.name = name
-
-
-def _np_dtype(name: str):
-    dt = _STORAGE_DTYPES[name]
-    if dt == "bfloat16":
-        return ml_dtypes.bfloat16
-    return np.dtype(dt)
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Rebuilds tensors as numpy arrays from the zip's storages; refuses every other callable."""
-
-    def __init__(self, file, zf: zipfile.ZipFile, root: str, source: str):
-        super().__init__(file)
-        self._zf, self._root, self._source = zf, root, source
-        self._storages: dict[str, np.ndarray] = {}
-
-    def find_class(self, module, name):
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return self._rebuild_tensor
-        if module == "torch._utils" and name == "_rebuild_parameter":
-            return lambda data, requires_grad, backward_hooks: data
-        if module == "collections" and name == "OrderedDict":
-            return OrderedDict
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(name)
-        if module == "torch" and name == "Size":
-            return tuple
-        if module == "torch.jit._pickle" and name.startswith("build_"):
-            return lambda data: data  # typed lists of older TorchScript archives
-        if module == "torch.jit._pickle" and name == "restore_type_tag":
-            return lambda value, type_str: value
-        if module.startswith("__torch__"):
-            return _TorchModuleState
-        raise CheckpointError(
-            f"{self._source}: refusing to unpickle global {module}.{name} "
-            "(only tensors and module attributes are read)"
-        )
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise CheckpointError(f"{self._source}: unsupported persistent id {pid!r}")
-        storage_type, key = pid[1], str(pid[2])
-        if isinstance(storage_type, _StorageType):
-            dtype = _np_dtype(storage_type.name)
-        else:
-            raise CheckpointError(f"{self._source}: unsupported storage type {storage_type!r}")
-        if key not in self._storages:
-            raw = self._zf.read(f"{self._root}/data/{key}")
-            self._storages[key] = np.frombuffer(raw, dtype=dtype)
-        return self._storages[key]
-
-    @staticmethod
-    def _rebuild_tensor(storage, offset, size, stride, *unused):
-        item = storage.itemsize
-        if not size:
-            return np.array(storage[offset])
-        arr = np.lib.stride_tricks.as_strided(
-            storage[offset:], shape=tuple(size), strides=tuple(s * item for s in stride)
-        )
-        return np.array(arr)
-
-
-def _flatten_tensors(obj, prefix: str = "", out: dict | None = None) -> dict:
-    """TorchScript module tree / (nested) state dict -> {dotted name: array}."""
-    out = {} if out is None else out
-    if isinstance(obj, np.ndarray):
-        out[prefix[:-1]] = obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            if isinstance(k, str):
-                _flatten_tensors(v, f"{prefix}{k}.", out)
-    return out
-
-
-def read_torch_zip(path: str) -> dict[str, np.ndarray]:
-    """Tensors of a TorchScript archive or a zip-format ``torch.save`` file, without torch
-    and without executing code from the file."""
-    with zipfile.ZipFile(path) as zf:
-        pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pkls) != 1:
-            raise CheckpointError(f"{path}: expected one <root>/data.pkl in the zip, found {pkls}")
-        root = pkls[0].split("/")[0]
-        obj = _SafeUnpickler(io.BytesIO(zf.read(pkls[0])), zf, root, path).load()
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # a training checkpoint that wraps the weights
-    sd = _flatten_tensors(obj)
-    if not sd:
-        raise CheckpointError(f"{path}: no tensors found")
-    return sd
-
-
-def read_torch_file(path: str) -> dict[str, np.ndarray]:
-    """``.pt``/``.bin``: zip formats via ``read_torch_zip``; legacy pickles need torch."""
-    if zipfile.is_zipfile(path):
-        return read_torch_zip(path)
-    try:
-        import torch  # noqa: PLC0415 -- optional: only legacy (non-zip) files need it
-    except ImportError as e:
-        raise CheckpointError(
-            f"{path}: legacy (non-zip) torch file; install torch to read it "
-            "with torch.load(weights_only=True)"
-        ) from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- re-raised with the file name
-        raise CheckpointError(f"{path}: torch.load(weights_only=True) failed: {e}") from e
-    if isinstance(obj, dict) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    return {
-        k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
-        for k, v in obj.items()
-        if hasattr(v, "numpy")
-    }
 
 
 def _is_hf_layout(sd: Mapping[str, Any]) -> bool:
@@ -511,7 +428,7 @@ def load_pretrained(path: str, **cfg_overrides) -> tuple[CLIP, dict]:
     the non-size fields (``token_shift_blocks``, ``token_shift_n_div``, ``dtype``) and may
     repeat size fields only if they agree with the checkpoint."""
     cfg, params = load_checkpoint(path)
-    sizes = cfg.sizes()
+    sizes = {**cfg.sizes(), "activation": cfg.activation}  # what the checkpoint fixes
     clash = {k: (v, sizes[k]) for k, v in cfg_overrides.items() if k in sizes and sizes[k] != v}
     if clash:
         raise ValueError(

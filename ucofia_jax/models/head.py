@@ -37,6 +37,27 @@ def _eye_init(key, shape, dtype=jnp.float32):
 
 _linear_init = nn.initializers.normal(0.02)  # until_module.init_weights: N(0, 0.02)
 
+# Logical axis names of the head's parameters outside the temporal encoder's blocks (those
+# are layers.BLOCK_PARAM_AXES), by path; runtime.sharding.LOGICAL_AXIS_RULES maps them. The
+# ISA mixing matrices ('f f', 'w w', 'p p') are small: never split.
+HEAD_PARAM_AXES = {
+    "selector/in_norm/scale": ("norm",),
+    "selector/in_norm/bias": ("norm",),
+    "selector/in_proj/kernel": ("embed", "mlp"),
+    "selector/out_fc1/kernel": (None, "mlp"),
+    "selector/out_fc2/kernel": ("mlp", None),
+    "frame_position_embeddings": (None, "embed"),
+    "global_mat_weight": ("embed", "joint"),
+    "global_mat_weight_1": ("embed", "joint"),
+    "local_mat_weight": ("embed", "joint"),
+    "local_mat_weight1": ("embed", "joint"),
+    "frame_logit_weight": (None, None),
+    "word_mat_weight": (None, None),
+    "word_mat_weight2": (None, None),
+    "pixel_mat_weight": (None, None),
+    "pixel_mat_weight2": (None, None),
+}
+
 
 class _ConcatDense(nn.Module):
     """``Dense(concat([x, ctx], -1))`` without bias, for a ``ctx`` shared along axis 1.
@@ -128,6 +149,9 @@ class UCoFiAHead(nn.Module):
     scale_pixel_word: bool = False
     eval_local_mat_weight1: bool = False
     eval_noise_prng: str = "hash"
+    # layers.REMAT_POLICIES on the temporal encoder's blocks; set by Model from
+    # config.model.remat (one switch for CLIP and the head), not a config.model.head key.
+    remat: str = "none"
 
     @property
     def num_pixels(self) -> int:
@@ -147,7 +171,12 @@ class UCoFiAHead(nn.Module):
         )
         # heads = D // 64 as the original (8 at D=512); at least 1 for small test widths.
         self.temporal = Transformer(
-            width=d, layers=self.seq_layers, heads=max(1, d // 64), ln_eps=1e-12, name="temporal"
+            width=d,
+            layers=self.seq_layers,
+            heads=max(1, d // 64),
+            ln_eps=1e-12,
+            remat=self.remat,
+            name="temporal",
         )
         self.global_mat_weight = self.param("global_mat_weight", _eye_init, (d, d))
         self.global_mat_weight_1 = self.param("global_mat_weight_1", _eye_init, (d, d))
@@ -181,13 +210,32 @@ class UCoFiAHead(nn.Module):
         x = patch_tokens.reshape(b * self.max_frames, -1, self.embed_dim)
         return self.selector(x, self.max_frames)
 
+    def training_noise(self, rng, num_videos: int, num_patches: int, example_index=None):
+        """The training selection noise '(b f) num_samples num_patches', N(0, 1), drawn per
+        video from ``fold_in(rng, example_index[i])`` (default: the row ``i``): a video's
+        noise depends on its index in the global batch only, not on how the batch is split
+        into micro-batches (exact gradient accumulation re-encodes slices of the batch)."""
+        idx = jnp.arange(num_videos) if example_index is None else example_index
+        shape = (self.max_frames, self.num_samples, num_patches)
+        draw = lambda i: jax.random.normal(jax.random.fold_in(rng, i), shape, jnp.float32)
+        return jax.vmap(draw)(idx).reshape(num_videos * self.max_frames, *shape[1:])
+
     def select_tokens(
-        self, patch_tokens, *, train: bool = True, rng=None, noise=None, indicator=None
+        self,
+        patch_tokens,
+        *,
+        train: bool = True,
+        rng=None,
+        noise=None,
+        indicator=None,
+        example_index=None,
     ):
         """Kept tokens 'b (f 4) d' = per frame [CLS, indicator . patches] (SPEC §4.1).
 
         Returns (pixel_tokens, scores, indicator). ``indicator`` [(b f), k, n-1] may be given
         (e.g. the original's, for parity): then the predictor gets no gradient through it.
+        In training, noise drawn from ``rng`` is per video (``training_noise``;
+        ``example_index`` 'b': each video's row in the global batch).
         """
         b, d, f = patch_tokens.shape[0], self.embed_dim, self.max_frames
         x = einops.rearrange(patch_tokens, "b (f n) d -> (b f) n d", f=f, d=d)
@@ -203,6 +251,8 @@ class UCoFiAHead(nn.Module):
                             "indicator=, or a 'selection' rng to apply()"
                         )
                     rng = self.make_rng("selection")
+                if noise is None and train:
+                    noise = self.training_noise(rng, b, x.shape[1] - 1, example_index)
                 indicator = perturbed_topk(
                     scores[:, 1:],
                     self.topk,
@@ -236,11 +286,18 @@ class UCoFiAHead(nn.Module):
         noise=None,
         indicator=None,
         train: bool = False,
+        example_index=None,
     ) -> VideoFeatures:
-        """Per-video features (normalised as the original does), once per video."""
+        """Per-video features (normalised as the original does), once per video.
+        ``example_index`` 'b': the videos' rows in the global batch (training noise)."""
         self._check_video(frame_cls, patch_tokens, video_mask)
         pixels, _, _ = self.select_tokens(
-            patch_tokens, train=train, rng=rng, noise=noise, indicator=indicator
+            patch_tokens,
+            train=train,
+            rng=rng,
+            noise=noise,
+            indicator=indicator,
+            example_index=example_index,
         )
         seq = self.temporal_encoder(frame_cls, video_mask) + frame_cls
         seq = sim_ops.l2_normalize(seq)

@@ -5,10 +5,20 @@ Parameter names mirror OpenAI CLIP's ``state_dict`` so that weight import is a r
 ``attn/out_proj``, ``ln_2``, ``mlp/c_fc``, ``mlp/c_proj``; a ``Transformer`` holds
 ``resblocks_{i}``. The temporal encoder (seqTransf) reuses these blocks with a TF-style
 LayerNorm epsilon of 1e-12, which is why ``ln_eps`` is a field.
+
+Rematerialisation (``remat``, one of ``REMAT_POLICIES``; ``config.model.remat``): each block is
+wrapped in ``nn.remat``, so its backward recomputes the block's forward instead of keeping
+its activations. ``nn.remat`` keeps the module's name, so the parameter tree is the same with
+and without it (checkpoints, the importer and parity read those names).
+
+Logical axis names of the parameters (``PARAM_AXES``): the FSDP / tensor-parallel layout is
+declared beside the modules that own the weights and mapped to mesh axes by
+``runtime.sharding.LOGICAL_AXIS_RULES`` (see docs/train.md, "FSDP").
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -17,9 +27,58 @@ import jax.numpy as jnp
 
 Dtype = Any
 
+# "none": keep every activation (fastest). "full" (``nothing_saveable``): keep only each
+# block's input and recompute the whole block in the backward -- the least memory (the
+# attention probabilities 'b h l l' and the 4x MLP hidden are never kept) for one more
+# forward of the towers (~1/3 more step FLOPs). "dots" (``dots_with_no_batch_dims_saveable``):
+# keep the outputs of the weight matmuls and recompute the rest (LayerNorm, GELU, softmax,
+# the attention einsums, which have batch dims): less recompute, less saving.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+# Logical axis names of every parameter a block owns, by its path inside the block.
+# 'embed': the residual width; 'mlp': the 4x hidden width; 'qkv': the packed q|k|v outputs;
+# 'heads': the concatenated head outputs; 'norm': small vectors (replicated by the rules).
+BLOCK_PARAM_AXES = {
+    "ln_1/scale": ("norm",),
+    "ln_1/bias": ("norm",),
+    "ln_2/scale": ("norm",),
+    "ln_2/bias": ("norm",),
+    "attn/in_proj/kernel": ("embed", "qkv"),
+    "attn/in_proj/bias": ("qkv",),
+    "attn/out_proj/kernel": ("heads", "embed"),
+    "attn/out_proj/bias": ("norm",),
+    "mlp/c_fc/kernel": ("embed", "mlp"),
+    "mlp/c_fc/bias": ("mlp",),
+    "mlp/c_proj/kernel": ("mlp", "embed"),
+    "mlp/c_proj/bias": ("norm",),
+}
+_BLOCK_PATH = re.compile(r"(?:^|/)resblocks_\d+/(.+)$")
+
+
+def param_axes(path: str, table: dict) -> tuple:
+    """Logical axis names of the parameter at ``path`` ('a/b/c'): a residual block's from
+    ``BLOCK_PARAM_AXES``, any other from ``table`` (the owning module's). KeyError if unnamed."""
+    m = _BLOCK_PATH.search(path)
+    if m:
+        return BLOCK_PARAM_AXES[m.group(1)]
+    return table[path]
+
 
 def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)  # erf form, as torch's (HF hidden_act='gelu')
+
+
+# The MLP's activation, by the name HF config.json gives it (hidden_act): OpenAI's CLIPs use
+# quick_gelu; OpenCLIP's ViT-H/14 and bigG the exact gelu.
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
 
 
 class LayerNorm(nn.Module):
@@ -82,6 +141,7 @@ class MultiHeadAttention(nn.Module):
 class MLP(nn.Module):
     width: int
     dtype: Dtype = jnp.float32
+    activation: str = "quick_gelu"  # one of ACTIVATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -89,7 +149,7 @@ class MLP(nn.Module):
         x = nn.Dense(
             4 * self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init, name="c_fc"
         )(x)
-        x = quick_gelu(x)
+        x = ACTIVATIONS[self.activation](x)
         return nn.Dense(
             self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init, name="c_proj"
         )(x)
@@ -107,6 +167,7 @@ class ResidualAttentionBlock(nn.Module):
     ln_eps: float = 1e-5
     dtype: Dtype = jnp.float32
     attn_input_fn: Optional[Callable[[jax.Array], jax.Array]] = None
+    activation: str = "quick_gelu"  # the MLP's, one of ACTIVATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
@@ -114,7 +175,8 @@ class ResidualAttentionBlock(nn.Module):
         if self.attn_input_fn is not None:
             h = self.attn_input_fn(h)
         x = x + MultiHeadAttention(self.width, self.heads, self.dtype, name="attn")(h, mask)
-        x = x + MLP(self.width, self.dtype, name="mlp")(LayerNorm(self.ln_eps, name="ln_2")(x))
+        mlp = MLP(self.width, self.dtype, self.activation, name="mlp")
+        x = x + mlp(LayerNorm(self.ln_eps, name="ln_2")(x))
         return x
 
 
@@ -131,19 +193,28 @@ class Transformer(nn.Module):
     ln_eps: float = 1e-5
     dtype: Dtype = jnp.float32
     attn_input_fns: Optional[tuple] = None
+    remat: str = "none"  # one of REMAT_POLICIES
+    activation: str = "quick_gelu"  # the MLPs', one of ACTIVATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         fns = self.attn_input_fns or (None,) * self.layers
         if len(fns) != self.layers:
             raise ValueError(f"attn_input_fns has {len(fns)} entries for {self.layers} layers")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
+        block = ResidualAttentionBlock
+        if self.remat != "none":
+            # prevent_cse=True (the default) since the blocks are not under a scan.
+            block = nn.remat(block, policy=REMAT_POLICIES[self.remat])
         for i in range(self.layers):
-            x = ResidualAttentionBlock(
+            x = block(
                 self.width,
                 self.heads,
                 self.ln_eps,
                 self.dtype,
                 attn_input_fn=fns[i],
+                activation=self.activation,
                 name=f"resblocks_{i}",
             )(x, mask)
         return x

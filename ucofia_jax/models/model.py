@@ -19,11 +19,13 @@ from typing import Any, Callable, Dict, Optional
 import einops
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from ucofia_jax.models import clip as clip_lib
 from ucofia_jax.models import clip_import
 from ucofia_jax.models import head as head_lib
+from ucofia_jax.models import layers as layers_lib
 from ucofia_jax.models.features import TextFeatures, VideoFeatures
 from ucofia_jax.ops import similarity
 from ucofia_jax.ops.blockwise import blockwise_similarity
@@ -63,15 +65,17 @@ class Model:
         """From ``config.model`` and the data sizes (``config.data.max_frames/max_words``)."""
         clip_cfg = clip_lib.CLIPConfig.from_ml(model_cfg.clip)
         head_fields = {k: v for k, v in model_cfg.head.items() if k not in HEAD_INIT_KEYS}
+        remat = model_cfg.remat  # one switch: CLIP's blocks and the temporal encoder's
         head = head_lib.UCoFiAHead(
             embed_dim=clip_cfg.embed_dim,
             max_frames=int(max_frames),
             max_words=int(max_words),
+            remat=remat,
             **head_fields,
         )
         return cls(
             clip_config=clip_cfg,
-            clip=clip_lib.CLIP(clip_cfg),
+            clip=clip_lib.CLIP(clip_cfg, remat=remat),
             head=head,
             clip_checkpoint=model_cfg.clip.checkpoint,
             init_temporal_from_clip=bool(model_cfg.head.init_temporal_from_clip),
@@ -142,9 +146,12 @@ class Model:
         rng: Optional[jax.Array],
         *,
         train: bool = False,
+        example_index: Optional[jax.Array] = None,
     ) -> VideoFeatures:
         """Frames uint8 'b f s s 3' + mask 'b f' -> the video side of every pair. ``rng``
-        draws the token-selection noise (the original draws it at inference too)."""
+        draws the token-selection noise (the original draws it at inference too). In
+        training each video's noise comes from ``fold_in(rng, example_index[i])`` (default:
+        its row), so a micro-batch re-encoded alone draws the same noise as in the batch."""
         x = clip_lib.normalize_images(frames) if frames.dtype == jnp.uint8 else frames
         hidden = self.clip.apply({"params": params["clip"]}, x, method=clip_lib.CLIP.encode_video)
         return self.head.apply(
@@ -154,6 +161,7 @@ class Model:
             frame_mask,
             rng=rng,
             train=train,
+            example_index=example_index,
             method=head_lib.UCoFiAHead.encode_video,
         )
 
@@ -213,3 +221,40 @@ class Model:
         """(symmetric cross-entropy, the [B, B] logits) of one training batch."""
         logits = self.logits(params, batch, rng, train=True)
         return symmetric_cross_entropy(logits), logits
+
+    def loss_from_features(
+        self, params: Params, text: TextFeatures, video: VideoFeatures
+    ) -> tuple[jax.Array, jax.Array]:
+        """(loss, logits) from already encoded training features: ``loss`` is
+        ``loss_from_features(params, encode_text(...), encode_video(..., train=True))``.
+        Differentiable in ``params`` (the head's projections and ISA matrices, CLIP's
+        logit_scale: what scoring reads directly) and in the features (exact gradient
+        accumulation pulls the latter back through the towers, micro-batch by micro-batch)."""
+        logits = self.score(params, text, video, train=True).mean()
+        return symmetric_cross_entropy(logits), logits
+
+    # ---------------------------------------------------------------- layout
+    def logical_axes(self, params: Params) -> Any:
+        """Per leaf of ``params`` (arrays or shapes), its logical axis names as a PartitionSpec
+        (models/layers.py BLOCK_PARAM_AXES, clip.CLIP_PARAM_AXES, head.HEAD_PARAM_AXES);
+        runtime.sharding maps them to mesh axes. A parameter without a name is an error."""
+        tables = {"clip": clip_lib.CLIP_PARAM_AXES, "head": head_lib.HEAD_PARAM_AXES}
+
+        def axes(path, leaf):
+            keys = [str(getattr(k, "key", k)) for k in path]
+            name = "/".join(keys[1:])
+            try:
+                names = layers_lib.param_axes(name, tables[keys[0]])
+            except KeyError:
+                raise KeyError(
+                    f"model.py: parameter {'/'.join(keys)} has no logical axis names; add it "
+                    "to the owning module's table (layers/clip/head *_PARAM_AXES)"
+                ) from None
+            if len(names) != len(np.shape(leaf)):
+                raise ValueError(
+                    f"model.py: parameter {'/'.join(keys)} has shape {np.shape(leaf)} but "
+                    f"logical axes {names}"
+                )
+            return PartitionSpec(*names)  # a leaf of the tree (tuples would be nodes)
+
+        return jax.tree_util.tree_map_with_path(axes, params)

@@ -56,6 +56,7 @@ __all__ = [
     "global_batch_from_local",
     "process_allgather",
     "to_host",
+    "check_mesh_spans_processes",
     "sync",
     "setup_logging",
 ]
@@ -296,6 +297,27 @@ def is_main_process() -> bool:
     return process_index() == 0
 
 
+def check_mesh_spans_processes(devices: Any, what: str = "the mesh") -> None:
+    """Raise ValueError unless ``devices`` (a mesh's) include devices of every process.
+
+    A process none of whose devices is in the mesh holds no rows of any batch and cannot fetch
+    a value of the mesh's arrays (``Fetching value for jax.Array that spans non-addressable
+    devices``), so the run would die after compiling, with its peers waiting in collectives.
+    """
+    devices = list(devices)
+    held = {d.process_index for d in devices}
+    left_out = sorted(set(range(jax.process_count())) - held)
+    if left_out:
+        raise ValueError(
+            f"{what} uses {len(devices)} of the {jax.device_count()} devices of "
+            f"{jax.process_count()} processes and none of process(es) {left_out}: every "
+            "process must hold devices of the mesh. Use config.mesh.data=-1 (all devices), "
+            "or sizes whose product is the global device count "
+            f"({jax.device_count()} = {jax.local_device_count()} per process x "
+            f"{jax.process_count()})."
+        )
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -379,10 +401,33 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
-def sync(name: str) -> None:
-    """Barrier across processes (no-op for one process)."""
-    if jax.process_count() > 1:
+SYNC_TIMEOUT_S = 3600  # a barrier may wait for process 0 to build a dataset
+_barriers = 0  # every process passes the same barriers in the same order
+
+
+def sync(name: str, timeout_s: int = SYNC_TIMEOUT_S) -> None:
+    """Barrier across processes (no-op for one process).
+
+    A barrier of the coordination service, not a collective: the CPU (gloo) collectives give
+    the other processes 30 s to join a new communicator, which a process building the
+    synthetic dataset for the others overruns on a busy machine (``Gloo context
+    initialization failed: DEADLINE_EXCEEDED``)."""
+    global _barriers
+    if jax.process_count() == 1:
+        return
+    client = _coordination_client()
+    if client is None:  # jax.distributed initialised in a way we cannot reach: a collective
         multihost_utils.sync_global_devices(name)
+        return
+    _barriers += 1
+    client.wait_at_barrier(f"ucofia:{_barriers}:{name}", timeout_in_ms=int(timeout_s * 1000))
+
+
+def _coordination_client():
+    try:
+        return jax._src.distributed.global_state.client
+    except AttributeError:
+        return None
 
 
 def setup_logging(level: int = logging.INFO) -> None:

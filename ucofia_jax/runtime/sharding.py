@@ -2,10 +2,17 @@
 
 Mesh axes: ``('data', 'fsdp', 'model')`` from ``config.mesh`` (-1 = all remaining devices).
 The global batch is split over ``data`` x ``fsdp`` (FSDP shards the batch as well as the
-params); parameters are replicated unless ``fsdp`` or ``model`` is > 1, in which case the
-rules below place their largest divisible dimension on those axes. The contrastive loss
-needs no explicit collective: with the batch sharded, the [B, B] similarity over the *global*
-batch is one jnp expression and XLA inserts the all-gathers (exact global negatives).
+params). Every parameter carries logical axis names (``Model.logical_axes``: tables beside
+the modules that own the weights), and :data:`LOGICAL_AXIS_RULES` -- the one place -- maps
+them to mesh axes: the residual width ``embed`` over ``fsdp`` (ZeRO-3 style: each device
+keeps 1/fsdp of every large weight and XLA all-gathers it where it is used), the hidden
+dims of attention/MLP, the vocabulary and the joint embedding over ``model`` (tensor
+parallel). A dim stays whole when its mesh axis has size 1, does not divide it, or is
+already used by another dim of the same array. The optimizer state follows the params.
+
+The contrastive loss needs no explicit collective: with the batch sharded, the [B, B]
+similarity over the *global* batch is one jnp expression and XLA inserts the all-gathers
+(exact global negatives).
 """
 
 from __future__ import annotations
@@ -21,18 +28,22 @@ from ucofia_jax.runtime import distributed
 
 MESH_AXES = ("data", "fsdp", "model")
 
-# Logical axis -> mesh axes. 'batch' rows of every input; 'param_rows' / 'param_cols' the two
-# dims of a weight matrix; 'replicated' everything small (biases, LN, scalars).
+# Logical axis -> mesh axes (None: never split). 'batch' the rows of every input; the others
+# name parameter dims (models/layers.py BLOCK_PARAM_AXES, clip.CLIP_PARAM_AXES,
+# head.HEAD_PARAM_AXES): 'embed' a residual / embedding width, 'mlp' the MLP hidden, 'qkv' the
+# packed q|k|v, 'heads' the concatenated head outputs, 'vocab' the token table, 'joint' the
+# joint embedding, 'norm' LayerNorm vectors and other small vectors.
 LOGICAL_AXIS_RULES = (
     ("batch", ("data", "fsdp")),
-    ("param_rows", "fsdp"),
-    ("param_cols", "model"),
-    ("replicated", None),
+    ("embed", "fsdp"),
+    ("mlp", "model"),
+    ("qkv", "model"),
+    ("heads", "model"),
+    ("vocab", "model"),
+    ("joint", "model"),
+    ("norm", None),
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
-# Params smaller than this stay replicated whatever the mesh: sharding them costs more in
-# collectives than it saves in memory.
-MIN_SHARDED_PARAM_SIZE = 2**14
 
 
 def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -58,7 +69,31 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
 
 
 def logical_to_spec(logical: Sequence[str | None]) -> P:
-    return P(*[_RULES.get(a) if a is not None else None for a in logical])
+    """Logical names -> mesh PartitionSpec by the rules (no size checks: for the batch)."""
+    unknown = [a for a in logical if a is not None and a not in _RULES]
+    if unknown:
+        raise KeyError(f"sharding.py: logical axes {unknown} have no rule in LOGICAL_AXIS_RULES")
+    return P(*[_RULES[a] if a is not None else None for a in logical])
+
+
+def param_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """Mesh PartitionSpec of a parameter of ``shape`` with logical names ``logical``: the
+    rule's mesh axis where it has size > 1, divides the dim and is not used by an earlier
+    dim; else the dim stays whole."""
+    if len(logical) != len(shape):
+        raise ValueError(f"sharding.py: logical axes {tuple(logical)} for shape {tuple(shape)}")
+    used: set = set()
+    out = []
+    for name, dim in zip(logical_to_spec(logical), shape):
+        axes = () if name is None else (name,) if isinstance(name, str) else tuple(name)
+        axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
+        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if not axes or dim % size:
+            out.append(None)
+            continue
+        used.update(axes)
+        out.append(axes[0] if len(axes) == 1 else axes)
+    return P(*out)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
@@ -76,24 +111,40 @@ def batch_size_multiple(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def _param_spec(shape: tuple, mesh: Mesh) -> P:
-    fsdp, model = mesh.shape["fsdp"], mesh.shape["model"]
-    if len(shape) < 2 or int(np.prod(shape)) < MIN_SHARDED_PARAM_SIZE or fsdp * model == 1:
-        return logical_to_spec(["replicated"] * len(shape))
-    logical: list = [None] * len(shape)
-    # Columns (output features) on 'model', rows (input features) on 'fsdp', when divisible.
-    if model > 1 and shape[-1] % model == 0:
-        logical[-1] = "param_cols"
-    if fsdp > 1 and shape[-2] % fsdp == 0:
-        logical[-2] = "param_rows"
-    return logical_to_spec(logical)
-
-
-def param_shardings(params: Any, mesh: Mesh) -> Any:
-    """NamedSharding per leaf (works on arrays or ShapeDtypeStructs); optimizer states too."""
+def param_shardings(params: Any, logical: Any, mesh: Mesh) -> Any:
+    """NamedSharding per leaf of ``params`` (arrays or ShapeDtypeStructs) from ``logical``
+    (the same tree, a PartitionSpec of logical names per leaf: ``Model.logical_axes``)."""
     return jax.tree.map(
-        lambda x: NamedSharding(mesh, _param_spec(tuple(np.shape(x)), mesh)), params
+        lambda x, names: NamedSharding(mesh, param_spec(tuple(names), np.shape(x), mesh)),
+        params,
+        logical,
     )
+
+
+def _dict_keys(path) -> tuple:
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def state_shardings(state: Any, params: Any, param_sh: Any, mesh: Mesh) -> Any:
+    """Shardings of a tree holding copies of the params (optimizer moments): a leaf whose
+    dict-key path ends with a parameter's path and has its shape gets that parameter's
+    sharding (optax nests the moments under labels and field names); anything else (step
+    counts, scalars) is replicated."""
+    table = {}
+    for (path, p), sh in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_sh)
+    ):
+        table[_dict_keys(path)] = (np.shape(p), sh)
+
+    def pick(path, x):
+        keys = _dict_keys(path)
+        for i in range(len(keys)):
+            hit = table.get(keys[i:])
+            if hit is not None and hit[0] == np.shape(x):
+                return hit[1]
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, state)
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:

@@ -174,6 +174,10 @@ class Index:
             )
         return out
 
+    def __contains__(self, path: object) -> bool:
+        """Whether ``path`` (relative, as in ``Hit.path``) is a stored video."""
+        return path in self._row_of_path
+
     def thumbnail(self, path: str) -> Optional[bytes]:
         """The JPEG stored for ``path`` (relative, as in ``Hit.path``); None if unknown."""
         row = self._row_of_path.get(path)

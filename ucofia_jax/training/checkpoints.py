@@ -5,27 +5,59 @@ Layout under ``WORKDIR``::
   checkpoints/<step>/{state, meta}    every ``train.checkpoint_every_steps`` and at epoch end,
                                       the last ``train.keep_checkpoints`` kept (async save)
   checkpoints_best/<step>/{state, meta}   the one with the best validation R@1
+  checkpoints_damaged/<step>/         a checkpoint that could not be read, set aside when the
+                                      run resumed from an earlier one
 
 ``state`` is the TrainState pytree (params, optimizer state, step, PRNG key); ``meta`` is
-JSON: the data position (epoch, step in epoch), the metrics of that checkpoint and the config
-name. Since the input order is a pure function of (seed, epoch), the position is enough to
+JSON: the data position (epoch, step in epoch), the metrics of that checkpoint and the run's
+config. Since the input order is a pure function of (seed, epoch), the position is enough to
 continue an interrupted run exactly.
 
-SIGTERM (preemption, ``kill``, SLURM's time limit) only sets a flag: the train loop sees it
-after the current step, saves synchronously and exits with status 0.
+Faults, each a :class:`CheckpointError` with one line naming the path and what is wrong:
+
+* an unreadable latest checkpoint (truncated array file, missing ``_METADATA`` or
+  ``meta/metadata``, non-finite values): :meth:`Checkpointer.restore_latest` warns naming the
+  step and the reason, sets it aside and resumes from the one before (keep >= 2);
+* a failed asynchronous save (disk full, read-only directory) is seen at the next train step
+  (:meth:`Checkpointer.check_saves`, no waiting), not at the next save; the half-written
+  ``*.orbax-checkpoint-tmp*`` directory is removed;
+* before training, :meth:`Checkpointer.check_room` checks that the directory can be written
+  and has room for one more checkpoint.
+
+SIGTERM (preemption, ``kill``, SLURM's time limit) and SIGINT (Ctrl-C) only set a flag: the
+train loop sees it after the current step, saves synchronously and returns (the program then
+exits with status 0 for SIGTERM, 130 for SIGINT). A second signal exits at once, unsaved.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import shutil
 import signal
-from typing import Any, Dict, Optional, Tuple
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
+from ucofia_jax.models.clip_import import CheckpointError as _ReadError
+from ucofia_jax.runtime import distributed
+
 log = logging.getLogger(__name__)
+
+TMP_MARK = ".orbax-checkpoint-tmp"
+DAMAGED_DIR = "checkpoints_damaged"
+
+
+class CheckpointError(_ReadError):
+    """A train-state checkpoint that cannot be read or written; the message names the path,
+    the problem and which checkpoint is intact."""
 
 
 def _abstract(tree: Any) -> Any:
@@ -37,70 +69,288 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
+def state_nbytes(tree: Any) -> int:
+    """Bytes of the arrays of ``tree`` (global shapes): an upper bound of a checkpoint's size
+    (Orbax compresses)."""
+    return int(
+        sum(
+            math.prod(x.shape) * np.dtype(x.dtype).itemsize
+            for x in jax.tree.leaves(tree)
+            if hasattr(x, "shape") and hasattr(x, "dtype")
+        )
+    )
+
+
+# What the OS says, found in the long messages of TensorStore and Orbax.
+_OS_PHRASES = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "Read-only file system",
+    "Permission denied",
+    "Operation not permitted",
+    "File too large",
+)
+
+
+def _why(e: BaseException) -> str:
+    """One line for an exception of Orbax / TensorStore / the OS."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror}{where}"
+    full = str(e)
+    for phrase in _OS_PHRASES:
+        if phrase in full:
+            return phrase
+    text = full.strip().splitlines()[0] if full.strip() else type(e).__name__
+    if "reading array" in text or ("TensorStore" in text and "read" in text.lower()):
+        return "an array file cannot be read (truncated or corrupt)"
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+class _QuietOrbaxErrors(logging.Filter):
+    """Drops Orbax's ERROR tracebacks of a failed save (the caller raises one clear
+    :class:`CheckpointError` instead) and a warning that is no problem here;
+    ``UCOFIA_VERBOSE=1`` keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get("UCOFIA_VERBOSE", "") not in ("", "0"):
+            return True
+        if f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        if record.levelno >= logging.ERROR:
+            return False
+        # Reading a state's metadata alone (param_shapes) lacks the step's metadata file.
+        return "_CHECKPOINT_METADATA" not in record.getMessage()
+
+
+_QUIET = _QuietOrbaxErrors()
+
+
+def _finite(tree: Any) -> bool:
+    leaves = [
+        x
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    if not leaves:
+        return True
+    return bool(jax.device_get(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))))
+
+
+def _step_dirs(directory: str) -> List[int]:
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def _missing_files(step_dir: str) -> List[str]:
+    """Files every complete checkpoint has; Orbax's own error for each is misleading."""
+    need = ("state/_METADATA", "meta/metadata")
+    return [n for n in need if not os.path.exists(os.path.join(step_dir, n))]
+
+
 class Checkpointer:
     """Last-k and best-by-R@1 managers over one workdir."""
 
     def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True):
         self.workdir = os.path.abspath(workdir)
-        opts = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
-        )
-        self.last = ocp.CheckpointManager(
-            os.path.join(self.workdir, "checkpoints"), options=opts, item_names=("state", "meta")
-        )
-        best_opts = ocp.CheckpointManagerOptions(
-            max_to_keep=1,
-            create=True,
-            enable_async_checkpointing=async_save,
-            best_fn=lambda m: float(m["R@1"]),
-            best_mode="max",
-        )
-        self.best = ocp.CheckpointManager(
-            os.path.join(self.workdir, "checkpoints_best"),
-            options=best_opts,
-            item_names=("state", "meta"),
-        )
+        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.best_directory = os.path.join(self.workdir, "checkpoints_best")
+        logging.getLogger("absl").addFilter(_QUIET)
+        self._in_flight: Dict[str, int] = {}  # manager name -> step of its async save
+        self._reported = False  # a failed save was raised as a CheckpointError
+        try:
+            opts = ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,
+            )
+            self.last = ocp.CheckpointManager(
+                self.directory, options=opts, item_names=("state", "meta")
+            )
+            best_opts = ocp.CheckpointManagerOptions(
+                max_to_keep=1,
+                create=True,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,
+                best_fn=lambda m: float(m["R@1"]),
+                best_mode="max",
+            )
+            self.best = ocp.CheckpointManager(
+                self.best_directory, options=best_opts, item_names=("state", "meta")
+            )
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot create the checkpoint directories in {self.workdir}: {_why(e)}"
+            ) from e
+
+    def _managers(self):
+        return (("last", self.last, self.directory), ("best", self.best, self.best_directory))
 
     # ------------------------------------------------------------------ save
+    def check_room(self, state: Any) -> None:
+        """Before training: the checkpoint directory can be written and has room for one
+        checkpoint of ``state`` (its array bytes, an upper bound)."""
+        need = state_nbytes(state) + (1 << 20)
+        probe = os.path.join(self.directory, f".write-test-{os.getpid()}")
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+            os.remove(probe)
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot write checkpoints to {self.directory}: {_why(e)}. Make it writable "
+                "or pass another --workdir."
+            ) from e
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise CheckpointError(
+                f"{self.directory} has {free / 2**20:.1f} MiB free; one checkpoint of this "
+                f"state needs about {need / 2**20:.1f} MiB. Free space or pass another --workdir."
+            )
+
     def save(self, step: int, state: Any, meta: Dict[str, Any], *, force: bool = False) -> bool:
+        self.check_saves()
         if step in (self.last.all_steps() or []):
             return False
-        saved = self.last.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=force,
-        )
+        try:
+            saved = self.last.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=force,
+            )
+        except Exception as e:  # pylint: disable=broad-except
+            # Orbax waits for the previous save first: its failure surfaces here.
+            self._failed("last", self._in_flight.get("last", step), e)
         if saved:
-            log.info("checkpoint %d queued in %s", step, self.last.directory)
+            self._in_flight["last"] = step
+            log.info("checkpoint %d queued in %s", step, self.directory)
         return saved
 
     def save_best(self, step: int, state: Any, meta: Dict[str, Any], r1: float) -> bool:
         """Keep ``state`` if ``r1`` (validation text-to-video R@1) is the best so far."""
+        self.check_saves()
         if step in (self.best.all_steps() or []):
             return False
-        return self.best.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            metrics={"R@1": float(r1)},
-            force=True,
+        try:
+            saved = self.best.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                metrics={"R@1": float(r1)},
+                force=True,
+            )
+        except Exception as e:  # pylint: disable=broad-except
+            self._failed("best", self._in_flight.get("best", step), e)
+        if saved:
+            self._in_flight["best"] = step
+        return saved
+
+    def check_saves(self) -> None:
+        """Raise :class:`CheckpointError` if an asynchronous save has finished with an error.
+        Cheap (no waiting): the train loop calls it after every step."""
+        for name, mngr, directory in self._managers():
+            step = self._in_flight.get(name)
+            if step is None or mngr.is_saving_in_progress():
+                continue
+            self._finish(name, mngr, directory, step)
+
+    def _finish(self, name: str, mngr, directory: str, step: int) -> None:
+        try:
+            mngr.wait_until_finished()
+        except Exception as e:  # pylint: disable=broad-except
+            self._failed(name, step, e)
+        self._in_flight.pop(name, None)
+        if distributed.is_main_process() and not os.path.isdir(os.path.join(directory, str(step))):
+            self._failed(name, step, RuntimeError("the step directory is missing after the save"))
+
+    def _failed(self, name: str, step: int, e: BaseException):
+        self._in_flight.pop(name, None)
+        self._reported = True
+        directory = self.directory if name == "last" else self.best_directory
+        self._remove_tmp()
+        intact = [s for s in _step_dirs(self.directory) if s != step]
+        last = (
+            f"the last complete checkpoint is step {intact[-1]} "
+            f"({os.path.join(self.directory, str(intact[-1]))})"
+            if intact
+            else "no complete checkpoint exists yet"
         )
+        raise CheckpointError(
+            f"saving checkpoint {step} to {directory} failed: {_why(e)}; {last}. Free disk space "
+            "or make the directory writable, then re-run the same command to resume."
+        ) from e
+
+    def _remove_tmp(self) -> None:
+        """Half-written step directories (Orbax's temporary names), on process 0."""
+        if not distributed.is_main_process():
+            return
+        for directory in (self.directory, self.best_directory):
+            if not os.path.isdir(directory):
+                continue
+            for n in os.listdir(directory):
+                if TMP_MARK in n:
+                    shutil.rmtree(os.path.join(directory, n), ignore_errors=True)
 
     def wait(self) -> None:
-        self.last.wait_until_finished()
-        self.best.wait_until_finished()
+        for name, mngr, directory in self._managers():
+            step = self._in_flight.get(name)
+            if step is not None:
+                self._finish(name, mngr, directory, step)
+            else:
+                mngr.wait_until_finished()
 
     def close(self) -> None:
-        self.wait()
-        self.last.close()
-        self.best.close()
+        """Wait for the saves in flight and close; a failed save raises (once: not again
+        while its CheckpointError is on its way up)."""
+        try:
+            self.wait()
+        except Exception as e:  # pylint: disable=broad-except
+            if not self._reported:
+                raise
+            log.debug("after a failed save: %s", e)
+        finally:
+            for _, mngr, _ in self._managers():
+                try:
+                    mngr.close()
+                except Exception as e:  # pylint: disable=broad-except
+                    log.debug("closing the checkpoint manager: %s", e)
+            self._remove_tmp()
+            logging.getLogger("absl").removeFilter(_QUIET)
 
     # ------------------------------------------------------------------ restore
     def latest_step(self) -> Optional[int]:
         return self.last.latest_step()
+
+    def complete_steps(self) -> List[int]:
+        """The steps in checkpoints/ whose directories are complete (finished renames)."""
+        return _step_dirs(self.directory)
+
+    def read_meta(self, step: int) -> Dict[str, Any]:
+        """The JSON ``meta`` of ``step``, read before its arrays (the run's config is there)."""
+        path = os.path.join(self.directory, str(step), "meta", "metadata")
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: {_why(e)}") from e
+
+    def param_shapes(self, step: int) -> Dict[str, Tuple[int, ...]]:
+        """``{'clip/visual/conv1/kernel': shape, ...}`` of the params saved at ``step``, from
+        the checkpoint's metadata (no array is read)."""
+        path = os.path.join(self.directory, str(step), "state")
+        with ocp.StandardCheckpointer() as reader:
+            tree = reader.metadata(path).item_metadata
+        return {
+            "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): tuple(v.shape)
+            for p, v in jax.tree_util.tree_flatten_with_path(tree["params"])[0]
+        }
 
     def restore(
         self, target_state: Any, step: Optional[int] = None, *, best: bool = False
@@ -111,13 +361,87 @@ class Checkpointer:
             step = mngr.best_step() if best else mngr.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
-        out = mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(target_state)), meta=ocp.args.JsonRestore()
-            ),
+        return _restore(mngr, step, target_state)
+
+    def restore_latest(
+        self,
+        target_state: Any,
+        check: Optional[Callable[[int, Dict[str, Any], Dict[str, Tuple]], None]] = None,
+    ) -> Optional[Tuple[Any, Dict[str, Any]]]:
+        """(state, meta) of the newest readable checkpoint; None when there is none.
+
+        ``check(step, meta, param_shapes)`` runs before any array is read and may refuse the
+        resume (its exception propagates). A checkpoint that cannot be read (missing files, truncated
+        arrays, non-finite values) is reported with a warning naming the step and why, set
+        aside in ``checkpoints_damaged/`` and the previous one is tried.
+        """
+        steps = sorted(self.last.all_steps() or [], reverse=True)
+        damaged: List[Tuple[int, str]] = []
+        for step in steps:
+            step_dir = os.path.join(self.directory, str(step))
+            missing = _missing_files(step_dir)
+            try:
+                if missing:
+                    raise CheckpointError(f"missing {', '.join(missing)}")
+                meta = self.read_meta(step)
+                shapes = self.param_shapes(step)
+            except Exception as e:  # pylint: disable=broad-except
+                why = str(e) if isinstance(e, CheckpointError) else _why(e)
+                damaged.append((step, why))
+                self._warn_damaged(step, why, steps)
+                continue
+            if check is not None:
+                check(step, meta, shapes)
+            try:
+                state, meta = _restore(self.last, step, target_state)
+                if not _finite(state):
+                    raise CheckpointError("it holds non-finite (NaN/inf) values")
+            except Exception as e:  # pylint: disable=broad-except
+                why = str(e) if isinstance(e, CheckpointError) else _why(e)
+                damaged.append((step, why))
+                self._warn_damaged(step, why, steps)
+                continue
+            self._set_aside([s for s, _ in damaged])
+            return state, meta
+        if damaged:
+            raise CheckpointError(
+                f"no readable checkpoint in {self.directory}: "
+                + "; ".join(f"step {s}: {why}" for s, why in damaged)
+                + ". Move the directory away to start afresh."
+            )
+        return None
+
+    def _warn_damaged(self, step: int, why: str, steps: List[int]) -> None:
+        earlier = [s for s in steps if s < step]
+        then = f"trying step {earlier[0]}" if earlier else "no earlier checkpoint"
+        log.warning(
+            "checkpoint %d in %s cannot be restored (%s); %s", step, self.directory, why, then
         )
-        return out["state"], dict(out["meta"])
+
+    def _set_aside(self, steps: List[int]) -> None:
+        """Move unreadable checkpoints out of the way so that the resumed run can write those
+        steps again; kept (not deleted) in ``checkpoints_damaged/`` for a post-mortem."""
+        if not steps:
+            return
+        if distributed.is_main_process():
+            dest = os.path.join(self.workdir, DAMAGED_DIR)
+            os.makedirs(dest, exist_ok=True)
+            for s in steps:
+                target = os.path.join(dest, f"{s}-{int(time.time())}")
+                os.rename(os.path.join(self.directory, str(s)), target)
+                log.warning("unreadable checkpoint %d moved to %s", s, target)
+        distributed.sync("checkpoints_set_aside")
+        self.last.reload()
+
+
+def _restore(mngr, step: int, target_state: Any) -> Tuple[Any, Dict[str, Any]]:
+    out = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(target_state)), meta=ocp.args.JsonRestore()
+        ),
+    )
+    return out["state"], dict(out["meta"])
 
 
 def find_checkpoint_dir(path: str) -> Tuple[str, Optional[int]]:
@@ -136,37 +460,53 @@ def find_checkpoint_dir(path: str) -> Tuple[str, Optional[int]]:
 def restore_params(
     path: str, target_state: Any, *, prefer_best: bool = True
 ) -> Tuple[Any, Dict[str, Any]]:
-    """(state, meta) from a workdir / checkpoint dir, for ``--mode=eval``."""
+    """(state, meta) from a workdir / checkpoint dir, for ``--mode=eval``.
+
+    A named step is restored or fails; otherwise the newest readable checkpoint of the chosen
+    directory (best, then the last-k) is used, each unreadable one named in a warning."""
     directory, step = find_checkpoint_dir(path)
     if os.path.basename(directory) == "checkpoints_best" and not prefer_best:
         directory = os.path.join(os.path.dirname(directory), "checkpoints")
-    mngr = ocp.CheckpointManager(directory, item_names=("state", "meta"))
-    try:
-        if step is None:
-            step = mngr.latest_step()
-        if step is None:
-            raise FileNotFoundError(
-                f"no checkpoint under {path}: train first (python -m ucofia_jax.main "
-                f"--config=... --workdir={path}) or point --config.model.ucofia_checkpoint at the "
-                "released UCoFiA pytorch_model.bin"
-            )
-        out = mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(target_state)), meta=ocp.args.JsonRestore()
-            ),
+    candidates = [(directory, step)] if step is not None else []
+    if step is None:
+        dirs = [directory]
+        if os.path.basename(directory) == "checkpoints_best":
+            dirs.append(os.path.join(os.path.dirname(directory), "checkpoints"))
+        candidates = [(d, s) for d in dirs for s in reversed(_step_dirs(d))]
+    if not candidates:
+        raise FileNotFoundError(
+            f"no checkpoint under {path}: train first (python -m ucofia_jax.main "
+            f"--config=... --workdir={path}) or point --config.model.ucofia_checkpoint at the "
+            "released UCoFiA pytorch_model.bin"
         )
-        return out["state"], dict(out["meta"])
-    finally:
-        mngr.close()
+    problems = []
+    for d, s in candidates:
+        missing = _missing_files(os.path.join(d, str(s)))
+        mngr = ocp.CheckpointManager(d, item_names=("state", "meta"))
+        try:
+            if missing:
+                raise CheckpointError(f"missing {', '.join(missing)}")
+            return _restore(mngr, s, target_state)
+        except Exception as e:  # pylint: disable=broad-except
+            why = str(e) if isinstance(e, CheckpointError) else _why(e)
+            problems.append(f"{os.path.join(d, str(s))}: {why}")
+            log.warning("checkpoint %s cannot be restored (%s)", os.path.join(d, str(s)), why)
+        finally:
+            mngr.close()
+    raise CheckpointError("no readable checkpoint: " + "; ".join(problems))
 
 
 class PreemptionGuard:
-    """SIGTERM/SIGINT -> ``requested`` = True; the loop saves and exits after the step."""
+    """SIGTERM / SIGINT -> ``requested`` = True; the loop saves and returns after the step.
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    A second signal while the first is being handled exits at once (status 128 + signal
+    number, nothing saved): the user who presses Ctrl-C twice means it.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.requested = False
         self.signal_name = None
+        self.signum = None
         self._previous = {}
         for s in signals:
             try:
@@ -175,9 +515,21 @@ class PreemptionGuard:
                 pass
 
     def _handler(self, signum, frame):  # pylint: disable=unused-argument
+        name = signal.Signals(signum).name
+        if self.requested:
+            sys.stderr.write(f"\n{name} again: exiting now, without saving\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = name
+        self.signum = signum
+        sys.stderr.write(
+            f"\n{name}: saving a checkpoint after this step, then exiting "
+            f"({name} again exits at once)\n"
+        )
+        sys.stderr.flush()
 
     def restore(self) -> None:
         for s, h in self._previous.items():
             signal.signal(s, h)
+        self._previous = {}

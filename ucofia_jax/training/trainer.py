@@ -64,27 +64,135 @@ class Trainer:
     init_opt_state: Callable
 
 
+def _float_fields(features) -> dict:
+    """The differentiable fields of TextFeatures / VideoFeatures (the masks are integers)."""
+    return {
+        f.name: getattr(features, f.name)
+        for f in dataclasses.fields(features)
+        if f.name != "mask" and getattr(features, f.name) is not None
+    }
+
+
+def accumulated_loss_and_grads(
+    model: Model, params, batch: Dict[str, jax.Array], rng: jax.Array, steps: int, mesh=None
+):
+    """``((loss, logits), grads)`` of ``model.loss`` on the whole batch, computed in ``steps``
+    micro-batches without ever holding the activations of more than one (GradCache):
+
+    1. encode every micro-batch (forward only: no activations kept) -> features of the batch;
+    2. the loss on all B x B pairs, and its gradient w.r.t. the features and w.r.t. the
+       parameters scoring reads directly (``Model.loss_from_features``);
+    3. re-encode each micro-batch under ``jax.vjp`` (same noise: ``example_index`` is the
+       video's row in the batch) and pull its slice of the feature gradient back; sum.
+
+    Exact: the same loss and gradient as the full batch, up to float32 summation order.
+    Micro-batch ``m`` holds rows ``m, m + steps, m + 2 steps, ...`` so that with the batch
+    sharded over its leading axis every device works on its own rows in every micro-batch.
+    """
+    size = batch["input_ids"].shape[0]
+    if size % steps:
+        raise ValueError(f"trainer.py: batch of {size} not divisible by accumulate_steps={steps}")
+    micro_size = size // steps
+
+    def split(x):  # 'B ...' -> 'steps micro ...'
+        x = x.reshape(micro_size, steps, *x.shape[1:]).swapaxes(0, 1)
+        if mesh is not None:
+            spec = sharding_lib.logical_to_spec([None, "batch"] + [None] * (x.ndim - 2))
+            x = jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+        return x
+
+    def merge(x):  # 'steps micro ...' -> 'B ...' in the batch's row order
+        return x.swapaxes(0, 1).reshape(size, *x.shape[2:])
+
+    micro = jax.tree.map(split, batch)
+    index = split(jnp.arange(size))
+
+    def encode(p, mb, idx):
+        text = model.encode_text(p, mb["input_ids"])
+        video = model.encode_video(
+            p, mb["frames"], mb["frame_mask"], rng, train=True, example_index=idx
+        )
+        return text, video
+
+    _, (texts, videos) = jax.lax.scan(lambda c, xs: (c, encode(params, *xs)), None, (micro, index))
+    text, video = jax.tree.map(merge, texts), jax.tree.map(merge, videos)
+
+    def loss_fn(p, text_f, video_f):
+        return model.loss_from_features(p, text.replace(**text_f), video.replace(**video_f))
+
+    (loss, logits), (grads, g_text, g_video) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1, 2), has_aux=True
+    )(params, _float_fields(text), _float_fields(video))
+
+    def pull_back(acc, xs):
+        mb, idx, gt, gv = xs
+        _, vjp = jax.vjp(lambda p: tuple(_float_fields(f) for f in encode(p, mb, idx)), params)
+        (g,) = vjp((gt, gv))
+        return jax.tree.map(jnp.add, acc, g), None
+
+    grads, _ = jax.lax.scan(
+        pull_back,
+        grads,
+        (micro, index, jax.tree.map(split, g_text), jax.tree.map(split, g_video)),
+    )
+    return (loss, logits), grads
+
+
+def all_finite(*trees) -> jax.Array:
+    """True iff every floating leaf of ``trees`` is finite (one reduction per leaf)."""
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(trees)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
+def state_shardings(model: Model, params, tx, mesh) -> Dict[str, Any]:
+    """The train state's shardings: params by their logical axis names and the rules
+    (runtime/sharding.py), the optimizer state following them, step and rng replicated."""
+    replicated = sharding_lib.replicated(mesh)
+    param_sh = sharding_lib.param_shardings(params, model.logical_axes(params), mesh)
+    opt_shapes = jax.eval_shape(tx.init, params)
+    opt_sh = sharding_lib.state_shardings(opt_shapes, params, param_sh, mesh)
+    return {"step": replicated, "params": param_sh, "opt_state": opt_sh, "rng": replicated}
+
+
 def make_trainer(
     model: Model, train_cfg, mesh, state: Dict[str, Any], schedule_total: int
 ) -> Trainer:
-    """Builds the optimizer, the shardings and the jitted, sharded train step."""
+    """Builds the optimizer, the shardings and the jitted, sharded train step.
+    ``state["params"]`` may be shapes (``jax.eval_shape(model.init, ...)``): nothing runs."""
+    accumulate = int(train_cfg.accumulate_steps)
+    multiple = accumulate * sharding_lib.batch_size_multiple(mesh)
+    if accumulate < 1 or int(train_cfg.batch_size) % multiple:
+        raise ValueError(
+            f"config.train.batch_size={train_cfg.batch_size} must be divisible by "
+            f"config.train.accumulate_steps ({accumulate}) x the mesh's batch shards "
+            f"(data x fsdp = {sharding_lib.batch_size_multiple(mesh)}) = {multiple}"
+        )
     tx = optim.make_optimizer(train_cfg, state["params"], schedule_total)
     replicated = sharding_lib.replicated(mesh)
-    param_sh = sharding_lib.param_shardings(state["params"], mesh)
-    opt_shapes = jax.eval_shape(tx.init, state["params"])
-    opt_sh = sharding_lib.param_shardings(opt_shapes, mesh)
-    state_sh = {"step": replicated, "params": param_sh, "opt_state": opt_sh, "rng": replicated}
+    state_sh = state_shardings(model, state["params"], tx, mesh)
+    opt_sh = state_sh["opt_state"]
     schedules = optim.learning_rate_schedules(train_cfg, schedule_total)
     logit_max = float(train_cfg.logit_scale_max)
 
+    def loss_and_grads(params, batch, rng):
+        if accumulate == 1:
+            return jax.value_and_grad(model.loss, has_aux=True)(params, batch, rng)
+        return accumulated_loss_and_grads(model, params, batch, rng, accumulate, mesh)
+
     def step_fn(state, batch):
         rng = jax.random.fold_in(state["rng"], state["step"])
-        (loss, logits), grads = jax.value_and_grad(model.loss, has_aux=True)(
-            state["params"], batch, rng
-        )
+        (loss, logits), grads = loss_and_grads(state["params"], batch, rng)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         params = optim.clamp_logit_scale(params, logit_max)
+        # A non-finite loss, parameter or moment: keep the input state (step not counted), so
+        # that no checkpoint ever holds NaN/inf; the loop reads metrics["finite"] and stops.
+        finite = jnp.isfinite(loss) & all_finite(params, opt_state)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         acc = jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0]))
         metrics = {
             "loss": loss,
@@ -93,11 +201,12 @@ def make_trainer(
             "grad_norm": optax.global_norm(grads),
             "logit_scale": params["clip"]["logit_scale"],
             "train_t2v_acc": acc,
+            "finite": finite,
         }
         new_state = {
-            "step": state["step"] + 1,
-            "params": params,
-            "opt_state": opt_state,
+            "step": state["step"] + finite.astype(state["step"].dtype),
+            "params": keep(params, state["params"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
             "rng": state["rng"],
         }
         return new_state, metrics

@@ -1,0 +1,153 @@
+"""FSDP / tensor-parallel layouts on 8 virtual CPU devices: meshes data=2 x fsdp=4 and
+data=4 x model=2 really split the large parameters (and their optimizer moments), and three
+train steps give the loss and parameters of the 1-device run.
+
+tests/conftest.py gives the session 4 devices; this test runs its body in a subprocess with
+8 (``XLA_FLAGS`` must be set before jax starts), unless the session already has 8.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MESHES = {
+    "data2_fsdp4": dict(data=2, fsdp=4, model=1),
+    "data4_model2": dict(data=4, fsdp=1, model=2),
+}
+STEPS = 3
+# float32: sharding reorders reductions (all-gathers, reduce-scatters); after 3 BertAdam steps
+# of lr 1e-3 the params agree to ~1e-6 absolute (as tests/test_train.py's data-parallel test).
+LOSS_RTOL = 1e-5
+PARAM_RTOL, PARAM_ATOL = 1e-5, 2e-5
+# A large leaf per layout and the mesh axis it must be split on.
+BIG_LEAVES = {
+    "data2_fsdp4": {
+        "clip/visual/transformer/resblocks_0/mlp/c_fc/kernel": ("fsdp", None),
+        "clip/transformer/resblocks_0/attn/in_proj/kernel": ("fsdp", None),
+        "clip/token_embedding/embedding": (None, "fsdp"),
+        "head/global_mat_weight": ("fsdp", None),
+    },
+    "data4_model2": {
+        "clip/visual/transformer/resblocks_0/mlp/c_fc/kernel": (None, "model"),
+        "clip/visual/transformer/resblocks_0/mlp/c_proj/kernel": ("model", None),
+        "clip/token_embedding/embedding": ("model", None),
+        "head/temporal/resblocks_0/attn/in_proj/kernel": (None, "model"),
+    },
+}
+
+
+def _path(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _run_layouts() -> dict:
+    """Runs every layout and the 1-device reference; returns what the test asserts on."""
+    from _tiny import random_arrays, tiny_config, tiny_model  # noqa: PLC0415 (after XLA_FLAGS)
+
+    from ucofia_jax.runtime import sharding  # noqa: PLC0415
+    from ucofia_jax.training import trainer as train  # noqa: PLC0415
+
+    def run(mesh_sizes, devices, leaves=()):
+        c = tiny_config()
+        c.mesh.update(mesh_sizes)
+        mesh = sharding.make_mesh(c.mesh, devices)
+        model = tiny_model(c)
+        state = train.create_train_state(model, 0)
+        trainer = train.make_trainer(model, c.train, mesh, state, schedule_total=10)
+        state = train.place_state(trainer, state)
+        specs = {
+            _path(p): [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
+            + [None] * (x.ndim - len(x.sharding.spec))
+            for p, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]
+        }
+        local = {
+            _path(p): list(x.addressable_shards[0].data.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]
+        }
+        # The optimizer moments (BertAdam's m and v) follow their parameter.
+        shapes = {
+            _path(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]
+        }
+        moments = {}
+        for p, x in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]:
+            for leaf in leaves:
+                if _path(p).endswith("/" + leaf) and x.shape == shapes[leaf]:
+                    spec = [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
+                    moments.setdefault(leaf, []).append(spec + [None] * (x.ndim - len(spec)))
+        data = random_arrays(c.train.batch_size * STEPS, c)
+        losses = []
+        for s in range(STEPS):
+            b = {k: v[s * 8 : (s + 1) * 8] for k, v in data.items()}
+            state, m = trainer.train_step(state, sharding.shard_batch(train.model_inputs(b), mesh))
+            losses.append(float(m["loss"]))
+        params = {
+            _path(p): np.asarray(x).tolist()
+            for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(state["params"]))[0]
+        }
+        print(f"layout {mesh_sizes}: losses {losses}", file=sys.stderr, flush=True)
+        return dict(specs=specs, local=local, moments=moments, losses=losses, params=params)
+
+    out = {"single": run(dict(data=1, fsdp=1, model=1), jax.devices()[:1])}
+    for name, sizes in MESHES.items():
+        out[name] = run(sizes, jax.devices()[:8], tuple(BIG_LEAVES[name]))
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp_and_model_parallel_layouts(tmp_path):
+    if jax.device_count() >= 8:
+        results = _run_layouts()
+    else:
+        out = tmp_path / "layouts.json"
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+        proc = subprocess.run(
+            [sys.executable, __file__, str(out)],
+            env=env,
+            cwd=os.path.dirname(HERE),
+            capture_output=True,
+            text=True,
+            timeout=3600,  # 3 sharded compiles; minutes on a loaded 2-core machine
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        results = json.loads(out.read_text())
+    check_layouts(results)
+
+
+def check_layouts(results: dict) -> None:
+    single = results["single"]
+    for name in MESHES:
+        got = results[name]
+        for leaf, spec in BIG_LEAVES[name].items():
+            assert got["specs"][leaf] == list(spec), (name, leaf, got["specs"][leaf])
+            full = np.shape(single["params"][leaf])
+            assert np.prod(got["local"][leaf]) < np.prod(full), (name, leaf, "not split")
+        for leaf, spec in BIG_LEAVES[name].items():
+            if leaf == "clip/token_embedding/embedding":
+                continue  # frozen: no moments
+            assert len(got["moments"].get(leaf, [])) == 2, (name, leaf, got["moments"])
+            assert all(s == list(spec) for s in got["moments"][leaf]), (name, leaf)
+        np.testing.assert_allclose(got["losses"], single["losses"], rtol=LOSS_RTOL)
+        for leaf, ref in single["params"].items():
+            np.testing.assert_allclose(
+                np.asarray(got["params"][leaf]),
+                np.asarray(ref),
+                rtol=PARAM_RTOL,
+                atol=PARAM_ATOL,
+                err_msg=f"{name}: {leaf}",
+            )
+    # the steps changed the params
+    assert single["losses"][0] != single["losses"][-1]
+
+
+if __name__ == "__main__":
+    # The subprocess of the test above: 8 virtual devices set by the parent's XLA_FLAGS.
+    sys.path.insert(0, HERE)
+    assert jax.device_count() >= 8, jax.devices()
+    with open(sys.argv[1], "w") as f:
+        json.dump(_run_layouts(), f)

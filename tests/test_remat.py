@@ -1,0 +1,97 @@
+"""Rematerialisation (config.model.remat) changes memory and time, never the model: the same
+parameter tree (names and shapes) and the same gradients as the plain step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _tiny import random_arrays, tiny_config, tiny_model
+
+from ucofia_jax.models import layers
+
+# float32; remat recomputes the same ops, so only XLA's fusion choices can differ.
+GRAD_RTOL = 1e-6
+GRAD_ATOL = 1e-9
+
+
+def _model(remat):
+    c = tiny_config()
+    c.model.remat = remat
+    c.model.head.seq_layers = 2
+    c.model.clip.text_layers = 2
+    return c, tiny_model(c)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    c, model = _model("none")
+    params = model.init(jax.random.PRNGKey(0))
+    batch = {k: jnp.asarray(v) for k, v in random_arrays(4, c, seed=1).items()}
+    grads = jax.jit(jax.grad(lambda p, b, r: model.loss(p, b, r)[0]))(
+        params, batch, jax.random.PRNGKey(2)
+    )
+    return model, params, batch, grads
+
+
+def _shapes(tree):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: (jax.tree_util.keystr(path), x.shape), tree
+    )
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_keeps_parameter_names(policy):
+    c, model = _model(policy)
+    _, plain_model = _model("none")
+    assert model.clip.remat == policy and model.head.remat == policy
+    # Flax's nn.remat keeps module names: init of the remat modules gives the same tree.
+    rng = jax.random.PRNGKey(0)
+    assert _shapes(jax.eval_shape(model.init, rng)) == _shapes(
+        jax.eval_shape(plain_model.init, rng)
+    )  # the head's temporal encoder (Model.init builds CLIP's params with init_clip)
+    res = c.model.clip.image_resolution
+    args = (jnp.zeros((1, res, res, 3)), jnp.zeros((1, 2), jnp.int32))
+    clip_tree = lambda m: _shapes(jax.eval_shape(lambda r: m.clip.init(r, *args), rng))
+    assert clip_tree(model) == clip_tree(plain_model)  # CLIP's towers with remat
+
+
+@pytest.mark.slow
+def test_remat_gradients_equal_the_plain_step(plain):
+    """'full' remat (the memory policy); 'dots' is compared in tests/accelerator/."""
+    model0, params, batch, grads0 = plain
+    _, model = _model("full")
+    grads = jax.jit(jax.grad(lambda p, b, r: model.loss(p, b, r)[0]))(
+        params, batch, jax.random.PRNGKey(2)
+    )
+    flat0 = jax.tree_util.tree_flatten_with_path(grads0)[0]
+    assert jax.tree.structure(grads) == jax.tree.structure(grads0)
+    for (path, a), b in zip(flat0, jax.tree.leaves(grads)):
+        np.testing.assert_allclose(
+            b, a, rtol=GRAD_RTOL, atol=GRAD_ATOL, err_msg=jax.tree_util.keystr(path)
+        )
+    # the gradients are not trivially zero
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads0)) > 1e-3
+
+
+def test_remat_is_in_the_program():
+    """The remat program really differs (a checkpoint in the jaxpr), so the test above
+    compares two different computations."""
+    c, model = _model("full")
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    batch = {k: jnp.asarray(v) for k, v in random_arrays(2, c).items()}
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: model.loss(p, batch, jax.random.PRNGKey(0))[0]))(
+        params
+    )
+    assert "remat" in str(jaxpr) or "checkpoint" in str(jaxpr)
+    _, plain_model = _model("none")
+    plain_jaxpr = jax.make_jaxpr(
+        jax.grad(lambda p: plain_model.loss(p, batch, jax.random.PRNGKey(0))[0])
+    )(params)
+    assert "remat" not in str(plain_jaxpr) and "checkpoint" not in str(plain_jaxpr)
+
+
+def test_unknown_remat_policy_is_refused():
+    with pytest.raises(ValueError, match="remat must be one of"):
+        layers.Transformer(8, 1, 1, remat="everything").init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 2, 8))
+        )

@@ -1,0 +1,98 @@
+"""The report's example frames with the test set split over processes: each process holds only
+its rows of the test videos (not in video order), so the drawn clips' first frames are
+gathered. Two processes are simulated by two threads meeting in a fake allgather."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from ucofia_jax.evaluation import report
+
+NV, S = 12, 4
+
+
+def _frames_of(video: int) -> np.ndarray:
+    return np.full((S, S, 3), 10 * video + 1, np.uint8)  # a frame that names its video
+
+
+def _batches(rows: np.ndarray, batch: int):
+    """One process's eval batches: these video rows, 2 frames each, padded with invalid rows."""
+    for lo in range(0, len(rows), batch):
+        part = rows[lo : lo + batch]
+        pad = batch - len(part)
+        vids = np.concatenate([part, np.full(pad, part[0])]).astype(np.int32)
+        frames = np.stack([np.stack([_frames_of(v), _frames_of(v) + 1]) for v in vids])
+        valid = np.r_[np.ones(len(part)), np.zeros(pad)].astype(np.int32)
+        yield {"video_index": vids, "frames": frames, "valid": valid}
+
+
+class _TwoProcesses:
+    """process_allgather(x, tiled=False) across two threads: stacks both threads' values."""
+
+    def __init__(self):
+        self.barrier = threading.Barrier(2)
+        self.slots = [None, None]
+        self.local = threading.local()
+
+    def allgather(self, x, tiled=True):
+        assert not tiled
+        i = self.local.index
+        self.slots[i] = np.asarray(x)
+        self.barrier.wait()
+        out = np.stack(self.slots)
+        self.barrier.wait()  # both read before the next call overwrites
+        return out
+
+
+def _sim(seed=0):
+    rng = np.random.default_rng(seed)
+    sim = rng.normal(size=(2 * NV, NV))
+    text_video = np.repeat(np.arange(NV), 2)
+    return sim, text_video
+
+
+def test_drawn_frames_are_gathered_from_both_processes(monkeypatch):
+    sim, text_video = _sim()
+    fake = _TwoProcesses()
+    monkeypatch.setattr(report.distributed, "process_allgather", fake.allgather)
+    # Interleaved halves, as shard_plan gives each process every other block of rows.
+    rows = [np.array([0, 1, 4, 5, 8, 9]), np.array([2, 3, 6, 7, 10, 11])]
+    out, errors = [None, None], []
+
+    def process(i):
+        fake.local.index = i
+        try:
+            out[i] = report.drawn_first_frames(sim, text_video, _batches(rows[i], 4))
+        except Exception as e:  # noqa: BLE001 -- surfaced by the assertion below
+            errors.append(e)
+            fake.barrier.abort()
+
+    threads = [threading.Thread(target=process, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors
+    idx, best = report._examples(sim, report.NUM_EXAMPLES, report.TOP)
+    drawn = set(text_video[idx].tolist()) | set(best.reshape(-1).tolist())
+    assert set(out[0]) == set(out[1]) == drawn
+    assert any(v in rows[1] for v in drawn) and any(v in rows[0] for v in drawn)
+    for v in drawn:  # each the first frame of its own video, whichever process held it
+        np.testing.assert_array_equal(out[0][v], _frames_of(v))
+        np.testing.assert_array_equal(out[1][v], _frames_of(v))
+
+
+def test_write_report_from_drawn_frames(tmp_path):
+    sim, text_video = _sim(1)
+    frames = report.drawn_first_frames(sim, text_video, _batches(np.arange(NV), 5))
+    texts = [f"caption {t}" for t in range(len(text_video))]
+    res = {"step": 3, "t2v": dict.fromkeys(("R@1", "R@5", "R@10", "MdR", "MnR"), 1.0)}
+    path = report.write_report(str(tmp_path), res, sim, text_video, texts, frames)
+    assert (tmp_path / "report" / "examples.png").stat().st_size > 0 and path.endswith(".html")
+    # Frames that leave out a drawn clip are refused, naming the video.
+    missing = dict(frames)
+    gone = next(iter(missing))
+    del missing[gone]
+    with pytest.raises(ValueError, match=f"no first frame for test video {gone}"):
+        report.write_report(str(tmp_path), res, sim, text_video, texts, missing)
