@@ -544,7 +544,10 @@ def test_train_and_eval_two_processes_equal_one(tmp_path):
         _close(view["losses"], single["losses"], rtol=1e-5, atol=1e-6)
     p_single = np.load(tmp_path / "single" / "params_0.npy")
     for i in range(2):
-        _close(np.load(tmp_path / "multi" / f"params_{i}.npy"), p_single, rtol=1e-4, atol=1e-6)
+        # atol 5e-6: Adam divides by sqrt(v), so a parameter whose gradient is ~0 moves by
+        # rounding-sized amounts whose sign depends on the summation order (2 processes vs
+        # 1); seen: one of 71,669 entries 1.2e-6 apart after 4 steps on an AMD EPYC host.
+        _close(np.load(tmp_path / "multi" / f"params_{i}.npy"), p_single, rtol=1e-4, atol=5e-6)
     diff = np.abs(np.load(tmp_path / "multi" / "params_0.npy") - p_single).max()
     # evaluation: same similarity matrix (to float32 rounding) and the same metrics everywhere
     assert single["num_texts"] == single["num_videos"] == 12
