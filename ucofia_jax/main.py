@@ -41,7 +41,7 @@ from ucofia_jax.evaluation import evaluator, report
 from ucofia_jax.models import clip_import, ucofia_names
 from ucofia_jax.models.model import Model
 from ucofia_jax.runtime import cli, distributed, sharding
-from ucofia_jax.training import checkpoints, loop, optim, trainer
+from ucofia_jax.training import checkpoints, loop, trainer
 from ucofia_jax.training.metric_writer import MetricWriter
 
 FLAGS = flags.FLAGS
@@ -393,17 +393,10 @@ def _check_frozen(frozen, params) -> None:
 
 def _params_to_evaluate(config, workdir, model, out):
     """(params, step) of --mode=eval: the released UCoFiA weights or the workdir's checkpoint."""
-    state = trainer.create_train_state(model, config.seed)
     if config.model.ucofia_checkpoint:
-        return _released_params(model, state["params"], config.model.ucofia_checkpoint), 0
-    params = state["params"]
-    tx = optim.make_optimizer(config.train, params, 1)
-    target = {
-        "step": state["step"],
-        "params": params,
-        "opt_state": jax.eval_shape(tx.init, params),
-        "rng": state["rng"],
-    }
+        params = trainer.create_train_state(model, config.seed)["params"]
+        return _released_params(model, params, config.model.ucofia_checkpoint), 0
+    target = trainer.saved_state_shapes(model, config.train, config.seed)
     restored, meta = checkpoints.restore_params(workdir, target)
     step = int(meta["step"])
     out.say(f"evaluating the checkpoint of step {step} from {workdir}")

@@ -39,7 +39,7 @@ from ucofia_jax.evaluation import evaluator
 from ucofia_jax.models import tokenizer, ucofia_names
 from ucofia_jax.models.features import TextFeatures, VideoFeatures
 from ucofia_jax.models.model import Model
-from ucofia_jax.training import checkpoints, optim, trainer
+from ucofia_jax.training import checkpoints, trainer
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = "msrvtt"
@@ -123,15 +123,7 @@ def _model(config) -> Model:
 
 def _workdir_params(config, workdir: str, model: Model):
     """The checkpoint ``--mode=eval`` would evaluate (best, else latest) of a run."""
-    state = jax.eval_shape(lambda: trainer.create_train_state(model, config.seed))
-    params = state["params"]
-    tx = optim.make_optimizer(config.train, params, 1)
-    target = {
-        "step": state["step"],
-        "params": params,
-        "opt_state": jax.eval_shape(tx.init, params),
-        "rng": state["rng"],
-    }
+    target = trainer.saved_state_shapes(model, config.train, config.seed)
     try:
         restored, meta = checkpoints.restore_params(workdir, target)
     except FileNotFoundError as e:
