@@ -13,6 +13,10 @@ large weight split N ways), and reads what XLA will allocate per device:
   params+opt  the arguments (params, BertAdam's m and v, step, rng, the batch shard)
   temp        activations and other temporaries of the step
   peak        arguments + outputs - donated (aliased) + temp: the device's working set
+  saved       what autodiff keeps from one micro-batch's forward for its backward (the
+              vjp's residuals beyond the parameters), from jax's trace: device-independent,
+              and the number remat changes (XLA:CPU expands remat's optimization barriers
+              before scheduling, so on CPU the temp column does not show remat's saving)
 
 CPU numbers are XLA:CPU's buffer assignment; a GPU/TPU compile differs in fusion and in
 bf16 handling (XLA:CPU may keep some bf16 matmuls in f32), so read them as estimates.
@@ -43,13 +47,18 @@ def _parse(argv):
 ARGS = _parse(sys.argv[1:] if __name__ == "__main__" else [])
 _MAX_DEVICES = max(int(d) for d in ARGS.devices.split(","))
 # Virtual devices must be requested before jax starts.
+# LLVM's optimisation level changes the machine code, not XLA's buffer assignment; level 0
+# compiles several times faster.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_MAX_DEVICES}"
+    os.environ.get("XLA_FLAGS", "")
+    + f" --xla_force_host_platform_device_count={_MAX_DEVICES}"
+    + " --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from ucofia_jax.config import base_config  # noqa: E402
 from ucofia_jax.models.model import Model  # noqa: E402
@@ -73,6 +82,19 @@ def row_config(model: str, devices: int, dtype: str, remat: str, accumulate: int
     return c
 
 
+def _nbytes(tree) -> int:
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def saved_for_backward(model: Model, params, batch) -> int:
+    """Bytes of the loss's vjp residuals beyond the parameters (shapes only, no compile)."""
+    rng = jax.random.PRNGKey(0)
+    vjp_fn = jax.eval_shape(
+        lambda p, b: jax.vjp(lambda q: model.loss(q, b, rng)[0], p)[1], params, batch
+    )
+    return max(_nbytes(vjp_fn) - _nbytes(params), 0)
+
+
 def measure(model_name: str, devices: int, dtype: str, remat: str, accumulate: int) -> dict:
     c = row_config(model_name, devices, dtype, remat, accumulate)
     model = Model.from_config(c.model, max_frames=c.data.max_frames, max_words=c.data.max_words)
@@ -92,13 +114,23 @@ def measure(model_name: str, devices: int, dtype: str, remat: str, accumulate: i
         "frames": jax.ShapeDtypeStruct((b, f, s, s, 3), jnp.uint8),
         "frame_mask": jax.ShapeDtypeStruct((b, f), jnp.int32),
     }
+    micro = b // (devices * accumulate)  # the examples one device encodes at once
+    saved = saved_for_backward(
+        model,
+        params,
+        {k: jax.ShapeDtypeStruct((micro, *v.shape[1:]), v.dtype) for k, v in batch.items()},
+    )
     t0 = time.time()
     compiled = trainer.train_step.lower(state, batch).compile()
     mem = compiled.memory_analysis()
     args = mem.argument_size_in_bytes
     peak = args + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     return dict(
-        args=args / GB, temp=mem.temp_size_in_bytes / GB, peak=peak / GB, secs=time.time() - t0
+        args=args / GB,
+        temp=mem.temp_size_in_bytes / GB,
+        peak=peak / GB,
+        saved=saved / GB,
+        secs=time.time() - t0,
     )
 
 
@@ -115,18 +147,20 @@ def main():
         f"per-device GiB from memory_analysis() (jax {jax.__version__}, "
         f"{jax.default_backend()})"
     )
-    print("| model | devices (fsdp) | dtype | remat | accumulate | params+opt | temp | peak |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| model | devices (fsdp) | dtype | remat | accumulate | params+opt | temp | peak | saved |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for model, devices, dtype, remat, accumulate in rows:
         if ARGS.batch % (devices * accumulate):
             print(
-                f"| {model} | {devices} | {dtype} | {remat} | {accumulate} | batch not divisible |||"
+                f"| {model} | {devices} | {dtype} | {remat} | {accumulate} | batch not divisible ||||"
             )
             continue
         r = measure(model, devices, dtype, remat, accumulate)
         print(
             f"| ViT-{model[0].upper()}/{model[1:]} | {devices} | {dtype} | {remat} | {accumulate} "
-            f"| {r['args']:.2f} | {r['temp']:.2f} | {r['peak']:.2f} |",
+            f"| {r['args']:.2f} | {r['temp']:.2f} | {r['peak']:.2f} | {r['saved']:.2f} |",
             flush=True,
         )
         print(f"  (compiled in {r['secs']:.0f} s)", file=sys.stderr, flush=True)

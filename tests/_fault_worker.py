@@ -23,9 +23,8 @@ import numpy as np
 from _tiny import random_arrays, tiny_config, tiny_model  # tests/ is this script's directory
 
 from ucofia_jax import config as config_lib
-from ucofia_jax import main as main_lib
 from ucofia_jax.runtime import sharding
-from ucofia_jax.training import checkpoints, loop
+from ucofia_jax.training import checkpoints, loop, resume
 from ucofia_jax.training import trainer as train
 
 N = 4
@@ -155,12 +154,18 @@ def mode_damage(root):
         }
 
     # A changed config on resume: refused before any array is read, naming the keys.
-    saved_cfg = main_lib._config_dict(c)
+    saved_cfg = resume.config_dict(c)
 
     def refused(new_cfg, params):
         def check(step, meta, shapes):
-            main_lib._check_resume(
-                new_cfg, main_lib._config_dict(new_cfg), base, step, {**meta}, shapes, params
+            resume.check_resume(
+                resume.config_dict(new_cfg),
+                base,
+                step,
+                {**meta},
+                shapes,
+                params,
+                allow_changes=new_cfg.train.allow_resume_with_changes,
             )
 
         ck = checkpoints.Checkpointer(base, keep=3)

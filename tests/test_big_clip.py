@@ -60,6 +60,7 @@ def _rel_err(got, ref) -> float:
     return float(np.max(np.abs(np.asarray(got, np.float64) - ref)) / np.max(np.abs(ref)))
 
 
+@pytest.mark.slow
 def test_hf_heads_of_80_match_transformers(tmp_path):
     hf_model = random_hf_clip(HEAD80, seed=1)
     hf_model.save_pretrained(tmp_path)

@@ -41,6 +41,7 @@ def _inputs(n, m, seed=0):
     return cast(text), cast(video), cast(consts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tb,vb", [(4, 3), (32, 32)])
 def test_blockwise_equals_one_shot(tb, vb):
     text, video, shared = _inputs(13, 10)
@@ -55,6 +56,7 @@ def test_blockwise_equals_one_shot(tb, vb):
         np.testing.assert_allclose(np.asarray(g), r, rtol=2e-6, atol=2e-6 * np.abs(r).max())
 
 
+@pytest.mark.slow
 def test_blockwise_sharded_over_mesh():
     devices = np.array(jax.devices()[:4])
     if devices.size < 4:
@@ -82,6 +84,7 @@ def test_map_in_blocks_crops_and_matches():
     np.testing.assert_array_equal(np.asarray(out["y"]), np.asarray(x) * 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level3_kernel", ["xla", "auto"])
 def test_head_pair_inputs_blockwise_equal_one_shot(level3_kernel):
     # 'auto' is the evaluation's default: the native level-3 kernel where it builds (CPU).

@@ -47,6 +47,7 @@ def _read_split(data_dir, split):
     return out
 
 
+@pytest.mark.slow
 def test_cli_builds_reads_back_and_reports(raw, tmp_path):
     out = str(tmp_path / "tfds")
     proc = subprocess.run(

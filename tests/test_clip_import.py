@@ -96,6 +96,7 @@ def _assert_same_params(a, b, atol=0.0):
         )
 
 
+@pytest.mark.slow
 def test_hf_directory(tmp_path, hf_model, hf_import):
     hf_model.save_pretrained(tmp_path)
     assert os.path.exists(tmp_path / "model.safetensors")

@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 from _tiny import random_arrays, tiny_config, tiny_model
 
 from ucofia_jax.evaluation import evaluator as evaluate
@@ -13,6 +14,7 @@ from ucofia_jax.runtime import sharding
 from ucofia_jax.training import trainer as train
 
 
+@pytest.mark.slow
 def test_blockwise_levels_sharded_equal_one_shot():
     c = tiny_config()
     c.mesh.data = 4
@@ -46,6 +48,7 @@ def test_blockwise_levels_sharded_equal_one_shot():
     np.testing.assert_allclose(shift, np.broadcast_to(shift[:, :1], shift.shape), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_evaluate_uses_only_the_functions_it_is_given():
     # Per-epoch validation passes the same RetrievalFns: its jitted encoders compile once,
     # and the evaluator reaches the model through them alone.

@@ -26,9 +26,8 @@ import pytest
 from _tiny import tiny_config, tiny_model
 
 from ucofia_jax import config as config_lib
-from ucofia_jax import main as main_lib
 from ucofia_jax.runtime import cli
-from ucofia_jax.training import checkpoints, loop
+from ucofia_jax.training import checkpoints, loop, resume
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -38,8 +37,8 @@ def _env(cache_dir=None):
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("UCOFIA_VERBOSE", None)
-    if cache_dir is not None:
-        env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    if cache_dir is not None:  # the suite's cache (conftest.py) when there is one
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", cache_dir)
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return env
 
@@ -247,6 +246,7 @@ def _cli(tmp_path, *args, env_extra=None):
     )
 
 
+@pytest.mark.slow
 def test_cli_unknown_key_is_one_line_and_status_2(tmp_path):
     proc = _cli(tmp_path, "--config.train.nonexistent=1")
     lines = proc.stderr.strip().splitlines()
@@ -275,6 +275,6 @@ def test_one_line_joins_a_single_problem():
 def test_frozen_typo_is_rejected_naming_the_nearest(tmp_path):
     c = tiny_config()
     params = jax.eval_shape(tiny_model(c).init, jax.random.PRNGKey(0))
-    main_lib._check_frozen(config_lib.FROZEN_CLIP, params)  # the recipe's names exist
+    resume.check_frozen(config_lib.FROZEN_CLIP, params)  # the recipe's names exist
     with pytest.raises(config_lib.ConfigError, match=r"'visual/conv2'.*nearest: visual/conv1"):
-        main_lib._check_frozen(("visual/conv2",), params)
+        resume.check_frozen(("visual/conv2",), params)

@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from _env import one_device_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MESHES = {
@@ -105,7 +106,8 @@ def test_fsdp_and_model_parallel_layouts(tmp_path):
         results = _run_layouts()
     else:
         out = tmp_path / "layouts.json"
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+        env = one_device_env()  # the suite's compile flags, 8 devices instead of its 4
+        env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
         proc = subprocess.run(
             [sys.executable, __file__, str(out)],
             env=env,

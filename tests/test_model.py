@@ -153,6 +153,7 @@ def test_blockwise_score_equals_one_shot(tiny, blocks, level3_kernel):
 # --------------------------------------------------------------------------- (c) training
 
 
+@pytest.mark.slow
 def test_training_logits_and_loss(tiny):
     config, model, params = tiny["config"], tiny["model"], tiny["params"]
     batch = {k: jnp.asarray(v) for k, v in random_arrays(4, config, seed=3).items()}

@@ -506,6 +506,7 @@ def _close(a, b, rtol=1e-5, atol=1e-6):
     )
 
 
+@pytest.mark.slow
 def test_mechanics_two_processes_equal_one(tmp_path):
     t0 = time.time()
     multi, single, views = _run_both("mechanics", tmp_path)

@@ -9,11 +9,13 @@ cell shrink the demo; the workdir is a temporary directory.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
+from _env import one_device_env
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "colab_tpu.ipynb"
@@ -71,12 +73,12 @@ def test_notebook_structure():
         assert c.get("outputs", []) == [] and c.get("execution_count") is None, "strip outputs"
 
 
+@pytest.mark.slow
 def test_notebook_executes_on_cpu(tmp_path):
     script = tmp_path / "notebook.py"
     script.write_text(notebook_script())
     workdir = tmp_path / "work"
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a plain single-host run
+    env = one_device_env()  # a plain single-host run
     env.update(
         UCOFIA_NOTEBOOK_SMOKE="1",
         UCOFIA_NOTEBOOK_WORKDIR=str(workdir),

@@ -94,6 +94,7 @@ def _reference_bertadam(
     return p
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_steps", [1, 3])
 def test_bertadam_matches_original(num_steps):
     rng = np.random.default_rng(0)

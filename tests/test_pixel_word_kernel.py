@@ -68,6 +68,7 @@ def test_native_equals_xla(kernel, t, w, v, p):
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_native_changes_when_a_matrix_changes(kernel):
     # Each of the four matrices must reach the output (a swapped or ignored argument would not).
@@ -85,6 +86,7 @@ def test_native_changes_when_a_matrix_changes(kernel):
         assert np.abs(got - base).max() > 1e-4, field
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_native_tau_and_saturated_softmaxes(kernel):
     # tau = 0.01 with large gaps saturates the softmaxes (exp underflow); tau = 1 does not.
@@ -129,6 +131,7 @@ def test_native_under_vmap_and_shape_errors(kernel):
         )
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_head_blockwise_native_equals_xla(kernel):
     d, f, w, ntok, n_text, n_video = 64, 4, 8, 10, 7, 5
@@ -238,6 +241,7 @@ except ValueError as e:
     )
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_build_is_cached_per_source_and_reports_compile_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("UCOFIA_KERNEL_CACHE", str(tmp_path))
@@ -254,6 +258,7 @@ def test_build_is_cached_per_source_and_reports_compile_errors(tmp_path, monkeyp
     assert not list(tmp_path.glob("*.partial"))  # no debris
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_native_gradient_is_the_xla_gradient(kernel):
     # The kernel has no derivative of its own: its custom VJP recomputes the XLA code's.

@@ -16,8 +16,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _worker(mode, root):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
-    # The resumed process reuses the first one's compiled step (speed only).
-    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(root, "jax_cache")
+    # The resumed process reuses the first one's compiled step (speed only); the suite's
+    # cache (conftest.py) when there is one, shared with the other resume tests.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(root, "jax_cache"))
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return subprocess.run(
         [sys.executable, os.path.join(HERE, "_resume_worker.py"), mode, root],
@@ -57,7 +58,7 @@ def test_sigint_saves_the_step_and_resumes_exactly(tmp_path):
     root = str(tmp_path)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(root, "jax_cache")
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(root, "jax_cache"))
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     proc = subprocess.Popen(
         [sys.executable, os.path.join(HERE, "_resume_worker.py"), "sigint", root],

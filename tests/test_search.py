@@ -29,6 +29,7 @@ import jax
 import numpy as np
 import pyarrow as pa
 import pytest
+from _env import one_device_env
 from _search_fixtures import make_clips, save_workdir, search_config, write_bad_files
 from safetensors.numpy import load_file
 
@@ -336,9 +337,8 @@ def test_query_json_and_export(built, tmp_path, capsys):
 
 
 def _env():
-    env = dict(os.environ)
+    env = one_device_env()  # one CPU device, as users run it
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("XLA_FLAGS", None)  # one CPU device, as users run it
     return env
 
 

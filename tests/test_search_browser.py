@@ -32,6 +32,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 import pytest
+from _env import sigint_as_in_a_terminal
 from test_search_web import FakeIndex, jpeg_bytes
 
 from data_pipeline.synthetic import captions_for, render, sample_scene, write_clip
@@ -163,6 +164,7 @@ class ServeProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            preexec_fn=sigint_as_in_a_terminal,
         )
         self.lines: queue.Queue = queue.Queue()
         self.seen: list[str] = []

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _env import one_device_env
 from _search_fixtures import make_clips, save_workdir, search_config
 
 from ucofia_jax.search.store import Store
@@ -27,8 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _start(argv, log: Path) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env = one_device_env()  # launch.sh adds each process's device count
     env["PYTHON"] = sys.executable
     env["UCOFIA_INIT_TIMEOUT"] = "120"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

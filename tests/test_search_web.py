@@ -17,6 +17,7 @@ import threading
 from urllib.parse import quote
 
 import pytest
+from _env import sigint_as_in_a_terminal
 from PIL import Image
 
 from ucofia_jax.search import web
@@ -416,6 +417,7 @@ def test_serve_prints_url_and_stops_cleanly(tmp_path, sig, count):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_as_in_a_terminal,
     )
     try:
         lines = [proc.stdout.readline(), proc.stdout.readline()]

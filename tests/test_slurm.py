@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _env import one_device_env
 
 pytestmark = pytest.mark.slow  # two demo runs (compile + 4 steps + evaluation): minutes
 
@@ -190,8 +191,7 @@ def slurm(tmp_path_factory):
 
 def _launch_env() -> dict:
     # The test session's XLA_FLAGS force 4 CPU devices; each run here chooses its own.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "UCOFIA_"))}
-    env.pop("XLA_FLAGS", None)
+    env = {k: v for k, v in one_device_env().items() if not k.startswith(("SLURM_", "UCOFIA_"))}
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHON"] = sys.executable
     return env

@@ -71,6 +71,7 @@ def test_nonfinite_loss_stops_with_step_and_videos():
     loop.check_finite_loss(1.0, 12, batch)
 
 
+@pytest.mark.slow
 def test_nan_in_loop_is_reported(tmp_path, single_device):
     c, (mesh, trainer, state) = single_device
     # NaN in the params -> NaN loss at the first step.

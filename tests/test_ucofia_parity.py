@@ -9,9 +9,13 @@ import sys
 
 import numpy as np
 import pytest
+from _env import one_device_env
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "ucofia_reference")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One run of the parity tool (~1 min on 2 cores) feeds every test here. The fast subset keeps
+# parts of this parity in-process (test_similarity, test_sinkhorn, test_isa, test_topk).
+pytestmark = pytest.mark.slow
 
 REQUIRED = [
     "train.tokensel_pred_score",
@@ -35,8 +39,7 @@ REQUIRED = [
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("parity") / "parity.json"
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device is enough; the tool sets its flags
+    env = one_device_env()  # one CPU device is enough; the tool sets its flags
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, "-m", "ucofia_jax.tools.parity", "--fixtures", FIX, "--json", str(out)],

@@ -32,6 +32,7 @@ import ml_collections
 
 from data_pipeline import builder as builder_lib
 from data_pipeline import pipeline
+from ucofia_jax.errors import ConfigError  # noqa: F401 (config.ConfigError, as before)
 from ucofia_jax.kernels.native import LEVEL3_KERNELS
 from ucofia_jax.models import clip as clip_lib
 from ucofia_jax.models import clip_import
@@ -45,10 +46,6 @@ from ucofia_jax.training.optim import OPTIMIZERS, SCHEDULES
 
 # --mode of ucofia_jax.main -> (train, evaluate)
 MODES = {"train": (True, False), "eval": (False, True), "train_and_eval": (True, True)}
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message names the key (``config.a.b``)."""
 
 
 # Which CLIP params the original freezes (SPEC §3, main_ucofia.py:445-464): every CLIP param

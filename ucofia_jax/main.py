@@ -19,8 +19,6 @@ status 2 (``--verbose`` or ``UCOFIA_VERBOSE=1`` adds the traceback); SIGTERM sav
 
 from __future__ import annotations
 
-import difflib
-import json
 import logging
 import os
 import sys
@@ -41,7 +39,7 @@ from ucofia_jax.evaluation import evaluator, report
 from ucofia_jax.models import clip_import, ucofia_names
 from ucofia_jax.models.model import Model
 from ucofia_jax.runtime import cli, distributed, sharding
-from ucofia_jax.training import checkpoints, loop, trainer
+from ucofia_jax.training import checkpoints, loop, resume, trainer
 from ucofia_jax.training.metric_writer import MetricWriter
 
 FLAGS = flags.FLAGS
@@ -217,17 +215,25 @@ def _train(config, workdir, model, mesh, fns, splits, out, progress):
     spe = splits.train.steps_per_epoch(tc.batch_size)
     total = trainer.total_train_steps(tc, spe)
     state = trainer.create_train_state(model, config.seed)
-    _check_frozen(tc.frozen, state["params"])
+    resume.check_frozen(tc.frozen, state["params"])
     run_trainer = trainer.make_trainer(model, tc, mesh, state, trainer.schedule_steps(tc, spe))
     ckpt = checkpoints.Checkpointer(workdir, keep=tc.keep_checkpoints)
     guard = None
     try:
         params_template = state["params"]
         state = trainer.place_state(run_trainer, state)
-        saved_config = _config_dict(config)
+        saved_config = resume.config_dict(config)
 
         def check(step, meta, shapes):
-            _check_resume(config, saved_config, workdir, step, meta, shapes, params_template)
+            resume.check_resume(
+                saved_config,
+                workdir,
+                step,
+                meta,
+                shapes,
+                params_template,
+                allow_changes=config.train.allow_resume_with_changes,
+            )
 
         restored = ckpt.restore_latest(state, check=check)
         start_step = None
@@ -283,112 +289,6 @@ def _train(config, workdir, model, mesh, fns, splits, out, progress):
     out.say(f"trained to step {step}/{total} in {time.time() - t0:.0f} s")
     stopped_by = guard.signal_name if guard.requested else None
     return state["params"], step, stopped_by
-
-
-# Keys whose change makes a resumed run silently differ from the run it continues (the data
-# order or the lr schedule); refused unless config.train.allow_resume_with_changes.
-RESUME_KEYS = (
-    "seed",
-    "train.batch_size",
-    "train.epochs",
-    "train.schedule",
-    "data.dataset",
-    "data.train_split",
-    "data.expand_sentences",
-)
-# model.* keys that only say where the starting weights came from, or how memory is spent.
-_MODEL_KEYS_FREE = (
-    "model.clip.checkpoint",
-    "model.clip.from_scratch",
-    "model.ucofia_checkpoint",
-    "model.remat",
-)
-
-
-def _config_dict(config) -> Dict[str, Any]:
-    """The config as JSON values (tuples as lists), as a checkpoint's meta stores it."""
-    return json.loads(config.to_json_best_effort())
-
-
-def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _param_shapes(params) -> Dict[str, tuple]:
-    return {
-        "/".join(str(getattr(k, "key", k)) for k in path): tuple(x.shape)
-        for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
-    }
-
-
-def _check_resume(config, new_config, workdir, step, meta, saved_shapes, params) -> None:
-    """Refuse (ConfigError) to resume checkpoint ``step`` under a config it was not made with:
-    different parameter shapes or model keys, or changed run keys (RESUME_KEYS) unless
-    ``train.allow_resume_with_changes``. Runs before any array of the checkpoint is read."""
-    where = os.path.join(workdir, "checkpoints", str(step))
-    saved = meta.get("config")
-    if saved is None:  # a checkpoint from before configs were kept in it: the workdir's
-        try:
-            with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-                saved = json.load(f)
-        except (OSError, ValueError):
-            saved = None
-    old, new = _flat(saved or {}), _flat(new_config)
-    both = sorted(set(old) & set(new))  # a key added since is not a difference
-    model_keys = [
-        k for k in both if k.startswith("model.") and k not in _MODEL_KEYS_FREE and old[k] != new[k]
-    ]
-    ours = _param_shapes(params)
-    shape_diff = [
-        f"{p}: saved {saved_shapes.get(p, 'absent')} now {ours.get(p, 'absent')}"
-        for p in sorted(set(saved_shapes) | set(ours))
-        if saved_shapes.get(p) != ours.get(p)
-    ]
-
-    def changes(keys):
-        return ", ".join(f"config.{k} {old[k]!r} -> {new[k]!r}" for k in keys)
-
-    if shape_diff:
-        raise config_lib.ConfigError(
-            f"{where} was written by a different model ({changes(model_keys) or 'see shapes'}); "
-            f"parameters: {'; '.join(shape_diff[:6])}"
-            + (f"; and {len(shape_diff) - 6} more" if len(shape_diff) > 6 else "")
-            + ". Use another --workdir, or the saved config's values."
-        )
-    run_keys = [k for k in RESUME_KEYS if k in old and k in new and old[k] != new[k]]
-    changed = model_keys + run_keys
-    if not changed:
-        return
-    if config.train.allow_resume_with_changes:
-        logging.warning("resuming %s with changed settings: %s", where, changes(changed))
-        return
-    raise config_lib.ConfigError(
-        f"{where} was written with other settings: {changes(changed)}. Resuming would silently "
-        "change the data order or lr schedule; use another --workdir, the saved values, or "
-        "--config.train.allow_resume_with_changes=True."
-    )
-
-
-def _check_frozen(frozen, params) -> None:
-    """Every ``train.frozen`` entry must name a parameter (or a group of them) under clip/."""
-    names = set()
-    for path in _param_shapes(params["clip"]):
-        parts = path.split("/")
-        names.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
-    for entry in frozen:
-        if entry.strip("/") in names:
-            continue
-        near = difflib.get_close_matches(entry.strip("/"), sorted(names), n=3, cutoff=0.5)
-        raise config_lib.ConfigError(
-            f"config.train.frozen: {entry!r} names no parameter under clip/"
-            + (f" (nearest: {', '.join(near)})" if near else "")
-        )
 
 
 def _params_to_evaluate(config, workdir, model, out):
