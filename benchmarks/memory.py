@@ -1,6 +1,7 @@
 r"""Per-device memory of the compiled train step (XLA's ``memory_analysis()``), no real arrays.
 
   python benchmarks/memory.py                          # the full table (slow: ~48 compiles)
+  python benchmarks/memory.py --compile=false          # all rows but temp/peak: seconds each
   python benchmarks/memory.py --models=b32 --devices=1,8 --dtypes=bfloat16 --remat=full \
       --accumulate=1,4                                 # a few rows
 
@@ -38,6 +39,13 @@ def _parse(argv):
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--remat", default="none,full", help="config.model.remat values")
     p.add_argument("--accumulate", default="1,4", help="config.train.accumulate_steps values")
+    p.add_argument(
+        "--compile",
+        default="true",
+        choices=("true", "false"),
+        help="false: no XLA compile (seconds a row): params+opt from the shardings, saved "
+        "from the trace; temp and peak left blank",
+    )
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--words", type=int, default=32)
@@ -121,6 +129,15 @@ def measure(model_name: str, devices: int, dtype: str, remat: str, accumulate: i
         {k: jax.ShapeDtypeStruct((micro, *v.shape[1:]), v.dtype) for k, v in batch.items()},
     )
     t0 = time.time()
+    if ARGS.compile == "false":
+        # What the step's state arguments occupy per device, by their declared shardings.
+        local = jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(sh.shard_shape(x.shape), x.dtype),
+            state,
+            trainer.state_shardings,
+        )
+        args = _nbytes(local) + _nbytes(batch) // devices  # the batch is split N ways
+        return dict(args=args / GB, temp=None, peak=None, saved=saved / GB, secs=0.0)
     compiled = trainer.train_step.lower(state, batch).compile()
     mem = compiled.memory_analysis()
     args = mem.argument_size_in_bytes
@@ -132,6 +149,10 @@ def measure(model_name: str, devices: int, dtype: str, remat: str, accumulate: i
         saved=saved / GB,
         secs=time.time() - t0,
     )
+
+
+def _gib(x) -> str:
+    return "" if x is None else f"{x:.2f}"
 
 
 def main():
@@ -160,10 +181,11 @@ def main():
         r = measure(model, devices, dtype, remat, accumulate)
         print(
             f"| ViT-{model[0].upper()}/{model[1:]} | {devices} | {dtype} | {remat} | {accumulate} "
-            f"| {r['args']:.2f} | {r['temp']:.2f} | {r['peak']:.2f} | {r['saved']:.2f} |",
+            f"| {_gib(r['args'])} | {_gib(r['temp'])} | {_gib(r['peak'])} | {_gib(r['saved'])} |",
             flush=True,
         )
-        print(f"  (compiled in {r['secs']:.0f} s)", file=sys.stderr, flush=True)
+        if r["temp"] is not None:
+            print(f"  (compiled in {r['secs']:.0f} s)", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

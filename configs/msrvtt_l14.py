@@ -12,8 +12,8 @@ blocks, four patches kept per frame). What differs:
   per frame), 12 text blocks of width 768 (12 heads), joint width 768; the token shift moves
   to visual blocks 22-23 (the last two, as 10-11 are for B/32).
 * memory: about 3x the parameters of B/32 and 5x its tokens per frame, so ``model.remat``
-  is 'full' (exact gradients, one more forward in the backward). On an accelerator add
-  ``--config.model.clip.dtype=bfloat16`` (matmuls in bf16; LayerNorm, softmax and the
+  is 'full' (exact gradients, one more forward in the backward). On an accelerator the
+  default ``model.clip.dtype='auto'`` runs the matmuls in bf16 (LayerNorm, softmax and the
   residual stream stay f32). If batch 128 still does not fit, raise
   ``train.accumulate_steps`` (the contrastive loss still sees all 128 x 128 pairs) rather
   than lowering the batch, which changes the number of negatives.

@@ -185,3 +185,12 @@ def test_text_gradients_finite(tiny_params):
     assert (
         float(jnp.abs(grads["transformer"]["resblocks_0"]["attn"]["in_proj"]["kernel"]).max()) > 0
     )
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_float32_on_cpu(monkeypatch):
+    assert clip.CLIPConfig(**TINY).dtype == "auto"  # the default
+    assert clip.CLIPConfig(**TINY).compute_dtype == jnp.float32  # this suite runs on CPU
+    for backend, want in (("gpu", jnp.bfloat16), ("tpu", jnp.bfloat16), ("cpu", jnp.float32)):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert clip.CLIPConfig(**TINY).compute_dtype == want, backend
+    assert clip.CLIPConfig(**TINY, dtype="float32").compute_dtype == jnp.float32

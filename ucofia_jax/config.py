@@ -32,7 +32,6 @@ import ml_collections
 
 from data_pipeline import builder as builder_lib
 from data_pipeline import pipeline
-from ucofia_jax.errors import ConfigError  # noqa: F401 (config.ConfigError, as before)
 from ucofia_jax.kernels.native import LEVEL3_KERNELS
 from ucofia_jax.models import clip as clip_lib
 from ucofia_jax.models import clip_import
@@ -41,6 +40,7 @@ from ucofia_jax.models import layers as layers_lib
 from ucofia_jax.ops.sinkhorn import SK_DOMAINS
 from ucofia_jax.ops.topk import NOISE_PRNGS
 from ucofia_jax.runtime import distributed, sharding
+from ucofia_jax.runtime.errors import ConfigError  # noqa: F401 (config.ConfigError, as before)
 from ucofia_jax.training import checkpoints
 from ucofia_jax.training.optim import OPTIMIZERS, SCHEDULES
 
@@ -189,7 +189,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    "model.clip.dtype": tuple(clip_lib.DTYPES),
+    "model.clip.dtype": (*clip_lib.DTYPES, clip_lib.AUTO_DTYPE),
     "model.head.predictor": head_lib.PREDICTORS,
     "model.remat": tuple(layers_lib.REMAT_POLICIES),
     "model.clip.activation": tuple(layers_lib.ACTIVATIONS),

@@ -11,6 +11,7 @@ Both towers return projected features of every position, as UCoFiA needs (SPEC Â
 Images are float32, already normalised (``normalize_images``), channels last.
 ``dtype='bfloat16'`` runs the matmuls/convolution in bfloat16 while LayerNorm, softmax and
 the residual stream stay float32 (params are always float32); outputs are float32.
+``'auto'`` (the default) is bfloat16 on GPU/TPU and float32 on CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ from ucofia_jax.ops.token_shift import token_shift
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The default: bfloat16 where it is fast (GPU, TPU; tests/test_bf16_step.py bounds its effect
+# on a train step), float32 on CPU (parity, the demo). Resolved when the model is built.
+AUTO_DTYPE = "auto"
+
+
+def resolve_dtype(name: str) -> str:
+    """A ``DTYPES`` key: ``name`` itself, or what ``'auto'`` means on this jax backend."""
+    if name == AUTO_DTYPE:
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return name
 
 
 def openai_vision_heads(width: int) -> int:
@@ -53,7 +64,7 @@ class CLIPConfig:
     text_layers: int = 12
     token_shift_blocks: tuple = ()
     token_shift_n_div: int = 7
-    dtype: str = "float32"
+    dtype: str = AUTO_DTYPE  # or a DTYPES key
     # -1: OpenAI's rule, width // 64 (what an OpenAI .pt implies; it does not store it). A HF
     # config.json states it (num_attention_heads): OpenCLIP ViT-H/14 has 16 heads of 80.
     vision_heads: int = -1
@@ -90,8 +101,10 @@ class CLIPConfig:
             raise ValueError(
                 f"clip.py: activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
             )
-        if self.dtype not in DTYPES:
-            raise ValueError(f"clip.py: dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in (*DTYPES, AUTO_DTYPE):
+            raise ValueError(
+                f"clip.py: dtype must be one of {[*sorted(DTYPES), AUTO_DTYPE]}, got {self.dtype!r}"
+            )
         if self.image_resolution % self.vision_patch_size:
             raise ValueError(
                 f"clip.py: image_resolution {self.image_resolution} is not a multiple "
@@ -109,7 +122,7 @@ class CLIPConfig:
 
     @property
     def compute_dtype(self):
-        return DTYPES[self.dtype]
+        return DTYPES[resolve_dtype(self.dtype)]
 
     def sizes(self) -> dict:
         return {k: getattr(self, k) for k in self._SIZE_FIELDS}

@@ -1,6 +1,7 @@
 """Errors every layer may raise and the command line reports in one line (runtime/cli.py).
 
-Here, not in config.py, so that modules config.py imports (training/) can raise them too.
+Here, at the bottom layer, not in config.py: modules that config.py imports (training/)
+raise them too.
 """
 
 
