@@ -204,3 +204,24 @@ def test_errors(tmp_path, hf_model):
         clip_import.load_pretrained(str(d))
     with pytest.raises(CheckpointError, match="no config.json"):
         clip_import.load_pretrained(str(tmp_path))
+
+
+def test_model_init_refuses_a_checkpoint_of_other_sizes(hf_model, tmp_path):
+    """Model.init compares every size of config.model.clip with the checkpoint's before it
+    loads a weight: a width that differs is named, not left to a shape error in the head."""
+    from configs import demo  # noqa: PLC0415
+    from ucofia_jax.models.model import Model  # noqa: PLC0415
+
+    hf_model.save_pretrained(tmp_path / "hf")
+    c = demo.get_config()
+    c.model.clip.update(dict(TINY, checkpoint=str(tmp_path / "hf"), from_scratch=False))
+    c.model.clip.token_shift_blocks = (1,)
+    model = Model.from_config(c.model, max_frames=2, max_words=8)
+    params = model.init(jax.random.PRNGKey(0))  # sizes agree: loads
+    assert params["clip"]["visual"]["conv1"]["kernel"].shape[-1] == TINY["vision_width"]
+    c.model.clip.vision_width = 64
+    model = Model.from_config(c.model, max_frames=2, max_words=8)
+    with pytest.raises(
+        CheckpointError, match=r"config\.model\.clip\.vision_width=64 but the checkpoint has 128"
+    ):
+        model.init(jax.random.PRNGKey(0))

@@ -33,10 +33,11 @@ from _env import one_device_env
 from _search_fixtures import make_clips, save_workdir, search_config, write_bad_files
 from safetensors.numpy import load_file
 
+from configs import demo
 from ucofia_jax.search import __main__ as cli
 from ucofia_jax.search import decoding, indexer, scoring
 from ucofia_jax.search.index import Index, encode_videos
-from ucofia_jax.search.source import ModelSource, load_model
+from ucofia_jax.search.source import ModelSource, describe_config, fingerprint_of, load_model
 from ucofia_jax.search.store import Store, video_id_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -621,3 +622,17 @@ def test_clip_only_scores_are_the_mean_pooled_clip_cosine(built, tmp_path):
 def _pooled(out):
     """transformers >= 5 returns the projected features as ``pooler_output``; older, a tensor."""
     return getattr(out, "pooler_output", out)
+
+
+def test_fingerprint_covers_the_dtype_auto_resolves_to(monkeypatch):
+    """'auto' builds another model on an accelerator (bf16) than on CPU (f32): the
+    fingerprint follows what it resolves to, not the word."""
+
+    def fingerprint(dtype):
+        c = demo.get_config()
+        c.model.clip.dtype = dtype
+        return fingerprint_of(describe_config(c, clip_only=False), "weights")
+
+    assert fingerprint("auto") == fingerprint("float32")  # this suite runs on CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert fingerprint("auto") == fingerprint("bfloat16") != fingerprint("float32")

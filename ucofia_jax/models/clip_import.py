@@ -431,8 +431,13 @@ def load_pretrained(path: str, **cfg_overrides) -> tuple[CLIP, dict]:
     sizes = {**cfg.sizes(), "activation": cfg.activation}  # what the checkpoint fixes
     clash = {k: (v, sizes[k]) for k, v in cfg_overrides.items() if k in sizes and sizes[k] != v}
     if clash:
-        raise ValueError(
-            f"{path}: config disagrees with the checkpoint (requested, checkpoint): {clash}"
+        raise CheckpointError(
+            f"{path}: config disagrees with the checkpoint: "
+            + ", ".join(
+                f"config.model.clip.{k}={a!r} but the checkpoint has {b!r}"
+                for k, (a, b) in clash.items()
+            )
+            + ". Set the checkpoint's values (configs/msrvtt_b16.py, msrvtt_l14.py show them)."
         )
     cfg = dataclasses.replace(cfg, **cfg_overrides)
     params = jax.tree_util.tree_map(jnp.asarray, params)

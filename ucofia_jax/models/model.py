@@ -95,6 +95,8 @@ class Model:
             cfg = self.clip_config
             _, clip_params = clip_import.load_pretrained(
                 self.clip_checkpoint,
+                **cfg.sizes(),  # refused, naming the keys, where the checkpoint differs
+                activation=cfg.activation,
                 token_shift_blocks=cfg.token_shift_blocks,
                 token_shift_n_div=cfg.token_shift_n_div,
                 dtype=cfg.dtype,

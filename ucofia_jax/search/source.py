@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 
 from data_pipeline.builder import JPEG_QUALITY
 from ucofia_jax.evaluation import evaluator
+from ucofia_jax.models import clip as clip_lib
 from ucofia_jax.models import tokenizer, ucofia_names
 from ucofia_jax.models.features import TextFeatures, VideoFeatures
 from ucofia_jax.models.model import Model
@@ -160,7 +161,10 @@ def describe_config(config, clip_only: bool) -> Dict[str, Any]:
     """What the fingerprint covers besides the weights: model config (no paths), sampling."""
     model = config.model.to_dict()
     model.pop("ucofia_checkpoint", None)
-    model.get("clip", {}).pop("checkpoint", None)
+    clip = model.get("clip", {})
+    clip.pop("checkpoint", None)
+    if "dtype" in clip:  # 'auto' is bf16 on an accelerator, f32 on CPU: other features
+        clip["dtype"] = clip_lib.resolve_dtype(clip["dtype"])
     return {
         "model": model,
         "sampling": {k: config.data[k] for k in SAMPLING_KEYS},
