@@ -66,11 +66,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from ucofia_jax.config import base_config  # noqa: E402
 from ucofia_jax.models.model import Model  # noqa: E402
 from ucofia_jax.runtime import sharding  # noqa: E402
+from ucofia_jax.training import checkpoints  # noqa: E402
 from ucofia_jax.training import trainer as trainer_lib  # noqa: E402
 
 PATCH = {"b32": 32, "b16": 16}
@@ -90,17 +90,13 @@ def row_config(model: str, devices: int, dtype: str, remat: str, accumulate: int
     return c
 
 
-def _nbytes(tree) -> int:
-    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-
-
 def saved_for_backward(model: Model, params, batch) -> int:
     """Bytes of the loss's vjp residuals beyond the parameters (shapes only, no compile)."""
     rng = jax.random.PRNGKey(0)
     vjp_fn = jax.eval_shape(
         lambda p, b: jax.vjp(lambda q: model.loss(q, b, rng)[0], p)[1], params, batch
     )
-    return max(_nbytes(vjp_fn) - _nbytes(params), 0)
+    return max(checkpoints.state_nbytes(vjp_fn) - checkpoints.state_nbytes(params), 0)
 
 
 def measure(model_name: str, devices: int, dtype: str, remat: str, accumulate: int) -> dict:
@@ -136,7 +132,9 @@ def measure(model_name: str, devices: int, dtype: str, remat: str, accumulate: i
             state,
             trainer.state_shardings,
         )
-        args = _nbytes(local) + _nbytes(batch) // devices  # the batch is split N ways
+        args = (
+            checkpoints.state_nbytes(local) + checkpoints.state_nbytes(batch) // devices
+        )  # the batch is split N ways
         return dict(args=args / GB, temp=None, peak=None, saved=saved / GB, secs=0.0)
     compiled = trainer.train_step.lower(state, batch).compile()
     mem = compiled.memory_analysis()

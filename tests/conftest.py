@@ -5,8 +5,9 @@
   time compiling programs that then run a few steps on tiny shapes; the lower level halves
   compile time. It changes the machine code XLA emits, not the HLO program (fusions,
   precision), and every tolerance in the suite holds at either level. Subprocesses that
-  play a user's command (the demo, the notebook, launch.sh) drop these flags, as a user's
-  shell would not have them.
+  play a user's command (the notebook, search, launch.sh: tests/_env.py) keep it but drop
+  the forced device count, so they see one CPU device as a user's shell does; the README's
+  demo command runs with no XLA flags at all.
 * A persistent compilation cache shared by the xdist workers and their subprocesses: many
   tests compile the same tiny programs (the demo's step, the tiny model's encoders). Keyed by
   the program, the compile options and the jax version, so a hit runs the very executable a
