@@ -5,6 +5,11 @@ Policy (issue 4): a bad *item* (row, caption, video) is skipped and recorded in 
 or unparseable *annotation file* always raises, naming the file and where it was expected:
 nothing sensible can be built without it.
 
+The reader loop (`group_captions`, `listed`, `make_read_split`) is the same for every dataset:
+load -> validate each item -> clean each caption -> group by video -> the split's videos ->
+ClipRecords; a reader module states only its files and its rules (how an item maps to a video
+id and captions, its split lists, its quirks).
+
 Text is decoded as UTF-8 with ``surrogateescape`` so that one bad byte sequence spoils only
 the caption it is in (detected by its lone surrogates) instead of the whole file.
 """
@@ -192,9 +197,6 @@ def has_bad_text(s: str) -> bool:
 
 
 # ------------------------------------------------------------------------- the reader loop
-# A reader states its files and its rules; the loop below does the rest, the same way for
-# every dataset: load -> validate each item -> clean each caption -> group by video ->
-# select the split's videos -> ClipRecords with resolved video files.
 
 
 class Unreadable(NamedTuple):
@@ -396,7 +398,7 @@ def default_video_dir(root: str, video_dir: str | None) -> str:
 
 
 # A dataset's rules: (root, split, report, strict) -> (video id, captions) in record order.
-VideosOfSplit = Callable[[str, str, "SkipReport | None", bool], Iterable[tuple[str, list[str]]]]
+VideosOfSplit = Callable[[str, str, SkipReport | None, bool], Iterable[tuple[str, list[str]]]]
 
 
 def make_read_split(

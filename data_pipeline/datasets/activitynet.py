@@ -52,6 +52,8 @@ def _video(where, item):
 
 
 def videos(root, split, report, strict):
+    """The split's videos (the ids file's, else all of the annotation file) with their
+    sentences; ids lose their ``v_`` prefix."""
     ann_name, ids_name = FILES[split]
     ann_path = C.require_file(root, ann_name, NAME)
     ann = C.load_json(ann_path, report, strict)

@@ -51,11 +51,13 @@ def _row(where, row):
 
 
 def _replaced(clip_id, where):
+    """The detail for the earlier row of a repeated clip id; ``where`` is ``path:line``."""
     line = where.rsplit(":", 1)[1]
     return f"clip id {clip_id} again at line {line}, which replaces this row"
 
 
 def videos(root, split, report, strict):
+    """Every clip of the split's csv with its caption (the last row of a repeated clip id)."""
     path = C.require_file(root, FILES[split], NAME)
     rows = C.read_csv_rows(path, report, strict, delimiter="\t")
     items = [(f"{path}:{i}", row) for i, row in rows if any(x.strip() for x in row)]

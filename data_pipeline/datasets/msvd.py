@@ -138,6 +138,7 @@ def _video(where, entry):
 
 
 def videos(root, split, report, strict):
+    """The listed videos with all their captions in the pickle."""
     list_path = C.require_file(root, f"{split}_list.txt", NAME)
     pkl_path = C.require_file(root, "raw-captions.pkl", NAME)
     captions = load_captions_pickle(pkl_path)

@@ -29,6 +29,7 @@ LISTS = {"train": "train_list.txt", "val": "test_list.txt", "test": "test_list.t
 
 
 def videos(root, split, report, strict):
+    """The listed videos with all their captions in ref_captions.json."""
     list_path = C.require_file(root, LISTS[split], NAME)
     cap_path = C.require_file(root, "ref_captions.json", NAME)
     ann = C.load_json(cap_path, report, strict)
