@@ -135,6 +135,7 @@ def test_wrong_type_names_the_key():
             "config.train.frozen: expected tuple",
         ),
         (lambda c: setattr(c.eval, "sk_norm", 1), "config.eval.sk_norm: expected bool"),
+        (lambda c: setattr(c.train, "batch_size", True), "config.train.batch_size: expected int"),
         (lambda c: c.data.__delitem__("prefetch"), "config.data.prefetch: missing"),
     ],
 )

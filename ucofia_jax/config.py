@@ -262,6 +262,9 @@ def _assign(schema: ml_collections.ConfigDict, values, prefix: str, errors: List
                 errors.append(f"config.{key}: expected a ConfigDict (a section), got {v!r}")
         elif isinstance(v, (ml_collections.ConfigDict, dict)):
             errors.append(f"config.{key}: expected {type(schema[k]).__name__}, got a section")
+        elif isinstance(v, bool) and not isinstance(schema[k], bool):
+            # ConfigDict takes a bool for a number (bool is an int); batch_size=True is a slip.
+            errors.append(f"config.{key}: expected {type(schema[k]).__name__}, got {v!r}")
         else:
             try:
                 schema[k] = v
