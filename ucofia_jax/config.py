@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import ml_collections
 
@@ -241,7 +241,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-def schema_errors(config: ml_collections.ConfigDict):
+def schema_errors(
+    config: ml_collections.ConfigDict,
+) -> Tuple[ml_collections.ConfigDict, List[str]]:
     """(typed, errors): ``config``'s values assigned onto :func:`base_config`, whose ConfigDict
     refuses a value of another type; errors name the unknown, missing and ill-typed keys."""
     typed = base_config()
