@@ -24,14 +24,8 @@ ALLOWED = {
         "ucofia_jax.kernels",
         "ucofia_jax.runtime",
     },
-    "ucofia_jax.config": {
-        "ucofia_jax.models",
-        "ucofia_jax.ops",
-        "ucofia_jax.kernels",
-        "ucofia_jax.runtime",
-        "ucofia_jax.training",
-        "data_pipeline",
-    },
+    # Configs are data: the schema imports none of our code but its error class.
+    "ucofia_jax.config": {"ucofia_jax.runtime.errors"},
     "ucofia_jax.tools": {"ucofia_jax.models", "ucofia_jax.ops", "ucofia_jax.kernels"},
     # The data layer only needs the tokenizer of the model's text tower.
     "data_pipeline": {"ucofia_jax.models.tokenizer"},
@@ -45,8 +39,11 @@ ALLOWED = {
         "data_pipeline",
     },
 }
-# The program at the top may import everything.
-TOP = {"ucofia_jax.main"}
+# Every layer may read the config's defaults and rules (ucofia_jax.config imports no layer).
+for _layer_imports in ALLOWED.values():
+    _layer_imports.add("ucofia_jax.config")
+# The program at the top, and its checks before a run, may import everything.
+TOP = {"ucofia_jax.main", "ucofia_jax.preflight"}
 OURS = ("ucofia_jax", "data_pipeline", "configs")
 
 

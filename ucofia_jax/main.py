@@ -35,10 +35,12 @@ from data_pipeline import build as build_lib
 from data_pipeline import pipeline, synthetic
 from data_pipeline.records import DataError
 from ucofia_jax import config as config_lib
+from ucofia_jax import preflight
 from ucofia_jax.evaluation import evaluator, report
 from ucofia_jax.models import clip_import, ucofia_names
 from ucofia_jax.models.model import Model
 from ucofia_jax.runtime import cli, distributed, sharding
+from ucofia_jax.runtime.errors import ConfigError
 from ucofia_jax.training import checkpoints, loop, resume, trainer
 from ucofia_jax.training.metric_writer import MetricWriter
 
@@ -50,7 +52,7 @@ flags.DEFINE_string("workdir", None, "Checkpoints, logs, results.json, report.")
 flags.DEFINE_enum(
     "mode",
     "train_and_eval",
-    list(config_lib.MODES),
+    list(preflight.MODES),
     "train: train only; eval: evaluate the workdir's (or the released) "
     "checkpoint; train_and_eval: both.",
 )
@@ -61,8 +63,8 @@ flags.DEFINE_bool(
 
 # One line and status 2 at the command line (runtime/cli.py); anything else is a traceback.
 KNOWN_ERRORS = (
-    config_lib.ConfigError,
-    FileNotFoundError,  # a missing dataset, checkpoint or weights file (config.check_inputs)
+    ConfigError,
+    FileNotFoundError,  # a missing dataset, checkpoint or weights file (preflight.check_inputs)
     DataError,
     clip_import.CheckpointError,  # checkpoints.CheckpointError too (a subclass)
     loop.NonFiniteLossError,
@@ -74,13 +76,13 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> Dict[str, Any
 
     Returns the evaluation metrics ({} for --mode=train; {'preempted', 'step', 'signal'} when
     a signal stopped training)."""
-    train, evaluate = config_lib.MODES[mode]
+    train, evaluate = preflight.MODES[mode]
     distributed.maybe_initialize(config)  # before anything touches jax.devices()
     if distributed.process_count() > 1:
         distributed.setup_logging()  # INFO from process 0 only, the others prefixed
-    config_lib.resolve_paths(config, workdir)
-    config_lib.validate(config)
-    config_lib.check_inputs(config, mode, workdir)
+    preflight.resolve_paths(config, workdir)
+    preflight.check_config(config)
+    preflight.check_inputs(config, mode, workdir)
 
     out = _RunOutput(workdir)
     try:
@@ -176,14 +178,11 @@ def _prepare_synthetic_data(config, out: _RunOutput) -> None:
 
 def _make_mesh(config, out: _RunOutput):
     mesh = sharding.make_mesh(config.mesh)
-    mult = sharding.batch_size_multiple(mesh)
-    for section in ("train", "eval"):
-        size = config[section].batch_size
-        if size % mult:
-            raise config_lib.ConfigError(
-                f"config.{section}.batch_size = {size} is not a multiple of the {mult} devices "
-                "on the batch axes (config.mesh)"
-            )
+    shards = sharding.batch_size_multiple(mesh)
+    for section, accumulate in (("train", config.train.accumulate_steps), ("eval", 1)):
+        bad = config_lib.batch_split_error(section, config[section].batch_size, shards, accumulate)
+        if bad:
+            raise ConfigError(bad)
     out.say(
         f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
         f"devices; global batch {config.train.batch_size}"
@@ -359,14 +358,12 @@ def _evaluate_and_report(config, workdir, fns, mesh, params, step, splits, out):
 
 def main(argv) -> int:
     if len(argv) > 1:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"unexpected arguments {argv[1:]}: flags are --name=value, config values "
             "--config.section.key=value"
         )
     if FLAGS.workdir is None:
-        raise config_lib.ConfigError(
-            "--workdir is required (checkpoints, logs and results go there)"
-        )
+        raise ConfigError("--workdir is required (checkpoints, logs and results go there)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "orbax", "jax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -382,14 +379,14 @@ def _parse_flags(argv):
     try:
         rest = FLAGS(argv)
     except flags.Error as e:
-        raise config_lib.ConfigError(str(e)) from e
+        raise ConfigError(str(e)) from e
     except (AttributeError, KeyError) as e:  # ml_collections: an override of no key
-        raise config_lib.ConfigError(_unknown_override(argv, e)) from e
+        raise ConfigError(_unknown_override(argv, e)) from e
     try:
         FLAGS.config.keys()  # a file that failed to load raises on first use
     except Exception as e:  # pylint: disable=broad-except
         path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"--config={path} does not load: {str(e).strip().splitlines()[-1].strip()}"
         ) from e
     return rest
@@ -415,7 +412,7 @@ def _known_key(key: str) -> bool:
 
 
 def _hint(e: BaseException) -> Optional[str]:
-    if isinstance(e, config_lib.ConfigError) and "unknown key" in str(e):
+    if isinstance(e, ConfigError) and "unknown key" in str(e):
         return "every key and its default: ucofia_jax/config.py base_config()"
     return None
 

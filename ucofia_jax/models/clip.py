@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ucofia_jax.config import base_config
 from ucofia_jax.models.layers import ACTIVATIONS, LayerNorm, Transformer
 from ucofia_jax.ops.token_shift import token_shift
 
@@ -34,6 +35,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The default: bfloat16 where it is fast (GPU, TPU; tests/test_bf16_step.py bounds its effect
 # on a train step), float32 on CPU (parity, the demo). Resolved when the model is built.
 AUTO_DTYPE = "auto"
+_DEFAULTS = base_config().model.clip  # the one home of the defaults
 
 
 def resolve_dtype(name: str) -> str:
@@ -50,27 +52,28 @@ def openai_vision_heads(width: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
-    """Sizes of a ViT CLIP. Defaults: OpenAI ViT-B/32."""
+    """Sizes of a ViT CLIP. Defaults: ``config.model.clip``'s (OpenAI ViT-B/32), but no token
+    shift (a plain CLIP; the recipe's config shifts blocks 10-11)."""
 
-    embed_dim: int = 512
-    image_resolution: int = 224
-    vision_layers: int = 12
-    vision_width: int = 768
-    vision_patch_size: int = 32
-    context_length: int = 77
-    vocab_size: int = 49408
-    text_width: int = 512
-    text_heads: int = 8
-    text_layers: int = 12
+    embed_dim: int = _DEFAULTS.embed_dim
+    image_resolution: int = _DEFAULTS.image_resolution
+    vision_layers: int = _DEFAULTS.vision_layers
+    vision_width: int = _DEFAULTS.vision_width
+    vision_patch_size: int = _DEFAULTS.vision_patch_size
+    context_length: int = _DEFAULTS.context_length
+    vocab_size: int = _DEFAULTS.vocab_size
+    text_width: int = _DEFAULTS.text_width
+    text_heads: int = _DEFAULTS.text_heads
+    text_layers: int = _DEFAULTS.text_layers
     token_shift_blocks: tuple = ()
-    token_shift_n_div: int = 7
-    dtype: str = AUTO_DTYPE  # or a DTYPES key
+    token_shift_n_div: int = _DEFAULTS.token_shift_n_div
+    dtype: str = _DEFAULTS.dtype  # AUTO_DTYPE or a DTYPES key
     # -1: OpenAI's rule, width // 64 (what an OpenAI .pt implies; it does not store it). A HF
     # config.json states it (num_attention_heads): OpenCLIP ViT-H/14 has 16 heads of 80.
-    vision_heads: int = -1
+    vision_heads: int = _DEFAULTS.vision_heads
     # The MLPs' activation (layers.ACTIVATIONS), HF config.json's hidden_act: OpenAI's CLIPs
     # use quick_gelu, OpenCLIP's ViT-H/14 and bigG the exact gelu.
-    activation: str = "quick_gelu"
+    activation: str = _DEFAULTS.activation
 
     _SIZE_FIELDS = (
         "embed_dim",
@@ -130,7 +133,7 @@ class CLIPConfig:
     @classmethod
     def from_ml(cls, cfg: Any) -> "CLIPConfig":
         """From ``config.model.clip`` (ConfigDict or dict); ``checkpoint`` and ``from_scratch``
-        (how the weights start, checked by config.check_inputs) are ignored here."""
+        (how the weights start, checked by preflight.check_inputs) are ignored here."""
         d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
         d.pop("checkpoint", None)
         d.pop("from_scratch", None)

@@ -17,15 +17,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ucofia_jax.config import base_config
 from ucofia_jax.models.features import TextFeatures, VideoFeatures
 from ucofia_jax.models.layers import LayerNorm, Transformer
 from ucofia_jax.ops import similarity as sim_ops
-from ucofia_jax.ops.isa import TAU
 from ucofia_jax.ops.topk import NOISE_PRNGS, hard_topk, perturbed_topk
 
 POSITION_TABLE = 77  # nn.Embedding(77, D): CLIP's context length (SPEC §5)
 KEY_MASK_VALUE = -1e6  # additive key-padding mask of seqTransf
 PREDICTORS = ("new", "old")  # PredictorLG of the training code / of the original t2v eval
+_DEFAULTS = base_config().model  # the one home of the fields' defaults
 
 
 def _eye_init(key, shape, dtype=jnp.float32):
@@ -131,27 +132,27 @@ class UCoFiAHead(nn.Module):
     ``jax.random.normal``). Same N(0, 1) distribution, different draws. Training always uses
     ``jax.random.normal``; given ``noise=``/``indicator=`` nothing is drawn.
 
-    The fields' defaults are the only defaults of ``config.model.head`` (the config schema
-    reads them); ``embed_dim``, ``max_frames`` and ``max_words`` come from CLIP and the data.
+    The fields' defaults are ``config.model.head``'s (``ucofia_jax.config.base_config``, their
+    one home); ``embed_dim``, ``max_frames`` and ``max_words`` come from CLIP and the data.
     """
 
     embed_dim: int
     max_frames: int
     max_words: int
-    topk: int = 3
-    num_samples: int = 500
-    sigma: float = 0.05
-    tau: float = TAU
-    seq_layers: int = 4
-    predictor: str = "new"
-    selection_noise_at_eval: bool = True
-    mask_padding: bool = False
-    scale_pixel_word: bool = False
-    eval_local_mat_weight1: bool = False
-    eval_noise_prng: str = "hash"
+    topk: int = _DEFAULTS.head.topk
+    num_samples: int = _DEFAULTS.head.num_samples
+    sigma: float = _DEFAULTS.head.sigma
+    tau: float = _DEFAULTS.head.tau
+    seq_layers: int = _DEFAULTS.head.seq_layers
+    predictor: str = _DEFAULTS.head.predictor
+    selection_noise_at_eval: bool = _DEFAULTS.head.selection_noise_at_eval
+    mask_padding: bool = _DEFAULTS.head.mask_padding
+    scale_pixel_word: bool = _DEFAULTS.head.scale_pixel_word
+    eval_local_mat_weight1: bool = _DEFAULTS.head.eval_local_mat_weight1
+    eval_noise_prng: str = _DEFAULTS.head.eval_noise_prng
     # layers.REMAT_POLICIES on the temporal encoder's blocks; set by Model from
     # config.model.remat (one switch for CLIP and the head), not a config.model.head key.
-    remat: str = "none"
+    remat: str = _DEFAULTS.remat
 
     @property
     def num_pixels(self) -> int:

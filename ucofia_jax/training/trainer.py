@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ucofia_jax import config as config_lib
 from ucofia_jax.models.model import Model
 from ucofia_jax.runtime import sharding as sharding_lib
+from ucofia_jax.runtime.errors import ConfigError
 from ucofia_jax.training import optim
 
 # --------------------------------------------------------------------------- state
@@ -171,13 +173,11 @@ def make_trainer(
     """Builds the optimizer, the shardings and the jitted, sharded train step.
     ``state["params"]`` may be shapes (``jax.eval_shape(model.init, ...)``): nothing runs."""
     accumulate = int(train_cfg.accumulate_steps)
-    multiple = accumulate * sharding_lib.batch_size_multiple(mesh)
-    if accumulate < 1 or int(train_cfg.batch_size) % multiple:
-        raise ValueError(
-            f"config.train.batch_size={train_cfg.batch_size} must be divisible by "
-            f"config.train.accumulate_steps ({accumulate}) x the mesh's batch shards "
-            f"(data x fsdp = {sharding_lib.batch_size_multiple(mesh)}) = {multiple}"
-        )
+    bad_batch = config_lib.batch_split_error(
+        "train", int(train_cfg.batch_size), sharding_lib.batch_size_multiple(mesh), accumulate
+    )
+    if bad_batch:
+        raise ConfigError(bad_batch)
     tx = optim.make_optimizer(train_cfg, state["params"], schedule_total)
     replicated = sharding_lib.replicated(mesh)
     state_sh = state_shardings(model, state["params"], tx, mesh)
