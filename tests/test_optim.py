@@ -8,9 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _tiny import random_arrays, tiny_config, tiny_model
 
 from ucofia_jax.config import base_config
+from ucofia_jax.runtime import sharding
 from ucofia_jax.training import optim
+from ucofia_jax.training import trainer as trainer_lib
 
 TOL = dict(rtol=1e-5, atol=1e-7)
 LOGIT_MAX = math.log(100)
@@ -230,3 +233,23 @@ def test_adamw_alternative_runs():
     tx, _ = _optimizer(optimizer="adamw", lr=1e-2, clip_lr=1e-3, frozen=("token_embedding",))
     p = _run(tx, params, [jax.tree.map(jnp.ones_like, params)] * 3)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(p))
+
+
+@pytest.mark.slow
+def test_trainer_logs_each_groups_lr():
+    """metrics['lr'] / ['clip_lr'] are the head's and CLIP's schedules at the step taken."""
+    c = tiny_config()
+    c.mesh.data = 1
+    c.train.update(dict(lr=1e-2, clip_lr=1e-3, schedule="warmup_cosine", warmup_proportion=0.5))
+    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+    model = tiny_model(c)
+    state = trainer_lib.create_train_state(model, 0)
+    trainer = trainer_lib.make_trainer(model, c.train, mesh, state, schedule_total=4)
+    schedules = optim.group_schedules(c.train, 4)
+    state = trainer_lib.place_state(trainer, state)
+    batch = sharding.shard_batch(trainer_lib.model_inputs(random_arrays(8, c)), mesh)
+    for step in range(2):
+        state, metrics = trainer.train_step(state, batch)
+        assert float(metrics["lr"]) == float(schedules["head"](step))
+        assert float(metrics["clip_lr"]) == float(schedules["clip"](step))
+    np.testing.assert_allclose([metrics["lr"], metrics["clip_lr"]], [0.5e-2, 0.5e-3], rtol=1e-6)
