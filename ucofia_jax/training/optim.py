@@ -188,6 +188,7 @@ def _grouped_chain(
         # Frozen grads stay out of the norm (torch: ``requires_grad=False`` params have none).
         trainable = lambda tree: jax.tree.map(lambda label: label != "frozen", labels(tree))
         parts.append(optax.masked(clip_by_global_norm_torch(grad_clip), trainable))
+    # multi_transform, not its newer name partition: setup.py allows optax 0.2.3.
     parts.append(optax.multi_transform(transforms, labels))
     return optax.chain(*parts)
 
