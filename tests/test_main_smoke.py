@@ -98,7 +98,7 @@ def test_main_train_and_eval_then_eval(tmp_path):
 
 def _abstract_state(config):
     state = train.create_train_state(tiny_model(config), config.seed)
-    tx = optim.make_optimizer(config.train, state["params"], 1)
+    tx = optim.make_optimizer(config.train, optim.group_schedules(config.train, 1))
     state["opt_state"] = jax.eval_shape(tx.init, state["params"])
     return state
 

@@ -43,7 +43,7 @@ def create_train_state(model: Model, rng_seed: int, params=None) -> Dict[str, An
 def saved_state_shapes(model: Model, train_cfg, rng_seed: int) -> Dict[str, Any]:
     """Shapes of the train state a checkpoint holds (the restore target); nothing is computed."""
     state = jax.eval_shape(lambda: create_train_state(model, rng_seed))
-    tx = optim.make_optimizer(train_cfg, state["params"], 1)
+    tx = optim.make_optimizer(train_cfg, optim.group_schedules(train_cfg, 1))
     return {**state, "opt_state": jax.eval_shape(tx.init, state["params"])}
 
 
@@ -178,11 +178,11 @@ def make_trainer(
     )
     if bad_batch:
         raise ConfigError(bad_batch)
-    tx = optim.make_optimizer(train_cfg, state["params"], schedule_total)
+    schedules = optim.group_schedules(train_cfg, schedule_total)
+    tx = optim.make_optimizer(train_cfg, schedules)
     replicated = sharding_lib.replicated(mesh)
     state_sh = state_shardings(model, state["params"], tx, mesh)
     opt_sh = state_sh["opt_state"]
-    schedules = optim.learning_rate_schedules(train_cfg, schedule_total)
     logit_max = float(train_cfg.logit_scale_max)
 
     def loss_and_grads(params, batch, rng):
