@@ -183,7 +183,25 @@ def base_config() -> ml_collections.ConfigDict:
     )
 
     # ------------------------------------------------------------------ devices
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+    # logical_axis_rules: (logical axis name, mesh axis / tuple of mesh axes / None = never
+    # split) for the names the parameters declare (models/layers.py): the FSDP and
+    # tensor-parallel layout. The batch is always split over data x fsdp.
+    c.mesh = ml_collections.ConfigDict(
+        dict(
+            data=-1,
+            fsdp=1,
+            model=1,
+            logical_axis_rules=(
+                ("embed", "fsdp"),  # a residual / embedding width
+                ("mlp", "model"),  # the MLP hidden
+                ("qkv", "model"),  # the packed q|k|v
+                ("heads", "model"),  # the concatenated head outputs
+                ("vocab", "model"),  # the token table's rows
+                ("joint", "model"),  # the joint embedding
+                ("norm", None),  # LayerNorm vectors and other small vectors
+            ),
+        )
+    )
     c.distributed = ml_collections.ConfigDict(dict(mode="auto"))
     return c
 
@@ -372,6 +390,10 @@ def _value_errors(flat: dict) -> List[str]:
             bad(k, "must be a positive device count or -1 (all remaining devices)")
     if sum(1 for k in ("mesh.data", "mesh.fsdp", "mesh.model") if flat[k] == -1) > 1:
         bad("mesh.data", "at most one mesh axis may be -1")
+    try:
+        sharding.rules_table(flat["mesh.logical_axis_rules"])
+    except ValueError as e:
+        errors.append(str(e))
     for p in flat["train.frozen"]:
         if not isinstance(p, str) or not p:
             bad("train.frozen", f"entries must be param paths under clip/, got {p!r}")
