@@ -47,9 +47,9 @@ def named(init: Callable, *names: Optional[str]) -> Callable:
     return nn.with_logical_partitioning(init, names)
 
 
-def declared_axes(boxed: Any) -> dict:
-    """{'a/b/kernel': PartitionSpec of logical names} of every parameter in ``boxed`` (a
-    module's ``init`` output, or its ``jax.eval_shape``, before ``nn.unbox``). A parameter
+def declared_axes(boxed: Any, prefix: str = "") -> dict:
+    """{prefix + 'a/b/kernel': PartitionSpec of logical names} of every parameter in ``boxed``
+    (a module's ``init`` params, or their ``jax.eval_shape``, before ``nn.unbox``). A parameter
     created without names (``named``) is a ValueError naming it: it would silently stay
     whole on every mesh."""
     out, unnamed = {}, []
@@ -57,7 +57,7 @@ def declared_axes(boxed: Any) -> dict:
         boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
     )[0]
     for path, leaf in leaves:
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        name = prefix + "/".join(str(getattr(k, "key", k)) for k in path)
         if not isinstance(leaf, nn.LogicallyPartitioned):
             unnamed.append(name)
             continue

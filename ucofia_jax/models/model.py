@@ -259,8 +259,7 @@ class Model:
             ("clip", jax.eval_shape(self._clip_variables, rng)),
             ("head", jax.eval_shape(self._head_variables, rng, rng)),
         ):
-            for name, spec in layers_lib.declared_axes(variables["params"]).items():
-                declared[f"{part}/{name}"] = spec
+            declared.update(layers_lib.declared_axes(variables["params"], f"{part}/"))
 
         def axes(path, leaf):
             name = "/".join(str(getattr(k, "key", k)) for k in path)
