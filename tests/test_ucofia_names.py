@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,9 +31,8 @@ def _template(head, n_tok=17):
         jnp.ones((1, f)),
         0.0,
     )
-    return jax.eval_shape(
-        lambda: head.init(jax.random.PRNGKey(0), *args, train=False, rng=jax.random.PRNGKey(0))
-    )["params"]
+    init = lambda: head.init(jax.random.PRNGKey(0), *args, train=False, rng=jax.random.PRNGKey(0))
+    return nn.unbox(jax.eval_shape(init)["params"])  # plain shapes, without the axis names
 
 
 def _fixture_sd(prefix="param."):

@@ -185,7 +185,25 @@ def base_config() -> ml_collections.ConfigDict:
     )
 
     # ------------------------------------------------------------------ devices
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+    # logical_axis_rules: (logical axis name, mesh axis / tuple of mesh axes / None = never
+    # split) for the names the parameters declare (models/layers.py): the FSDP and
+    # tensor-parallel layout. The batch is always split over data x fsdp.
+    c.mesh = ml_collections.ConfigDict(
+        dict(
+            data=-1,
+            fsdp=1,
+            model=1,
+            logical_axis_rules=(
+                ("embed", "fsdp"),  # a residual / embedding width
+                ("mlp", "model"),  # the MLP hidden
+                ("qkv", "model"),  # the packed q|k|v
+                ("heads", "model"),  # the concatenated head outputs
+                ("vocab", "model"),  # the token table's rows
+                ("joint", "model"),  # the joint embedding
+                ("norm", None),  # LayerNorm vectors and other small vectors
+            ),
+        )
+    )
     c.distributed = ml_collections.ConfigDict(dict(mode="auto"))
     return c
 

@@ -215,7 +215,14 @@ def _train(config, workdir, model, mesh, fns, splits, out, progress):
     total = trainer.total_train_steps(tc, spe)
     state = trainer.create_train_state(model, config.seed)
     resume.check_frozen(tc.frozen, state["params"])
-    run_trainer = trainer.make_trainer(model, tc, mesh, state, trainer.schedule_steps(tc, spe))
+    run_trainer = trainer.make_trainer(
+        model,
+        tc,
+        mesh,
+        state,
+        trainer.schedule_steps(tc, spe),
+        axis_rules=config.mesh.logical_axis_rules,
+    )
     ckpt = checkpoints.Checkpointer(workdir, keep=tc.keep_checkpoints)
     guard = None
     try:

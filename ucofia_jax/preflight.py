@@ -70,10 +70,17 @@ def _code_errors(cfg: ml_collections.ConfigDict) -> List[str]:
         for k, choices in CHOICES.items()
         if cfg[k] not in choices
     ]
-    try:
-        native.check_takes_masks(cfg.eval.level3_kernel, mask_padding=cfg.model.head.mask_padding)
-    except ValueError as e:
-        errors.append(str(e))
+    rules = (
+        lambda: native.check_takes_masks(
+            cfg.eval.level3_kernel, mask_padding=cfg.model.head.mask_padding
+        ),
+        lambda: sharding.rules_table(cfg.mesh.logical_axis_rules),
+    )
+    for rule in rules:
+        try:
+            rule()
+        except ValueError as e:
+            errors.append(str(e))
     return errors
 
 
