@@ -40,7 +40,7 @@ from ucofia_jax.models import layers as layers_lib
 from ucofia_jax.ops.sinkhorn import SK_DOMAINS
 from ucofia_jax.ops.topk import NOISE_PRNGS
 from ucofia_jax.runtime import distributed, sharding
-from ucofia_jax.runtime.errors import ConfigError  # noqa: F401 (config.ConfigError, as before)
+from ucofia_jax.errors import ConfigError  # noqa: F401 (config.ConfigError, as before)
 from ucofia_jax.training import checkpoints
 from ucofia_jax.training.optim import OPTIMIZERS, SCHEDULES
 

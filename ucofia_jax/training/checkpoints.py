@@ -46,18 +46,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ucofia_jax.models.clip_import import CheckpointError as _ReadError
+from ucofia_jax.errors import CheckpointError
 from ucofia_jax.runtime import distributed
 
 log = logging.getLogger(__name__)
 
 TMP_MARK = ".orbax-checkpoint-tmp"
 DAMAGED_DIR = "checkpoints_damaged"
-
-
-class CheckpointError(_ReadError):
-    """A train-state checkpoint that cannot be read or written; the message names the path,
-    the problem and which checkpoint is intact."""
 
 
 def _abstract(tree: Any) -> Any:
@@ -334,12 +329,7 @@ class Checkpointer:
 
     def read_meta(self, step: int) -> Dict[str, Any]:
         """The JSON ``meta`` of ``step``, read before its arrays (the run's config is there)."""
-        path = os.path.join(self.directory, str(step), "meta", "metadata")
-        try:
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: {_why(e)}") from e
+        return _read_meta(os.path.join(self.directory, str(step)))
 
     def param_shapes(self, step: int) -> Dict[str, Tuple[int, ...]]:
         """``{'clip/visual/conv1/kernel': shape, ...}`` of the params saved at ``step``, from
@@ -434,6 +424,28 @@ class Checkpointer:
         self.last.reload()
 
 
+def _read_meta(step_dir: str) -> Dict[str, Any]:
+    path = os.path.join(step_dir, "meta", "metadata")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: {_why(e)}") from e
+
+
+def _restore_params_only(step_dir: str, params_target: Any) -> Any:
+    """The ``params`` subtree of a step's saved train state, shaped like ``params_target``:
+    an Orbax partial restore, so the optimizer state, step and PRNG key are never read."""
+    target = {"params": _abstract(params_target)}
+    args = ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+    )
+    with ocp.PyTreeCheckpointer() as reader:
+        return reader.restore(os.path.join(step_dir, "state"), args=args)["params"]
+
+
 def _restore(mngr, step: int, target_state: Any) -> Tuple[Any, Dict[str, Any]]:
     out = mngr.restore(
         step,
@@ -458,9 +470,11 @@ def find_checkpoint_dir(path: str) -> Tuple[str, Optional[int]]:
 
 
 def restore_params(
-    path: str, target_state: Any, *, prefer_best: bool = True
+    path: str, params_target: Any, *, prefer_best: bool = True
 ) -> Tuple[Any, Dict[str, Any]]:
-    """(state, meta) from a workdir / checkpoint dir, for ``--mode=eval``.
+    """(params, meta) from a workdir / checkpoint dir, for ``--mode=eval`` and search (through
+    ucofia_jax/weights.py). ``params_target``: the params' shapes (e.g. ``jax.eval_shape`` of
+    ``Model.init``); only the params are read, not the optimizer state.
 
     A named step is restored or fails; otherwise the newest readable checkpoint of the chosen
     directory (best, then the last-k) is used, each unreadable one named in a warning."""
@@ -474,25 +488,24 @@ def restore_params(
             dirs.append(os.path.join(os.path.dirname(directory), "checkpoints"))
         candidates = [(d, s) for d in dirs for s in reversed(_step_dirs(d))]
     if not candidates:
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"no checkpoint under {path}: train first (python -m ucofia_jax.main "
             f"--config=... --workdir={path}) or point --config.model.ucofia_checkpoint at the "
             "released UCoFiA pytorch_model.bin"
         )
     problems = []
     for d, s in candidates:
-        missing = _missing_files(os.path.join(d, str(s)))
-        mngr = ocp.CheckpointManager(d, item_names=("state", "meta"))
+        step_dir = os.path.join(d, str(s))
         try:
+            missing = _missing_files(step_dir)
             if missing:
                 raise CheckpointError(f"missing {', '.join(missing)}")
-            return _restore(mngr, s, target_state)
+            meta = _read_meta(step_dir)
+            return _restore_params_only(step_dir, params_target), meta
         except Exception as e:  # pylint: disable=broad-except
             why = str(e) if isinstance(e, CheckpointError) else _why(e)
-            problems.append(f"{os.path.join(d, str(s))}: {why}")
-            log.warning("checkpoint %s cannot be restored (%s)", os.path.join(d, str(s)), why)
-        finally:
-            mngr.close()
+            problems.append(f"{step_dir}: {why}")
+            log.warning("checkpoint %s cannot be restored (%s)", step_dir, why)
     raise CheckpointError("no readable checkpoint: " + "; ".join(problems))
 
 
