@@ -337,10 +337,7 @@ class Checkpointer:
         path = os.path.join(self.directory, str(step), "state")
         with ocp.StandardCheckpointer() as reader:
             tree = reader.metadata(path).item_metadata
-        return {
-            "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): tuple(v.shape)
-            for p, v in jax.tree_util.tree_flatten_with_path(tree["params"])[0]
-        }
+        return {k: tuple(v.shape) for k, v in _by_path(tree["params"]).items()}
 
     def restore(
         self, target_state: Any, step: Optional[int] = None, *, best: bool = False
@@ -433,17 +430,65 @@ def _read_meta(step_dir: str) -> Dict[str, Any]:
         raise CheckpointError(f"{path}: {_why(e)}") from e
 
 
+def _path_name(keys) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+
+
+def _by_path(tree: Any) -> Dict[str, Any]:
+    """``{'clip/visual/conv1/kernel': leaf, ...}``."""
+    return {_path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _saved_sharding(meta_leaf: Any):
+    """The sharding an array was saved with, on this process's devices; None (a host numpy
+    array) when it was saved from the host or the devices differ."""
+    sharding = getattr(meta_leaf, "sharding", None)
+    if sharding is None:
+        return None
+    try:
+        return sharding.to_jax_sharding()
+    except ValueError:  # another topology than the run's
+        return None
+
+
 def _restore_params_only(step_dir: str, params_target: Any) -> Any:
     """The ``params`` subtree of a step's saved train state, shaped like ``params_target``:
-    an Orbax partial restore, so the optimizer state, step and PRNG key are never read."""
+    an Orbax partial restore, so the optimizer state, step and PRNG key are never read.
+
+    Partial restores do not check the tree against the checkpoint (a parameter the target
+    lacks would be silently dropped, a shape silently taken from the file): done here first,
+    from the metadata, naming the parameters."""
+    path = os.path.join(step_dir, "state")
+    with ocp.StandardCheckpointer() as reader:
+        saved = _by_path(reader.metadata(path).item_metadata["params"])
+    want = _by_path(params_target)
+    problems = [f"{k} is not saved" for k in sorted(set(want) - set(saved))]
+    problems += [f"{k} is saved but not in the model" for k in sorted(set(saved) - set(want))]
+    problems += [
+        f"{k} has shape {tuple(saved[k].shape)}, the model {tuple(want[k].shape)}"
+        for k in sorted(set(want) & set(saved))
+        if tuple(saved[k].shape) != tuple(want[k].shape)
+    ]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(
+            "the params of another model (another config.model or config.data.max_frames / "
+            f"max_words?): {'; '.join(problems[:3])}{more}"
+        )
     target = {"params": _abstract(params_target)}
+    shardings = {
+        "params": jax.tree_util.tree_map_with_path(
+            lambda p, x: getattr(x, "sharding", None) or _saved_sharding(saved[_path_name(p)]),
+            target["params"],
+        )
+    }
     args = ocp.args.PyTreeRestore(
         item=target,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target, shardings),
         partial_restore=True,
     )
     with ocp.PyTreeCheckpointer() as reader:
-        return reader.restore(os.path.join(step_dir, "state"), args=args)["params"]
+        return reader.restore(path, args=args)["params"]
 
 
 def _restore(mngr, step: int, target_state: Any) -> Tuple[Any, Dict[str, Any]]:
