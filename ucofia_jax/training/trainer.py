@@ -38,13 +38,6 @@ def create_train_state(model: Model, rng_seed: int, params=None) -> Dict[str, An
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": None, "rng": r_train}
 
 
-def saved_state_shapes(model: Model, train_cfg, rng_seed: int) -> Dict[str, Any]:
-    """Shapes of the train state a checkpoint holds (the restore target); nothing is computed."""
-    state = jax.eval_shape(lambda: create_train_state(model, rng_seed))
-    tx = optim.make_optimizer(train_cfg, state["params"], 1)
-    return {**state, "opt_state": jax.eval_shape(tx.init, state["params"])}
-
-
 def total_train_steps(train_cfg, steps_per_epoch: int) -> int:
     if train_cfg.num_steps > 0:
         return int(train_cfg.num_steps)
