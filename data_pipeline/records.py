@@ -17,8 +17,6 @@ from typing import Iterable
 from ucofia_jax.errors import DataError
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     """What a dataset needs on disk and how it is sampled by default (SPEC §9.3, §11).

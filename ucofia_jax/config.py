@@ -32,6 +32,7 @@ import ml_collections
 
 from data_pipeline import builder as builder_lib
 from data_pipeline import pipeline
+from ucofia_jax.errors import ConfigError  # noqa: F401 (config.ConfigError, as before)
 from ucofia_jax.kernels.native import LEVEL3_KERNELS
 from ucofia_jax.models import clip as clip_lib
 from ucofia_jax.models import clip_import
@@ -40,7 +41,6 @@ from ucofia_jax.models import layers as layers_lib
 from ucofia_jax.ops.sinkhorn import SK_DOMAINS
 from ucofia_jax.ops.topk import NOISE_PRNGS
 from ucofia_jax.runtime import distributed, sharding
-from ucofia_jax.errors import ConfigError  # noqa: F401 (config.ConfigError, as before)
 from ucofia_jax.training import checkpoints
 from ucofia_jax.training.optim import OPTIMIZERS, SCHEDULES
 

@@ -38,7 +38,6 @@ import numpy as np
 
 from ucofia_jax.errors import CheckpointError
 
-
 # torch.<Name>Storage -> numpy dtype (typed storages, ``_rebuild_tensor_v2``).
 STORAGE_DTYPES = {
     "FloatStorage": np.dtype(np.float32),
