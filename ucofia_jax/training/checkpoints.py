@@ -31,6 +31,7 @@ exits with status 0 for SIGTERM, 130 for SIGINT). A second signal exits at once,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -119,6 +120,19 @@ class _QuietOrbaxErrors(logging.Filter):
 
 
 _QUIET = _QuietOrbaxErrors()
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """:data:`_QUIET` on absl's logger for the block (unless a Checkpointer has it on)."""
+    absl_log = logging.getLogger("absl")
+    added = _QUIET not in absl_log.filters
+    absl_log.addFilter(_QUIET)
+    try:
+        yield
+    finally:
+        if added:
+            absl_log.removeFilter(_QUIET)
 
 
 def _finite(tree: Any) -> bool:
@@ -459,7 +473,7 @@ def _restore_params_only(step_dir: str, params_target: Any) -> Any:
     lacks would be silently dropped, a shape silently taken from the file): done here first,
     from the metadata, naming the parameters."""
     path = os.path.join(step_dir, "state")
-    with ocp.StandardCheckpointer() as reader:
+    with _quiet_orbax(), ocp.StandardCheckpointer() as reader:
         saved = _by_path(reader.metadata(path).item_metadata["params"])
     want = _by_path(params_target)
     problems = [f"{k} is not saved" for k in sorted(set(want) - set(saved))]
@@ -487,7 +501,7 @@ def _restore_params_only(step_dir: str, params_target: Any) -> Any:
         restore_args=ocp.checkpoint_utils.construct_restore_args(target, shardings),
         partial_restore=True,
     )
-    with ocp.PyTreeCheckpointer() as reader:
+    with _quiet_orbax(), ocp.PyTreeCheckpointer() as reader:
         return reader.restore(path, args=args)["params"]
 
 
