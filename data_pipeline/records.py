@@ -1,5 +1,4 @@
-"""Clip records, the skip report, the data error type and the dataset spec shared by the whole
-data pipeline.
+"""Clip records, the skip report and the dataset spec shared by the whole data pipeline.
 
 A reader turns a dataset's annotation files into `ClipRecord`s; anything it cannot use is
 either recorded in a `SkipReport` (default) or raised as a `DataError` (``--strict``). The
@@ -15,9 +14,7 @@ import json
 import os
 from typing import Iterable
 
-
-class DataError(Exception):
-    """Bad input data (annotation or video). Raised in strict mode, or when nothing is usable."""
+from ucofia_jax.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,8 @@ import pytest
 from data_pipeline import builder
 from ucofia_jax import config as cv
 from ucofia_jax import preflight
+from ucofia_jax.errors import ConfigError
 from ucofia_jax.kernels import native
-from ucofia_jax.runtime.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

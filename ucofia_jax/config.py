@@ -28,7 +28,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import ml_collections
 
-from ucofia_jax.runtime.errors import ConfigError
+from ucofia_jax.errors import ConfigError
 
 # Which CLIP params the original freezes (SPEC §3, main_ucofia.py:445-464): every CLIP param
 # outside the resblocks and ln_final/text_projection/logit_scale/visual.ln_post/visual.proj.

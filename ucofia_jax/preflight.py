@@ -22,6 +22,7 @@ import ml_collections
 from data_pipeline import builder as builder_lib
 from data_pipeline import pipeline
 from ucofia_jax import config as config_lib
+from ucofia_jax.errors import ConfigError
 from ucofia_jax.kernels import native
 from ucofia_jax.models import clip as clip_lib
 from ucofia_jax.models import clip_import
@@ -30,7 +31,6 @@ from ucofia_jax.models import layers as layers_lib
 from ucofia_jax.ops.sinkhorn import SK_DOMAINS
 from ucofia_jax.ops.topk import NOISE_PRNGS
 from ucofia_jax.runtime import distributed, sharding
-from ucofia_jax.runtime.errors import ConfigError
 from ucofia_jax.training import checkpoints
 from ucofia_jax.training.optim import OPTIMIZERS, SCHEDULES
 

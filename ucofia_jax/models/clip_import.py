@@ -28,11 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
+from ucofia_jax.errors import CheckpointError
 from ucofia_jax.models import clip as clip_lib
 from ucofia_jax.models.clip import CLIP, CLIPConfig
 from ucofia_jax.models.layers import ACTIVATIONS
 from ucofia_jax.models.torch_reader import (  # noqa: F401 -- the .pt reader's names, re-exported
-    CheckpointError,
     read_torch_file,
     read_torch_zip,
 )

@@ -14,7 +14,7 @@ LayerNorms, the head's softmaxes and the loss stay float32 (models/layers.py, op
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import einops
 import flax.linen as nn
@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ucofia_jax.models import clip as clip_lib
-from ucofia_jax.models import clip_import
+from ucofia_jax.models import clip_import, tokenizer
 from ucofia_jax.models import head as head_lib
 from ucofia_jax.models import layers as layers_lib
 from ucofia_jax.models.features import TextFeatures, VideoFeatures
@@ -135,6 +135,12 @@ class Model:
         return self.clip.init(rng, images, jnp.zeros((1, 2), jnp.int32))
 
     # ---------------------------------------------------------------- towers
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> ``encode_text``'s token ids 't w' (int32; CLIP's BPE, ``max_words``
+        long, as the data pipeline tokenizes captions)."""
+        ids, _ = tokenizer.tokenize(list(texts), self.head.max_words)
+        return ids
+
     def encode_text(self, params: Params, input_ids: jax.Array) -> TextFeatures:
         """Token ids 't w' -> the text side of every pair (once per caption)."""
         hidden = self.clip.apply(

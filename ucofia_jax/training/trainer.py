@@ -23,9 +23,9 @@ import numpy as np
 import optax
 
 from ucofia_jax import config as config_lib
+from ucofia_jax.errors import ConfigError
 from ucofia_jax.models.model import Model
 from ucofia_jax.runtime import sharding as sharding_lib
-from ucofia_jax.runtime.errors import ConfigError
 from ucofia_jax.training import optim
 
 # --------------------------------------------------------------------------- state
@@ -38,13 +38,6 @@ def create_train_state(model: Model, rng_seed: int, params=None) -> Dict[str, An
     if params is None:
         params = model.init(r_init)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": None, "rng": r_train}
-
-
-def saved_state_shapes(model: Model, train_cfg, rng_seed: int) -> Dict[str, Any]:
-    """Shapes of the train state a checkpoint holds (the restore target); nothing is computed."""
-    state = jax.eval_shape(lambda: create_train_state(model, rng_seed))
-    tx = optim.make_optimizer(train_cfg, optim.group_schedules(train_cfg, 1))
-    return {**state, "opt_state": jax.eval_shape(tx.init, state["params"])}
 
 
 def total_train_steps(train_cfg, steps_per_epoch: int) -> int:
