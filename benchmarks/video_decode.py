@@ -2,8 +2,8 @@
 
 Generates its own clips (10 s, 320x240, 30 fps, H.264, moving gradient + shapes so the
 encoder sees motion), then times ``decode_clip`` at the training sampling (``base_config()``'s
-``data``: 12 frames of 224 px at 1 fps) with one decoder thread in one process (= one core). Also times the same clips after the 3 fps /
-shorter-side-224 compression the original recipe applies (what training actually reads).
+``data``) with one decoder thread in one process (= one core). Also times the same clips after
+the 3 fps / shorter-side-224 compression the original recipe applies (what training reads).
 
   python benchmarks/video_decode.py [--num_clips 8 --repeats 2 --workers 1,2]
 """
