@@ -225,6 +225,10 @@ def main(argv=None) -> int:
         sampling = default_sampling(args.dataset).replace(
             **{k: v for k, v in flags.items() if v is not None}
         )
+    except ValueError as e:  # named after the config key; here it came from the flag
+        print(f"error: {str(e).replace('config.data.', '--')}", file=sys.stderr)
+        return 2
+    try:
         build(
             args.dataset,
             manual_dir=args.manual_dir,

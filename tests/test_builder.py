@@ -320,7 +320,7 @@ def test_extra_split_train_7k_and_missing_split_message(raw, tmp_path):
         )
 
 
-def test_build_flags_default_to_base_config(monkeypatch):
+def test_build_flags_default_to_base_config(monkeypatch, capsys):
     """``python -m data_pipeline.build`` without sampling flags builds base_config's sampling
     (the paragraph datasets their spec's frame count); a flag changes only its field."""
     seen = []
@@ -337,6 +337,9 @@ def test_build_flags_default_to_base_config(monkeypatch):
         BASE.replace(max_frames=64, slice_framepos=0),
     ]
     assert build_lib.default_sampling("msrvtt") == BASE
+    assert build_lib.main(["--dataset=msrvtt", *common, "--max_frames=0"]) == 2
+    assert "error: --max_frames must be >= 1, got 0" in capsys.readouterr().err
+    assert len(seen) == 4
 
 
 def test_the_job_sampling_reaches_the_decoder_and_the_jpeg_encoder(raw):
