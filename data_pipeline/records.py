@@ -19,7 +19,7 @@ from ucofia_jax.errors import DataError
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """What a dataset needs on disk and how it is sampled by default (SPEC §9.3, §11).
+    """What a dataset needs on disk, and its own frame count if any (SPEC §9.3, §11).
 
     Each reader module in `data_pipeline.datasets` declares its own, next to the code that
     reads those files; the builder and the build command take them from there.
@@ -29,7 +29,9 @@ class DatasetSpec:
     build_splits: tuple[str, ...]
     # Annotation files that must be at the root of manual_dir, per split ("*" = every split).
     files: dict
-    max_frames: int = 12
+    # Frames per clip where the dataset wants its own (the paragraph datasets: long videos);
+    # None = config.data.max_frames (base_config). Only the build command's default reads it.
+    max_frames: int | None = None
     # Shown in the manual download instructions: where the original files come from.
     source: str = ""
 

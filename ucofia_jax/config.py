@@ -109,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
             image_size=224,
             feature_framerate=1,
             slice_framepos=2,
+            jpeg_quality=95,  # of the dataset's stored frames; the search takes the same trip
             expand_sentences=True,  # MSR-VTT 9k: every caption a training sample
             train_split="train",
             eval_split="test",

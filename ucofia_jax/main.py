@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 from data_pipeline import build as build_lib
 from data_pipeline import pipeline, synthetic
+from data_pipeline.sampling import FrameSampling
 from ucofia_jax import config as config_lib
 from ucofia_jax import errors, preflight, weights
 from ucofia_jax.evaluation import evaluator, report
@@ -159,10 +160,7 @@ def _prepare_synthetic_data(config, out: _RunOutput) -> None:
             d.dataset,
             manual_dir=raw,
             data_dir=d.data_dir,
-            max_frames=d.max_frames,
-            image_size=d.image_size,
-            feature_framerate=d.feature_framerate,
-            slice_framepos=d.slice_framepos,
+            sampling=FrameSampling.from_config(d),
             progress=False,
             log=out.say,
         )

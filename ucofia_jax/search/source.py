@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from data_pipeline.builder import JPEG_QUALITY
+from data_pipeline.sampling import FrameSampling
 from ucofia_jax import weights as weights_lib
 from ucofia_jax.errors import SourceError
 from ucofia_jax.evaluation import evaluator
@@ -43,8 +43,6 @@ from ucofia_jax.models.model import Model
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = "msrvtt"
-# The frame sampling of config.data that decides what a video's frames are.
-SAMPLING_KEYS = ("max_frames", "max_words", "image_size", "feature_framerate", "slice_framepos")
 # Config keys that name files, not what the model computes (the params hash covers weights).
 _PATH_KEYS = ("checkpoint", "ucofia_checkpoint")
 
@@ -132,10 +130,14 @@ def describe_config(config, clip_only: bool) -> Dict[str, Any]:
     clip.pop("checkpoint", None)
     if "dtype" in clip:  # 'auto' is bf16 on an accelerator, f32 on CPU: other features
         clip["dtype"] = weights_lib.clip_dtype(config)
+    frames = FrameSampling.from_config(config.data).to_dict()
+    jpeg_quality = frames.pop("jpeg_quality")  # frames take the dataset's JPEG round trip
     return {
         "model": model,
-        "sampling": {k: config.data[k] for k in SAMPLING_KEYS},
-        "jpeg_quality": JPEG_QUALITY,  # frames take the dataset's JPEG round trip
+        # This layout predates FrameSampling ("sampling" also held the text side's max_words);
+        # kept so that the fingerprints of indexes already written still match.
+        "sampling": {**frames, "max_words": int(config.data.max_words)},
+        "jpeg_quality": jpeg_quality,
         "seed": int(config.seed),
         "clip_only": bool(clip_only),
     }
@@ -173,29 +175,21 @@ class SearchModel:
         return self.source.clip_only
 
     @property
-    def sampling(self) -> Dict[str, int]:
-        """decode_clip's keyword arguments (the training / evaluation sampling)."""
-        d = self.config.data
-        return {
-            "max_frames": int(d.max_frames),
-            "feature_framerate": int(d.feature_framerate),
-            "slice_framepos": int(d.slice_framepos),
-            "image_size": int(d.image_size),
-        }
+    def sampling(self) -> FrameSampling:
+        """The training / evaluation frame sampling (``config.data``), JPEG quality included."""
+        return FrameSampling.from_config(self.config.data)
 
     def decode_job(self, path: str, rel: str) -> Dict[str, Any]:
-        """What a decode worker needs for one file: the sampling, and the dataset's JPEG
-        quality, so that frames are what training and evaluation saw (the TFDS set stores
+        """What a decode worker needs for one file (`decoding.decode_one`): the sampling, whose
+        JPEG round trip makes the frames what training and evaluation saw (the TFDS set stores
         JPEG frames)."""
-        return {"path": path, "rel": rel, "sampling": self.sampling, "jpeg_quality": JPEG_QUALITY}
+        return {"path": path, "rel": rel, "sampling": self.sampling}
 
     def feature_shapes(self) -> Dict[str, list]:
         """Per-video stored shapes (from an abstract evaluation: nothing runs)."""
-        s = self.sampling
-        frames = jax.ShapeDtypeStruct(
-            (1, s["max_frames"], s["image_size"], s["image_size"], 3), jnp.uint8
-        )
-        mask = jax.ShapeDtypeStruct((1, s["max_frames"]), jnp.int32)
+        f, s = self.sampling.max_frames, self.sampling.image_size
+        frames = jax.ShapeDtypeStruct((1, f, s, s, 3), jnp.uint8)
+        mask = jax.ShapeDtypeStruct((1, f), jnp.int32)
         out = jax.eval_shape(
             lambda p, f, m: self.model.encode_video(p, f, m, jax.random.PRNGKey(0)),
             self.params,
