@@ -36,8 +36,10 @@ from safetensors.numpy import load_file
 from configs import demo
 from data_pipeline import video as video_lib
 from data_pipeline.sampling import FrameSampling
+from ucofia_jax.config import base_config
 from ucofia_jax.search import __main__ as cli
 from ucofia_jax.search import decoding, indexer, scoring
+from ucofia_jax.search import source as source_lib
 from ucofia_jax.search.index import Index, encode_videos
 from ucofia_jax.search.source import ModelSource, describe_config, fingerprint_of, load_model
 from ucofia_jax.search.store import Store, video_id_for
@@ -672,3 +674,18 @@ def test_fingerprint_covers_the_dtype_auto_resolves_to(monkeypatch):
     assert fingerprint("auto") == fingerprint("float32")  # this suite runs on CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert fingerprint("auto") == fingerprint("bfloat16") != fingerprint("float32")
+
+
+def test_a_run_saved_before_a_key_existed_takes_its_default(tmp_path):
+    # config.json of an older run: no data.jpeg_quality, no mesh.logical_axis_rules.
+    saved = demo.get_config().to_dict()
+    saved["seed"] = 7
+    del saved["data"]["jpeg_quality"]
+    del saved["mesh"]["logical_axis_rules"]
+    (tmp_path / "config.json").write_text(json.dumps(saved), encoding="utf-8")
+    config = source_lib._read_workdir_config(str(tmp_path))
+    assert config.seed == 7  # what the run saved is kept
+    assert config.data.max_frames == demo.get_config().data.max_frames
+    assert config.data.jpeg_quality == base_config().data.jpeg_quality
+    assert FrameSampling.from_config(config.data).jpeg_quality == config.data.jpeg_quality
+    assert len(config.mesh.logical_axis_rules) == len(base_config().mesh.logical_axis_rules)

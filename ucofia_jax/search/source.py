@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 
 from data_pipeline.sampling import FrameSampling
 from ucofia_jax import weights as weights_lib
+from ucofia_jax.config import base_config
 from ucofia_jax.errors import SourceError
 from ucofia_jax.evaluation import evaluator
 from ucofia_jax.models.features import TextFeatures, VideoFeatures
@@ -105,9 +106,22 @@ def _read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
         raise SourceError(f"{path}: missing (is {workdir} a training run's --workdir?)")
     try:
         with open(path, encoding="utf-8") as f:
-            return ml_collections.ConfigDict(json.load(f))
+            saved = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SourceError(f"{path}: not a JSON config ({e})") from e
+    # A run written before a key existed takes that key's default (e.g. data.jpeg_quality);
+    # every key the run saved is kept as it was.
+    return ml_collections.ConfigDict(_with_missing_defaults(saved, base_config().to_dict()))
+
+
+def _with_missing_defaults(saved: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_missing_defaults(out[key], value)
+    return out
 
 
 def params_hash(params) -> str:
@@ -279,12 +293,7 @@ def load_model(source: ModelSource, *, overrides: Optional[Dict[str, Any]] = Non
                 raise SourceError(f"{p}: no such checkpoint file")
     if source.clip_only:  # the zero-shot baseline is plain CLIP: no TS2-Net token shift
         config.model.clip.token_shift_blocks = ()
-    for key, value in (overrides or {}).items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    config.update_from_flattened_dict(dict(overrides or {}))
     loaded = weights_lib.load(config, workdir=source.workdir or None)
     model, step = loaded.model, (loaded.step if source.workdir else None)
     params = jax.device_put(loaded.params, jax.local_devices()[0])
