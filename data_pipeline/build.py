@@ -33,9 +33,9 @@ import tensorflow_datasets as tfds
 from data_pipeline import builder as builder_lib
 from data_pipeline import tables
 from data_pipeline.datasets._common import ANNOTATION_REASONS
-from data_pipeline.records import DataError
 from data_pipeline.sampling import SLICE_FRAMEPOS, FrameSampling
 from ucofia_jax import config as config_lib
+from ucofia_jax.errors import DataError
 
 
 def default_sampling(dataset: str) -> FrameSampling:

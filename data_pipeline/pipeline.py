@@ -38,8 +38,8 @@ import tensorflow_datasets as tfds
 
 from data_pipeline import builder as builder_lib
 from data_pipeline import tables as tables_lib
-from data_pipeline.records import DataError
 from data_pipeline.sampling import FrameSampling
+from ucofia_jax.errors import DataError
 from ucofia_jax.models import tokenizer
 
 

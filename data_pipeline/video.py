@@ -52,8 +52,8 @@ import av
 import numpy as np
 from PIL import Image
 
-from data_pipeline.records import DataError
 from data_pipeline.sampling import FrameSampling
+from ucofia_jax.errors import DataError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi")
 

@@ -18,7 +18,8 @@ from data_pipeline import builder as builder_lib
 from data_pipeline import synthetic
 from data_pipeline.datasets import get_reader, msvd
 from data_pipeline.datasets._common import REASON_DUPLICATE, REASON_SPANS_LINES
-from data_pipeline.records import DataError, SkipReport
+from data_pipeline.records import SkipReport
+from ucofia_jax.errors import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,7 +207,8 @@ def test_captions_pickle_of_shared_references_is_quick(tmp_path):
         """
         import sys, time
         from data_pipeline.datasets import msvd
-        from data_pipeline.records import DataError, SkipReport
+        from data_pipeline.records import SkipReport
+        from ucofia_jax.errors import DataError
         t0 = time.perf_counter()
         report = SkipReport()
         try:

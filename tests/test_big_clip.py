@@ -10,6 +10,7 @@ import pytest
 from clip_testutil import hf_outputs, inputs, random_hf_clip, state_dict_numpy
 
 from ucofia_jax import config as config_lib
+from ucofia_jax.errors import CheckpointError
 from ucofia_jax.models import clip_import
 from ucofia_jax.models.clip import CLIP, CLIPConfig
 
@@ -116,11 +117,11 @@ def test_head_count_errors(tmp_path):
     sd = state_dict_numpy(hf_model)
     cfg = hf_model.config.to_dict()
     cfg["vision_config"]["num_attention_heads"] = 3  # 320 is not a multiple of 3
-    with pytest.raises(clip_import.CheckpointError, match=r"vision_heads 3 .* vision_width 320"):
+    with pytest.raises(CheckpointError, match=r"vision_heads 3 .* vision_width 320"):
         clip_import.convert_hf_state_dict(sd, cfg, source="cfg.json")
     cfg["vision_config"]["num_attention_heads"] = 4
     cfg["text_config"]["num_attention_heads"] = 0
-    with pytest.raises(clip_import.CheckpointError, match=r"num_attention_heads=0"):
+    with pytest.raises(CheckpointError, match=r"num_attention_heads=0"):
         clip_import.convert_hf_state_dict(sd, cfg, source="cfg.json")
 
 

@@ -17,9 +17,9 @@ from data_pipeline import build as build_lib
 from data_pipeline import builder as builder_lib
 from data_pipeline import datasets, synthetic
 from data_pipeline import video as video_lib
-from data_pipeline.records import DataError
 from data_pipeline.sampling import FrameSampling
 from ucofia_jax import config as config_lib
+from ucofia_jax.errors import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F, S = 4, 32

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from ucofia_jax import config as cv
 from ucofia_jax import preflight
+from ucofia_jax.errors import ConfigError
 from ucofia_jax.models import layers
 from ucofia_jax.runtime import sharding
 
@@ -119,7 +120,7 @@ def test_the_rules_in_config_decide_the_layout(tiny):
 def test_bad_rules_name_the_config_key(rules, why):
     c = tiny_config()
     c.mesh.logical_axis_rules = rules
-    with pytest.raises(cv.ConfigError, match=rf"config\.mesh\.logical_axis_rules.*{why}"):
+    with pytest.raises(ConfigError, match=rf"config\.mesh\.logical_axis_rules.*{why}"):
         preflight.check_config(c)
 
 

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from data_pipeline import video
-from data_pipeline.records import DataError
 from data_pipeline.sampling import FrameSampling
 from data_pipeline.video import VideoDecodeError
 from ucofia_jax import config as config_lib
+from ucofia_jax.errors import DataError
 
 # The training sampling (base_config's data); a test changes only the fields it is about.
 BASE = FrameSampling.from_config(config_lib.base_config().data)

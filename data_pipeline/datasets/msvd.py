@@ -18,7 +18,8 @@ import os
 import pickle
 
 from data_pipeline.datasets import _common as C
-from data_pipeline.records import DataError, DatasetSpec
+from data_pipeline.records import DatasetSpec
+from ucofia_jax.errors import DataError
 
 NAME = "msvd"
 SPLITS = ("train", "val", "test")
