@@ -26,21 +26,21 @@ Faults, each a :class:`CheckpointError` with one line naming the path and what i
 
 Stopping on a signal (:class:`PreemptionGuard`): SIGTERM (preemption, ``kill``, SLURM's time
 limit) and SIGINT (Ctrl-C) make the train loop save synchronously after a step and return
-(the program then exits with status 0 for SIGTERM, 130 for SIGINT). A second SIGINT or
-SIGTERM exits at once, unsaved.
+(the program then exits with status 0 for SIGTERM, 130 for SIGINT). A second signal that the
+guard handles exits at once, unsaved. Which step, depends on the number of processes:
 
-* One process: the guard's own Python handlers set a flag that the loop reads after each
-  step. JAX's preemption service exists only under ``jax.distributed``, so it cannot serve
-  here.
-* Several processes (``jax.distributed``): the signal reaches the processes at different
-  steps, and a save at different steps would hang in its collectives. JAX's preemption
-  service (on by default, ``jax_enable_preemption_service``) catches SIGTERM itself, tells
-  every process, and :func:`jax.experimental.multihost_utils.reached_preemption_sync_point`
-  (called by the loop after every step with the same step number everywhere) turns true at
-  the same step on all of them. The guard therefore leaves SIGTERM to JAX (a Python handler
-  would replace JAX's); Ctrl-C still gets the guard's handler, which passes it on to JAX as
-  a SIGTERM to this process, so that it too stops every process at one step.
-  (Orbax's ``CheckpointManager.reached_preemption`` is the same call.)
+* One process (also one under ``jax.distributed``): the guard's Python handlers set a flag
+  that the loop reads after each step. JAX's preemption service needs ``jax.distributed``
+  (``reached_preemption_sync_point`` is always false without it), so it cannot serve here.
+* Several processes: the signal reaches them at different steps, and saves at different
+  steps would hang in their collectives. JAX's preemption service (on by default,
+  ``jax_enable_preemption_service``) catches SIGTERM itself and tells every process;
+  :func:`jax.experimental.multihost_utils.reached_preemption_sync_point`, which the loop asks
+  after every step with the same step number everywhere, turns true at the same step on all
+  of them (Orbax's ``CheckpointManager.reached_preemption`` is the same call). So the guard
+  leaves SIGTERM to JAX (a Python handler would replace JAX's) and turns Ctrl-C into a
+  SIGTERM to its own process, which reaches the others the same way; a second Ctrl-C exits
+  at once. A process that received no signal reports SIGTERM (status 0).
 """
 
 from __future__ import annotations
