@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
+from test_main_smoke import _config as smoke_config
 
+from ucofia_jax import main
 from ucofia_jax.training import loop
 from ucofia_jax.training.metric_writer import MetricWriter
 
@@ -355,3 +357,16 @@ def test_the_loop_writes_train_scalars_at_log_steps(tmp_path):
     assert got["train/loss"] == [(4, 0.25), (6, pytest.approx(1 / 6))]
     assert got["train/finite"] == [(4, 1.0), (6, 1.0)]
     assert [s for s, _ in got["samples_per_second"]] == [4, 6]
+
+
+@pytest.mark.slow  # the tiny model through main.run: ~1 min
+def test_main_validates_each_epoch_and_keeps_the_best(tmp_path):
+    workdir = str(tmp_path / "run")
+    c = smoke_config(workdir)  # the tiny synthetic run of test_main_smoke.py
+    c.train.eval_every_epochs = 1  # 2 steps per epoch, 3 steps: epoch 1, then the run's end
+    main.run(c, workdir, "train", progress=False)
+    log = open(os.path.join(workdir, "log.txt")).read()
+    assert "epoch 1: val t2v R@1" in log and "epoch 2: val t2v R@1" in log
+    got = _read_events(workdir)
+    assert [s for s, _ in got["val/t2v/R@1"]] == [2, 3]
+    assert os.listdir(os.path.join(workdir, "checkpoints_best"))
