@@ -228,7 +228,9 @@ def bench_train(config, dtype: str, batch_sizes, args, mesh) -> dict:
             print(f"  batch {bs} is not a multiple of {n_dev} devices: skipped", flush=True)
             continue
         config.train.batch_size = bs
-        trainer = trainer_lib.make_trainer(model, config.train, mesh, host_state, 1000)
+        trainer = trainer_lib.make_trainer(
+            model, config.train, mesh, host_state, 1000, axis_rules=config.mesh.logical_axis_rules
+        )
         try:
             state = trainer_lib.place_state(trainer, host_state)
             batch = sharding.shard_batch(random_arrays(config, bs, bs), mesh)

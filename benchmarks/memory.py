@@ -104,7 +104,9 @@ def measure(model_name: str, devices: int, dtype: str, remat: str, accumulate: i
     model = Model.from_config(c.model, max_frames=c.data.max_frames, max_words=c.data.max_words)
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:devices])
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
-    trainer = trainer_lib.make_trainer(model, c.train, mesh, {"params": params}, 1000)
+    trainer = trainer_lib.make_trainer(
+        model, c.train, mesh, {"params": params}, 1000, axis_rules=c.mesh.logical_axis_rules
+    )
     opt_state = jax.eval_shape(trainer.tx.init, params)
     state = {
         "step": jax.ShapeDtypeStruct((), jnp.int32),

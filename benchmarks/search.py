@@ -36,6 +36,7 @@ import shutil
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,10 +112,19 @@ def _model_and_scorer():
     z = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
     n_tok = 1 + clip_cfg.grid_size**2
     key = jax.random.PRNGKey(0)
-    head_params = jax.jit(
-        lambda k: head.init(
-            k, z(1, D), z(1, NW, D), z(1, F, D), z(1, F * n_tok, D), jnp.ones((1, F)), 0.0, rng=k
-        )["params"]
+    head_params = jax.jit(  # plain arrays: the head declares logical axes on its params
+        lambda k: nn.unbox(
+            head.init(
+                k,
+                z(1, D),
+                z(1, NW, D),
+                z(1, F, D),
+                z(1, F * n_tok, D),
+                jnp.ones((1, F)),
+                0.0,
+                rng=k,
+            )["params"]
+        )
     )(key)
     params = {"clip": {"logit_scale": jnp.log(100.0)}, "head": head_params}
     eval_cfg = ConfigDict(dict(text_block=16, video_block=64, level3_kernel="auto"))

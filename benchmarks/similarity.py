@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,11 +107,8 @@ def _cpu_s():
 
 
 def _model(args) -> Model:
-    """The evaluation model at MSR-VTT sizes (ViT-B/32 CLIP, whose weights are never made).
-
-    Built from its parts rather than ``Model.from_config``: ``ucofia_jax.config`` imports
-    the data pipeline and with it TensorFlow (~0.5 GB resident), which would count in every
-    configuration's memory."""
+    """The evaluation model at MSR-VTT sizes (ViT-B/32 CLIP, whose weights are never made),
+    with this run's head settings."""
     clip_cfg = clip_lib.CLIPConfig()
     head = UCoFiAHead(
         embed_dim=D,
@@ -133,10 +131,12 @@ def _child(cfg, args):
     blocks = Blocks(text=args.text_block, video=args.video_block)
     key = jax.random.PRNGKey(0)
     z = lambda *s: jnp.zeros(s, jnp.float32)
-    head_params = jax.jit(
-        lambda k: head.init(
-            k, z(1, D), z(1, NW, D), z(1, F, D), z(1, F * NTOK, D), jnp.ones((1, F)), 0.0, rng=k
-        )["params"]
+    head_params = jax.jit(  # plain arrays: the head declares logical axes on its params
+        lambda k: nn.unbox(
+            head.init(
+                k, z(1, D), z(1, NW, D), z(1, F, D), z(1, F * NTOK, D), jnp.ones((1, F)), 0.0, rng=k
+            )["params"]
+        )
     )(key)
     # Only the head is initialised: of CLIP, scoring reads nothing but the logit scale.
     params = {"clip": {"logit_scale": jnp.log(100.0)}, "head": head_params}

@@ -66,7 +66,9 @@ def main(argv=None):
     mesh = sharding.make_mesh(c.mesh)
     model = Model.from_config(c.model, max_frames=c.data.max_frames, max_words=c.data.max_words)
     state = trainer_lib.create_train_state(model, 0)
-    trainer = trainer_lib.make_trainer(model, c.train, mesh, state, schedule_total=1000)
+    trainer = trainer_lib.make_trainer(
+        model, c.train, mesh, state, schedule_total=1000, axis_rules=c.mesh.logical_axis_rules
+    )
     state = trainer_lib.place_state(trainer, state)
     b, f, s = c.train.batch_size, c.data.max_frames, c.data.image_size
     rng = np.random.default_rng(0)

@@ -1,9 +1,9 @@
 """Decode throughput of data_pipeline.video.decode_clip, in clips/s per CPU core.
 
 Generates its own clips (10 s, 320x240, 30 fps, H.264, moving gradient + shapes so the
-encoder sees motion), then times ``decode_clip(max_frames=12, image_size=224)`` with one
-decoder thread in one process (= one core). Also times the same clips after the 3 fps /
-shorter-side-224 compression the original recipe applies (what training actually reads).
+encoder sees motion), then times ``decode_clip`` at the training sampling (``base_config()``'s
+``data``) with one decoder thread in one process (= one core). Also times the same clips after
+the 3 fps / shorter-side-224 compression the original recipe applies (what training reads).
 
   python benchmarks/video_decode.py [--num_clips 8 --repeats 2 --workers 1,2]
 """
@@ -20,7 +20,9 @@ import time
 import numpy as np
 
 from data_pipeline import compress
+from data_pipeline.sampling import FrameSampling
 from data_pipeline.video import decode_clip, write_video
+from ucofia_jax import config as config_lib
 
 
 def make_clip(path, seed, seconds=10, fps=30, w=320, h=240):
@@ -39,10 +41,11 @@ def make_clip(path, seed, seconds=10, fps=30, w=320, h=240):
     write_video(path, frames, fps, crf=23)
 
 
-def _decode_all(paths):
+def _decode_all(paths, sampling):
+    f, s = sampling.max_frames, sampling.image_size
     for p in paths:
-        frames, mask = decode_clip(p, max_frames=12, image_size=224, threads=1)
-        assert frames.shape == (12, 224, 224, 3)
+        frames, mask = decode_clip(p, sampling, threads=1)
+        assert frames.shape == (f, s, s, 3)
     return len(paths)
 
 
@@ -51,18 +54,18 @@ def _cpu_children():
     return r.ru_utime + r.ru_stime
 
 
-def time_decode(paths, repeats, workers):
+def time_decode(paths, repeats, workers, sampling):
     """(clips, wall seconds, CPU seconds). CPU time gives per-core speed on a busy machine."""
     paths = list(paths) * repeats
     t0 = time.perf_counter()
     if workers == 1:
         c0 = time.process_time()
-        _decode_all(paths)
+        _decode_all(paths, sampling)
         cpu = time.process_time() - c0
     else:
         c0 = _cpu_children()
         pool = multiprocessing.get_context("spawn").Pool(workers)
-        pool.map(_decode_all, [[p] for p in paths], chunksize=1)
+        pool.starmap(_decode_all, [([p], sampling) for p in paths], chunksize=1)
         pool.close()
         pool.join()  # children's CPU time is accounted once they have been waited for
         cpu = _cpu_children() - c0
@@ -76,6 +79,7 @@ def main(argv=None):
     p.add_argument("--workers", default="1", help="comma-separated process counts to time")
     p.add_argument("--dir", default=None, help="where to write the clips (default: a temp dir)")
     a = p.parse_args(argv)
+    sampling = FrameSampling.from_config(config_lib.base_config().data)
     tmp = a.dir or tempfile.mkdtemp(prefix="decode_bench_")
     raw, small = os.path.join(tmp, "raw"), os.path.join(tmp, "3fps")
     os.makedirs(raw, exist_ok=True)
@@ -94,9 +98,9 @@ def main(argv=None):
     )
     rows = []
     for name, ps in (("10 s 320x240 30 fps", paths), ("same, compressed 3 fps / 224", small_paths)):
-        decode_clip(ps[0])  # warm-up (imports, codec init)
+        decode_clip(ps[0], sampling)  # warm-up (imports, codec init)
         for w in (int(x) for x in a.workers.split(",")):
-            n, dt, cpu = time_decode(ps, a.repeats, w)
+            n, dt, cpu = time_decode(ps, a.repeats, w, sampling)
             rows.append((name, w, n, dt, cpu))
     print()
     print(
@@ -112,10 +116,8 @@ def main(argv=None):
         f"\n(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: wall-clock rates "
         "are lower bounds on a busy machine; CPU-time rates are the per-core speed)"
     )
-    print(
-        "\n(decode_clip: max_frames=12, image_size=224, feature_framerate=1, slice_framepos=2, "
-        "1 decoder thread per process)"
-    )
+    fields = ", ".join(f"{k}={v}" for k, v in sampling.to_dict().items() if k != "jpeg_quality")
+    print(f"\n(decode_clip: {fields}, 1 decoder thread per process)")
 
 
 if __name__ == "__main__":

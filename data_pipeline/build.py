@@ -1,7 +1,7 @@
 """Builds one dataset into TFDS format: ``python -m data_pipeline.build``.
 
     python -m data_pipeline.build --dataset=msrvtt --manual_dir=RAW --data_dir=OUT \
-        [--video_dir DIR] [--max_frames 12] [--image_size 224] [--strict] [--workers N]
+        [--video_dir DIR] [--max_frames N] [--image_size S] [--strict] [--workers N]
 
 RAW holds the dataset's annotation files under their original names and the videos in
 RAW/videos/ (see ``--help`` or docs/pipeline.md for each dataset's files). The command checks
@@ -14,6 +14,10 @@ Re-running after an interruption is safe: TFDS only renames its temp directory i
 when every split is written (so no partial dataset or duplicates), temp directories of
 killed builds are removed, and already decoded clips come from the decode cache
 (``OUT/.ucofia_cache/<config>``, deleted after a successful build unless --keep_cache).
+
+The frame sampling flags default to ``base_config()``'s ``data`` section (the training
+config's), except ``--max_frames`` for a dataset whose spec sets its own (the paragraph
+datasets ActivityNet and DiDeMo).
 """
 
 from __future__ import annotations
@@ -30,9 +34,22 @@ from data_pipeline import builder as builder_lib
 from data_pipeline import tables
 from data_pipeline.datasets._common import ANNOTATION_REASONS
 from data_pipeline.records import DataError
+from data_pipeline.sampling import SLICE_FRAMEPOS, FrameSampling
+from ucofia_jax import config as config_lib
+
+
+def default_sampling(dataset: str) -> FrameSampling:
+    """The sampling of a build without sampling flags: ``base_config().data``, with the
+    dataset spec's own ``max_frames`` where it has one."""
+    sampling = FrameSampling.from_config(config_lib.base_config().data)
+    own_frames = builder_lib.dataset_spec(dataset).max_frames
+    return sampling if own_frames is None else sampling.replace(max_frames=own_frames)
 
 
 def _parser() -> argparse.ArgumentParser:
+    base = FrameSampling.from_config(config_lib.base_config().data)
+    own = {n: builder_lib.dataset_spec(n).max_frames for n in builder_lib.DATASETS}
+    own = "; ".join(f"{v} for {n}" for n, v in own.items() if v is not None)
     layouts = "\n\n".join(f"{n}:\n{builder_lib.layout_text(n)}" for n in builder_lib.DATASETS)
     p = argparse.ArgumentParser(
         prog="python -m data_pipeline.build",
@@ -44,15 +61,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--manual_dir", required=True, help="raw annotation files (+ videos/)")
     p.add_argument("--data_dir", required=True, help="TFDS output directory")
     p.add_argument("--video_dir", default=None, help="video folder (default MANUAL_DIR/videos)")
+    # Sampling flags: None = default_sampling(dataset) (the help shows the values).
     p.add_argument(
         "--max_frames",
         type=int,
         default=None,
-        help="frames per clip (default 12; 64 for activitynet/didemo)",
+        help=f"frames per clip (default {base.max_frames}" + (f"; {own})" if own else ")"),
     )
-    p.add_argument("--image_size", type=int, default=224)
-    p.add_argument("--feature_framerate", type=int, default=1)
-    p.add_argument("--slice_framepos", type=int, default=2, choices=(0, 1, 2))
+    p.add_argument(
+        "--image_size", type=int, default=None, help=f"frame side (default {base.image_size})"
+    )
+    p.add_argument(
+        "--feature_framerate",
+        type=int,
+        default=None,
+        help=f"frames taken per second (default {base.feature_framerate})",
+    )
+    p.add_argument(
+        "--slice_framepos",
+        type=int,
+        default=None,
+        choices=tuple(SLICE_FRAMEPOS),
+        help=f"frames kept when more were taken: {SLICE_FRAMEPOS} (default {base.slice_framepos})",
+    )
+    p.add_argument(
+        "--jpeg_quality",
+        type=int,
+        default=None,
+        help=f"JPEG quality of the stored frames (default {base.jpeg_quality})",
+    )
     p.add_argument(
         "--splits",
         default=None,
@@ -80,11 +117,8 @@ def build(
     *,
     manual_dir: str,
     data_dir: str,
+    sampling: FrameSampling,
     video_dir: str | None = None,
-    max_frames: int | None = None,
-    image_size: int = 224,
-    feature_framerate: int = 1,
-    slice_framepos: int = 2,
     strict: bool = False,
     workers: int | None = None,
     keep_cache: bool = False,
@@ -93,7 +127,7 @@ def build(
     fail_after: int | None = None,
     log=print,
 ) -> dict:
-    """Builds (or finds already built) one dataset. Returns a summary dict.
+    """Builds (or finds already built) one dataset with `sampling`. Returns a summary dict.
 
     Keys: ``config``, ``path`` (the TFDS version dir), ``written`` (clips per split),
     ``skipped`` (count per reason), ``report`` (report file or None), ``reused`` (bool).
@@ -108,10 +142,7 @@ def build(
     b = builder_lib.get_builder(
         dataset,
         data_dir=data_dir,
-        max_frames=max_frames,
-        image_size=image_size,
-        feature_framerate=feature_framerate,
-        slice_framepos=slice_framepos,
+        sampling=sampling,
         video_dir=video_dir,
         workers=workers,
         strict=strict,
@@ -162,20 +193,10 @@ def build(
         shutil.rmtree(b.default_cache_dir(), ignore_errors=True)
     # The captions/ids sidecar of each split, so that the pipeline does not read every frame
     # byte at start-up to learn them.
-    reader = builder_lib.get_builder(
-        dataset,
-        data_dir=data_dir,
-        max_frames=max_frames,
-        image_size=image_size,
-        feature_framerate=feature_framerate,
-        slice_framepos=slice_framepos,
-    )
-    for split in reader.info.splits:
+    for split in b.info.splits:
         tables.load_tables(
-            reader.as_data_source(
-                split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
-            ),
-            reader.data_dir,
+            b.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES),
+            b.data_dir,
             split,
         )
     written = dict(b.written)
@@ -199,16 +220,21 @@ def build(
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    flags = {k: getattr(args, k) for k in FrameSampling.field_names()}
+    try:
+        sampling = default_sampling(args.dataset).replace(
+            **{k: v for k, v in flags.items() if v is not None}
+        )
+    except ValueError as e:  # named after the config key; here it came from the flag
+        print(f"error: {str(e).replace('config.data.', '--')}", file=sys.stderr)
+        return 2
     try:
         build(
             args.dataset,
             manual_dir=args.manual_dir,
             data_dir=args.data_dir,
+            sampling=sampling,
             video_dir=args.video_dir,
-            max_frames=args.max_frames,
-            image_size=args.image_size,
-            feature_framerate=args.feature_framerate,
-            slice_framepos=args.slice_framepos,
             strict=args.strict,
             workers=args.workers,
             keep_cache=args.keep_cache,

@@ -41,10 +41,10 @@ from tqdm import tqdm
 from data_pipeline import datasets
 from data_pipeline import records as records_lib
 from data_pipeline import video as video_lib
+from data_pipeline.sampling import FrameSampling
 
 BUILDER_NAME = "ucofia_video_text"
 DATASET_VERSION = "1.0.0"
-JPEG_QUALITY = 95
 CACHE_DIRNAME = ".ucofia_cache"
 
 
@@ -54,7 +54,7 @@ DATASETS: tuple[str, ...] = tuple(datasets.SPECS)
 
 def required_files(dataset: str, split: str | None = None) -> list[str]:
     """Annotation file names that must be at the root of manual_dir (one split or the defaults)."""
-    spec = _spec(dataset)
+    spec = dataset_spec(dataset)
     splits = spec.build_splits if split is None else (split,)
     out = list(spec.files.get("*", ()))
     for s in splits:
@@ -62,7 +62,7 @@ def required_files(dataset: str, split: str | None = None) -> list[str]:
     return out
 
 
-def _spec(dataset: str) -> records_lib.DatasetSpec:
+def dataset_spec(dataset: str) -> records_lib.DatasetSpec:
     if dataset not in datasets.SPECS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
     return datasets.SPECS[dataset]
@@ -72,7 +72,7 @@ def layout_text(dataset: str) -> str:
     """The manual_dir layout a dataset needs, as shown in instructions and error messages."""
     files = "\n".join(f"      {f}" for f in required_files(dataset))
     return (
-        f"  <manual_dir>/          ({_spec(dataset).source})\n{files}\n"
+        f"  <manual_dir>/          ({dataset_spec(dataset).source})\n{files}\n"
         f"      videos/<video_id>.mp4   (or .webm/.mkv/.avi; another folder with --video_dir)"
     )
 
@@ -80,54 +80,37 @@ def layout_text(dataset: str) -> str:
 class VideoTextConfig(tfds.core.BuilderConfig):
     """Dataset + frame sampling. The name encodes everything that changes the stored frames."""
 
-    def __init__(
-        self,
-        *,
-        dataset: str,
-        max_frames: int | None = None,
-        image_size: int = 224,
-        feature_framerate: int = 1,
-        slice_framepos: int = 2,
-        **kwargs,
-    ):
-        spec = _spec(dataset)
-        max_frames = spec.max_frames if max_frames is None else int(max_frames)
-        name = config_name(
-            dataset,
-            max_frames=max_frames,
-            image_size=image_size,
-            feature_framerate=feature_framerate,
-            slice_framepos=slice_framepos,
-        )
+    def __init__(self, *, dataset: str, sampling: FrameSampling, **kwargs):
         super().__init__(
-            name=name,
+            name=config_name(dataset, sampling),
             version=DATASET_VERSION,
-            description=f"{dataset}: {max_frames} frames of {image_size}px",
+            description=f"{dataset}: {sampling.max_frames} frames of {sampling.image_size}px",
             **kwargs,
         )
         self.dataset = dataset
-        self.max_frames = max_frames
-        self.image_size = int(image_size)
-        self.feature_framerate = int(feature_framerate)
-        self.slice_framepos = int(slice_framepos)
+        self.sampling = sampling
 
 
-def config_name(
-    dataset: str,
-    *,
-    max_frames: int | None = None,
-    image_size: int = 224,
-    feature_framerate: int = 1,
-    slice_framepos: int = 2,
-) -> str:
-    """``msrvtt_f12_s224`` (+ ``_fps2`` / ``_pos0`` when not the original 1 fps / linspace)."""
-    if max_frames is None:
-        max_frames = _spec(dataset).max_frames
-    name = f"{dataset}_f{max_frames}_s{image_size}"
-    if feature_framerate != 1:
-        name += f"_fps{feature_framerate}"
-    if slice_framepos != 2:
-        name += f"_pos{slice_framepos}"
+# The name format of built datasets: ``<dataset>_f<max_frames>_s<image_size>``, then a suffix
+# for each of these fields whose value differs from the one given here. These are the values of
+# the names already on disk (the original's 1 fps and uniform slice, JPEG quality 95), part of
+# the name format, not defaults: changing a default in base_config must not rename datasets.
+_NAME_SUFFIXES = {
+    "feature_framerate": ("fps", 1),
+    "slice_framepos": ("pos", 2),
+    "jpeg_quality": ("q", 95),
+}
+
+
+def config_name(dataset: str, sampling: FrameSampling) -> str:
+    """``msrvtt_f12_s224``, + ``_fps2`` / ``_pos0`` / ``_q90`` where the sampling is not the
+    original 1 fps / uniform slice / JPEG quality 95 (`_NAME_SUFFIXES`)."""
+    dataset_spec(dataset)  # an unknown dataset fails here, naming the known ones
+    name = f"{dataset}_f{sampling.max_frames}_s{sampling.image_size}"
+    for field, (tag, unnamed) in _NAME_SUFFIXES.items():
+        value = getattr(sampling, field)
+        if value != unnamed:
+            name += f"_{tag}{value}"
     return name
 
 
@@ -154,10 +137,7 @@ class _Job:
     video_path: str
     start: float | None
     end: float | None
-    max_frames: int
-    image_size: int
-    feature_framerate: int
-    slice_framepos: int
+    sampling: FrameSampling
     cache_dir: str | None
 
 
@@ -177,20 +157,20 @@ def _cache_path(job: _Job) -> str | None:
             st.st_mtime_ns,
             job.start,
             job.end,
-            job.max_frames,
-            job.image_size,
-            job.feature_framerate,
-            job.slice_framepos,
-            JPEG_QUALITY,
+            job.sampling.max_frames,
+            job.sampling.image_size,
+            job.sampling.feature_framerate,
+            job.sampling.slice_framepos,
+            job.sampling.jpeg_quality,
         )
     )
     digest = hashlib.sha1(key.encode("utf-8")).hexdigest()
     return os.path.join(job.cache_dir, digest[:2], digest + ".npz")
 
 
-def _encode_jpeg(frame: np.ndarray) -> bytes:
+def _encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(frame).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
@@ -221,13 +201,7 @@ def process_clip(job: _Job):
             pass  # a corrupt cache entry is simply recomputed
     try:
         frames, mask = video_lib.decode_clip(
-            job.video_path,
-            start=job.start,
-            end=job.end,
-            max_frames=job.max_frames,
-            feature_framerate=job.feature_framerate,
-            slice_framepos=job.slice_framepos,
-            image_size=job.image_size,
+            job.video_path, job.sampling, start=job.start, end=job.end
         )
     except video_lib.VideoDecodeError as e:
         return job.index, None, None, (e.reason, e.detail)
@@ -235,7 +209,7 @@ def process_clip(job: _Job):
         # Anything unexpected from FFmpeg/PIL is a skip with the exception text, not a crash of
         # a multi-hour build; --strict turns it into an error in the parent.
         return job.index, None, None, ("decode error", f"{type(e).__name__}: {e}")
-    jpegs = [_encode_jpeg(f) for f in frames]
+    jpegs = [_encode_jpeg(f, job.sampling.jpeg_quality) for f in frames]
     if cache:
         try:
             _save_cached(cache, jpegs, mask)
@@ -252,7 +226,8 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version(DATASET_VERSION)
     RELEASE_NOTES = {DATASET_VERSION: "Sampled JPEG frames + all captions per clip."}
-    BUILDER_CONFIGS = [VideoTextConfig(dataset=name) for name in DATASETS]
+    # No predefined configs: every config is made from a FrameSampling (config.data), so the
+    # builder holds no sampling defaults of its own.
     MANUAL_DOWNLOAD_INSTRUCTIONS = _manual_instructions()
 
     # TFDS 4.9's default looks the module up through `importlib_resources`, a package it does
@@ -303,24 +278,24 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         c = self.builder_config
-        s = c.image_size
+        s, f = c.sampling.image_size, c.sampling.max_frames
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict(
                 {
                     "video_id": tfds.features.Text(),
                     "frames": tfds.features.Sequence(
                         tfds.features.Image(shape=(s, s, 3), encoding_format="jpeg"),
-                        length=c.max_frames,
+                        length=f,
                     ),
-                    "frame_mask": tfds.features.Tensor(shape=(c.max_frames,), dtype=np.int32),
+                    "frame_mask": tfds.features.Tensor(shape=(f,), dtype=np.int32),
                     "captions": tfds.features.Sequence(tfds.features.Text()),
                     "start": tfds.features.Scalar(dtype=np.float32),
                     "end": tfds.features.Scalar(dtype=np.float32),
                 }
             ),
             description=(
-                f"{c.dataset}: {c.max_frames} frames sampled at {c.feature_framerate} fps "
-                f"(slice_framepos {c.slice_framepos}), {s}px, with all captions per clip."
+                f"{c.dataset}: {f} frames sampled at {c.sampling.feature_framerate} fps "
+                f"(slice_framepos {c.sampling.slice_framepos}), {s}px, with all captions per clip."
             ),
         )
 
@@ -335,7 +310,7 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         manual_dir = os.fspath(dl_manager.manual_dir)
         c = self.builder_config
-        splits = self._splits or _spec(c.dataset).build_splits
+        splits = self._splits or dataset_spec(c.dataset).build_splits
         check_manual_dir(c.dataset, manual_dir, self._video_dir, splits)
         if self._strict:
             # Every annotation problem of every split at once, before any decoding.
@@ -381,10 +356,7 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
                 r.video_path,
                 r.start,
                 r.end,
-                c.max_frames,
-                c.image_size,
-                c.feature_framerate,
-                c.slice_framepos,
+                c.sampling,
                 cache_dir or None,
             )  # shared by the splits: train_7k reuses train's decodes
             for i, r in enumerate(recs)
@@ -473,7 +445,7 @@ def check_manual_dir(
     splits: tuple[str, ...] | None = None,
 ) -> None:
     """Raises `DataError` naming every missing annotation file / the missing video folder."""
-    spec = _spec(dataset)
+    spec = dataset_spec(dataset)
     known = datasets.SPLITS[dataset]
     bad = [s for s in splits or () if s not in known]
     if bad:
@@ -517,24 +489,8 @@ def clean_stale_incomplete_dirs(builder: UcofiaVideoText) -> list[str]:
 
 
 def get_builder(
-    dataset: str,
-    *,
-    data_dir: str,
-    max_frames: int | None = None,
-    image_size: int = 224,
-    feature_framerate: int = 1,
-    slice_framepos: int = 2,
-    **kwargs,
+    dataset: str, *, data_dir: str, sampling: FrameSampling, **kwargs
 ) -> UcofiaVideoText:
     """The builder for one dataset + sampling (reading or building)."""
-    config = VideoTextConfig(
-        dataset=dataset,
-        max_frames=max_frames,
-        image_size=image_size,
-        feature_framerate=feature_framerate,
-        slice_framepos=slice_framepos,
-    )
-    # TFDS refuses a new config object named like a predefined one: pass the name then.
-    if any(c.name == config.name for c in UcofiaVideoText.BUILDER_CONFIGS):
-        config = config.name
+    config = VideoTextConfig(dataset=dataset, sampling=sampling)
     return UcofiaVideoText(config=config, data_dir=data_dir, **kwargs)

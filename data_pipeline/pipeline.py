@@ -39,6 +39,7 @@ import tensorflow_datasets as tfds
 from data_pipeline import builder as builder_lib
 from data_pipeline import tables as tables_lib
 from data_pipeline.records import DataError
+from data_pipeline.sampling import FrameSampling
 from ucofia_jax.models import tokenizer
 
 
@@ -149,12 +150,7 @@ def resolve_split(split: str, built: list[str], name: str = "") -> str:
 def _builder(data_cfg, data_dir: str) -> builder_lib.UcofiaVideoText:
     """The reader of `data_cfg`'s dataset and frame sampling in `data_dir`."""
     return builder_lib.get_builder(
-        data_cfg.dataset,
-        data_dir=data_dir,
-        max_frames=data_cfg.max_frames,
-        image_size=data_cfg.image_size,
-        feature_framerate=data_cfg.feature_framerate,
-        slice_framepos=data_cfg.slice_framepos,
+        data_cfg.dataset, data_dir=data_dir, sampling=FrameSampling.from_config(data_cfg)
     )
 
 
@@ -198,12 +194,8 @@ def _not_built(data_cfg, data_dir: str, b: builder_lib.UcofiaVideoText) -> str:
             raw = f"Raw files first (config.data.manual_dir): {e}"
     cmd = (
         f"python -m data_pipeline.build --dataset={c.dataset} --manual_dir={manual_dir or 'RAW'} "
-        f"--data_dir={data_dir} --max_frames={c.max_frames} --image_size={c.image_size}"
+        f"--data_dir={data_dir} {c.sampling.build_flags()}"
     )
-    if c.feature_framerate != 1:
-        cmd += f" --feature_framerate={c.feature_framerate}"
-    if c.slice_framepos != 2:
-        cmd += f" --slice_framepos={c.slice_framepos}"
     return (
         f"the {c.dataset} dataset ({c.name}) is not built in config.data.data_dir = "
         f"{data_dir!r} (expected {b.data_dir}).\n{raw}\nThen build it with:\n  {cmd}"
@@ -214,9 +206,9 @@ class VideoTextData:
     """One split of a built dataset: tables of ids/captions, tokens, and batch streams.
 
     Args:
-      data_cfg: the ``config.data`` section; reads ``dataset, data_dir, max_words, max_frames,
-        image_size, feature_framerate, slice_framepos, expand_sentences, prefetch,
-        num_parallel_calls`` (and ``manual_dir`` for the message when it is not built).
+      data_cfg: the ``config.data`` section; reads ``dataset, data_dir, max_words,
+        expand_sentences, prefetch, num_parallel_calls``, the frame sampling (`FrameSampling`'s
+        keys; ``self.sampling``) and ``manual_dir`` for the message when it is not built.
       split: ``train`` / ``val`` / ``test``.
       data_dir: overrides ``data_cfg.data_dir``.
       process_index, process_count: default to jax's; tests pass them to simulate processes.
@@ -248,8 +240,7 @@ class VideoTextData:
             raise DataError(_not_built(data_cfg, data_dir, self.builder))
         split = resolve_split(split, list(self.builder.info.splits), name)
         self.split = split
-        self.max_frames = self.builder.builder_config.max_frames
-        self.image_size = self.builder.builder_config.image_size
+        self.sampling = self.builder.builder_config.sampling
         self._source = self.builder.as_data_source(
             split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
         )
@@ -372,6 +363,7 @@ class VideoTextData:
         source = self._source
         features = self.builder.info.features
         decoders = {"frames": tfds.decode.SkipDecoding()}
+        f, s = self.sampling.max_frames, self.sampling.image_size
 
         def fetch(i):
             return source[int(i)]
@@ -379,18 +371,16 @@ class VideoTextData:
         def load(item):
             raw = tf.numpy_function(fetch, [item["video_index"]], tf.string, stateful=False)
             ex = features.deserialize_example(tf.reshape(raw, []), decoders=decoders)
-            jpegs = tf.ensure_shape(ex["frames"], (self.max_frames,))
+            jpegs = tf.ensure_shape(ex["frames"], (f,))
             # Accurate IDCT (TF's default is the fast one): the frames then match what PIL decodes
             # from the same files, i.e. the builder's JPEG of decode_clip's output, not a
             # slightly different image per library.
             frames = [
                 tf.io.decode_jpeg(jpegs[i], channels=3, dct_method="INTEGER_ACCURATE")
-                for i in range(self.max_frames)
+                for i in range(f)
             ]
-            item["frames"] = tf.ensure_shape(
-                tf.stack(frames), (self.max_frames, self.image_size, self.image_size, 3)
-            )
-            item["frame_mask"] = tf.ensure_shape(ex["frame_mask"], (self.max_frames,))
+            item["frames"] = tf.ensure_shape(tf.stack(frames), (f, s, s, 3))
+            item["frame_mask"] = tf.ensure_shape(ex["frame_mask"], (f,))
             return item
 
         flat = {"video_index": video_plan.reshape(-1).astype(np.int32)}

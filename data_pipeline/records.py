@@ -1,5 +1,4 @@
-"""Clip records, the skip report, the data error type and the dataset spec shared by the whole
-data pipeline.
+"""Clip records, the skip report and the dataset spec shared by the whole data pipeline.
 
 A reader turns a dataset's annotation files into `ClipRecord`s; anything it cannot use is
 either recorded in a `SkipReport` (default) or raised as a `DataError` (``--strict``). The
@@ -15,14 +14,12 @@ import json
 import os
 from typing import Iterable
 
-
-class DataError(Exception):
-    """Bad input data (annotation or video). Raised in strict mode, or when nothing is usable."""
+from ucofia_jax.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """What a dataset needs on disk and how it is sampled by default (SPEC §9.3, §11).
+    """What a dataset needs on disk, and its own frame count if any (SPEC §9.3, §11).
 
     Each reader module in `data_pipeline.datasets` declares its own, next to the code that
     reads those files; the builder and the build command take them from there.
@@ -32,7 +29,9 @@ class DatasetSpec:
     build_splits: tuple[str, ...]
     # Annotation files that must be at the root of manual_dir, per split ("*" = every split).
     files: dict
-    max_frames: int = 12
+    # Frames per clip where the dataset wants its own (the paragraph datasets: long videos);
+    # None = config.data.max_frames (base_config). Only the build command's default reads it.
+    max_frames: int | None = None
     # Shown in the manual download instructions: where the original files come from.
     source: str = ""
 

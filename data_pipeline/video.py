@@ -53,6 +53,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.records import DataError
+from data_pipeline.sampling import FrameSampling
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi")
 
@@ -73,7 +74,7 @@ def frame_indices(
     *,
     start: float | None = None,
     end: float | None = None,
-    feature_framerate: int = 1,
+    feature_framerate: int,
 ) -> np.ndarray:
     """Indices of the frames the original takes from a file of `num_frames` frames at int `fps`."""
     if fps < 1:
@@ -140,24 +141,22 @@ def _stream_fps(stream) -> float:
 
 def decode_clip(
     path: str,
+    sampling: FrameSampling,
     *,
     start: float | None = None,
     end: float | None = None,
-    max_frames: int = 12,
-    feature_framerate: int = 1,
-    slice_framepos: int = 2,
-    image_size: int = 224,
     threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decodes a clip to ``frames`` uint8 [max_frames, S, S, 3] and ``frame_mask`` int32 [max_frames].
+    """Decodes a clip to ``frames`` uint8 [max_frames, S, S, 3] and ``frame_mask`` int32
+    [max_frames], S = ``image_size``, per `sampling` (its ``jpeg_quality`` is the builder's).
 
     `threads` is the FFmpeg decoder thread count; 1 by default because the builders
     parallelise over processes.
     Raises:
       VideoDecodeError: for any of the broken-input rules in the module docstring.
     """
-    if feature_framerate < 1:
-        raise ValueError(f"feature_framerate must be >= 1, got {feature_framerate}")
+    max_frames, image_size = sampling.max_frames, sampling.image_size
+    feature_framerate, slice_framepos = sampling.feature_framerate, sampling.slice_framepos
     path = str(path)
     if not os.path.isfile(path):
         raise VideoDecodeError(path, "missing file")

@@ -40,7 +40,9 @@ def setup(**train_overrides):
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
     model = tiny_model(c)
     state = train.create_train_state(model, 0)
-    trainer = train.make_trainer(model, c.train, mesh, state, schedule_total=N)
+    trainer = train.make_trainer(
+        model, c.train, mesh, state, schedule_total=N, axis_rules=c.mesh.logical_axis_rules
+    )
     data = ArrayData(random_arrays(24, c), batch_size=8, seed=3, video_ids=VIDEO_IDS)
     return c, model, trainer, state, data
 

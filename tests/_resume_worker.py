@@ -39,7 +39,9 @@ def setup():
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
     model = tiny_model(c)
     state = train.create_train_state(model, 0)
-    trainer = train.make_trainer(model, c.train, mesh, state, schedule_total=N)
+    trainer = train.make_trainer(
+        model, c.train, mesh, state, schedule_total=N, axis_rules=c.mesh.logical_axis_rules
+    )
     # 3 steps per epoch, so the run crosses an epoch boundary (data position matters).
     data = ArrayData(random_arrays(24, c), batch_size=8, seed=3)
     return c, trainer, state, data

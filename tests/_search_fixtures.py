@@ -37,7 +37,7 @@ def save_workdir(workdir: str | Path, config, seed_offset: int = 0) -> str:
         f.write(config.to_json_best_effort(indent=2))
     model = tiny_model(config)
     state = train_lib.create_train_state(model, config.seed + seed_offset)
-    tx = optim.make_optimizer(config.train, state["params"], 1)
+    tx = optim.make_optimizer(config.train, optim.group_schedules(config.train, 1))
     state["opt_state"] = tx.init(state["params"])
     state["step"] = np.asarray(1, np.int32)
     ck = checkpoints.Checkpointer(workdir, keep=1, async_save=False)

@@ -5,6 +5,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+from ucofia_jax.errors import NonFiniteLossError
 from ucofia_jax.training import loop
 
 
@@ -30,8 +31,8 @@ class ArrayData:
 
 
 def check_finite_loss(loss: float, step: int, batch: Dict[str, Any], video_ids=None) -> None:
-    """Raise ``loop.NonFiniteLossError`` when ``loss`` (of the update from state ``step``) is
+    """Raise ``NonFiniteLossError`` when ``loss`` (of the update from state ``step``) is
     not finite, with the loop's message."""
     if not loop.step_is_finite({"loss": loss}):
         ids = loop.batch_video_ids(batch, video_ids)
-        raise loop.NonFiniteLossError(loop.nonfinite_message(step + 1, loss, ids, None))
+        raise NonFiniteLossError(loop.nonfinite_message(step + 1, loss, ids, None))

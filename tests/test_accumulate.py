@@ -30,7 +30,9 @@ def _one_step(accumulate, batch):
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
     model = tiny_model(c)
     state = train.create_train_state(model, 0)
-    trainer = train.make_trainer(model, c.train, mesh, state, schedule_total=10)
+    trainer = train.make_trainer(
+        model, c.train, mesh, state, schedule_total=10, axis_rules=c.mesh.logical_axis_rules
+    )
     state = train.place_state(trainer, state)
     new, metrics = trainer.train_step(state, sharding.shard_batch(batch, mesh))
     return float(metrics["loss"]), jax.device_get(new["params"]), model
@@ -92,4 +94,11 @@ def test_batch_not_divisible_by_accumulation_is_refused():
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
     model = tiny_model(c)
     with pytest.raises(ValueError, match="accumulate_steps"):
-        train.make_trainer(model, c.train, mesh, {"params": None}, schedule_total=10)
+        train.make_trainer(
+            model,
+            c.train,
+            mesh,
+            {"params": None},
+            schedule_total=10,
+            axis_rules=c.mesh.logical_axis_rules,
+        )

@@ -18,10 +18,13 @@ from data_pipeline import builder as builder_lib
 from data_pipeline import datasets, synthetic
 from data_pipeline import video as video_lib
 from data_pipeline.records import DataError
+from data_pipeline.sampling import FrameSampling
+from ucofia_jax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F, S = 4, 32
-SAMPLING = dict(max_frames=F, image_size=S)
+BASE = FrameSampling.from_config(config_lib.base_config().data)
+SAMPLING = BASE.replace(max_frames=F, image_size=S)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,7 @@ def raw(tmp_path_factory):
 
 
 def _read_split(data_dir, split):
-    b = builder_lib.get_builder("msrvtt", data_dir=data_dir, **SAMPLING)
+    b = builder_lib.get_builder("msrvtt", data_dir=data_dir, sampling=SAMPLING)
     assert b.is_prepared()
     src = b.as_data_source(split)
     out = []
@@ -91,9 +94,7 @@ def test_cli_builds_reads_back_and_reports(raw, tmp_path):
         sentences = json.load(f)["sentences"]
     for e in train[:4]:
         vid = e["video_id"].decode()
-        frames, mask = video_lib.decode_clip(
-            os.path.join(raw, "videos", vid + ".mp4"), max_frames=F, image_size=S
-        )
+        frames, mask = video_lib.decode_clip(os.path.join(raw, "videos", vid + ".mp4"), SAMPLING)
         assert e["frames"].shape == (F, S, S, 3) and e["frames"].dtype == np.uint8
         np.testing.assert_array_equal(e["frame_mask"], mask)
         diff = np.abs(e["frames"].astype(np.int32) - frames.astype(np.int32))
@@ -137,7 +138,7 @@ def test_strict_fails_on_bad_video_and_leaves_nothing(raw, tmp_path):
             workers=0,
             progress=False,
             log=lambda *_: None,
-            **SAMPLING,
+            sampling=SAMPLING,
         )
 
     # The missing test video is found while the annotations are read: listed before any
@@ -158,7 +159,7 @@ def test_strict_fails_on_bad_video_and_leaves_nothing(raw, tmp_path):
     msg = str(info.value)
     assert msg.startswith("--strict: 1 problem(s) in the videos of msrvtt train"), msg
     assert os.path.join(raw2, "videos", "video1.mp4") in msg, msg
-    b = builder_lib.get_builder("msrvtt", data_dir=out, **SAMPLING)
+    b = builder_lib.get_builder("msrvtt", data_dir=out, sampling=SAMPLING)
     assert not b.is_prepared()
     leftovers = os.listdir(b.dataset_root) if os.path.isdir(b.dataset_root) else []
     assert not [n for n in leftovers if n.startswith(("1.0.0", "incomplete."))], leftovers
@@ -168,14 +169,15 @@ _KILL_SCRIPT = """
 import os, signal, sys
 from data_pipeline import build, video
 real, n = video.decode_clip, [0]
-def decode(path, **kw):
+def decode(path, *args, **kw):
   n[0] += 1
   if n[0] == int(sys.argv[3]):
     os.kill(os.getpid(), signal.SIGKILL)  # as a pre-empted machine or the OOM killer would
-  return real(path, **kw)
+  return real(path, *args, **kw)
 video.decode_clip = decode
-build.build("msrvtt", manual_dir=sys.argv[1], data_dir=sys.argv[2], max_frames=4,
-            image_size=32, workers=0, progress=False)
+sampling = build.default_sampling("msrvtt").replace(max_frames=4, image_size=32)
+build.build("msrvtt", manual_dir=sys.argv[1], data_dir=sys.argv[2], sampling=sampling,
+            workers=0, progress=False)
 """
 
 
@@ -190,7 +192,7 @@ def test_killed_build_resumes_without_duplicates(raw, tmp_path, monkeypatch):
         timeout=180,
     )
     assert proc.returncode == -9, proc.stderr[-3000:]
-    b = builder_lib.get_builder("msrvtt", data_dir=out, **SAMPLING)
+    b = builder_lib.get_builder("msrvtt", data_dir=out, sampling=SAMPLING)
     assert not b.is_prepared()
     stale = [n for n in os.listdir(b.dataset_root) if n.startswith("incomplete.")]
     assert len(stale) == 1, os.listdir(b.dataset_root)
@@ -200,12 +202,12 @@ def test_killed_build_resumes_without_duplicates(raw, tmp_path, monkeypatch):
     calls = []
     real_decode = video_lib.decode_clip
 
-    def counting_decode(path, **kw):
+    def counting_decode(path, *args, **kw):
         calls.append(os.path.basename(path))
-        return real_decode(path, **kw)
+        return real_decode(path, *args, **kw)
 
     monkeypatch.setattr(video_lib, "decode_clip", counting_decode)
-    quiet = dict(workers=0, progress=False, log=lambda *_: None, **SAMPLING)
+    quiet = dict(workers=0, progress=False, log=lambda *_: None, sampling=SAMPLING)
     # 2) An exception after 3 written clips: TFDS removes its own temp dir.
     with pytest.raises(RuntimeError, match="simulated interruption"):
         build_lib.build("msrvtt", manual_dir=raw, data_dir=out, fail_after=3, **quiet)
@@ -229,18 +231,25 @@ def test_killed_build_resumes_without_duplicates(raw, tmp_path, monkeypatch):
 
 
 def test_config_names_and_instructions():
-    assert builder_lib.config_name("msrvtt") == "msrvtt_f12_s224"
-    assert builder_lib.config_name("didemo") == "didemo_f64_s224"
+    # The names of datasets built before FrameSampling: unchanged.
+    assert builder_lib.config_name("msrvtt", BASE) == "msrvtt_f12_s224"
+    assert builder_lib.config_name("msrvtt", SAMPLING) == "msrvtt_f4_s32"
+    didemo = build_lib.default_sampling("didemo")
+    assert builder_lib.config_name("didemo", didemo) == "didemo_f64_s224"
     assert (
-        builder_lib.config_name("msvd", max_frames=8, image_size=112, slice_framepos=0)
+        builder_lib.config_name(
+            "msvd", BASE.replace(max_frames=8, image_size=112, slice_framepos=0)
+        )
         == "msvd_f8_s112_pos0"
     )
-    # One list of datasets, in this order: the readers, the builder configs and the CLI agree.
+    # Every field that changes the stored frames is in the name.
+    assert (
+        builder_lib.config_name("msvd", BASE.replace(feature_framerate=2)) == "msvd_f12_s224_fps2"
+    )
+    assert builder_lib.config_name("msvd", BASE.replace(jpeg_quality=90)) == "msvd_f12_s224_q90"
+    # One list of datasets, in this order: the readers, the builder and the CLI agree.
     assert builder_lib.DATASETS == ("msrvtt", "msvd", "lsmdc", "activitynet", "didemo", "vatex")
     assert tuple(datasets.READERS) == tuple(datasets.SPLITS) == builder_lib.DATASETS
-    assert [c.dataset for c in builder_lib.UcofiaVideoText.BUILDER_CONFIGS] == list(
-        builder_lib.DATASETS
-    )
     dataset_flag = next(a for a in build_lib._parser()._actions if a.dest == "dataset")
     assert tuple(dataset_flag.choices) == builder_lib.DATASETS
     text = builder_lib.UcofiaVideoText.MANUAL_DOWNLOAD_INSTRUCTIONS
@@ -249,7 +258,7 @@ def test_config_names_and_instructions():
         for f in builder_lib.required_files(name):
             assert f in text
     with pytest.raises(ValueError, match="unknown dataset"):
-        builder_lib.config_name("kinetics")
+        builder_lib.config_name("kinetics", BASE)
 
 
 def test_didemo_paragraphs_and_clip_window(tmp_path):
@@ -282,23 +291,23 @@ def test_didemo_paragraphs_and_clip_window(tmp_path):
         workers=0,
         progress=False,
         log=lambda *_: None,
-        **SAMPLING,
+        sampling=SAMPLING,
     )
     assert summary["config"] == "didemo_f4_s32"
     assert summary["written"] == {"train": 3, "val": 1, "test": 1}
-    b = builder_lib.get_builder("didemo", data_dir=out, **SAMPLING)
+    b = builder_lib.get_builder("didemo", data_dir=out, sampling=SAMPLING)
     (e,) = [b.as_data_source("test")[0]]
     assert [c.decode() for c in e["captions"]] == ["first thing 4. then another 4"]
     assert e["start"] == 0 and e["end"] == 31
     frames, mask = video_lib.decode_clip(
-        os.path.join(raw, "videos", "clip4.mp4"), start=0, end=31, max_frames=F, image_size=S
+        os.path.join(raw, "videos", "clip4.mp4"), SAMPLING, start=0, end=31
     )
     np.testing.assert_array_equal(e["frame_mask"], mask)
 
 
 def test_extra_split_train_7k_and_missing_split_message(raw, tmp_path):
     out = str(tmp_path / "tfds")
-    quiet = dict(workers=0, progress=False, log=lambda *_: None, **SAMPLING)
+    quiet = dict(workers=0, progress=False, log=lambda *_: None, sampling=SAMPLING)
     summary = build_lib.build(
         "msrvtt", manual_dir=raw, data_dir=out, splits=("test", "train_7k"), **quiet
     )
@@ -309,3 +318,49 @@ def test_extra_split_train_7k_and_missing_split_message(raw, tmp_path):
         build_lib.build(
             "msrvtt", manual_dir=raw, data_dir=str(tmp_path / "x"), splits=("training",), **quiet
         )
+
+
+def test_build_flags_default_to_base_config(monkeypatch, capsys):
+    """``python -m data_pipeline.build`` without sampling flags builds base_config's sampling
+    (the paragraph datasets their spec's frame count); a flag changes only its field."""
+    seen = []
+    monkeypatch.setattr(build_lib, "build", lambda dataset, **kw: seen.append(kw["sampling"]))
+    common = ["--manual_dir=raw", "--data_dir=out"]
+    assert build_lib.main(["--dataset=msrvtt", *common]) == 0
+    assert build_lib.main(["--dataset=msrvtt", *common, "--max_frames=3", "--jpeg_quality=80"]) == 0
+    assert build_lib.main(["--dataset=didemo", *common]) == 0
+    assert build_lib.main(["--dataset=didemo", *common, "--slice_framepos=0"]) == 0
+    assert seen == [
+        BASE,
+        BASE.replace(max_frames=3, jpeg_quality=80),
+        BASE.replace(max_frames=64),
+        BASE.replace(max_frames=64, slice_framepos=0),
+    ]
+    assert build_lib.default_sampling("msrvtt") == BASE
+    assert build_lib.main(["--dataset=msrvtt", *common, "--max_frames=0"]) == 2
+    assert "error: --max_frames must be >= 1, got 0" in capsys.readouterr().err
+    assert len(seen) == 4
+
+
+def test_the_job_sampling_reaches_the_decoder_and_the_jpeg_encoder(raw):
+    """Each field of the builder's sampling changes what is stored: max_frames=3 stores 3
+    frames of image_size px, and a lower jpeg_quality smaller JPEGs of the same frames."""
+    path = os.path.join(raw, "videos", "video2.mp4")
+
+    def stored(sampling):
+        job = builder_lib._Job(0, "video2", path, None, None, sampling, None)
+        index, jpegs, mask, error = builder_lib.process_clip(job)
+        assert error is None, error
+        return jpegs, mask
+
+    jpegs, mask = stored(SAMPLING.replace(max_frames=3))
+    assert len(jpegs) == 3 and mask.shape == (3,)
+    frames, _ = video_lib.decode_clip(path, SAMPLING.replace(max_frames=3))
+    assert frames.shape == (3, S, S, 3)
+    # The stored JPEGs are decode_clip's frames at the sampling's quality.
+    want = [builder_lib._encode_jpeg(f, SAMPLING.jpeg_quality) for f in frames]
+    assert jpegs == want
+    low, _ = stored(SAMPLING.replace(max_frames=3, jpeg_quality=30))
+    assert sum(map(len, low)) < sum(map(len, jpegs))
+    config = builder_lib.VideoTextConfig(dataset="msrvtt", sampling=SAMPLING)
+    assert config.sampling is SAMPLING and config.name == "msrvtt_f4_s32"

@@ -13,8 +13,8 @@ import torch
 from clip_testutil import TINY, hf_outputs, inputs, random_hf_clip, state_dict_numpy
 from safetensors.numpy import save_file
 
+from ucofia_jax.errors import CheckpointError
 from ucofia_jax.models import clip_import
-from ucofia_jax.models.clip_import import CheckpointError
 
 
 def openai_layout(model) -> dict:

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from data_pipeline import compress
+from data_pipeline.sampling import FrameSampling
 from data_pipeline.video import decode_clip, write_video
+from ucofia_jax import config as config_lib
 
 
 @pytest.fixture
@@ -40,7 +42,8 @@ def test_output_fps_size_and_layout(raw, tmp_path):
     assert "broken.avi" in (out / "compress_failures.txt").read_text()
     assert not [f for _, _, fs in os.walk(out) for f in fs if f.endswith(".partial")]
     # Frames at whole seconds are the input frames at whole seconds (value 4 * index).
-    frames, mask = decode_clip(str(out / "wide.mp4"), max_frames=4, image_size=16)
+    sampling = FrameSampling.from_config(config_lib.base_config().data)
+    frames, mask = decode_clip(str(out / "wide.mp4"), sampling.replace(max_frames=4, image_size=16))
     assert mask.tolist() == [1, 1, 0, 0]
     assert abs(int(frames[1].mean()) - 120) <= 3
 

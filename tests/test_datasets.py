@@ -6,7 +6,8 @@ import pickle
 
 import pytest
 
-from data_pipeline.datasets import READERS, get_reader
+from data_pipeline.datasets import MODULES, READERS, get_reader
+from data_pipeline.datasets import _common as C
 from data_pipeline.records import ClipRecord, DataError, SkipReport
 
 
@@ -227,6 +228,15 @@ def test_activitynet(tmp_path):
         "unreadable annotation row": 1,
         "missing video": 1,
     }
+    # Each step in turn: the ids list; each video's entry, then its sentences; the files.
+    assert [(os.path.basename(e["file"]), e["reason"]) for e in rep] == [
+        ("train_ids.json[5]", "no annotation"),
+        ("train.json[v_CCC].sentences[0]", "empty caption"),
+        ("train.json[v_CCC].sentences[1]", "empty caption"),
+        ("train.json[v_DDD]", "unreadable annotation row"),
+        ("CCC.mp4", "no annotation"),
+        ("EEE", "missing video"),
+    ]
     # No val_ids.json: the json keys are the split; test is val_1 as in the original.
     test = get_reader("activitynet")(str(tmp_path), "test", report=SkipReport())
     assert [(r.video_id, r.split) for r in test] == [("BBB", "test")]
@@ -302,3 +312,131 @@ def test_registry_and_records(tmp_path):
     assert lines[0].startswith("# skipped: 3") and lines[2] == "empty caption\tb.csv:3\ttab here"
     js = json.load(open(rep.write(str(tmp_path / "skipped.json"))))
     assert js["counts"] == {"missing video": 2, "empty caption": 1} and len(js["entries"]) == 3
+
+
+# ---------------------------------------------------------------------- the reader loop
+def test_group_captions_order_quirks_and_places():
+    """Flat items (one caption each): a video comes with its first usable caption; an item
+    or caption a rule rejects is reported at its own place, as are unusable captions."""
+
+    def rule(where, item):
+        vid, cap = item
+        return C.Unreadable("no id") if vid is None else (vid, [(where, cap)])
+
+    items = [
+        ("f:1", ("b", "  ")),  # b's first caption is empty: b comes after a
+        ("f:2", ("a", "a one")),
+        ("f:3", (None, "x")),
+        ("f:4", ("b", "b  one")),
+        ("f:5", ("a", C.Unreadable("bad tokens"))),
+        ("f:6", ("a", "a two")),
+        ("f:7", ("c", 5)),  # no usable caption: c is not there at all
+    ]
+    rep = SkipReport()
+    got = C.group_captions(items, rule, rep, False)
+    assert list(got.items()) == [("a", ["a one", "a two"]), ("b", ["b one"])]
+    assert [(e["file"], e["reason"], e["detail"]) for e in rep] == [
+        ("f:1", "empty caption", ""),
+        ("f:3", "unreadable annotation row", "no id"),
+        ("f:5", "unreadable annotation row", "bad tokens"),
+        ("f:7", "unreadable annotation row", "caption is int"),
+    ]
+    with pytest.raises(DataError, match=r"^f:1: empty caption$"):
+        C.group_captions(items, rule, None, True)
+
+
+def test_group_captions_keep_empty_and_last_wins():
+    # One entry per video: a video without a usable caption stays (the records step counts
+    # it), in entry order; caption k of an entry is reported at its own place.
+    entries = [("j[v]", ("v", ["", 5])), ("j[w]", ("w", [" w "]))]
+    rep = SkipReport()
+    got = C.group_captions(entries, C.each_caption, rep, False, keep_empty=True)
+    assert list(got.items()) == [("v", []), ("w", ["w"])]
+    assert [e["file"] for e in rep] == ["j[v][0]", "j[v][1]"]
+    # A repeated video replaces the earlier item, keeping its place; the earlier one is the
+    # duplicate. A repeat whose caption is unusable replaces nothing.
+    rows = [("f:1", ("m1", "first")), ("f:2", ("m2", "x")), ("f:3", ("m1", "")),
+            ("f:4", ("m1", "last"))]  # fmt: skip
+    rep = SkipReport()
+    got = C.group_captions(
+        rows,
+        lambda where, r: (r[0], [(where, r[1])]),
+        rep,
+        False,
+        last_wins=lambda vid, where: f"{vid} again at {where}",
+    )
+    assert list(got.items()) == [("m1", ["last"]), ("m2", ["x"])]
+    assert [(e["file"], e["reason"], e["detail"]) for e in rep] == [
+        ("f:3", "empty caption", ""),
+        ("f:1", "duplicate id", "m1 again at f:4"),
+    ]
+
+
+def test_listed_checks_each_id_when_taken():
+    ids = [("l:1", "a"), ("l:2", 7), ("l:3", "zz"), ("l:4", "a"), ("l:5", "b")]
+    rep = SkipReport()
+    taken = []
+    rule = lambda v: v if isinstance(v, str) else C.Unreadable("bad id")  # noqa: E731
+    for vid in C.listed(ids, {"a": 1, "b": 2}, "not in ann.json", rep, False, rule):
+        taken.append(vid)
+        rep.add(f"caller:{vid}", "caller's check")  # comes right after the id's own checks
+    assert taken == ["a", "b"]
+    assert [(e["file"], e["reason"], e["detail"]) for e in rep] == [
+        ("caller:a", "caller's check", ""),
+        ("l:2", "unreadable annotation row", "bad id"),
+        ("l:3", "no annotation", "video id zz not in ann.json"),
+        ("l:4", "duplicate id", "id a already at l:1"),
+        ("caller:b", "caller's check", ""),
+    ]
+
+
+def test_make_read_split(tmp_path):
+    """A toy dataset from its rules alone: the split check, paragraphs, clip times, the
+    record split and file names come from `make_read_split`."""
+    _videos(tmp_path, ["x_a.mp4", "b.webm", "d.mp4"])
+    seen = []
+
+    def videos(root, split, report, strict):
+        seen.append((root, split, strict))
+        return [("a", ["one.", "two."]), ("b", ["three."]), ("c", ["no file"]), ("d", [])]
+
+    read = C.make_read_split(
+        "toy",
+        ("train", "extra"),
+        videos,
+        file_names=lambda v: [v, "x_" + v],
+        paragraph=True,
+        clip=(1.0, 2.5),
+        record_split={"extra": "train"},
+    )
+    rep = SkipReport()
+    recs = read(str(tmp_path), "extra", expand_sentences=True, report=rep)
+    assert [(r.video_id, r.captions, r.start, r.end, r.split) for r in recs] == [
+        ("a", ("one. two.",), 1.0, 2.5, "train"),
+        ("b", ("three.",), 1.0, 2.5, "train"),
+    ]
+    assert recs[0].video_path.endswith("x_a.mp4")
+    assert [(os.path.basename(e["file"]), e["reason"]) for e in rep] == [
+        ("c", "missing video"),
+        ("d.mp4", "no annotation"),
+    ]
+    assert seen == [(str(tmp_path), "extra", False)]
+    with pytest.raises(ValueError, match=r"toy: unknown split 'test'"):
+        read(str(tmp_path), "test")
+    assert seen == [(str(tmp_path), "extra", False)]  # the split is checked first
+    plain = C.make_read_split("toy", ("train",), videos)
+    recs = plain(str(tmp_path), "train", expand_sentences=True, report=SkipReport())
+    assert [(r.video_id, r.captions, r.start) for r in recs] == [
+        ("b", ("three.",), None)  # "a" has no file named "a"
+    ]
+    recs = plain(str(tmp_path), "train", video_dir=str(tmp_path / "videos"), report=None)
+    assert [r.captions for r in recs] == [("three.",)]
+
+
+def test_every_reader_is_made_by_the_loop():
+    """Each reader states rules (`videos`) and gets `read_split` from `make_read_split`: no
+    dataset keeps a loop of its own."""
+    for module in MODULES:
+        assert callable(module.videos), module.NAME
+        assert module.read_split.__qualname__ == "make_read_split.<locals>.read_split"
+        assert module.NAME in module.read_split.__doc__

@@ -60,7 +60,9 @@ def _run_layouts() -> dict:
         mesh = sharding.make_mesh(c.mesh, devices)
         model = tiny_model(c)
         state = train.create_train_state(model, 0)
-        trainer = train.make_trainer(model, c.train, mesh, state, schedule_total=10)
+        trainer = train.make_trainer(
+            model, c.train, mesh, state, schedule_total=10, axis_rules=c.mesh.logical_axis_rules
+        )
         state = train.place_state(trainer, state)
         specs = {
             _path(p): [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]

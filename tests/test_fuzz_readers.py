@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 from test_torch_reader import craft, tensor_ops
 
 from data_pipeline.datasets import msvd
-from data_pipeline.records import DataError, SkipReport
+from data_pipeline.records import SkipReport
+from ucofia_jax.errors import CheckpointError, DataError
 from ucofia_jax.models import torch_reader
-from ucofia_jax.models.torch_reader import CheckpointError
 
 CASES = 200
 SECONDS_PER_CASE = 5

@@ -286,7 +286,7 @@ def _readme_command(subcommand: str) -> list[str]:
 
 
 def test_a_mesh_without_some_process_is_refused(monkeypatch):
-    # The check behind config.check_inputs (before compile): 2 processes x 2 devices, and a
+    # The check behind preflight.check_inputs (before compile): 2 processes x 2 devices, and a
     # mesh of process 0's devices only (the demo's old mesh.data=1) is refused, naming it.
     import jax  # noqa: PLC0415 -- the other tests here never import jax
 

@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from test_main_smoke import _config as smoke_config
 
 from ucofia_jax import main
+from ucofia_jax.errors import NonFiniteLossError
 from ucofia_jax.training import loop
 from ucofia_jax.training.metric_writer import MetricWriter
 
@@ -238,7 +239,7 @@ def test_logs_checkpoints_and_validation_in_order():
 def test_a_nonfinite_step_is_never_saved_and_stops_naming_it():
     events = []
     trainer = Trainer(events, nan_steps=[4], checkpoint_every_steps=2)
-    with pytest.raises(loop.NonFiniteLossError) as e:
+    with pytest.raises(NonFiniteLossError) as e:
         _run(events, trainer=trainer, checkpointer=Checkpointer(events))
     # Step 4 ends no epoch and is no log step: its metrics would be read at step 5, but the
     # save after step 4 reads its verdict first.
@@ -253,7 +254,7 @@ def test_a_nonfinite_step_is_never_saved_and_stops_naming_it():
 def test_a_nonfinite_step_read_late_stops_the_run_too():
     events = []
     trainer = Trainer(events, nan_steps=[1])
-    with pytest.raises(loop.NonFiniteLossError, match="step 0 -> 1: .*video0, video50.*no chec"):
+    with pytest.raises(NonFiniteLossError, match="step 0 -> 1: .*video0, video50.*no chec"):
         _run(events, trainer=trainer)
     assert _only(events, "step") == [("step", 1), ("step", 2)]  # read one step late
 

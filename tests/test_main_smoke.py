@@ -10,12 +10,10 @@ import jax
 import numpy as np
 import pytest
 import torch
-from _tiny import tiny_config, tiny_model
+from _tiny import tiny_config
 
-from ucofia_jax import config, main
+from ucofia_jax import config, main, weights
 from ucofia_jax.models import ucofia_names
-from ucofia_jax.training import checkpoints, optim
-from ucofia_jax.training import trainer as train
 
 
 def _config(workdir):
@@ -83,8 +81,8 @@ def test_main_train_and_eval_then_eval(tmp_path):
 
     # --mode=eval on a checkpoint in the original (PyTorch state_dict) format: our head
     # exported under the original names, read back through the name mapping.
-    state, _ = checkpoints.restore_params(workdir, _abstract_state(_config(workdir)))
-    sd = ucofia_names.head_params_to_state_dict(jax.device_get(state["params"]["head"]))
+    params = weights.load(_config(workdir), workdir=workdir).params
+    sd = ucofia_names.head_params_to_state_dict(jax.device_get(params["head"]))
     path = str(tmp_path / "pytorch_model.bin")
     torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, path)
     c = _config(workdir)
@@ -94,13 +92,6 @@ def test_main_train_and_eval_then_eval(tmp_path):
     other = str(tmp_path / "released")
     res3 = main.run(c, other, "eval", progress=False)
     assert os.path.exists(os.path.join(other, "results.json")) and res3["num_videos"] == 8
-
-
-def _abstract_state(config):
-    state = train.create_train_state(tiny_model(config), config.seed)
-    tx = optim.make_optimizer(config.train, state["params"], 1)
-    state["opt_state"] = jax.eval_shape(tx.init, state["params"])
-    return state
 
 
 def test_bad_key_rejected_before_compile(tmp_path):

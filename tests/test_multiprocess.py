@@ -192,7 +192,9 @@ def _train(out: Path) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     state = train_lib.create_train_state(model, config.seed)
     total = int(config.train.num_steps)
-    trainer = train_lib.make_trainer(model, config.train, mesh, state, total)
+    trainer = train_lib.make_trainer(
+        model, config.train, mesh, state, total, axis_rules=config.mesh.logical_axis_rules
+    )
     state = train_lib.place_state(trainer, state)
 
     recorded = []

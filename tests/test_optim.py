@@ -6,24 +6,41 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from _tiny import random_arrays, tiny_config, tiny_model
 
 from ucofia_jax.config import base_config
+from ucofia_jax.runtime import sharding
 from ucofia_jax.training import optim
+from ucofia_jax.training import trainer as trainer_lib
 
 TOL = dict(rtol=1e-5, atol=1e-7)
 LOGIT_MAX = math.log(100)
-# The optimisers take every hyper-parameter; the defaults (the original recipe) live only in
-# the config schema.
-TRAIN = base_config().train
-HYPERS = ("lr", "clip_lr", "warmup_proportion", "b1", "b2", "eps", "weight_decay", "grad_clip")
+EMBEDDING = "['clip']['token_embedding']['embedding']"
 
 
-def _hypers(*extra, **overrides):
-    kw = {k: TRAIN[k] for k in (*HYPERS, *extra)}
-    kw.update(frozen=tuple(TRAIN.frozen), schedule=TRAIN.schedule)
-    kw.update(overrides)
-    return kw
+def _train(**overrides):
+    """``config.train`` (the defaults, the original recipe, live only in the config schema)."""
+    train = base_config().train
+    train.update(overrides)
+    return train
+
+
+def _optimizer(total_steps=10, **overrides):
+    """The optimizer and its schedules as the trainer builds them, from ``config.train``."""
+    train = _train(**overrides)
+    schedules = optim.group_schedules(train, total_steps)
+    return optim.make_optimizer(train, schedules), schedules
+
+
+def _run(tx, params, grads_seq):
+    p = jax.tree.map(jnp.asarray, params)
+    state = tx.init(p)
+    for g in grads_seq:
+        updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, p)
+        p = optim.clamp_logit_scale(optax.apply_updates(p, updates))
+    return p
 
 
 def _params(rng):
@@ -107,24 +124,17 @@ def test_bertadam_matches_original(num_steps):
         g["head"]["dense"]["bias"] = (g["head"]["dense"]["bias"] * 1e-3).astype(np.float32)
         grads_seq.append(g)
     total, warmup = 10, 0.1
-    frozen = ("token_embedding",)
-    tx = optim.bertadam(
-        params,
-        total_steps=total,
-        **_hypers(
-            "per_tensor_clip",
-            lr=1e-1,
-            clip_lr=1e-2,
-            warmup_proportion=warmup,
-            weight_decay=0.2,
-            frozen=frozen,
-        ),
+    tx, _ = _optimizer(
+        total,
+        optimizer="bertadam",
+        schedule="warmup_cosine",
+        lr=1e-1,
+        clip_lr=1e-2,
+        warmup_proportion=warmup,
+        weight_decay=0.2,
+        frozen=("token_embedding",),
     )
-    p = jax.tree.map(jnp.asarray, params)
-    state = tx.init(p)
-    for g in grads_seq:
-        updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, p)
-        p = optim.clamp_logit_scale(jax.tree.map(lambda a, u: a + u, p, updates))
+    p = _run(tx, params, grads_seq)
     ref = _reference_bertadam(
         params,
         grads_seq,
@@ -133,16 +143,13 @@ def test_bertadam_matches_original(num_steps):
         clip_lr=1e-2,
         warmup=warmup,
         wd=0.2,
-        frozen_keys={"['clip']['token_embedding']['embedding']"},
+        frozen_keys={EMBEDDING},
     )
     ours = _flat(p)
     for k in ref:
         np.testing.assert_allclose(ours[k], ref[k], err_msg=k, **TOL)
     # Frozen embedding bit-identical; step 0 has lr 0 so one step changes nothing.
-    np.testing.assert_array_equal(
-        ours["['clip']['token_embedding']['embedding']"],
-        params["clip"]["token_embedding"]["embedding"],
-    )
+    np.testing.assert_array_equal(ours[EMBEDDING], params["clip"]["token_embedding"]["embedding"])
     if num_steps == 1:
         for k in ref:
             np.testing.assert_array_equal(ours[k], _flat(params)[k])
@@ -168,20 +175,81 @@ def test_labels_and_decay_mask():
     assert not mask["['clip']['transformer']['bias']"]
 
 
-def test_adamw_alternative_runs():
-    params = jax.tree.map(jnp.asarray, _params(np.random.default_rng(2)))
-    tx = optim.adamw(
-        params,
-        total_steps=10,
-        **_hypers(lr=1e-2, clip_lr=1e-3, frozen=("token_embedding",)),
+def test_group_schedules_follow_the_config():
+    train = _train(lr=1e-1, clip_lr=1e-3, warmup_proportion=0.1, schedule="warmup_cosine")
+    schedules = optim.group_schedules(train, 100)
+    assert set(schedules) == {"clip", "head"}
+    for group, base_lr in (("clip", 1e-3), ("head", 1e-1)):
+        np.testing.assert_allclose(float(schedules[group](5)), 0.5 * base_lr, rtol=1e-6)
+
+
+def _grads(params, rng, scale=3.0):
+    return jax.tree.map(lambda x: (rng.normal(size=np.shape(x)) * scale).astype(np.float32), params)
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_each_group_gets_its_own_lr(name):
+    """The same tensor, gradient and value in the CLIP group and in the head: the updates
+    differ by exactly clip_lr / lr (1 if the CLIP group got the head's lr)."""
+    rng = np.random.default_rng(3)
+    x, g = rng.normal(size=(4, 4)).astype(np.float32), rng.normal(size=(4, 4)).astype(np.float32)
+    params = {"clip": {"w": x}, "head": {"w": x}}
+    grads = {"clip": {"w": g}, "head": {"w": g}}
+    lr, clip_lr = 1e-1, 1e-3
+    tx, _ = _optimizer(
+        optimizer=name, schedule="constant", lr=lr, clip_lr=clip_lr, grad_clip=0.0, frozen=()
     )
     state = tx.init(params)
-    g = jax.tree.map(jnp.ones_like, params)
-    for _ in range(3):
-        u, state = tx.update(g, state, params)
-        params = optax_apply(params, u)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    for _ in range(2):
+        updates, state = tx.update(grads, state, params)
+        ratio = np.asarray(updates["clip"]["w"]) / np.asarray(updates["head"]["w"])
+        np.testing.assert_allclose(ratio, clip_lr / lr, rtol=1e-5)
 
 
-def optax_apply(p, u):
-    return jax.tree.map(lambda a, b: a + b, p, u)
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_frozen_params_never_change_nor_count_in_the_clip(name):
+    """Frozen params (config.train.frozen) stay bit-identical over steps with an lr > 0, and
+    their gradients do not count in the global clipping norm (torch: they have none)."""
+    rng = np.random.default_rng(4)
+    params = _params(rng)
+    grads_seq = [_grads(params, rng) for _ in range(3)]
+    tx, _ = _optimizer(
+        optimizer=name, schedule="constant", lr=1e-1, clip_lr=1e-2, frozen=("token_embedding",)
+    )
+    p = _flat(_run(tx, params, grads_seq))
+    start = _flat(params)
+    np.testing.assert_array_equal(p[EMBEDDING], start[EMBEDDING])
+    assert all(not np.array_equal(p[k], start[k]) for k in start if k != EMBEDDING)
+    # Huge frozen gradients would shrink every other update if they counted in the norm.
+    for g in grads_seq:
+        g["clip"]["token_embedding"]["embedding"] *= 1e6
+    again = _flat(_run(tx, params, grads_seq))
+    for k in p:
+        np.testing.assert_array_equal(again[k], p[k], err_msg=k)
+
+
+def test_adamw_alternative_runs():
+    params = jax.tree.map(jnp.asarray, _params(np.random.default_rng(2)))
+    tx, _ = _optimizer(optimizer="adamw", lr=1e-2, clip_lr=1e-3, frozen=("token_embedding",))
+    p = _run(tx, params, [jax.tree.map(jnp.ones_like, params)] * 3)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(p))
+
+
+@pytest.mark.slow
+def test_trainer_logs_each_groups_lr():
+    """metrics['lr'] / ['clip_lr'] are the head's and CLIP's schedules at the step taken."""
+    c = tiny_config()
+    c.mesh.data = 1
+    c.train.update(dict(lr=1e-2, clip_lr=1e-3, schedule="warmup_cosine", warmup_proportion=0.5))
+    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+    model = tiny_model(c)
+    state = trainer_lib.create_train_state(model, 0)
+    trainer = trainer_lib.make_trainer(model, c.train, mesh, state, schedule_total=4)
+    schedules = optim.group_schedules(c.train, 4)
+    state = trainer_lib.place_state(trainer, state)
+    batch = sharding.shard_batch(trainer_lib.model_inputs(random_arrays(8, c)), mesh)
+    for step in range(2):
+        state, metrics = trainer.train_step(state, batch)
+        assert float(metrics["lr"]) == float(schedules["head"](step))
+        assert float(metrics["clip_lr"]) == float(schedules["clip"](step))
+    np.testing.assert_allclose([metrics["lr"], metrics["clip_lr"]], [0.5e-2, 0.5e-3], rtol=1e-6)

@@ -10,6 +10,7 @@ import pytest
 from configs import demo
 from data_pipeline import build as build_lib
 from data_pipeline import pipeline, synthetic, tables
+from data_pipeline.sampling import FrameSampling
 from ucofia_jax.models import tokenizer
 
 F, S, NW = 4, 32, 16
@@ -46,8 +47,7 @@ def data_dir(tmp_path_factory, raw_dir):
         "msrvtt",
         manual_dir=raw_dir,
         data_dir=out,
-        max_frames=F,
-        image_size=S,
+        sampling=FrameSampling.from_config(_data_cfg(out)),
         workers=0,
         progress=False,
         log=lambda *_: None,
@@ -219,7 +219,8 @@ def test_unbuilt_dataset_names_the_build_command(tmp_path, data_dir, raw_dir):
     assert "config.data.manual_dir is not set" in msg
     assert (
         f"python -m data_pipeline.build --dataset=msrvtt --manual_dir=RAW "
-        f"--data_dir={tmp_path} --max_frames=4 --image_size=32" in msg
+        f"--data_dir={tmp_path} --max_frames=4 --image_size=32 --feature_framerate=1 "
+        "--slice_framepos=2 --jpeg_quality=95" in msg
     )
     # Whether the raw files are complete says which step comes first.
     msg = pipeline.dataset_problems(_data_cfg(str(tmp_path), manual_dir=raw_dir))
@@ -267,6 +268,23 @@ def _vatex_from_synthetic(tmp_path_factory):
     return vatex, caps
 
 
+def test_the_sampling_comes_from_the_config(tmp_path, data_dir, train, monkeypatch):
+    """The pipeline reads the dataset of config.data's sampling, and the build command it
+    prints for another sampling builds exactly that one."""
+    assert train.sampling == FrameSampling.from_config(_data_cfg(data_dir))
+    batch = next(iter(train.train_batches(epoch=0, seed=0, global_batch=4)))
+    assert batch["frames"].shape[1:] == (F, S, S, 3) and batch["frame_mask"].shape[1:] == (F,)
+    cfg = _data_cfg(data_dir)
+    cfg.update(dict(max_frames=3, slice_framepos=0, jpeg_quality=80))
+    msg = pipeline.dataset_problems(cfg)
+    assert "(msrvtt_f3_s32_pos0_q80) is not built" in msg, msg
+    command = next(line for line in msg.splitlines() if "python -m data_pipeline.build" in line)
+    seen = []
+    monkeypatch.setattr(build_lib, "build", lambda dataset, **kw: seen.append(kw["sampling"]))
+    assert build_lib.main(command.split()[3:]) == 0
+    assert seen == [FrameSampling.from_config(cfg)]
+
+
 def test_multi_sentence_eval_on_vatex(tmp_path_factory):
     raw, caps = _vatex_from_synthetic(tmp_path_factory)
     out = str(tmp_path_factory.mktemp("vatex_tfds"))
@@ -274,8 +292,7 @@ def test_multi_sentence_eval_on_vatex(tmp_path_factory):
         "vatex",
         manual_dir=raw,
         data_dir=out,
-        max_frames=F,
-        image_size=S,
+        sampling=FrameSampling.from_config(_data_cfg(out, dataset="vatex")),
         workers=0,
         progress=False,
         log=lambda *_: None,

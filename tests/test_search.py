@@ -34,6 +34,8 @@ from _search_fixtures import make_clips, save_workdir, search_config, write_bad_
 from safetensors.numpy import load_file
 
 from configs import demo
+from data_pipeline import video as video_lib
+from data_pipeline.sampling import FrameSampling
 from ucofia_jax.search import __main__ as cli
 from ucofia_jax.search import decoding, indexer, scoring
 from ucofia_jax.search.index import Index, encode_videos
@@ -98,10 +100,44 @@ def test_decode_one_names_the_reason_of_each_bad_file(tmp_path):
             {
                 "path": str(tmp_path / name),
                 "rel": name,
-                "sampling": {"max_frames": 2, "image_size": 16},
+                "sampling": FrameSampling.from_config(search_config().data),
             }
         )
         assert res.get("reason") == reason, (name, res)
+
+
+def test_decode_one_takes_the_sampling_and_its_jpeg_round_trip(tmp_path):
+    """A search decode is the builder's: decode_clip with the job's sampling, then the JPEG
+    round trip at its quality; changing a field changes the frames."""
+    make_clips(tmp_path / "clips", 1)
+    path = str(tmp_path / "clips" / "video0.mp4")
+    sampling = FrameSampling.from_config(search_config().data)
+
+    def decode(s):
+        return decoding.decode_one({"path": path, "rel": "v", "sampling": s})
+
+    for s in (sampling, sampling.replace(max_frames=3), sampling.replace(image_size=24)):
+        got = decode(s)
+        frames, mask = video_lib.decode_clip(path, s)
+        assert got["frames"].shape == (s.max_frames, s.image_size, s.image_size, 3)
+        np.testing.assert_array_equal(got["mask"], mask)
+        np.testing.assert_array_equal(
+            got["frames"], decoding.jpeg_round_trip(frames, s.jpeg_quality)
+        )
+    assert not np.array_equal(
+        decode(sampling.replace(jpeg_quality=5))["frames"], decode(sampling)["frames"]
+    )
+
+
+def test_fingerprint_description_keeps_its_layout():
+    """Indexes written before FrameSampling still match: the description is the same JSON
+    ('sampling' with the text side's max_words, the JPEG quality beside it)."""
+    keys = ("max_frames", "max_words", "image_size", "feature_framerate", "slice_framepos")
+    for c in (demo.get_config(), search_config()):
+        d = describe_config(c, clip_only=False)
+        assert set(d) == {"model", "sampling", "jpeg_quality", "seed", "clip_only"}
+        assert d["sampling"] == {k: c.data[k] for k in keys}
+        assert d["jpeg_quality"] == c.data.jpeg_quality == 95  # what every index was made with
 
 
 def test_top_k_and_two_stage_equal_exhaustive_when_k_covers_all():

@@ -1,6 +1,7 @@
 """The selector's out_fc1 splits its kernel by rows (context half once per frame): it must
 equal a Dense over the concatenated [tokens, context] input, for both predictor versions."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +35,7 @@ def test_split_out_fc1_equals_concatenated_dense(version):
     d, frames, n = 16, 3, 7
     x = jnp.asarray(np.random.RandomState(0).randn(2 * frames, n, d), jnp.float32)
     pred = PredictorLG(d, version)
-    params = pred.init(jax.random.PRNGKey(0), x, frames)
+    params = nn.unbox(pred.init(jax.random.PRNGKey(0), x, frames))  # plain arrays
     kernel = params["params"]["out_fc1"]["kernel"]
     assert kernel.shape == ((d if version == "new" else 2 * d), d // 2 if version == "new" else d)
     # scale the kernels up so the scores are not all ~0 after tanh

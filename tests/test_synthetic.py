@@ -11,7 +11,9 @@ import numpy as np
 from data_pipeline import synthetic
 from data_pipeline.datasets import get_reader
 from data_pipeline.records import SkipReport
+from data_pipeline.sampling import FrameSampling
 from data_pipeline.video import decode_clip
+from ucofia_jax import config as config_lib
 
 
 def _make(path, seed=0):
@@ -57,8 +59,10 @@ def test_msrvtt_format_and_reader(tmp_path):
 def test_videos_decode_and_move(tmp_path):
     d = _make(tmp_path / "d")
     recs = get_reader("msrvtt")(d, "train", report=SkipReport())
+    sampling = FrameSampling.from_config(config_lib.base_config().data)
+    sampling = sampling.replace(max_frames=6, image_size=32, feature_framerate=1)
     for r in recs[:4]:
-        frames, mask = decode_clip(r.video_path, max_frames=6, image_size=32)
+        frames, mask = decode_clip(r.video_path, sampling)
         # 3 s at 4 fps -> the original 1 fps rule takes frames 0, 4, 8.
         np.testing.assert_array_equal(mask, [1, 1, 1, 0, 0, 0])
         # Every caption describes a change (move / appear / disappear / recolour).

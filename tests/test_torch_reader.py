@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from ucofia_jax.errors import CheckpointError
 from ucofia_jax.models import clip_import, torch_reader
-from ucofia_jax.models.torch_reader import CheckpointError
 
 # ------------------------------------------------------------------ crafting
 
@@ -141,9 +141,9 @@ def test_state_dict_wrapper_and_reexport(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     torch.save({"state_dict": {"a": torch.ones(2)}, "epoch": 3}, path)
     assert list(torch_reader.read_torch_file(path)) == ["a"]
-    # clip_import keeps its names: the same reader and the same error class.
+    # clip_import keeps the reader's name; one error class for every weights file.
     assert clip_import.read_torch_file is torch_reader.read_torch_file
-    assert clip_import.CheckpointError is CheckpointError
+    assert torch_reader.CheckpointError is clip_import.CheckpointError is CheckpointError
 
 
 # ------------------------------------------------------------------ crafted faults

@@ -24,7 +24,14 @@ def _setup(config, devices):
     mesh = sharding.make_mesh(config.mesh, devices)
     model = tiny_model(config)
     state = train.create_train_state(model, 0)
-    trainer = train.make_trainer(model, config.train, mesh, state, schedule_total=10)
+    trainer = train.make_trainer(
+        model,
+        config.train,
+        mesh,
+        state,
+        schedule_total=10,
+        axis_rules=config.mesh.logical_axis_rules,
+    )
     return mesh, trainer, state
 
 

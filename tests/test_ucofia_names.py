@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import torch
 from _tiny import random_arrays, tiny_config, tiny_model
 
-from ucofia_jax import main
+from ucofia_jax import weights
 from ucofia_jax.models import ucofia_names as names
 from ucofia_jax.models.head import UCoFiAHead, init_temporal_from_clip
 
@@ -30,9 +31,8 @@ def _template(head, n_tok=17):
         jnp.ones((1, f)),
         0.0,
     )
-    return jax.eval_shape(
-        lambda: head.init(jax.random.PRNGKey(0), *args, train=False, rng=jax.random.PRNGKey(0))
-    )["params"]
+    init = lambda: head.init(jax.random.PRNGKey(0), *args, train=False, rng=jax.random.PRNGKey(0))
+    return nn.unbox(jax.eval_shape(init)["params"])  # plain shapes, without the axis names
 
 
 def _fixture_sd(prefix="param."):
@@ -255,10 +255,15 @@ def test_released_layout_reads_without_torch_load(released, monkeypatch):
 
 
 def test_released_checkpoint_evaluates(released):
-    """main's released-checkpoint loader, then the evaluation path through the one door
-    (encode_text, encode_video, score): same scores as the same weights assembled in memory."""
+    """The weights door's released-checkpoint source (what --mode=eval and search load), then
+    the evaluation path through the one door (encode_text, encode_video, score): same scores
+    as the same weights assembled in memory."""
     c, model, params, path, _ = released
-    loaded = main._released_params(model, params, path)
+    c = c.copy_and_resolve_references()
+    c.model.ucofia_checkpoint = path
+    door = weights.load(c)
+    assert door.model == model and door.step == 0
+    loaded = door.params
     head = names.load_original_head_state_dict(_fixture_sd(), params["head"])
     clip = names.load_original_checkpoint(path)["clip_params"]
     by_hand = {"clip": clip, "head": head}

@@ -11,7 +11,16 @@ from PIL import Image
 
 from data_pipeline import video
 from data_pipeline.records import DataError
+from data_pipeline.sampling import FrameSampling
 from data_pipeline.video import VideoDecodeError
+from ucofia_jax import config as config_lib
+
+# The training sampling (base_config's data); a test changes only the fields it is about.
+BASE = FrameSampling.from_config(config_lib.base_config().data)
+
+
+def _sampling(**changes) -> FrameSampling:
+    return BASE.replace(**changes)
 
 
 # Expected indices worked out by hand from the rule (docs/data.md, SPEC section 11): integer
@@ -124,7 +133,7 @@ def _frame_ids(frames, mask, step=7):
 
 def test_decode_samples_pads_and_masks(tmp_path):
     p = _gray_video(tmp_path / "v.mp4", 35, 10)  # 3.5 s at 10 fps -> frames 0, 10, 20, 30
-    frames, mask = video.decode_clip(p, max_frames=6, image_size=16)
+    frames, mask = video.decode_clip(p, _sampling(max_frames=6, image_size=16))
     assert frames.shape == (6, 16, 16, 3) and frames.dtype == np.uint8
     assert mask.dtype == np.int32
     np.testing.assert_array_equal(mask, [1, 1, 1, 1, 0, 0])
@@ -134,15 +143,16 @@ def test_decode_samples_pads_and_masks(tmp_path):
 
 def test_decode_linspace_head_tail_and_window(tmp_path):
     p = _gray_video(tmp_path / "v.mp4", 35, 10)
-    f, m = video.decode_clip(p, max_frames=3, image_size=8)  # 4 taken -> linspace [0, 1, 3]
+    # 4 taken -> linspace [0, 1, 3]
+    f, m = video.decode_clip(p, _sampling(max_frames=3, image_size=8, slice_framepos=2))
     assert _frame_ids(f, m) == [0, 10, 30]
-    f, m = video.decode_clip(p, max_frames=3, image_size=8, slice_framepos=0)
+    f, m = video.decode_clip(p, _sampling(max_frames=3, image_size=8, slice_framepos=0))
     assert _frame_ids(f, m) == [0, 10, 20]
-    f, m = video.decode_clip(p, max_frames=3, image_size=8, slice_framepos=1)
+    f, m = video.decode_clip(p, _sampling(max_frames=3, image_size=8, slice_framepos=1))
     assert _frame_ids(f, m) == [10, 20, 30]
-    f, m = video.decode_clip(p, max_frames=4, image_size=8, start=1, end=2)
+    f, m = video.decode_clip(p, _sampling(max_frames=4, image_size=8), start=1, end=2)
     assert _frame_ids(f, m) == [10, 20]
-    f, m = video.decode_clip(p, max_frames=4, image_size=8, feature_framerate=2)
+    f, m = video.decode_clip(p, _sampling(max_frames=4, image_size=8, feature_framerate=2))
     assert _frame_ids(f, m) == list(np.array([0, 5, 10, 15, 20, 25, 30])[[0, 2, 4, 6]])
 
 
@@ -166,14 +176,14 @@ def test_decode_crop_keeps_the_centre(tmp_path):
     frame[:, 32:64, 1] = 255
     frame[:, 64:, 2] = 255
     p = video.write_video(str(tmp_path / "c.mp4"), [frame] * 10, 10, crf=0)
-    f, m = video.decode_clip(p, max_frames=2, image_size=16)
+    f, m = video.decode_clip(p, _sampling(max_frames=2, image_size=16))
     centre = f[0].reshape(-1, 3).mean(0)
     assert centre[1] > 200 and centre[0] < 40 and centre[2] < 40
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(VideoDecodeError, match="missing file") as e:
-        video.decode_clip(str(tmp_path / "nope.mp4"))
+        video.decode_clip(str(tmp_path / "nope.mp4"), BASE)
     assert isinstance(e.value, DataError) and e.value.reason == "missing file"
 
 
@@ -181,7 +191,7 @@ def test_zero_length_file(tmp_path):
     p = tmp_path / "empty.mp4"
     p.write_bytes(b"")
     with pytest.raises(VideoDecodeError, match="empty file"):
-        video.decode_clip(str(p))
+        video.decode_clip(str(p), BASE)
 
 
 def test_garbage_file(tmp_path):
@@ -190,7 +200,7 @@ def test_garbage_file(tmp_path):
     # FFmpeg's probing may take random bytes for a raw stream of a frame or two; whatever it
     # makes of them, the result must be an error, not frames.
     with pytest.raises(VideoDecodeError):
-        video.decode_clip(str(p))
+        video.decode_clip(str(p), BASE)
 
 
 def test_truncated_file_moov_at_end(tmp_path):
@@ -198,7 +208,7 @@ def test_truncated_file_moov_at_end(tmp_path):
     data = open(p, "rb").read()
     open(p, "wb").write(data[: len(data) // 2])
     with pytest.raises(VideoDecodeError) as e:
-        video.decode_clip(p)
+        video.decode_clip(p, BASE)
     assert e.value.reason == "unreadable container"
 
 
@@ -213,25 +223,25 @@ def test_truncated_file_moov_at_front(tmp_path):
     data = open(p, "rb").read()
     open(p, "wb").write(data[: len(data) // 2])
     with pytest.raises(VideoDecodeError) as e:
-        video.decode_clip(p)
+        video.decode_clip(p, BASE)
     assert e.value.reason in ("truncated", "corrupt stream")
 
 
 def test_shorter_than_one_second(tmp_path):
     p = _gray_video(tmp_path / "short.mp4", 9, 10)  # 0.9 s
     with pytest.raises(VideoDecodeError, match="shorter than one second"):
-        video.decode_clip(p)
+        video.decode_clip(p, BASE)
     p = _gray_video(tmp_path / "one.mp4", 10, 10)  # exactly 1 s is fine
-    _, m = video.decode_clip(p)
+    _, m = video.decode_clip(p, BASE)
     assert m.sum() == 1
 
 
 def test_empty_window(tmp_path):
     p = _gray_video(tmp_path / "v.mp4", 20, 10)
     with pytest.raises(VideoDecodeError, match="empty window"):
-        video.decode_clip(p, start=5, end=8)
+        video.decode_clip(p, BASE, start=5, end=8)
     with pytest.raises(VideoDecodeError, match="empty window"):
-        video.decode_clip(p, start=2, end=1)
+        video.decode_clip(p, BASE, start=2, end=1)
 
 
 def test_find_video_extensions(tmp_path):
@@ -254,7 +264,7 @@ def test_ntsc_rate_truncates_to_integer_fps(tmp_path):
                 out.mux(pkt)
         for pkt in s.encode():
             out.mux(pkt)
-    f, m = video.decode_clip(p, max_frames=4, image_size=8)
+    f, m = video.decode_clip(p, _sampling(max_frames=4, image_size=8))
     assert _frame_ids(f, m, step=3) == [0, 29, 58]
 
 
@@ -269,7 +279,7 @@ def test_keeps_only_predicted_frames_and_repairs_a_wrong_prediction(tmp_path, mo
         return out
 
     monkeypatch.setattr(video, "_decode_pass", spy_pass)
-    f, m = video.decode_clip(p, max_frames=3, image_size=8)
+    f, m = video.decode_clip(p, _sampling(max_frames=3, image_size=8))
     assert _frame_ids(f, m) == [0, 10, 30] and passes == [[0, 10, 30]]  # not every candidate
 
     # A container whose declared count is wrong: the prediction misses, a second pass fixes it.
@@ -281,7 +291,7 @@ def test_keeps_only_predicted_frames_and_repairs_a_wrong_prediction(tmp_path, mo
 
     monkeypatch.setattr(video, "_final_indices", wrong_first_prediction)
     passes.clear()
-    f, m = video.decode_clip(p, max_frames=3, image_size=8)
+    f, m = video.decode_clip(p, _sampling(max_frames=3, image_size=8))
     assert _frame_ids(f, m) == [0, 10, 30] and len(passes) == 2
 
 
@@ -294,15 +304,15 @@ def test_truncated_matroska_is_rejected(tmp_path, ext, codec):
     p = video.write_video(str(tmp_path / f"whole{ext}"), frames, 5, codec=codec)
     with av.open(p) as c:  # the premise: no declared count, a declared duration
         assert int(c.streams.video[0].frames or 0) == 0 and c.duration
-    _, m = video.decode_clip(p, max_frames=12, image_size=16)
+    _, m = video.decode_clip(p, _sampling(max_frames=12, image_size=16))
     assert m.sum() == 10  # seconds 0..10 at 1 fps; second 10 (frame 50) is past the end
     cut = str(tmp_path / f"cut{ext}")
     data = open(p, "rb").read()
     open(cut, "wb").write(data[: len(data) // 2])
     with pytest.raises(VideoDecodeError) as e:
-        video.decode_clip(cut, max_frames=12, image_size=16)
+        video.decode_clip(cut, _sampling(max_frames=12, image_size=16))
     assert e.value.reason == "truncated", e.value
     assert re.search(r"decoded [45]\.\d+ s of the 10\.00 s", str(e.value)), e.value
     # An explicit window that ends early never reaches the end: no duration verdict there.
-    _, m = video.decode_clip(cut, start=0, end=2, max_frames=12, image_size=16)
+    _, m = video.decode_clip(cut, _sampling(max_frames=12, image_size=16), start=0, end=2)
     assert m.sum() == 3

@@ -1,19 +1,19 @@
-"""The config schema: every knob of a run with its default, and the checks before compiling.
+"""The config schema: every knob of a run with its default, and the checks of the config alone.
 
-:func:`base_config` is the one place where defaults live. The model sections are read off the
-modules they configure: ``model.clip`` is ``CLIPConfig``'s fields (plus ``checkpoint``) and
-``model.head`` is ``UCoFiAHead``'s fields (plus ``init_temporal_from_clip``), so a default
-changed there is changed here. Experiment files (``configs/<name>.py``) start from
+:func:`base_config` is the one place where defaults live, each stated here literally; the
+modules it configures take theirs from it (``models.clip.CLIPConfig``,
+``models.head.UCoFiAHead``). Experiment files (``configs/<name>.py``) start from
 :func:`base_config` and override what differs.
 
-Two checks, both fail fast with the offending key in the message:
+Configs are data: this module imports ml_collections and the standard library only, so a
+config file loads without TensorFlow, TFDS, Orbax or JAX (tests/test_config.py checks).
 
-* :func:`validate` -- the config itself: every key must exist in :func:`base_config` with a
-  value of the right type and range, and the sizes must fit together (patch size divides the
-  resolution, heads divide widths, the head's position table holds ``max_frames``...). Pure;
-  no file system access.
-* :func:`check_inputs` -- what the run will read: the CLIP / UCoFiA checkpoints and the
-  built dataset, naming the missing files and the command that makes them.
+:func:`validate` checks the config itself and fails fast naming every bad key: each key must
+exist in :func:`base_config` with a value of its type (the ConfigDict's own typing), in
+range, and the sizes must fit together (patch size divides the resolution, heads divide
+widths, the head's position table holds ``max_frames``...). Pure; no file system access.
+What needs the code -- the choices each module offers, the checkpoints and dataset on disk,
+the devices -- is checked where the config meets the program (``ucofia_jax/preflight.py``).
 
 Each layer gets its section: ``Model.from_config(config.model, ...)``,
 ``VideoTextData(config.data, ...)``, the trainer ``config.train``, the evaluator
@@ -22,31 +22,13 @@ Each layer gets its section: ``Model.from_config(config.model, ...)``,
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import math
-import os
-from typing import Any, List
+from typing import Iterator, List, Optional, Tuple
 
 import ml_collections
 
-from data_pipeline import builder as builder_lib
-from data_pipeline import pipeline
-from ucofia_jax.kernels.native import LEVEL3_KERNELS
-from ucofia_jax.models import clip as clip_lib
-from ucofia_jax.models import clip_import
-from ucofia_jax.models import head as head_lib
-from ucofia_jax.models import layers as layers_lib
-from ucofia_jax.ops.sinkhorn import SK_DOMAINS
-from ucofia_jax.ops.topk import NOISE_PRNGS
-from ucofia_jax.runtime import distributed, sharding
-from ucofia_jax.runtime.errors import ConfigError  # noqa: F401 (config.ConfigError, as before)
-from ucofia_jax.training import checkpoints
-from ucofia_jax.training.optim import OPTIMIZERS, SCHEDULES
-
-# --mode of ucofia_jax.main -> (train, evaluate)
-MODES = {"train": (True, False), "eval": (False, True), "train_and_eval": (True, True)}
-
+from ucofia_jax.errors import ConfigError
 
 # Which CLIP params the original freezes (SPEC §3, main_ucofia.py:445-464): every CLIP param
 # outside the resblocks and ln_final/text_projection/logit_scale/visual.ln_post/visual.proj.
@@ -58,18 +40,6 @@ FROZEN_CLIP = (
     "visual/positional_embedding",
     "visual/ln_pre",
 )
-# Head fields that are sizes taken from CLIP and the data, not knobs of their own.
-_HEAD_SIZES = ("embed_dim", "max_frames", "max_words")
-_HEAD_SET_BY_MODEL = ("remat",)  # head fields Model sets from config.model (one switch)
-_CONFIG_FIELDS = ("parent", "name")  # flax Module bookkeeping, not fields of the head
-
-
-def _defaults(cls, skip=()) -> dict:
-    return {
-        f.name: f.default
-        for f in dataclasses.fields(cls)
-        if f.name not in skip and f.name not in _CONFIG_FIELDS and f.init
-    }
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -80,22 +50,54 @@ def base_config() -> ml_collections.ConfigDict:
 
     # ------------------------------------------------------------------ model
     c.model = ml_collections.ConfigDict()
-    clip = _defaults(clip_lib.CLIPConfig)  # OpenAI ViT-B/32 sizes
-    clip["token_shift_blocks"] = (10, 11)  # the recipe: TS2-Net shift on visual blocks 10-11
     # checkpoint: a HF CLIPModel dir or an OpenAI ViT-B-32.pt. Training refuses to start
     # without one unless from_scratch=True says a random CLIP is meant (the demo).
-    # vision_heads -1: width // 64 (OpenAI); a HF config.json states its count.
-    c.model.clip = ml_collections.ConfigDict(dict(checkpoint="", from_scratch=False, **clip))
-    head = _defaults(head_lib.UCoFiAHead, skip=_HEAD_SIZES + _HEAD_SET_BY_MODEL)
-    # init_temporal_from_clip: seqTransf <- CLIP text blocks 0..3 (SPEC §5).
-    c.model.head = ml_collections.ConfigDict(dict(init_temporal_from_clip=True, **head))
+    # The sizes are OpenAI ViT-B/32's; models/clip.py CLIPConfig takes its defaults from here.
+    c.model.clip = ml_collections.ConfigDict(
+        dict(
+            checkpoint="",
+            from_scratch=False,
+            embed_dim=512,
+            image_resolution=224,
+            vision_layers=12,
+            vision_width=768,
+            vision_patch_size=32,
+            context_length=77,
+            vocab_size=49408,
+            text_width=512,
+            text_heads=8,
+            text_layers=12,
+            token_shift_blocks=(10, 11),  # the recipe: TS2-Net shift on visual blocks 10-11
+            token_shift_n_div=7,
+            dtype="auto",  # bfloat16 on GPU/TPU, float32 on CPU; or a models/clip.py DTYPES key
+            vision_heads=-1,  # -1: width // 64 (OpenAI); a HF config.json states its count
+            activation="quick_gelu",  # OpenAI's; OpenCLIP's ViT-H/14 and bigG use "gelu"
+        )
+    )
+    # models/head.py UCoFiAHead takes its defaults from here; its quirk flags keep the
+    # original behaviour (documented there).
+    c.model.head = ml_collections.ConfigDict(
+        dict(
+            init_temporal_from_clip=True,  # seqTransf <- CLIP text blocks 0..3 (SPEC §5)
+            topk=3,
+            num_samples=500,
+            sigma=0.05,
+            tau=0.01,
+            seq_layers=4,
+            predictor="new",
+            selection_noise_at_eval=True,
+            mask_padding=False,
+            scale_pixel_word=False,
+            eval_local_mat_weight1=False,
+            eval_noise_prng="hash",
+        )
+    )
     # A released UCoFiA state dict (pytorch_model.bin) for --mode=eval; '' = none.
     c.model.ucofia_checkpoint = ""
     # Activation rematerialisation of every residual block (CLIP towers and the head's temporal
     # encoder): 'none' | 'full' (least memory) | 'dots' (models/layers.py REMAT_POLICIES).
     # Same parameters and gradients either way; docs/train.md "Memory".
     c.model.remat = "none"
-
     # ------------------------------------------------------------------ data
     c.data = ml_collections.ConfigDict(
         dict(
@@ -107,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
             image_size=224,
             feature_framerate=1,
             slice_framepos=2,
+            jpeg_quality=95,  # of the dataset's stored frames; the search takes the same trip
             expand_sentences=True,  # MSR-VTT 9k: every caption a training sample
             train_split="train",
             eval_split="test",
@@ -183,35 +186,46 @@ def base_config() -> ml_collections.ConfigDict:
     )
 
     # ------------------------------------------------------------------ devices
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+    # logical_axis_rules: (logical axis name, mesh axis / tuple of mesh axes / None = never
+    # split) for the names the parameters declare (models/layers.py): the FSDP and
+    # tensor-parallel layout. The batch is always split over data x fsdp.
+    c.mesh = ml_collections.ConfigDict(
+        dict(
+            data=-1,
+            fsdp=1,
+            model=1,
+            logical_axis_rules=(
+                ("embed", "fsdp"),  # a residual / embedding width
+                ("mlp", "model"),  # the MLP hidden
+                ("qkv", "model"),  # the packed q|k|v
+                ("heads", "model"),  # the concatenated head outputs
+                ("vocab", "model"),  # the token table's rows
+                ("joint", "model"),  # the joint embedding
+                ("norm", None),  # LayerNorm vectors and other small vectors
+            ),
+        )
+    )
     c.distributed = ml_collections.ConfigDict(dict(mode="auto"))
     return c
 
 
-_CHOICES = {
-    "model.clip.dtype": (*clip_lib.DTYPES, clip_lib.AUTO_DTYPE),
-    "model.head.predictor": head_lib.PREDICTORS,
-    "model.remat": tuple(layers_lib.REMAT_POLICIES),
-    "model.clip.activation": tuple(layers_lib.ACTIVATIONS),
-    "model.head.eval_noise_prng": NOISE_PRNGS,
-    "eval.level3_kernel": LEVEL3_KERNELS,
-    "train.optimizer": OPTIMIZERS,
-    "train.schedule": SCHEDULES,
-    "eval.sk_domain": SK_DOMAINS,
-    "data.dataset": tuple(builder_lib.DATASETS),
-    "distributed.mode": distributed.MODES,
-}
-# Keys that moved: a hint in the unknown-key error.
-_MOVED = {"model.head.level3_kernel": "eval.level3_kernel"}
+# --------------------------------------------------------------------------- the checks
+
+
+def _leaf_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> Iterator[str]:
+    """Dotted names of the values (not the sections) of ``cfg``."""
+    for k, v in cfg.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            yield from _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
 
 
 def unknown_key_message(key: str) -> str:
-    """For ``config.<key>`` absent from :func:`base_config` (e.g. a command-line override):
-    where a moved key went, else the nearest known keys."""
+    """For ``config.<key>`` absent from :func:`base_config` (a typo in a config file or a
+    command-line override): the nearest known keys."""
     key = key.removeprefix("config.")
-    if key in _MOVED:
-        return f"config.{key}: moved to config.{_MOVED[key]}"
-    known = [k for k in _flatten(base_config()) if k not in _MOVED]
+    known = list(_leaf_keys(base_config()))
     near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
     if not near:
         parent = key.rsplit(".", 1)[0]
@@ -219,6 +233,69 @@ def unknown_key_message(key: str) -> str:
     return f"config.{key}: unknown key" + (
         f" (nearest: {', '.join('config.' + n for n in near)})" if near else ""
     )
+
+
+def batch_split_error(
+    section: str, batch_size: int, batch_shards: int, accumulate_steps: int = 1
+) -> Optional[str]:
+    """The batch rule, for validation, the mesh and the trainer: ``config.<section>.batch_size``
+    splits into ``accumulate_steps`` micro-batches (training), each evenly over the mesh's
+    ``batch_shards`` (mesh.data x mesh.fsdp devices). None when it does, else why not."""
+    multiple = accumulate_steps * batch_shards
+    if multiple > 0 and batch_size % multiple == 0:
+        return None
+    shards = f"the mesh's batch shards (mesh.data x mesh.fsdp = {batch_shards})"
+    if accumulate_steps != 1:
+        shards = f"config.train.accumulate_steps ({accumulate_steps}) x {shards} = {multiple}"
+    return f"config.{section}.batch_size = {batch_size}: must be divisible by {shards}"
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Raise :class:`ConfigError` naming every bad key; return ``config`` unchanged."""
+    typed, errors = schema_errors(config)
+    if not errors:  # the value checks need every key, of its type
+        errors = value_errors(typed)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return config
+
+
+def schema_errors(
+    config: ml_collections.ConfigDict,
+) -> Tuple[ml_collections.ConfigDict, List[str]]:
+    """(typed, errors): ``config``'s values assigned onto :func:`base_config`, whose ConfigDict
+    refuses a value of another type; errors name the unknown, missing and ill-typed keys."""
+    typed = base_config()
+    errors: List[str] = []
+    _assign(typed, config, "", errors)
+    return typed, errors
+
+
+def _assign(schema: ml_collections.ConfigDict, values, prefix: str, errors: List[str]) -> None:
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in schema:
+            errors.append(unknown_key_message(key))
+        elif isinstance(schema[k], ml_collections.ConfigDict):
+            if isinstance(v, (ml_collections.ConfigDict, dict)):
+                _assign(schema[k], v, key + ".", errors)
+            else:
+                errors.append(f"config.{key}: expected a ConfigDict (a section), got {v!r}")
+        elif isinstance(v, (ml_collections.ConfigDict, dict)):
+            errors.append(f"config.{key}: expected {type(schema[k]).__name__}, got a section")
+        elif isinstance(v, bool) and not isinstance(schema[k], bool):
+            # ConfigDict takes a bool for a number (bool is an int); batch_size=True is a slip.
+            errors.append(f"config.{key}: expected {type(schema[k]).__name__}, got {v!r}")
+        else:
+            try:
+                schema[k] = v
+            except TypeError:
+                errors.append(f"config.{key}: expected {type(schema[k]).__name__}, got {v!r}")
+    for k in schema:
+        if k not in values:
+            errors.append(
+                f"config.{prefix}{k}: missing (start from ucofia_jax.config.base_config())"
+            )
 
 
 _POSITIVE = (
@@ -264,302 +341,109 @@ _NON_NEGATIVE = (
 _UNIT_INTERVAL = ("train.warmup_proportion", "train.b1", "train.b2")
 
 
-def _flatten(cfg: Any, prefix: str = "") -> dict:
-    out = {}
-    for k, v in cfg.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, (ml_collections.ConfigDict, dict)):
-            out[key] = "__dict__"
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _type_ok(value: Any, ref: Any) -> bool:
-    if ref is None or value is None:
-        return True
-    if isinstance(ref, bool):
-        return isinstance(value, bool)
-    if isinstance(ref, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(ref, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(ref, str):
-        return isinstance(value, str)
-    if isinstance(ref, (tuple, list)):
-        return isinstance(value, (tuple, list))
-    return True
-
-
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Raise :class:`ConfigError` naming every bad key; return ``config`` unchanged."""
-    schema = _flatten(base_config())
-    flat = _flatten(config)
-    errors = _schema_errors(flat, schema)
-    if not errors:  # the value checks need every key, of the right type
-        errors = _value_errors(flat) + _size_errors(flat)
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    return config
-
-
-def _schema_errors(flat: dict, schema: dict) -> List[str]:
-    """Unknown, moved and missing keys; values of the wrong type."""
+def value_errors(cfg: ml_collections.ConfigDict) -> List[str]:
+    """Ranges, the combinations of values the code refuses, and sizes that must fit
+    together, of a config with every key of its type (see :func:`schema_errors`)."""
     errors: List[str] = []
-    unknown = sorted(k for k in flat if k not in schema)
-    for k in unknown:
-        if k in _MOVED:
-            errors.append(f"config.{k}: moved to config.{_MOVED[k]}")
-            continue
-        parent = k.rsplit(".", 1)[0] if "." in k else ""
-        near = sorted(s for s in schema if s.rsplit(".", 1)[0] == parent and s != parent)
-        errors.append(
-            f"config.{k}: unknown key (known keys here: "
-            f"{', '.join('config.' + n for n in near[:30])})"
-        )
-    missing = sorted(k for k in schema if k not in flat)
-    for k in missing:
-        errors.append(f"config.{k}: missing (start from ucofia_jax.config.base_config())")
-    for k, ref in schema.items():
-        if k in flat and (ref == "__dict__") != (flat[k] == "__dict__"):
-            errors.append(
-                f"config.{k}: expected {'a ConfigDict' if ref == '__dict__' else 'a value'}"
-            )
-        elif k in flat and ref != "__dict__" and not _type_ok(flat[k], ref):
-            errors.append(f"config.{k}: expected {type(ref).__name__}, got {flat[k]!r}")
-    return errors
 
-
-def _bad(errors: List[str], flat: dict):
     def bad(key: str, why: str) -> None:
-        errors.append(f"config.{key} = {flat[key]!r}: {why}")
+        errors.append(f"config.{key} = {cfg[key]!r}: {why}")
 
-    return bad
-
-
-def _value_errors(flat: dict) -> List[str]:
-    """Choices, ranges and the combinations of values the code refuses."""
-    errors: List[str] = []
-    bad = _bad(errors, flat)
-    for k, v in flat.items():  # lr=inf or NaN would train on, or stop late, with a NaN state
-        if isinstance(v, float) and not math.isfinite(v):
+    for k in _leaf_keys(cfg):  # lr=inf or NaN would train on, or stop late, with a NaN state
+        if isinstance(cfg[k], float) and not math.isfinite(cfg[k]):
             bad(k, "must be a finite number")
-    for k, choices in _CHOICES.items():
-        if flat[k] not in choices:
-            bad(k, f"must be one of {choices}")
     for k in _POSITIVE:
-        if not flat[k] > 0:
+        if not cfg[k] > 0:
             bad(k, "must be > 0")
     for k in _NON_NEGATIVE:
-        if not flat[k] >= 0:
+        if not cfg[k] >= 0:
             bad(k, "must be >= 0")
     for k in _UNIT_INTERVAL:
-        if not 0 <= flat[k] < 1:
+        if not 0 <= cfg[k] < 1:
             bad(k, "must be in [0, 1)")
-    if not (flat["train.epochs"] > 0 or flat["train.num_steps"] > 0):
+    train, mesh = cfg.train, cfg.mesh
+    if not (train.epochs > 0 or train.num_steps > 0):
         bad("train.epochs", "train.epochs or train.num_steps must be > 0")
-
-    if flat["eval.level3_kernel"] == "native" and flat["model.head.mask_padding"]:
-        bad(
-            "eval.level3_kernel",
-            "'native' takes no masks; model.head.mask_padding=True needs 'auto' or 'xla'",
-        )
-    if flat["train.logit_scale_max"] <= 0 or not math.isfinite(flat["train.logit_scale_max"]):
+    if train.logit_scale_max <= 0 or not math.isfinite(train.logit_scale_max):
         bad("train.logit_scale_max", "must be a positive finite log-scale")
-    for k in ("mesh.data", "mesh.fsdp", "mesh.model"):
-        if flat[k] == 0 or flat[k] < -1:
-            bad(k, "must be a positive device count or -1 (all remaining devices)")
-    if sum(1 for k in ("mesh.data", "mesh.fsdp", "mesh.model") if flat[k] == -1) > 1:
+    for k in ("data", "fsdp", "model"):
+        if mesh[k] == 0 or mesh[k] < -1:
+            bad(f"mesh.{k}", "must be a positive device count or -1 (all remaining devices)")
+    if sum(1 for k in ("data", "fsdp", "model") if mesh[k] == -1) > 1:
         bad("mesh.data", "at most one mesh axis may be -1")
-    for p in flat["train.frozen"]:
+    for p in train.frozen:
         if not isinstance(p, str) or not p:
             bad("train.frozen", f"entries must be param paths under clip/, got {p!r}")
-    shards = [flat[k] for k in ("mesh.data", "mesh.fsdp") if flat[k] > 0]
-    micro = flat["train.accumulate_steps"] * int(math.prod(shards))
-    if flat["train.accumulate_steps"] > 0 and flat["train.batch_size"] % micro:
-        bad(
-            "train.batch_size",
-            f"must be divisible by train.accumulate_steps x the mesh's fixed batch shards "
-            f"(mesh.data x mesh.fsdp) = {micro}",
-        )
-    if flat["eval.sk_bank_size"] == 0 or flat["eval.sk_bank_size"] < -1:
+    # The mesh's fixed batch shards here; main checks again once -1 is a device count.
+    shards = math.prod(mesh[k] for k in ("data", "fsdp") if mesh[k] > 0)
+    if train.accumulate_steps > 0:
+        errors.append(batch_split_error("train", train.batch_size, shards, train.accumulate_steps))
+    errors.append(batch_split_error("eval", cfg.eval.batch_size, shards))
+    if cfg.eval.sk_bank_size == 0 or cfg.eval.sk_bank_size < -1:
         bad("eval.sk_bank_size", "must be > 0 or -1 (the whole training split)")
-    return errors
+    return [e for e in errors if e] + _size_errors(cfg)
 
 
-def _size_errors(flat: dict) -> List[str]:
+def _size_errors(cfg: ml_collections.ConfigDict) -> List[str]:
     """Sizes that must fit together (CLIP, the head and the data)."""
     errors: List[str] = []
-    bad = _bad(errors, flat)
-    clip = {k.split(".")[-1]: v for k, v in flat.items() if k.startswith("model.clip.")}
-    if clip["image_resolution"] % clip["vision_patch_size"]:
+
+    def bad(key: str, why: str) -> None:
+        errors.append(f"config.{key} = {cfg[key]!r}: {why}")
+
+    clip, head, data = cfg.model.clip, cfg.model.head, cfg.data
+    if clip.image_resolution % clip.vision_patch_size:
         bad(
             "model.clip.vision_patch_size",
-            f"must divide model.clip.image_resolution ({clip['image_resolution']})",
+            f"must divide model.clip.image_resolution ({clip.image_resolution})",
         )
-    if clip["text_width"] % clip["text_heads"]:
-        bad("model.clip.text_heads", f"must divide model.clip.text_width ({clip['text_width']})")
-    if clip["vision_heads"] == -1:
-        if clip["vision_width"] >= 64 and clip["vision_width"] % 64:
+    if clip.text_width % clip.text_heads:
+        bad("model.clip.text_heads", f"must divide model.clip.text_width ({clip.text_width})")
+    if clip.vision_heads == -1:
+        if clip.vision_width >= 64 and clip.vision_width % 64:
             bad(
                 "model.clip.vision_width",
                 "must be a multiple of 64 when model.clip.vision_heads = -1 (width // 64); "
                 "or set model.clip.vision_heads",
             )
-    elif clip["vision_heads"] < 1 or clip["vision_width"] % clip["vision_heads"]:
+    elif clip.vision_heads < 1 or clip.vision_width % clip.vision_heads:
         bad(
             "model.clip.vision_heads",
-            f"must be -1 (width // 64) or divide model.clip.vision_width ({clip['vision_width']})",
+            f"must be -1 (width // 64) or divide model.clip.vision_width ({clip.vision_width})",
         )
-    if clip["embed_dim"] % 64:
+    if clip.embed_dim % 64:
         bad("model.clip.embed_dim", "must be a multiple of 64 (temporal encoder heads = D // 64)")
-    for i in clip["token_shift_blocks"]:
-        if not 0 <= int(i) < clip["vision_layers"]:
-            bad(
-                "model.clip.token_shift_blocks", f"block {i} outside 0..{clip['vision_layers'] - 1}"
-            )
-    tokens = 1 + (clip["image_resolution"] // max(clip["vision_patch_size"], 1)) ** 2
-    if clip["token_shift_blocks"] and tokens < clip["token_shift_n_div"]:
+    for i in clip.token_shift_blocks:
+        if not 0 <= int(i) < clip.vision_layers:
+            bad("model.clip.token_shift_blocks", f"block {i} outside 0..{clip.vision_layers - 1}")
+    grid = clip.image_resolution // max(clip.vision_patch_size, 1)
+    tokens = 1 + grid**2
+    if clip.token_shift_blocks and tokens < clip.token_shift_n_div:
         bad("model.clip.token_shift_n_div", f"larger than the {tokens} tokens per frame")
-    if flat["data.image_size"] != clip["image_resolution"]:
-        bad(
-            "data.image_size",
-            f"must equal model.clip.image_resolution ({clip['image_resolution']})",
-        )
-    if flat["data.max_words"] > clip["context_length"]:
-        bad("data.max_words", f"exceeds model.clip.context_length ({clip['context_length']})")
-    if flat["data.max_words"] < 2:
+    if data.image_size != clip.image_resolution:
+        bad("data.image_size", f"must equal model.clip.image_resolution ({clip.image_resolution})")
+    if data.max_words > clip.context_length:
+        bad("data.max_words", f"exceeds model.clip.context_length ({clip.context_length})")
+    if data.max_words < 2:
         bad("data.max_words", "needs room for <|startoftext|> and <|endoftext|> (>= 2)")
-    if flat["data.max_frames"] > 77:
+    if data.max_frames > 77:
         bad("data.max_frames", "exceeds the 77-row frame position table (SPEC §5)")
-    grid = clip["image_resolution"] // max(clip["vision_patch_size"], 1)
-    if flat["model.head.topk"] > grid * grid:
+    if head.topk > grid * grid:
         bad("model.head.topk", f"more than the {grid * grid} patches per frame")
-    if flat["model.head.init_temporal_from_clip"]:
-        if clip["text_width"] != clip["embed_dim"]:
+    if head.init_temporal_from_clip:
+        if clip.text_width != clip.embed_dim:
             bad(
                 "model.head.init_temporal_from_clip",
                 "needs model.clip.text_width == model.clip.embed_dim (blocks are copied)",
             )
-        if clip["context_length"] != 77:
+        if clip.context_length != 77:
             bad(
                 "model.head.init_temporal_from_clip",
                 "needs model.clip.context_length == 77 (the frame position table is CLIP's)",
             )
-        if flat["model.head.seq_layers"] > clip["text_layers"]:
+        if head.seq_layers > clip.text_layers:
             bad(
                 "model.head.seq_layers",
-                f"more than the {clip['text_layers']} CLIP text blocks to copy",
+                f"more than the {clip.text_layers} CLIP text blocks to copy",
             )
     return errors
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def resolve_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """Fill workdir-relative defaults ('' data dirs of the demo) in place; returns config."""
-    with config.unlocked():
-        if not config.data.data_dir:
-            config.data.data_dir = os.path.join(workdir, "data", "tfds")
-        if not config.data.manual_dir:
-            config.data.manual_dir = os.path.join(workdir, "data", "raw")
-    return config
-
-
-OPENAI_VIT_B32_URL = (
-    "https://openaipublic.azureedge.net/clip/models/"
-    "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt"
-)
-
-
-def check_clip_start(config: ml_collections.ConfigDict, mode: str) -> None:
-    """Training needs pretrained CLIP weights unless ``model.clip.from_scratch`` says a random
-    CLIP is meant: the recipe's CLIP lr (1e-7) and frozen embeddings leave a random CLIP where
-    it started, so a run without weights would spend its compute on nothing. Evaluation reads
-    its params from the workdir's checkpoint or ``model.ucofia_checkpoint`` and is not held."""
-    clip = config.model.clip
-    if clip.from_scratch and clip.checkpoint:
-        raise ConfigError(
-            f"config.model.clip.from_scratch = True and config.model.clip.checkpoint = "
-            f"{clip.checkpoint!r}: choose one (from_scratch=True needs checkpoint='')"
-        )
-    if not MODES[mode][0] or clip.checkpoint or clip.from_scratch:
-        return
-    raise ConfigError(
-        f"config.model.clip.checkpoint is empty: --mode={mode} would train CLIP from random "
-        f"weights (experiment {config.experiment!r}). Download OpenAI's ViT-B/32 "
-        f"({OPENAI_VIT_B32_URL}) or a Hugging Face CLIPModel directory (config.json + "
-        "model.safetensors, e.g. openai/clip-vit-base-patch32; configs/msrvtt_b16.py and "
-        "msrvtt_l14.py need ViT-B/16 and ViT-L/14) and pass it with "
-        "--config.model.clip.checkpoint=PATH. To train CLIP from scratch on purpose, pass "
-        "--config.model.clip.from_scratch=True."
-    )
-
-
-def _check_clip_heads(clip: ml_collections.ConfigDict, path: str) -> None:
-    """Head counts and the activation change no weight's shape, so a config that differs
-    from its checkpoint there would load and run, silently wrong: compare before loading."""
-    cfg = clip_lib.CLIPConfig.from_ml(clip)
-    stated = clip_import.stated_fields(path)
-    want = {
-        "text_heads": stated.get("text_heads", max(cfg.text_width // 64, 1)),
-        "vision_heads": stated.get("vision_heads", clip_lib.openai_vision_heads(cfg.vision_width)),
-        "activation": stated.get("activation", "quick_gelu"),
-    }
-    have = {k: getattr(cfg, k) for k in want}
-    wrong = [f"--config.model.clip.{k}={v}" for k, v in want.items() if have[k] != v]
-    if wrong:
-        raise ConfigError(
-            f"config.model.clip: {have} differ from the checkpoint {path!r} "
-            f"({'its config.json' if stated else 'OpenAI: heads of 64, quick_gelu'}: {want}); "
-            "set " + " ".join(wrong)
-        )
-
-
-def check_devices(config: ml_collections.ConfigDict) -> None:
-    """The mesh must hold devices of every process: a process outside it has no rows of the
-    batch and cannot read the results (jax.distributed up, before anything compiles)."""
-    try:
-        mesh = sharding.make_mesh(config.mesh)
-        distributed.check_mesh_spans_processes(mesh.devices.flat, "config.mesh")
-    except ValueError as e:  # a config problem: one line at the command line, not a traceback
-        raise ConfigError(str(e)) from None
-
-
-def check_inputs(config: ml_collections.ConfigDict, mode: str, workdir: str) -> None:
-    """Fail at once when a checkpoint or the built dataset is missing, saying how to make it."""
-    check_clip_start(config, mode)
-    check_devices(config)
-    if mode == "eval" and not config.model.ucofia_checkpoint:
-        d, _ = checkpoints.find_checkpoint_dir(workdir)
-        if not os.path.isdir(d) or not any(n.isdigit() for n in os.listdir(d)):
-            raise FileNotFoundError(
-                f"--mode=eval: no checkpoint in {workdir} (checkpoints/ or checkpoints_best/). "
-                "Train first (--mode=train_and_eval with this --workdir), or evaluate the "
-                "released UCoFiA weights with "
-                "--config.model.ucofia_checkpoint=/path/to/pytorch_model.bin"
-            )
-    ckpt = config.model.clip.checkpoint
-    if ckpt and not os.path.exists(ckpt):
-        raise FileNotFoundError(
-            f"config.model.clip.checkpoint = {ckpt!r} does not exist. Put an OpenAI ViT-B-32.pt or "
-            "a Hugging Face CLIPModel directory (config.json + model.safetensors, e.g. "
-            "openai/clip-vit-base-patch32) there, or set --config.model.clip.checkpoint='' "
-            "--config.model.clip.from_scratch=True to train CLIP from scratch."
-        )
-    if ckpt:
-        _check_clip_heads(config.model.clip, ckpt)
-    uckpt = config.model.ucofia_checkpoint
-    if uckpt and not os.path.exists(uckpt):
-        raise FileNotFoundError(
-            f"config.model.ucofia_checkpoint = {uckpt!r} does not exist. Download the released "
-            "UCoFiA MSR-VTT checkpoint (pytorch_model.bin, linked from the original README) "
-            "to that path, or leave it '' to evaluate a checkpoint of this workdir."
-        )
-    if config.data.synthetic.enabled:
-        return  # made in the workdir by main when absent
-    problems = pipeline.dataset_problems(config.data)
-    if problems:
-        raise FileNotFoundError(problems)

@@ -27,17 +27,16 @@ import time
 from typing import Any, Dict, Optional
 
 import jax
-import jax.numpy as jnp
 import tensorflow_datasets as tfds
 from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipeline import build as build_lib
 from data_pipeline import pipeline, synthetic
-from data_pipeline.records import DataError
+from data_pipeline.sampling import FrameSampling
 from ucofia_jax import config as config_lib
+from ucofia_jax import errors, preflight, weights
 from ucofia_jax.evaluation import evaluator, report
-from ucofia_jax.models import clip_import, ucofia_names
 from ucofia_jax.models.model import Model
 from ucofia_jax.runtime import cli, distributed, sharding
 from ucofia_jax.training import checkpoints, loop, resume, trainer
@@ -51,7 +50,7 @@ flags.DEFINE_string("workdir", None, "Checkpoints, logs, results.json, report.")
 flags.DEFINE_enum(
     "mode",
     "train_and_eval",
-    list(config_lib.MODES),
+    list(preflight.MODES),
     "train: train only; eval: evaluate the workdir's (or the released) "
     "checkpoint; train_and_eval: both.",
 )
@@ -62,11 +61,8 @@ flags.DEFINE_bool(
 
 # One line and status 2 at the command line (runtime/cli.py); anything else is a traceback.
 KNOWN_ERRORS = (
-    config_lib.ConfigError,
-    FileNotFoundError,  # a missing dataset, checkpoint or weights file (config.check_inputs)
-    DataError,
-    clip_import.CheckpointError,  # checkpoints.CheckpointError too (a subclass)
-    loop.NonFiniteLossError,
+    errors.UserError,  # config, checkpoint, data, non-finite loss: ucofia_jax/errors.py
+    FileNotFoundError,  # a missing dataset, checkpoint or weights file (preflight.check_inputs)
 )
 
 
@@ -75,13 +71,13 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> Dict[str, Any
 
     Returns the evaluation metrics ({} for --mode=train; {'preempted', 'step', 'signal'} when
     a signal stopped training)."""
-    train, evaluate = config_lib.MODES[mode]
+    train, evaluate = preflight.MODES[mode]
     distributed.maybe_initialize(config)  # before anything touches jax.devices()
     if distributed.process_count() > 1:
         distributed.setup_logging()  # INFO from process 0 only, the others prefixed
-    config_lib.resolve_paths(config, workdir)
-    config_lib.validate(config)
-    config_lib.check_inputs(config, mode, workdir)
+    preflight.resolve_paths(config, workdir)
+    preflight.check_config(config)
+    preflight.check_inputs(config, mode, workdir)
 
     out = _RunOutput(workdir)
     try:
@@ -102,7 +98,7 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> Dict[str, Any
             if stopped_by:
                 return {"preempted": True, "step": step, "signal": stopped_by}
         else:
-            params, step = _params_to_evaluate(config, workdir, model, out)
+            params, step = _params_to_evaluate(config, workdir, out)
             out.write_config(config)
         if not evaluate:
             return {}
@@ -165,10 +161,7 @@ def _prepare_synthetic_data(config, out: _RunOutput) -> None:
             d.dataset,
             manual_dir=raw,
             data_dir=d.data_dir,
-            max_frames=d.max_frames,
-            image_size=d.image_size,
-            feature_framerate=d.feature_framerate,
-            slice_framepos=d.slice_framepos,
+            sampling=FrameSampling.from_config(d),
             progress=False,
             log=out.say,
         )
@@ -177,14 +170,11 @@ def _prepare_synthetic_data(config, out: _RunOutput) -> None:
 
 def _make_mesh(config, out: _RunOutput):
     mesh = sharding.make_mesh(config.mesh)
-    mult = sharding.batch_size_multiple(mesh)
-    for section in ("train", "eval"):
-        size = config[section].batch_size
-        if size % mult:
-            raise config_lib.ConfigError(
-                f"config.{section}.batch_size = {size} is not a multiple of the {mult} devices "
-                "on the batch axes (config.mesh)"
-            )
+    shards = sharding.batch_size_multiple(mesh)
+    for section, accumulate in (("train", config.train.accumulate_steps), ("eval", 1)):
+        bad = config_lib.batch_split_error(section, config[section].batch_size, shards, accumulate)
+        if bad:
+            raise errors.ConfigError(bad)
     out.say(
         f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
         f"devices; global batch {config.train.batch_size}"
@@ -217,7 +207,14 @@ def _train(config, workdir, model, mesh, fns, splits, out, progress):
     total = trainer.total_train_steps(tc, spe)
     state = trainer.create_train_state(model, config.seed)
     resume.check_frozen(tc.frozen, state["params"])
-    run_trainer = trainer.make_trainer(model, tc, mesh, state, trainer.schedule_steps(tc, spe))
+    run_trainer = trainer.make_trainer(
+        model,
+        tc,
+        mesh,
+        state,
+        trainer.schedule_steps(tc, spe),
+        axis_rules=config.mesh.logical_axis_rules,
+    )
     ckpt = checkpoints.Checkpointer(workdir, keep=tc.keep_checkpoints)
     guard = None
     try:
@@ -287,30 +284,13 @@ def _validation_t2v(fns, mesh, config, test_data, params, step: int) -> Dict[str
     ).metrics["t2v"]
 
 
-def _params_to_evaluate(config, workdir, model, out):
+def _params_to_evaluate(config, workdir, out):
     """(params, step) of --mode=eval: the released UCoFiA weights or the workdir's checkpoint."""
-    if config.model.ucofia_checkpoint:
-        params = trainer.create_train_state(model, config.seed)["params"]
-        return _released_params(model, params, config.model.ucofia_checkpoint), 0
-    target = trainer.saved_state_shapes(model, config.train, config.seed)
-    restored, meta = checkpoints.restore_params(workdir, target)
-    step = int(meta["step"])
-    out.say(f"evaluating the checkpoint of step {step} from {workdir}")
-    return restored["params"], step
-
-
-def _released_params(model: Model, params, path: str):
-    """Our params with the head (and CLIP, when present) from a released UCoFiA state dict."""
-    parts = ucofia_names.load_original_checkpoint(path, head_template=params["head"])
-    if parts["predictor"] and parts["predictor"] != model.head.predictor:
-        raise config_lib.ConfigError(
-            f"{path} has the '{parts['predictor']}' token predictor; run with "
-            f"--config.model.head.predictor={parts['predictor']}"
-        )
-    new = {"head": jax.tree.map(jnp.asarray, parts["head_params"]), "clip": params["clip"]}
-    if parts["clip_params"] is not None:
-        new["clip"] = jax.tree.map(jnp.asarray, parts["clip_params"])
-    return new
+    released = bool(config.model.ucofia_checkpoint)
+    loaded = weights.load(config, workdir=None if released else workdir)
+    if not released:
+        out.say(f"evaluating the checkpoint of step {loaded.step} from {workdir}")
+    return loaded.params, loaded.step
 
 
 def _evaluate_and_report(config, workdir, fns, mesh, params, step, splits, out):
@@ -355,14 +335,12 @@ def _evaluate_and_report(config, workdir, fns, mesh, params, step, splits, out):
 
 def main(argv) -> int:
     if len(argv) > 1:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"unexpected arguments {argv[1:]}: flags are --name=value, config values "
             "--config.section.key=value"
         )
     if FLAGS.workdir is None:
-        raise config_lib.ConfigError(
-            "--workdir is required (checkpoints, logs and results go there)"
-        )
+        raise errors.ConfigError("--workdir is required (checkpoints, logs and results go there)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "orbax", "jax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -378,14 +356,14 @@ def _parse_flags(argv):
     try:
         rest = FLAGS(argv)
     except flags.Error as e:
-        raise config_lib.ConfigError(str(e)) from e
+        raise errors.ConfigError(str(e)) from e
     except (AttributeError, KeyError) as e:  # ml_collections: an override of no key
-        raise config_lib.ConfigError(_unknown_override(argv, e)) from e
+        raise errors.ConfigError(_unknown_override(argv, e)) from e
     try:
         FLAGS.config.keys()  # a file that failed to load raises on first use
     except Exception as e:  # pylint: disable=broad-except
         path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"--config={path} does not load: {str(e).strip().splitlines()[-1].strip()}"
         ) from e
     return rest
@@ -411,7 +389,7 @@ def _known_key(key: str) -> bool:
 
 
 def _hint(e: BaseException) -> Optional[str]:
-    if isinstance(e, config_lib.ConfigError) and "unknown key" in str(e):
+    if isinstance(e, errors.ConfigError) and "unknown key" in str(e):
         return "every key and its default: ucofia_jax/config.py base_config()"
     return None
 

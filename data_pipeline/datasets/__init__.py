@@ -9,6 +9,11 @@ its video (multi-sentence evaluation, or one random caption per epoch in the pip
 ActivityNet and DiDeMo always give one paragraph per video. Each module also names the
 dataset (``NAME``), the splits its reader knows (``SPLITS``) and what a build needs
 (``SPEC``, a `records.DatasetSpec`).
+
+A module states only its files and its rules, in ``videos(root, split, report, strict)`` ->
+(video id, captions) pairs, written with the shared reader loop (`_common.group_captions`,
+`_common.listed`); ``read_split = _common.make_read_split(...)`` does the rest (split check,
+paragraphs, clip times, video files, records) the same way for all.
 """
 
 from data_pipeline.datasets import activitynet, didemo, lsmdc, msrvtt, msvd, vatex

@@ -5,6 +5,11 @@ Policy (issue 4): a bad *item* (row, caption, video) is skipped and recorded in 
 or unparseable *annotation file* always raises, naming the file and where it was expected:
 nothing sensible can be built without it.
 
+The reader loop (`group_captions`, `listed`, `make_read_split`) is the same for every dataset:
+load -> validate each item -> clean each caption -> group by video -> the split's videos ->
+ClipRecords; a reader module states only its files and its rules (how an item maps to a video
+id and captions, its split lists, its quirks).
+
 Text is decoded as UTF-8 with ``surrogateescape`` so that one bad byte sequence spoils only
 the caption it is in (detected by its lone surrogates) instead of the whole file.
 """
@@ -15,7 +20,7 @@ import csv
 import json
 import os
 import re
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from data_pipeline.records import ClipRecord, DataError, SkipReport, skip_or_raise
 from data_pipeline.video import VIDEO_EXTENSIONS
@@ -191,48 +196,22 @@ def has_bad_text(s: str) -> bool:
     return bool(_SURROGATE.search(s))
 
 
-def listed_caption_entries(
-    list_path: str,
-    ann: dict,
-    ann_path: str,
-    report: SkipReport | None,
-    strict: bool,
-    entry_types: tuple = (list,),
-) -> list[tuple[str, Any]]:
-    """(video id, caption entry) for every id of a split list that the annotation dict holds.
+# ------------------------------------------------------------------------- the reader loop
 
-    Ids missing from ``ann`` and entries that are not lists are reported (or raise when strict).
-    """
-    out = []
-    seen = FirstSeen(report, strict)
-    for i, vid in read_lines(list_path, report, strict):
-        if seen.repeat(vid, f"{list_path}:{i}"):
-            continue
-        if vid not in ann:
-            skip_or_raise(
-                report,
-                strict,
-                f"{list_path}:{i}",
-                REASON_NO_ANNOTATION,
-                f"video id {vid} not in {os.path.basename(ann_path)}",
-            )
-            continue
-        entry = ann[vid]
-        if not isinstance(entry, entry_types):
-            skip_or_raise(
-                report,
-                strict,
-                f"{ann_path}[{vid}]",
-                REASON_BAD_ROW,
-                f"captions are {type(entry).__name__}, expected a list",
-            )
-            continue
-        out.append((vid, entry))
-    return out
+
+class Unreadable(NamedTuple):
+    """What a reader's rule gives for an item (or caption) it cannot read; the loop reports
+    it as an unreadable annotation row with this detail, at the item's place."""
+
+    detail: str
 
 
 def clean_caption(text, where: str, report: SkipReport | None, strict: bool) -> str | None:
-    """Stripped caption, or None (after reporting) when it is not usable."""
+    """Caption with its whitespace runs made single spaces, or None (after reporting) when it
+    is not usable: `Unreadable` (a reader's rule rejected it), not a string, not UTF-8, empty."""
+    if isinstance(text, Unreadable):
+        skip_or_raise(report, strict, where, REASON_BAD_ROW, text.detail)
+        return None
     if not isinstance(text, str):
         skip_or_raise(report, strict, where, REASON_BAD_ROW, f"caption is {type(text).__name__}")
         return None
@@ -244,6 +223,113 @@ def clean_caption(text, where: str, report: SkipReport | None, strict: bool) -> 
         skip_or_raise(report, strict, where, REASON_EMPTY)
         return None
     return text
+
+
+# A rule's reading of one annotation item: (video id, [(where, raw caption), ...]).
+Video = tuple[str, list[tuple[str, Any]]]
+
+
+def group_captions(
+    items: Iterable[tuple[str, Any]],
+    rule: Callable[[str, Any], Video | Unreadable],
+    report: SkipReport | None,
+    strict: bool,
+    *,
+    keep_empty: bool = False,
+    last_wins: Callable[[str, str], str] | None = None,
+) -> dict[str, list[str]]:
+    """The usable captions of an annotation file by video id, each cleaned (`clean_caption`).
+
+    items: (where, item) in file order; `where` names the file and the line or item, and is
+      where a rejected item is reported.
+    rule(where, item): the reader's reading of one item: `Unreadable(why)`, or the video id
+      and the item's raw captions, each with its own place (a raw caption may be `Unreadable`).
+    keep_empty: for files with one entry per video (a dict video id -> captions): a video is
+      kept, in entry order, even when none of its captions is usable, so that the records step
+      counts the lost video. Otherwise a video comes in the order of its first usable caption.
+    last_wins(video id, where): for files where a repeated video replaces the earlier item
+      (LSMDC, as its original loader's dict); the earlier item is reported as a duplicate with
+      this detail. Otherwise the captions of all items of a video are kept, in file order.
+    """
+    groups: dict[str, list[str]] = {}
+    where_of: dict[str, str] = {}
+    for where, item in items:
+        video = rule(where, item)
+        if isinstance(video, Unreadable):
+            skip_or_raise(report, strict, where, REASON_BAD_ROW, video.detail)
+            continue
+        video_id, raw_captions = video
+        captions = [clean_caption(c, w, report, strict) for w, c in raw_captions]
+        captions = [c for c in captions if c is not None]
+        if not captions and not keep_empty:
+            continue
+        if last_wins is not None and video_id in groups:
+            detail = last_wins(video_id, where)
+            skip_or_raise(report, strict, where_of[video_id], REASON_DUPLICATE, detail)
+            groups[video_id] = captions
+        else:
+            groups.setdefault(video_id, []).extend(captions)
+        where_of[video_id] = where
+    return groups
+
+
+def listed(
+    ids: Iterable[tuple[str, Any]],
+    known,
+    missing: str,
+    report: SkipReport | None,
+    strict: bool,
+    rule: Callable[[Any], str | Unreadable] = lambda video_id: video_id,
+) -> Iterator[str]:
+    """The video ids of a split list (``ids``: (where, raw id) in list order) that ``known``
+    holds, each once; `rule` reads a raw id (or rejects it: `Unreadable`). A repeated id is
+    reported as a duplicate, one ``known`` lacks as ``no annotation``: ``video id ID missing``.
+    A generator: each id is checked when it is taken, so a caller's own checks of an id come
+    right after its list checks, in the order of the list."""
+    seen = FirstSeen(report, strict)
+    for where, raw in ids:
+        video_id = rule(raw)
+        if isinstance(video_id, Unreadable):
+            skip_or_raise(report, strict, where, REASON_BAD_ROW, video_id.detail)
+            continue
+        if seen.repeat(video_id, where):
+            continue
+        if video_id not in known:
+            detail = f"video id {video_id} {missing}"
+            skip_or_raise(report, strict, where, REASON_NO_ANNOTATION, detail)
+            continue
+        yield video_id
+
+
+def listed_entries(
+    list_path: str,
+    ann: dict,
+    ann_path: str,
+    report: SkipReport | None,
+    strict: bool,
+    entry_types: tuple = (list,),
+) -> list[tuple[str, tuple[str, Any]]]:
+    """Items (where, (video id, entry)) for `group_captions` from a split list file (one id a
+    line) and a dict video id -> captions: the listed ids that ``ann`` holds with a list of
+    captions (entries of other types are reported), in list order."""
+    lines = [(f"{list_path}:{i}", vid) for i, vid in read_lines(list_path, report, strict)]
+    missing = f"not in {os.path.basename(ann_path)}"
+    out = []
+    for vid in listed(lines, ann, missing, report, strict):
+        where = f"{ann_path}[{vid}]"
+        if not isinstance(ann[vid], entry_types):
+            detail = f"captions are {type(ann[vid]).__name__}, expected a list"
+            skip_or_raise(report, strict, where, REASON_BAD_ROW, detail)
+            continue
+        out.append((where, (vid, ann[vid])))
+    return out
+
+
+def each_caption(where: str, entry: tuple[str, Any]) -> Video:
+    """The rule for `listed_entries` items whose entry is a list of captions: caption ``k``
+    of video ``v`` is at ``ann_path[v][k]``."""
+    video_id, captions = entry
+    return video_id, [(f"{where}[{k}]", c) for k, c in enumerate(captions)]
 
 
 def find_video_file(video_dir: str, names: Iterable[str]) -> str | None:
@@ -261,27 +347,28 @@ def find_video_file(video_dir: str, names: Iterable[str]) -> str | None:
 
 
 def build_records(
-    items,
+    videos: Iterable[tuple[str, list[str]]],
     *,
     video_dir: str,
     split: str,
+    start: float | None,
+    end: float | None,
     expand: bool,
     report: SkipReport | None,
     strict: bool,
-    names_fn=None,
+    file_names: Callable[[str], list[str]],
 ) -> list[ClipRecord]:
-    """items: (video_id, captions list, start, end) -> ClipRecords with resolved video files.
-
-    `names_fn(video_id)` gives the file names to try (default: the id itself).
-    """
+    """(video id, captions) -> ClipRecords of the clip ``start``-``end`` of each video's file;
+    a video without a file or without captions is reported. ``file_names(video id)``: the
+    names to try under ``video_dir``, each as given and with each known extension."""
     if not os.path.isdir(video_dir):
         raise DataError(
             f"video folder {video_dir} does not exist (pass --video_dir if the videos "
             f"are not under RAW/videos/)"
         )
     records = []
-    for vid, caps, start, end in items:
-        names = names_fn(vid) if names_fn else [vid]
+    for vid, caps in videos:
+        names = file_names(vid)
         path = find_video_file(video_dir, names)
         if path is None:
             skip_or_raise(
@@ -308,3 +395,57 @@ def build_records(
 
 def default_video_dir(root: str, video_dir: str | None) -> str:
     return video_dir if video_dir is not None else os.path.join(root, "videos")
+
+
+# A dataset's rules: (root, split, report, strict) -> (video id, captions) in record order.
+VideosOfSplit = Callable[[str, str, SkipReport | None, bool], Iterable[tuple[str, list[str]]]]
+
+
+def make_read_split(
+    name: str,
+    splits: tuple[str, ...],
+    videos: VideosOfSplit,
+    *,
+    file_names: Callable[[str], list[str]] = lambda video_id: [video_id],
+    paragraph: bool = False,
+    clip: tuple[float | None, float | None] = (None, None),
+    record_split: dict[str, str] | None = None,
+):
+    """The `read_split` of a dataset (its signature: the package doc) from its rules.
+
+    videos: reads the split's annotation files (with `group_captions` and `listed`).
+    file_names(video id): the file names to try for a video (default: the id itself).
+    paragraph: one caption per video, its captions joined by a space (paragraph-to-video).
+    clip: (start, end) in seconds of every record; None is the start / end of the file.
+    record_split: the split a record is labelled with, where it is not the one read.
+    """
+    record_split = record_split or {}
+
+    def read_split(
+        root: str,
+        split: str,
+        *,
+        video_dir: str | None = None,
+        expand_sentences: bool = False,
+        strict: bool = False,
+        report: SkipReport | None = None,
+    ) -> list[ClipRecord]:
+        check_split(split, splits, name)
+        by_video = videos(root, split, report, strict)
+        if paragraph:
+            by_video = [(vid, [" ".join(caps)] if caps else []) for vid, caps in by_video]
+        start, end = clip
+        return build_records(
+            by_video,
+            video_dir=default_video_dir(root, video_dir),
+            split=record_split.get(split, split),
+            start=start,
+            end=end,
+            expand=expand_sentences,
+            report=report,
+            strict=strict,
+            file_names=file_names,
+        )
+
+    read_split.__doc__ = f"The {name} ClipRecords of `split` (see `data_pipeline.datasets`)."
+    return read_split

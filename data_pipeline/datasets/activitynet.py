@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 from data_pipeline.datasets import _common as C
-from data_pipeline.records import ClipRecord, DatasetSpec, SkipReport, skip_or_raise
+from data_pipeline.records import DatasetSpec
 
 NAME = "activitynet"
 SPLITS = ("train", "val", "test")
@@ -38,67 +38,41 @@ def strip_prefix(vid: str) -> str:
     return vid[2:] if vid.startswith("v_") else vid
 
 
-def read_split(
-    root: str,
-    split: str,
-    *,
-    video_dir: str | None = None,
-    expand_sentences: bool = False,
-    strict: bool = False,
-    report: SkipReport | None = None,
-) -> list[ClipRecord]:
-    C.check_split(split, SPLITS, NAME)
-    del expand_sentences  # paragraph-to-video: one paragraph per video
-    video_dir = C.default_video_dir(root, video_dir)
+def _video_id(vid):
+    return vid if isinstance(vid, str) and not C.has_bad_text(vid) else C.Unreadable("bad video id")
+
+
+def _video(where, item):
+    """An entry of the annotation json: one video and its sentences, in order."""
+    vid, entry = item
+    sentences = entry.get("sentences") if isinstance(entry, dict) else None
+    if not isinstance(sentences, list):
+        return C.Unreadable("needs a 'sentences' list")
+    return vid, [(f"{where}.sentences[{k}]", s) for k, s in enumerate(sentences)]
+
+
+def videos(root, split, report, strict):
+    """The split's videos (the ids file's, else all of the annotation file) with their
+    sentences; ids lose their ``v_`` prefix."""
     ann_name, ids_name = FILES[split]
     ann_path = C.require_file(root, ann_name, NAME)
     ann = C.load_json(ann_path, report, strict)
     if not isinstance(ann, dict):
         raise C.DataError(f"{ann_path}: expected an object {{video_id: {{duration, sentences}}}}")
     ids_path = os.path.join(root, ids_name)
-    if os.path.isfile(ids_path):
+    if os.path.isfile(ids_path):  # the split's videos, else all of the annotation file
         ids = C.load_json(ids_path, report, strict)
         if not isinstance(ids, list):
             raise C.DataError(f"{ids_path}: expected a list of video ids")
-        pairs = []
-        seen = C.FirstSeen(report, strict)
-        for j, vid in enumerate(ids):
-            if not isinstance(vid, str) or C.has_bad_text(vid):
-                skip_or_raise(report, strict, f"{ids_path}[{j}]", C.REASON_BAD_ROW, "bad video id")
-                continue
-            if seen.repeat(vid, f"{ids_path}[{j}]"):
-                continue
-            if vid not in ann:
-                skip_or_raise(
-                    report,
-                    strict,
-                    f"{ids_path}[{j}]",
-                    C.REASON_NO_ANNOTATION,
-                    f"video id {vid} not in {ann_name}",
-                )
-                continue
-            pairs.append(vid)
+        ids = [(f"{ids_path}[{j}]", vid) for j, vid in enumerate(ids)]
+        vids = list(C.listed(ids, ann, f"not in {ann_name}", report, strict, _video_id))
     else:
-        pairs = list(ann)
-    items = []
-    for vid in pairs:
-        where = f"{ann_path}[{vid}]"
-        entry = ann[vid]
-        if not isinstance(entry, dict) or not isinstance(entry.get("sentences"), list):
-            skip_or_raise(report, strict, where, C.REASON_BAD_ROW, "needs a 'sentences' list")
-            continue
-        sents = [
-            C.clean_caption(s, f"{where}.sentences[{k}]", report, strict)
-            for k, s in enumerate(entry["sentences"])
-        ]
-        sents = [s for s in sents if s is not None]
-        items.append((strip_prefix(vid), [" ".join(sents)] if sents else [], None, None))
-    return C.build_records(
-        items,
-        video_dir=video_dir,
-        split=split,
-        expand=False,
-        report=report,
-        strict=strict,
-        names_fn=lambda v: [v, "v_" + v],
-    )
+        vids = list(ann)
+    items = [(f"{ann_path}[{vid}]", (vid, ann[vid])) for vid in vids]
+    by_video = C.group_captions(items, _video, report, strict, keep_empty=True)
+    return [(strip_prefix(vid), sentences) for vid, sentences in by_video.items()]
+
+
+read_split = C.make_read_split(
+    NAME, SPLITS, videos, file_names=lambda v: [v, "v_" + v], paragraph=True
+)

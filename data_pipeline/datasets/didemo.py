@@ -11,11 +11,10 @@ the clip is 0-31 s as in the original ("videos were truncated to 30 s for annota
 
 from __future__ import annotations
 
-import collections
 import os
 
 from data_pipeline.datasets import _common as C
-from data_pipeline.records import ClipRecord, DatasetSpec, SkipReport, skip_or_raise
+from data_pipeline.records import DatasetSpec
 
 NAME = "didemo"
 SPLITS = ("train", "val", "test")
@@ -28,58 +27,38 @@ SPEC = DatasetSpec(
 START, END = 0.0, 31.0
 
 
-def read_split(
-    root: str,
-    split: str,
-    *,
-    video_dir: str | None = None,
-    expand_sentences: bool = False,
-    strict: bool = False,
-    report: SkipReport | None = None,
-) -> list[ClipRecord]:
-    C.check_split(split, SPLITS, NAME)
-    del expand_sentences  # paragraph-to-video
-    video_dir = C.default_video_dir(root, video_dir)
+def _description(where, itm):
+    """An item of the data json: one description of one video (its times are not used)."""
+    if (
+        not isinstance(itm, dict)
+        or not isinstance(itm.get("video"), str)
+        or "description" not in itm
+    ):
+        return C.Unreadable("needs video and description")
+    return itm["video"], [(where, itm["description"])]
+
+
+def videos(root, split, report, strict):
+    """The listed videos with their descriptions in file order."""
     list_path = C.require_file(root, f"{split}_list.txt", NAME)
     data_path = C.require_file(root, f"{split}_data.json", NAME)
     data = C.load_json(data_path, report, strict)
     if not isinstance(data, list):
         raise C.DataError(f"{data_path}: expected a list of {{video, description, times}}")
-    desc = collections.defaultdict(list)
-    for j, itm in enumerate(data):
-        where = f"{data_path}[{j}]"
-        if (
-            not isinstance(itm, dict)
-            or not isinstance(itm.get("video"), str)
-            or "description" not in itm
-        ):
-            skip_or_raise(report, strict, where, C.REASON_BAD_ROW, "needs video and description")
-            continue
-        cap = C.clean_caption(itm["description"], where, report, strict)
-        if cap is not None:
-            desc[itm["video"]].append(cap)
-    items = []
-    seen = C.FirstSeen(report, strict)
-    for i, vid in C.read_lines(list_path, report, strict):
-        if seen.repeat(vid, f"{list_path}:{i}"):
-            continue
-        if vid not in desc:
-            skip_or_raise(
-                report,
-                strict,
-                f"{list_path}:{i}",
-                C.REASON_NO_ANNOTATION,
-                f"video id {vid} has no description in {split}_data.json",
-            )
-            continue
-        items.append((vid, [" ".join(desc[vid])], START, END))
-    stem = lambda v: [v, os.path.splitext(v)[0]] if os.path.splitext(v)[1] else [v]
-    return C.build_records(
-        items,
-        video_dir=video_dir,
-        split=split,
-        expand=False,
-        report=report,
-        strict=strict,
-        names_fn=stem,
-    )
+    items = ((f"{data_path}[{j}]", itm) for j, itm in enumerate(data))
+    descriptions = C.group_captions(items, _description, report, strict)
+    lines = [(f"{list_path}:{i}", vid) for i, vid in C.read_lines(list_path, report, strict)]
+    missing = f"has no description in {split}_data.json"
+    listed = C.listed(lines, descriptions, missing, report, strict)
+    return [(vid, descriptions[vid]) for vid in listed]
+
+
+def _file_names(vid):
+    """The id names the file; a converted copy may have another extension."""
+    stem, ext = os.path.splitext(vid)
+    return [vid, stem] if ext else [vid]
+
+
+read_split = C.make_read_split(
+    NAME, SPLITS, videos, file_names=_file_names, paragraph=True, clip=(START, END)
+)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 
 from data_pipeline.datasets import _common as C
-from data_pipeline.records import ClipRecord, DatasetSpec, SkipReport, skip_or_raise
+from data_pipeline.records import DatasetSpec
 
 NAME = "lsmdc"
 SPLITS = ("train", "val", "test")
@@ -40,62 +40,33 @@ FILES = {
 }
 
 
-def read_split(
-    root: str,
-    split: str,
-    *,
-    video_dir: str | None = None,
-    expand_sentences: bool = False,
-    strict: bool = False,
-    report: SkipReport | None = None,
-) -> list[ClipRecord]:
-    C.check_split(split, SPLITS, NAME)
-    del expand_sentences  # one caption per clip
-    video_dir = C.default_video_dir(root, video_dir)
+def _row(where, row):
+    """A csv row: one clip and its caption (the timestamps are not used)."""
+    if len(row) != 6:
+        return C.Unreadable(f"{len(row)} tab-separated fields, expected 6")
+    clip_id = row[0].strip()
+    if not clip_id or C.has_bad_text(clip_id):
+        return C.Unreadable("bad clip id")
+    return clip_id, [(where, row[5])]
+
+
+def _replaced(clip_id, where):
+    """The detail for the earlier row of a repeated clip id; ``where`` is ``path:line``."""
+    line = where.rsplit(":", 1)[1]
+    return f"clip id {clip_id} again at line {line}, which replaces this row"
+
+
+def videos(root, split, report, strict):
+    """Every clip of the split's csv with its caption (the last row of a repeated clip id)."""
     path = C.require_file(root, FILES[split], NAME)
-    captions: dict[str, list[str]] = {}
-    line_of: dict[str, int] = {}
-    for i, row in C.read_csv_rows(path, report, strict, delimiter="\t"):
-        where = f"{path}:{i}"
-        if not any(x.strip() for x in row):
-            continue
-        if len(row) != 6:
-            skip_or_raise(
-                report,
-                strict,
-                where,
-                C.REASON_BAD_ROW,
-                f"{len(row)} tab-separated fields, expected 6",
-            )
-            continue
-        clip_id = row[0].strip()
-        if not clip_id or C.has_bad_text(clip_id):
-            skip_or_raise(report, strict, where, C.REASON_BAD_ROW, "bad clip id")
-            continue
-        cap = C.clean_caption(row[5], where, report, strict)
-        if cap is not None:
-            if clip_id in line_of:
-                skip_or_raise(
-                    report,
-                    strict,
-                    f"{path}:{line_of[clip_id]}",
-                    C.REASON_DUPLICATE,
-                    f"clip id {clip_id} again at line {i}, which replaces this row",
-                )
-            captions[clip_id] = [cap]
-            line_of[clip_id] = i
+    rows = C.read_csv_rows(path, report, strict, delimiter="\t")
+    items = [(f"{path}:{i}", row) for i, row in rows if any(x.strip() for x in row)]
+    return list(C.group_captions(items, _row, report, strict, last_wins=_replaced).items())
 
-    def names(clip_id):
-        movie = clip_id.rsplit("_", 1)[0]
-        return [clip_id, os.path.join(movie, clip_id)]
 
-    items = [(cid, caps, None, None) for cid, caps in captions.items()]
-    return C.build_records(
-        items,
-        video_dir=video_dir,
-        split=split,
-        expand=False,
-        report=report,
-        strict=strict,
-        names_fn=names,
-    )
+def _file_names(clip_id):
+    movie = clip_id.rsplit("_", 1)[0]
+    return [clip_id, os.path.join(movie, clip_id)]
+
+
+read_split = C.make_read_split(NAME, SPLITS, videos, file_names=_file_names)

@@ -12,10 +12,8 @@ record per row (as the original: the 1000 pairs, not all 20 captions of those vi
 
 from __future__ import annotations
 
-import collections
-
 from data_pipeline.datasets import _common as C
-from data_pipeline.records import ClipRecord, DatasetSpec, SkipReport, skip_or_raise
+from data_pipeline.records import DatasetSpec, skip_or_raise
 
 NAME = "msrvtt"
 SPLITS = ("train", "train_7k", "val", "test")
@@ -65,76 +63,51 @@ def _csv_rows(path, report, strict, needed):
     return out
 
 
-def read_split(
-    root: str,
-    split: str,
-    *,
-    video_dir: str | None = None,
-    expand_sentences: bool = False,
-    strict: bool = False,
-    report: SkipReport | None = None,
-) -> list[ClipRecord]:
-    C.check_split(split, SPLITS, NAME)
-    video_dir = C.default_video_dir(root, video_dir)
-    items = []
+def _sentence(where, s):
+    """An item of MSRVTT_data.json's ``sentences``: one caption of one video."""
+    if not isinstance(s, dict) or not isinstance(s.get("video_id"), str) or "caption" not in s:
+        return C.Unreadable("needs video_id and caption")
+    return s["video_id"], [(where, s["caption"])]
+
+
+def _video_id(row):
+    vid = row["video_id"].strip()
+    return C.Unreadable("bad video_id") if C.has_bad_text(vid) or not vid else vid
+
+
+def _test_row(where, row):
+    """A row of the JSFusion csv: one (video, caption) pair."""
+    vid = _video_id(row)
+    return vid if isinstance(vid, C.Unreadable) else (vid, [(where, row["sentence"])])
+
+
+def videos(root, split, report, strict):
+    """Training: the listed videos with all their captions in MSRVTT_data.json; test: the
+    JSFusion csv's pairs, one video each."""
     if split.startswith("train"):
         csv_path = C.require_file(root, TRAIN_CSV[split], NAME)
         data_path = C.require_file(root, "MSRVTT_data.json", NAME)
         data = C.load_json(data_path, report, strict)
         if not isinstance(data, dict) or not isinstance(data.get("sentences"), list):
             raise C.DataError(f"{data_path}: expected an object with a 'sentences' list")
-        captions = collections.defaultdict(list)
-        for j, s in enumerate(data["sentences"]):
-            where = f"{data_path}:sentences[{j}]"
-            if (
-                not isinstance(s, dict)
-                or not isinstance(s.get("video_id"), str)
-                or "caption" not in s
-            ):
-                skip_or_raise(report, strict, where, C.REASON_BAD_ROW, "needs video_id and caption")
-                continue
-            cap = C.clean_caption(s["caption"], where, report, strict)
-            if cap is not None:
-                captions[s["video_id"]].append(cap)
-        for i, row in _csv_rows(csv_path, report, strict, ["video_id"]):
-            vid = row["video_id"].strip()
-            if C.has_bad_text(vid) or not vid:
-                skip_or_raise(report, strict, f"{csv_path}:{i}", C.REASON_BAD_ROW, "bad video_id")
-                continue
-            if not captions.get(vid):  # none at all, or all of them rejected above
-                skip_or_raise(
-                    report,
-                    strict,
-                    f"{csv_path}:{i}",
-                    C.REASON_NO_ANNOTATION,
-                    f"video id {vid} has no usable caption in MSRVTT_data.json",
-                )
-                continue
-            items.append((vid, captions[vid], None, None))
-        return C.build_records(
-            items,
-            video_dir=video_dir,
-            split="train",
-            expand=expand_sentences,
-            report=report,
-            strict=strict,
+        items = ((f"{data_path}:sentences[{j}]", s) for j, s in enumerate(data["sentences"]))
+        captions = C.group_captions(items, _sentence, report, strict)
+        rows = _csv_rows(csv_path, report, strict, ["video_id"])
+        ids = [(f"{csv_path}:{i}", row) for i, row in rows]
+        listed = C.listed(
+            ids,
+            captions,
+            "has no usable caption in MSRVTT_data.json",
+            report,
+            strict,
+            rule=_video_id,
         )
-
+        return [(vid, captions[vid]) for vid in listed]
     csv_path = C.require_file(root, TEST_CSV, NAME)
-    for i, row in _csv_rows(csv_path, report, strict, ["video_id", "sentence"]):
-        where = f"{csv_path}:{i}"
-        vid = row["video_id"].strip()
-        if C.has_bad_text(vid) or not vid:
-            skip_or_raise(report, strict, where, C.REASON_BAD_ROW, "bad video_id")
-            continue
-        cap = C.clean_caption(row["sentence"], where, report, strict)
-        if cap is not None:
-            items.append((vid, [cap], None, None))
-    return C.build_records(
-        items,
-        video_dir=video_dir,
-        split=split,
-        expand=expand_sentences,
-        report=report,
-        strict=strict,
-    )
+    rows = _csv_rows(csv_path, report, strict, ["video_id", "sentence"])
+    items = [(f"{csv_path}:{i}", row) for i, row in rows]
+    return list(C.group_captions(items, _test_row, report, strict).items())
+
+
+# Both training lists label their records ``train``.
+read_split = C.make_read_split(NAME, SPLITS, videos, record_split={"train_7k": "train"})

@@ -18,7 +18,7 @@ import os
 import pickle
 
 from data_pipeline.datasets import _common as C
-from data_pipeline.records import ClipRecord, DataError, DatasetSpec, SkipReport, skip_or_raise
+from data_pipeline.records import DataError, DatasetSpec
 
 NAME = "msvd"
 SPLITS = ("train", "val", "test")
@@ -123,43 +123,29 @@ def load_captions_pickle(path: str):
     return obj
 
 
-def read_split(
-    root: str,
-    split: str,
-    *,
-    video_dir: str | None = None,
-    expand_sentences: bool = False,
-    strict: bool = False,
-    report: SkipReport | None = None,
-) -> list[ClipRecord]:
-    C.check_split(split, SPLITS, NAME)
-    video_dir = C.default_video_dir(root, video_dir)
+def _caption_text(tokens):
+    """A caption is a list of tokens, joined by spaces; some re-exports store joined strings."""
+    if isinstance(tokens, (list, tuple)) and all(isinstance(t, str) for t in tokens):
+        return " ".join(tokens)
+    if isinstance(tokens, str):
+        return tokens
+    return C.Unreadable("expected a list of tokens")
+
+
+def _video(where, entry):
+    video_id, captions = entry
+    return video_id, [(f"{where}[{j}]", _caption_text(t)) for j, t in enumerate(captions)]
+
+
+def videos(root, split, report, strict):
+    """The listed videos with all their captions in the pickle."""
     list_path = C.require_file(root, f"{split}_list.txt", NAME)
     pkl_path = C.require_file(root, "raw-captions.pkl", NAME)
     captions = load_captions_pickle(pkl_path)
-    items = []
-    for vid, entry in C.listed_caption_entries(
+    entries = C.listed_entries(
         list_path, captions, pkl_path, report, strict, entry_types=(list, tuple)
-    ):
-        caps = []
-        for j, tokens in enumerate(entry):
-            where = f"{pkl_path}[{vid}][{j}]"
-            if isinstance(tokens, (list, tuple)) and all(isinstance(t, str) for t in tokens):
-                text = " ".join(tokens)
-            elif isinstance(tokens, str):  # some re-exports store joined strings
-                text = tokens
-            else:
-                skip_or_raise(report, strict, where, C.REASON_BAD_ROW, "expected a list of tokens")
-                continue
-            cap = C.clean_caption(text, where, report, strict)
-            if cap is not None:
-                caps.append(cap)
-        items.append((vid, caps, None, None))
-    return C.build_records(
-        items,
-        video_dir=video_dir,
-        split=split,
-        expand=expand_sentences,
-        report=report,
-        strict=strict,
     )
+    return list(C.group_captions(entries, _video, report, strict, keep_empty=True).items())
+
+
+read_split = C.make_read_split(NAME, SPLITS, videos)

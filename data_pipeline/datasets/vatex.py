@@ -12,7 +12,7 @@ multi-sentence (one record per video with all its captions, the default).
 from __future__ import annotations
 
 from data_pipeline.datasets import _common as C
-from data_pipeline.records import ClipRecord, DatasetSpec, SkipReport
+from data_pipeline.records import DatasetSpec
 
 NAME = "vatex"
 SPLITS = ("train", "val", "test")
@@ -28,34 +28,15 @@ SPEC = DatasetSpec(
 LISTS = {"train": "train_list.txt", "val": "test_list.txt", "test": "test_list.txt"}
 
 
-def read_split(
-    root: str,
-    split: str,
-    *,
-    video_dir: str | None = None,
-    expand_sentences: bool = False,
-    strict: bool = False,
-    report: SkipReport | None = None,
-) -> list[ClipRecord]:
-    C.check_split(split, SPLITS, NAME)
-    video_dir = C.default_video_dir(root, video_dir)
+def videos(root, split, report, strict):
+    """The listed videos with all their captions in ref_captions.json."""
     list_path = C.require_file(root, LISTS[split], NAME)
     cap_path = C.require_file(root, "ref_captions.json", NAME)
     ann = C.load_json(cap_path, report, strict)
     if not isinstance(ann, dict):
         raise C.DataError(f"{cap_path}: expected an object {{video_id: [captions]}}")
-    items = []
-    for vid, entry in C.listed_caption_entries(list_path, ann, cap_path, report, strict):
-        caps = [
-            C.clean_caption(c, f"{cap_path}[{vid}][{k}]", report, strict)
-            for k, c in enumerate(entry)
-        ]
-        items.append((vid, [c for c in caps if c is not None], None, None))
-    return C.build_records(
-        items,
-        video_dir=video_dir,
-        split=split,
-        expand=expand_sentences,
-        report=report,
-        strict=strict,
-    )
+    entries = C.listed_entries(list_path, ann, cap_path, report, strict)
+    return list(C.group_captions(entries, C.each_caption, report, strict, keep_empty=True).items())
+
+
+read_split = C.make_read_split(NAME, SPLITS, videos)

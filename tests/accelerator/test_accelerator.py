@@ -48,7 +48,9 @@ def _step(c, batch, devices=1):
     model = tiny_model(c)
     state = train.create_train_state(model, 0)
     p0 = jax.device_get(state["params"])
-    trainer = train.make_trainer(model, c.train, mesh, state, schedule_total=10)
+    trainer = train.make_trainer(
+        model, c.train, mesh, state, schedule_total=10, axis_rules=c.mesh.logical_axis_rules
+    )
     new, m = trainer.train_step(
         train.place_state(trainer, state), sharding.shard_batch(batch, mesh)
     )

@@ -237,17 +237,24 @@ def pair_levels_native(
     return similarity.pair_levels(text, video, consts, after_gemm=level3_native)
 
 
+def check_takes_masks(choice: str, *, mask_padding: bool) -> None:
+    """The native kernel takes no masks: with masked padding, 'native' is refused ('auto'
+    falls back to XLA). The rule's one statement, for ``pair_levels_for`` and the run's
+    config check before compiling (ucofia_jax/preflight.py)."""
+    if mask_padding and choice == "native":
+        raise ValueError(
+            "config.eval.level3_kernel = 'native' takes no masks; "
+            "config.model.head.mask_padding=True needs 'auto' or 'xla'"
+        )
+
+
 def pair_levels_for(choice: str, *, mask_padding: bool):
     """The pair function for ``eval.level3_kernel = choice`` in this process.
 
     Masked padding needs the XLA code ('auto' falls back to it; 'native' is refused)."""
     if mask_padding:
         _check_choice(choice)
-        if choice == "native":
-            raise ValueError(
-                "level3_kernel='native' takes no masks; model.head.mask_padding=True needs "
-                "'auto' or 'xla'"
-            )
+        check_takes_masks(choice, mask_padding=mask_padding)
         return similarity.pair_levels
     if resolve_level3_kernel(choice) == "native":
         return pair_levels_native

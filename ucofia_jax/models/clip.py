@@ -25,7 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ucofia_jax.models.layers import ACTIVATIONS, LayerNorm, Transformer
+from ucofia_jax.config import base_config
+from ucofia_jax.models.layers import ACTIVATIONS, LayerNorm, Transformer, named
 from ucofia_jax.ops.token_shift import token_shift
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -34,6 +35,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The default: bfloat16 where it is fast (GPU, TPU; tests/test_bf16_step.py bounds its effect
 # on a train step), float32 on CPU (parity, the demo). Resolved when the model is built.
 AUTO_DTYPE = "auto"
+_DEFAULTS = base_config().model.clip  # the one home of the defaults
 
 
 def resolve_dtype(name: str) -> str:
@@ -50,27 +52,28 @@ def openai_vision_heads(width: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
-    """Sizes of a ViT CLIP. Defaults: OpenAI ViT-B/32."""
+    """Sizes of a ViT CLIP. Defaults: ``config.model.clip``'s (OpenAI ViT-B/32), but no token
+    shift (a plain CLIP; the recipe's config shifts blocks 10-11)."""
 
-    embed_dim: int = 512
-    image_resolution: int = 224
-    vision_layers: int = 12
-    vision_width: int = 768
-    vision_patch_size: int = 32
-    context_length: int = 77
-    vocab_size: int = 49408
-    text_width: int = 512
-    text_heads: int = 8
-    text_layers: int = 12
+    embed_dim: int = _DEFAULTS.embed_dim
+    image_resolution: int = _DEFAULTS.image_resolution
+    vision_layers: int = _DEFAULTS.vision_layers
+    vision_width: int = _DEFAULTS.vision_width
+    vision_patch_size: int = _DEFAULTS.vision_patch_size
+    context_length: int = _DEFAULTS.context_length
+    vocab_size: int = _DEFAULTS.vocab_size
+    text_width: int = _DEFAULTS.text_width
+    text_heads: int = _DEFAULTS.text_heads
+    text_layers: int = _DEFAULTS.text_layers
     token_shift_blocks: tuple = ()
-    token_shift_n_div: int = 7
-    dtype: str = AUTO_DTYPE  # or a DTYPES key
+    token_shift_n_div: int = _DEFAULTS.token_shift_n_div
+    dtype: str = _DEFAULTS.dtype  # AUTO_DTYPE or a DTYPES key
     # -1: OpenAI's rule, width // 64 (what an OpenAI .pt implies; it does not store it). A HF
     # config.json states it (num_attention_heads): OpenCLIP ViT-H/14 has 16 heads of 80.
-    vision_heads: int = -1
+    vision_heads: int = _DEFAULTS.vision_heads
     # The MLPs' activation (layers.ACTIVATIONS), HF config.json's hidden_act: OpenAI's CLIPs
     # use quick_gelu, OpenCLIP's ViT-H/14 and bigG the exact gelu.
-    activation: str = "quick_gelu"
+    activation: str = _DEFAULTS.activation
 
     _SIZE_FIELDS = (
         "embed_dim",
@@ -130,7 +133,7 @@ class CLIPConfig:
     @classmethod
     def from_ml(cls, cfg: Any) -> "CLIPConfig":
         """From ``config.model.clip`` (ConfigDict or dict); ``checkpoint`` and ``from_scratch``
-        (how the weights start, checked by config.check_inputs) are ignored here."""
+        (how the weights start, checked by preflight.check_inputs) are ignored here."""
         d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
         d.pop("checkpoint", None)
         d.pop("from_scratch", None)
@@ -163,27 +166,6 @@ def _normal(std: float):
     return nn.initializers.normal(std)
 
 
-# Logical axis names of CLIP's parameters outside the residual blocks (whose names are
-# layers.BLOCK_PARAM_AXES), by path; runtime.sharding.LOGICAL_AXIS_RULES maps them to the
-# mesh. 'vocab' the token table, 'joint' the joint embedding (embed_dim), None: never split.
-CLIP_PARAM_AXES = {
-    "token_embedding/embedding": ("vocab", "embed"),
-    "positional_embedding": (None, "embed"),
-    "ln_final/scale": ("norm",),
-    "ln_final/bias": ("norm",),
-    "text_projection": ("embed", "joint"),
-    "logit_scale": (),
-    "visual/conv1/kernel": (None, None, None, "embed"),
-    "visual/class_embedding": ("norm",),
-    "visual/positional_embedding": (None, "embed"),
-    "visual/ln_pre/scale": ("norm",),
-    "visual/ln_pre/bias": ("norm",),
-    "visual/ln_post/scale": ("norm",),
-    "visual/ln_post/bias": ("norm",),
-    "visual/proj": ("embed", "joint"),
-}
-
-
 class VisionTransformer(nn.Module):
     cfg: CLIPConfig
     remat: str = "none"  # layers.REMAT_POLICIES, on every residual block
@@ -206,14 +188,18 @@ class VisionTransformer(nn.Module):
             use_bias=False,
             dtype=dtype,
             param_dtype=jnp.float32,
+            kernel_init=named(nn.linear.default_kernel_init, None, None, None, "embed"),
             name="conv1",
         )(x.astype(dtype))
         b = x.shape[0]
         x = x.reshape(b, -1, w).astype(jnp.float32)  # 'b P w', row-major patches like torch
         scale = w**-0.5
-        cls = self.param("class_embedding", _normal(scale), (w,), jnp.float32)
+        cls = self.param("class_embedding", named(_normal(scale), "norm"), (w,), jnp.float32)
         pos = self.param(
-            "positional_embedding", _normal(scale), (cfg.grid_size**2 + 1, w), jnp.float32
+            "positional_embedding",
+            named(_normal(scale), None, "embed"),
+            (cfg.grid_size**2 + 1, w),
+            jnp.float32,
         )
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, w)), x], axis=1) + pos  # 'b n w'
         x = LayerNorm(name="ln_pre")(x)
@@ -236,7 +222,9 @@ class VisionTransformer(nn.Module):
             name="transformer",
         )(x)
         x = LayerNorm(name="ln_post")(x)
-        proj = self.param("proj", _normal(scale), (w, cfg.embed_dim), jnp.float32)
+        proj = self.param(
+            "proj", named(_normal(scale), "embed", "joint"), (w, cfg.embed_dim), jnp.float32
+        )
         return jnp.einsum("bnw,wd->bnd", x.astype(dtype), proj.astype(dtype)).astype(jnp.float32)
 
 
@@ -252,10 +240,16 @@ class CLIP(nn.Module):
         cfg = self.cfg
         self.visual = VisionTransformer(cfg, remat=self.remat)
         self.token_embedding = nn.Embed(
-            cfg.vocab_size, cfg.text_width, embedding_init=_normal(0.02), param_dtype=jnp.float32
+            cfg.vocab_size,
+            cfg.text_width,
+            embedding_init=named(_normal(0.02), "vocab", "embed"),
+            param_dtype=jnp.float32,
         )
         self.positional_embedding = self.param(
-            "positional_embedding", _normal(0.01), (cfg.context_length, cfg.text_width), jnp.float32
+            "positional_embedding",
+            named(_normal(0.01), None, "embed"),
+            (cfg.context_length, cfg.text_width),
+            jnp.float32,
         )
         self.transformer = Transformer(
             cfg.text_width,
@@ -268,12 +262,12 @@ class CLIP(nn.Module):
         self.ln_final = LayerNorm()
         self.text_projection = self.param(
             "text_projection",
-            _normal(cfg.text_width**-0.5),
+            named(_normal(cfg.text_width**-0.5), "embed", "joint"),
             (cfg.text_width, cfg.embed_dim),
             jnp.float32,
         )
         self.logit_scale = self.param(
-            "logit_scale", nn.initializers.constant(math.log(1 / 0.07)), (), jnp.float32
+            "logit_scale", named(nn.initializers.constant(math.log(1 / 0.07))), (), jnp.float32
         )
 
     def encode_image(self, images: jax.Array) -> jax.Array:
@@ -343,7 +337,8 @@ def init_clip(cfg: CLIPConfig, rng: jax.Array) -> tuple[CLIP, dict]:
     def init(rng):
         r_init, r_txt, r_vis = jax.random.split(rng, 3)
         images = jnp.zeros((1, cfg.image_resolution, cfg.image_resolution, 3), jnp.float32)
-        params = dict(model.init(r_init, images, jnp.zeros((1, 2), jnp.int32))["params"])
+        variables = model.init(r_init, images, jnp.zeros((1, 2), jnp.int32))
+        params = dict(nn.unbox(variables["params"]))  # plain arrays (the names: declared_axes)
         params["transformer"] = _openai_block_init(
             params["transformer"], cfg.text_width, cfg.text_layers, r_txt
         )

@@ -22,16 +22,17 @@ import os
 import re
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
+from ucofia_jax.errors import CheckpointError
 from ucofia_jax.models import clip as clip_lib
 from ucofia_jax.models.clip import CLIP, CLIPConfig
 from ucofia_jax.models.layers import ACTIVATIONS
 from ucofia_jax.models.torch_reader import (  # noqa: F401 -- the .pt reader's names, re-exported
-    CheckpointError,
     read_torch_file,
     read_torch_zip,
 )
@@ -147,7 +148,7 @@ def _expected_shapes(cfg: CLIPConfig) -> dict:
     model = CLIP(cfg)
     images = jax.ShapeDtypeStruct((1, cfg.image_resolution, cfg.image_resolution, 3), np.float32)
     ids = jax.ShapeDtypeStruct((1, 2), np.int32)
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, ids)["params"]
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), images, ids)["params"])
     return jax.tree_util.tree_map(lambda s: tuple(s.shape), shapes)
 
 

@@ -17,15 +17,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ucofia_jax.config import base_config
 from ucofia_jax.models.features import TextFeatures, VideoFeatures
-from ucofia_jax.models.layers import LayerNorm, Transformer
+from ucofia_jax.models.layers import LayerNorm, Transformer, named
 from ucofia_jax.ops import similarity as sim_ops
-from ucofia_jax.ops.isa import TAU
 from ucofia_jax.ops.topk import NOISE_PRNGS, hard_topk, perturbed_topk
 
 POSITION_TABLE = 77  # nn.Embedding(77, D): CLIP's context length (SPEC §5)
 KEY_MASK_VALUE = -1e6  # additive key-padding mask of seqTransf
 PREDICTORS = ("new", "old")  # PredictorLG of the training code / of the original t2v eval
+_DEFAULTS = base_config().model  # the one home of the fields' defaults
 
 
 def _eye_init(key, shape, dtype=jnp.float32):
@@ -36,27 +37,6 @@ def _eye_init(key, shape, dtype=jnp.float32):
 
 
 _linear_init = nn.initializers.normal(0.02)  # until_module.init_weights: N(0, 0.02)
-
-# Logical axis names of the head's parameters outside the temporal encoder's blocks (those
-# are layers.BLOCK_PARAM_AXES), by path; runtime.sharding.LOGICAL_AXIS_RULES maps them. The
-# ISA mixing matrices ('f f', 'w w', 'p p') are small: never split.
-HEAD_PARAM_AXES = {
-    "selector/in_norm/scale": ("norm",),
-    "selector/in_norm/bias": ("norm",),
-    "selector/in_proj/kernel": ("embed", "mlp"),
-    "selector/out_fc1/kernel": (None, "mlp"),
-    "selector/out_fc2/kernel": ("mlp", None),
-    "frame_position_embeddings": (None, "embed"),
-    "global_mat_weight": ("embed", "joint"),
-    "global_mat_weight_1": ("embed", "joint"),
-    "local_mat_weight": ("embed", "joint"),
-    "local_mat_weight1": ("embed", "joint"),
-    "frame_logit_weight": (None, None),
-    "word_mat_weight": (None, None),
-    "word_mat_weight2": (None, None),
-    "pixel_mat_weight": (None, None),
-    "pixel_mat_weight2": (None, None),
-}
 
 
 class _ConcatDense(nn.Module):
@@ -73,7 +53,8 @@ class _ConcatDense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, ctx: jax.Array) -> jax.Array:
         a = x.shape[-1]
-        kernel = self.param("kernel", _linear_init, (a + ctx.shape[-1], self.features))
+        init = named(_linear_init, None, "mlp")  # rows: [x features; ctx features]
+        kernel = self.param("kernel", init, (a + ctx.shape[-1], self.features))
         return x @ kernel[:a] + ctx @ kernel[a:]
 
 
@@ -94,15 +75,16 @@ class PredictorLG(nn.Module):
         # x: '(b f) n d' -> scores '(b f) n'
         d = self.embed_dim
         gelu = lambda y: jax.nn.gelu(y, approximate=False)
+        in_init = named(_linear_init, "embed", "mlp")
         if self.version == "new":
             h = LayerNorm(1e-5, name="in_norm")(x)
-            h = gelu(nn.Dense(d // 2, use_bias=False, kernel_init=_linear_init, name="in_proj")(h))
+            h = gelu(nn.Dense(d // 2, use_bias=False, kernel_init=in_init, name="in_proj")(h))
             # out_fc1([h, h_cls]): the frame's CLS context, '(b f) 1 d/2'
             h = gelu(_ConcatDense(d // 2, name="out_fc1")(h, h[:, :1]))
         elif self.version == "old":
             x2 = jnp.concatenate([x, jnp.broadcast_to(x[:, :1], x.shape)], axis=-1)  # 2d
             h = LayerNorm(1e-5, name="in_norm")(x2)
-            h = gelu(nn.Dense(d, use_bias=False, kernel_init=_linear_init, name="in_proj")(h))
+            h = gelu(nn.Dense(d, use_bias=False, kernel_init=in_init, name="in_proj")(h))
             bf, n = h.shape[0], h.shape[1]
             hv = h.reshape(bf // num_frames, num_frames, n, d)
             ctx = jnp.sum(hv[:, :, 0], axis=1)  # 'b d', sum!
@@ -110,7 +92,8 @@ class PredictorLG(nn.Module):
             h = gelu(_ConcatDense(d, name="out_fc1")(h, ctx.reshape(bf, 1, d)))
         else:
             raise ValueError(f"predictor must be 'new' or 'old', got {self.version!r}")
-        s = nn.Dense(1, use_bias=False, kernel_init=_linear_init, name="out_fc2")(h)
+        out_init = named(_linear_init, "mlp", None)
+        s = nn.Dense(1, use_bias=False, kernel_init=out_init, name="out_fc2")(h)
         return jnp.tanh(s[..., 0])
 
 
@@ -131,27 +114,27 @@ class UCoFiAHead(nn.Module):
     ``jax.random.normal``). Same N(0, 1) distribution, different draws. Training always uses
     ``jax.random.normal``; given ``noise=``/``indicator=`` nothing is drawn.
 
-    The fields' defaults are the only defaults of ``config.model.head`` (the config schema
-    reads them); ``embed_dim``, ``max_frames`` and ``max_words`` come from CLIP and the data.
+    The fields' defaults are ``config.model.head``'s (``ucofia_jax.config.base_config``, their
+    one home); ``embed_dim``, ``max_frames`` and ``max_words`` come from CLIP and the data.
     """
 
     embed_dim: int
     max_frames: int
     max_words: int
-    topk: int = 3
-    num_samples: int = 500
-    sigma: float = 0.05
-    tau: float = TAU
-    seq_layers: int = 4
-    predictor: str = "new"
-    selection_noise_at_eval: bool = True
-    mask_padding: bool = False
-    scale_pixel_word: bool = False
-    eval_local_mat_weight1: bool = False
-    eval_noise_prng: str = "hash"
+    topk: int = _DEFAULTS.head.topk
+    num_samples: int = _DEFAULTS.head.num_samples
+    sigma: float = _DEFAULTS.head.sigma
+    tau: float = _DEFAULTS.head.tau
+    seq_layers: int = _DEFAULTS.head.seq_layers
+    predictor: str = _DEFAULTS.head.predictor
+    selection_noise_at_eval: bool = _DEFAULTS.head.selection_noise_at_eval
+    mask_padding: bool = _DEFAULTS.head.mask_padding
+    scale_pixel_word: bool = _DEFAULTS.head.scale_pixel_word
+    eval_local_mat_weight1: bool = _DEFAULTS.head.eval_local_mat_weight1
+    eval_noise_prng: str = _DEFAULTS.head.eval_noise_prng
     # layers.REMAT_POLICIES on the temporal encoder's blocks; set by Model from
     # config.model.remat (one switch for CLIP and the head), not a config.model.head key.
-    remat: str = "none"
+    remat: str = _DEFAULTS.remat
 
     @property
     def num_pixels(self) -> int:
@@ -167,7 +150,9 @@ class UCoFiAHead(nn.Module):
             raise ValueError(f"max_frames {f} exceeds the {POSITION_TABLE}-row position table")
         self.selector = PredictorLG(d, self.predictor, name="selector")
         self.frame_position_embeddings = self.param(
-            "frame_position_embeddings", nn.initializers.normal(0.01), (POSITION_TABLE, d)
+            "frame_position_embeddings",
+            named(nn.initializers.normal(0.01), None, "embed"),
+            (POSITION_TABLE, d),
         )
         # heads = D // 64 as the original (8 at D=512); at least 1 for small test widths.
         self.temporal = Transformer(
@@ -178,15 +163,18 @@ class UCoFiAHead(nn.Module):
             remat=self.remat,
             name="temporal",
         )
-        self.global_mat_weight = self.param("global_mat_weight", _eye_init, (d, d))
-        self.global_mat_weight_1 = self.param("global_mat_weight_1", _eye_init, (d, d))
-        self.local_mat_weight = self.param("local_mat_weight", _eye_init, (d, d))
-        self.local_mat_weight1 = self.param("local_mat_weight1", _eye_init, (d, d))
-        self.frame_logit_weight = self.param("frame_logit_weight", _eye_init, (f, f))
-        self.word_mat_weight = self.param("word_mat_weight", _eye_init, (w, w))
-        self.word_mat_weight2 = self.param("word_mat_weight2", _eye_init, (w, w))
-        self.pixel_mat_weight = self.param("pixel_mat_weight", _eye_init, (p, p))
-        self.pixel_mat_weight2 = self.param("pixel_mat_weight2", _eye_init, (p, p))
+        # The D x D projections split like CLIP's; the ISA mixing matrices ('f f', 'w w',
+        # 'p p') are small: never split.
+        proj, small = named(_eye_init, "embed", "joint"), named(_eye_init, None, None)
+        self.global_mat_weight = self.param("global_mat_weight", proj, (d, d))
+        self.global_mat_weight_1 = self.param("global_mat_weight_1", proj, (d, d))
+        self.local_mat_weight = self.param("local_mat_weight", proj, (d, d))
+        self.local_mat_weight1 = self.param("local_mat_weight1", proj, (d, d))
+        self.frame_logit_weight = self.param("frame_logit_weight", small, (f, f))
+        self.word_mat_weight = self.param("word_mat_weight", small, (w, w))
+        self.word_mat_weight2 = self.param("word_mat_weight2", small, (w, w))
+        self.pixel_mat_weight = self.param("pixel_mat_weight", small, (p, p))
+        self.pixel_mat_weight2 = self.param("pixel_mat_weight2", small, (p, p))
 
     # ------------------------------------------------------------------ video side
     def _check_video(self, frame_cls, patch_tokens, video_mask):

@@ -11,14 +11,16 @@ wrapped in ``nn.remat``, so its backward recomputes the block's forward instead 
 its activations. ``nn.remat`` keeps the module's name, so the parameter tree is the same with
 and without it (checkpoints, the importer and parity read those names).
 
-Logical axis names of the parameters (``PARAM_AXES``): the FSDP / tensor-parallel layout is
-declared beside the modules that own the weights and mapped to mesh axes by
-``runtime.sharding.LOGICAL_AXIS_RULES`` (see docs/train.md, "FSDP").
+Logical axis names: every parameter declares the names of its dims where it is created
+(``nn.with_logical_partitioning``, kept as Flax ``LogicallyPartitioned`` metadata in the
+boxed init); ``declared_axes`` reads them and ``config.mesh.logical_axis_rules`` maps them to
+mesh axes (runtime/sharding.py; docs/train.md, "FSDP"). The names of a block's weights:
+'embed' the residual width, 'mlp' the 4x hidden width, 'qkv' the packed q|k|v outputs,
+'heads' the concatenated head outputs, 'norm' small vectors (replicated by the rules).
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -39,33 +41,38 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-# Logical axis names of every parameter a block owns, by its path inside the block.
-# 'embed': the residual width; 'mlp': the 4x hidden width; 'qkv': the packed q|k|v outputs;
-# 'heads': the concatenated head outputs; 'norm': small vectors (replicated by the rules).
-BLOCK_PARAM_AXES = {
-    "ln_1/scale": ("norm",),
-    "ln_1/bias": ("norm",),
-    "ln_2/scale": ("norm",),
-    "ln_2/bias": ("norm",),
-    "attn/in_proj/kernel": ("embed", "qkv"),
-    "attn/in_proj/bias": ("qkv",),
-    "attn/out_proj/kernel": ("heads", "embed"),
-    "attn/out_proj/bias": ("norm",),
-    "mlp/c_fc/kernel": ("embed", "mlp"),
-    "mlp/c_fc/bias": ("mlp",),
-    "mlp/c_proj/kernel": ("mlp", "embed"),
-    "mlp/c_proj/bias": ("norm",),
-}
-_BLOCK_PATH = re.compile(r"(?:^|/)resblocks_\d+/(.+)$")
+
+def named(init: Callable, *names: Optional[str]) -> Callable:
+    """``init`` declaring the logical axis names of the parameter it creates, one per dim."""
+    return nn.with_logical_partitioning(init, names)
 
 
-def param_axes(path: str, table: dict) -> tuple:
-    """Logical axis names of the parameter at ``path`` ('a/b/c'): a residual block's from
-    ``BLOCK_PARAM_AXES``, any other from ``table`` (the owning module's). KeyError if unnamed."""
-    m = _BLOCK_PATH.search(path)
-    if m:
-        return BLOCK_PARAM_AXES[m.group(1)]
-    return table[path]
+def declared_axes(boxed: Any, prefix: str = "") -> dict:
+    """{prefix + 'a/b/kernel': PartitionSpec of logical names} of every parameter in ``boxed``
+    (a module's ``init`` params, or their ``jax.eval_shape``, before ``nn.unbox``). A parameter
+    created without names (``named``) is a ValueError naming it: it would silently stay
+    whole on every mesh."""
+    out, unnamed = {}, []
+    leaves = jax.tree_util.tree_flatten_with_path(
+        boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+    )[0]
+    for path, leaf in leaves:
+        name = prefix + "/".join(str(getattr(k, "key", k)) for k in path)
+        if not isinstance(leaf, nn.LogicallyPartitioned):
+            unnamed.append(name)
+            continue
+        if len(leaf.names) != len(leaf.value.shape):
+            raise ValueError(
+                f"layers.py: parameter {name} has shape {tuple(leaf.value.shape)} but logical "
+                f"axes {leaf.names}"
+            )
+        out[name] = leaf.get_partition_spec()
+    if unnamed:
+        raise ValueError(
+            f"layers.py: parameters {unnamed} were created without logical axis names; "
+            "declare them where they are created (layers.named(init, *names))"
+        )
+    return out
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -89,8 +96,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dim = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (dim,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (dim,), jnp.float32)
+        scale = self.param("scale", named(nn.initializers.ones, "norm"), (dim,), jnp.float32)
+        bias = self.param("bias", named(nn.initializers.zeros, "norm"), (dim,), jnp.float32)
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -116,7 +123,8 @@ class MultiHeadAttention(nn.Module):
             3 * self.width,
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            kernel_init=self.kernel_init,
+            kernel_init=named(self.kernel_init, "embed", "qkv"),
+            bias_init=named(nn.initializers.zeros, "qkv"),
             name="in_proj",
         )(x)
         q, k, v = jnp.split(qkv, 3, axis=-1)
@@ -133,7 +141,8 @@ class MultiHeadAttention(nn.Module):
             self.width,
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            kernel_init=self.kernel_init,
+            kernel_init=named(self.kernel_init, "heads", "embed"),
+            bias_init=named(nn.initializers.zeros, "norm"),
             name="out_proj",
         )(out)
 
@@ -147,11 +156,21 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.normal(0.02)
         x = nn.Dense(
-            4 * self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init, name="c_fc"
+            4 * self.width,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=named(init, "embed", "mlp"),
+            bias_init=named(nn.initializers.zeros, "mlp"),
+            name="c_fc",
         )(x)
         x = ACTIVATIONS[self.activation](x)
         return nn.Dense(
-            self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init, name="c_proj"
+            self.width,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=named(init, "mlp", "embed"),
+            bias_init=named(nn.initializers.zeros, "norm"),
+            name="c_proj",
         )(x)
 
 

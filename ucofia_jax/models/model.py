@@ -14,16 +14,17 @@ LayerNorms, the head's softmaxes and the loss stay float32 (models/layers.py, op
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import einops
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from ucofia_jax.models import clip as clip_lib
-from ucofia_jax.models import clip_import
+from ucofia_jax.models import clip_import, tokenizer
 from ucofia_jax.models import head as head_lib
 from ucofia_jax.models import layers as layers_lib
 from ucofia_jax.models.features import TextFeatures, VideoFeatures
@@ -109,6 +110,11 @@ class Model:
         return {"clip": clip_params, "head": head_params}
 
     def _init_head(self, rng: jax.Array, selection_rng: jax.Array) -> Params:
+        variables = jax.jit(self._head_variables)(rng, selection_rng)
+        return dict(nn.unbox(variables["params"]))  # plain arrays (the names: logical_axes)
+
+    def _head_variables(self, rng: jax.Array, selection_rng: jax.Array) -> Params:
+        """The head's ``init`` variables, boxed with their logical axis names."""
         h, d = self.head, self.head.embed_dim
         n = 1 + self.clip_config.grid_size**2
         f, w = h.max_frames, h.max_words
@@ -120,10 +126,21 @@ class Model:
             jnp.ones((1, f), jnp.int32),
             jnp.zeros(()),
         )
-        variables = jax.jit(lambda r, s: h.init(r, *args, rng=s, train=True))(rng, selection_rng)
-        return dict(variables["params"])
+        return h.init(rng, *args, rng=selection_rng, train=True)
+
+    def _clip_variables(self, rng: jax.Array) -> Params:
+        """CLIP's ``init`` variables, boxed with their logical axis names."""
+        res = self.clip_config.image_resolution
+        images = jnp.zeros((1, res, res, 3), jnp.float32)
+        return self.clip.init(rng, images, jnp.zeros((1, 2), jnp.int32))
 
     # ---------------------------------------------------------------- towers
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> ``encode_text``'s token ids 't w' (int32; CLIP's BPE, ``max_words``
+        long, as the data pipeline tokenizes captions)."""
+        ids, _ = tokenizer.tokenize(list(texts), self.head.max_words)
+        return ids
+
     def encode_text(self, params: Params, input_ids: jax.Array) -> TextFeatures:
         """Token ids 't w' -> the text side of every pair (once per caption)."""
         hidden = self.clip.apply(
@@ -237,26 +254,32 @@ class Model:
 
     # ---------------------------------------------------------------- layout
     def logical_axes(self, params: Params) -> Any:
-        """Per leaf of ``params`` (arrays or shapes), its logical axis names as a PartitionSpec
-        (models/layers.py BLOCK_PARAM_AXES, clip.CLIP_PARAM_AXES, head.HEAD_PARAM_AXES);
-        runtime.sharding maps them to mesh axes. A parameter without a name is an error."""
-        tables = {"clip": clip_lib.CLIP_PARAM_AXES, "head": head_lib.HEAD_PARAM_AXES}
+        """Per leaf of ``params`` (arrays or shapes), its logical axis names as a PartitionSpec:
+        the names each module declares where it creates the parameter (``layers.named``),
+        read from the boxed init's shapes (nothing is computed). runtime.sharding maps them
+        to mesh axes. A parameter the modules do not declare, or declare with another rank,
+        is an error naming it."""
+        rng = jax.random.PRNGKey(0)
+        declared = {}
+        for part, variables in (
+            ("clip", jax.eval_shape(self._clip_variables, rng)),
+            ("head", jax.eval_shape(self._head_variables, rng, rng)),
+        ):
+            declared.update(layers_lib.declared_axes(variables["params"], f"{part}/"))
 
         def axes(path, leaf):
-            keys = [str(getattr(k, "key", k)) for k in path]
-            name = "/".join(keys[1:])
-            try:
-                names = layers_lib.param_axes(name, tables[keys[0]])
-            except KeyError:
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            spec = declared.get(name)
+            if spec is None:
                 raise KeyError(
-                    f"model.py: parameter {'/'.join(keys)} has no logical axis names; add it "
-                    "to the owning module's table (layers/clip/head *_PARAM_AXES)"
-                ) from None
-            if len(names) != len(np.shape(leaf)):
-                raise ValueError(
-                    f"model.py: parameter {'/'.join(keys)} has shape {np.shape(leaf)} but "
-                    f"logical axes {names}"
+                    f"model.py: parameter {name} is not one the model's modules create "
+                    "(no logical axis names); is the params tree from another model?"
                 )
-            return PartitionSpec(*names)  # a leaf of the tree (tuples would be nodes)
+            if len(spec) != len(np.shape(leaf)):
+                raise ValueError(
+                    f"model.py: parameter {name} has shape {np.shape(leaf)} but logical "
+                    f"axes {tuple(spec)}"
+                )
+            return spec  # a leaf of the tree (tuples would be nodes)
 
         return jax.tree_util.tree_map_with_path(axes, params)

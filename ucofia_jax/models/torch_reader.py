@@ -36,10 +36,7 @@ from collections import OrderedDict
 import ml_dtypes
 import numpy as np
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be imported; the message names the file and the problem."""
-
+from ucofia_jax.errors import CheckpointError
 
 # torch.<Name>Storage -> numpy dtype (typed storages, ``_rebuild_tensor_v2``).
 STORAGE_DTYPES = {

@@ -23,6 +23,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from ucofia_jax.errors import CheckpointError
 from ucofia_jax.models.clip_import import convert_openai_state_dict
 from ucofia_jax.models.torch_reader import read_torch_file
 
@@ -161,7 +162,7 @@ def load_original_head_state_dict(
         arr = arr.T if t else arr
         if tmpl is not None:
             if path not in tmpl:
-                raise ValueError(
+                raise CheckpointError(
                     f"checkpoint parameter {key} ({'/'.join(path)}) does not exist in "
                     f"this head (e.g. more seqTransf layers than seq_layers)"
                 )
@@ -173,7 +174,7 @@ def load_original_head_state_dict(
                         f"; the checkpoint has the {detect_predictor(sd)!r} predictor, "
                         f"set config.model.head.predictor accordingly"
                     )
-                raise ValueError(
+                raise CheckpointError(
                     f"shape mismatch for {key} -> {'/'.join(path)}: checkpoint "
                     f"{tuple(np.shape(value))} (as ours {arr.shape}) vs head {want}"
                     f"{hint}"
@@ -183,7 +184,7 @@ def load_original_head_state_dict(
         got = dict(_flatten(out))
         missing = [original_name(p)[0] for p in tmpl if p not in got]
         if missing:
-            raise ValueError(f"checkpoint lacks head parameters: {missing}")
+            raise CheckpointError(f"checkpoint lacks head parameters: {missing}")
     return out
 
 
@@ -221,7 +222,7 @@ def clip_state_dict_from_checkpoint(sd: Mapping[str, Any]) -> Dict[str, Any]:
             continue
         k = _SHIFT_NET.sub(r"\1.\2", key[len("clip.") :])
         if k in out:
-            raise ValueError(f"checkpoint has both {key} and a plain key mapping to clip.{k}")
+            raise CheckpointError(f"checkpoint has both {key} and a plain key mapping to clip.{k}")
         out[k] = value
     return out
 
@@ -255,11 +256,14 @@ def load_original_checkpoint(path_or_sd, head_template=None) -> Dict[str, Any]:
         sd = read_torch_file(source)  # unwraps a {'state_dict': ...} training checkpoint
     sd = _to_numpy(sd)
     sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
-    clip_sd = clip_state_dict_from_checkpoint(sd)
+    try:
+        clip_sd = clip_state_dict_from_checkpoint(sd)
+        head = load_original_head_state_dict(sd, head_template)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
     clip_config = clip_params = None
     if clip_sd:
         clip_config, clip_params = convert_openai_state_dict(clip_sd, source=source)
-    head = load_original_head_state_dict(sd, head_template)
     ignored = sorted(k for k in sd if not k.startswith("clip.") and not is_head_key(k))
     return {
         "clip_config": clip_config,

@@ -1,11 +1,11 @@
 """The command line's error boundary: a known problem is one line on stderr, not a traceback.
 
-    status = cli.guarded(lambda: app.run(main, ...), known=(ConfigError, DataError, ...),
-                         verbose=cli.verbose_requested(sys.argv))
+    status = cli.guarded(lambda: app.run(main, ...), verbose=cli.verbose_requested(sys.argv))
 
-* an exception of a ``known`` class (a bad config value or key, missing or bad data, an
-  unreadable checkpoint, a full disk, a non-finite loss) prints ``error: <message>`` and a
-  ``hint:`` line, and the status is :data:`USER_ERROR` (2);
+* an exception of a ``known`` class (by default :class:`ucofia_jax.errors.UserError`: a bad
+  config value or key, missing or bad data, an unreadable checkpoint, a full disk, a
+  non-finite loss) prints ``error: <message>`` and a ``hint:`` line, and the status is
+  :data:`USER_ERROR` (2);
 * an ``OSError`` naming a file (permission denied, not found, disk full) is treated alike;
 * Ctrl-C before the train loop has installed its handler: ``interrupted``, status 130;
 * anything else is a bug: its traceback, status 1.
@@ -20,6 +20,8 @@ import os
 import sys
 import traceback
 from typing import Callable, Optional, Sequence, Tuple, Type
+
+from ucofia_jax.errors import UserError
 
 USER_ERROR = 2
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -57,7 +59,7 @@ def _is_file_error(e: BaseException) -> bool:
 def guarded(
     fn: Callable[[], object],
     *,
-    known: Tuple[Type[BaseException], ...],
+    known: Tuple[Type[BaseException], ...] = (UserError,),
     verbose: bool = False,
     hint: Optional[Callable[[BaseException], Optional[str]]] = None,
     stream=None,

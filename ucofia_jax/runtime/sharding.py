@@ -1,14 +1,16 @@
 """Device mesh and shardings, declared by logical axis rules (MaxText style).
 
 Mesh axes: ``('data', 'fsdp', 'model')`` from ``config.mesh`` (-1 = all remaining devices).
-The global batch is split over ``data`` x ``fsdp`` (FSDP shards the batch as well as the
-params). Every parameter carries logical axis names (``Model.logical_axes``: tables beside
-the modules that own the weights), and :data:`LOGICAL_AXIS_RULES` -- the one place -- maps
-them to mesh axes: the residual width ``embed`` over ``fsdp`` (ZeRO-3 style: each device
-keeps 1/fsdp of every large weight and XLA all-gathers it where it is used), the hidden
-dims of attention/MLP, the vocabulary and the joint embedding over ``model`` (tensor
-parallel). A dim stays whole when its mesh axis has size 1, does not divide it, or is
-already used by another dim of the same array. The optimizer state follows the params.
+The global batch is always split over ``data`` x ``fsdp`` (``BATCH_AXES``: that is what the
+two axes mean; FSDP shards the batch as well as the params). Every parameter declares
+logical axis names where it is created (``Model.logical_axes`` reads them), and
+``config.mesh.logical_axis_rules`` -- the one place, passed to the functions here as
+``rules`` -- maps them to mesh axes: by default the residual width ``embed`` over ``fsdp``
+(ZeRO-3 style: each device keeps 1/fsdp of every large weight and XLA all-gathers it where
+it is used), the hidden dims of attention/MLP, the vocabulary and the joint embedding over
+``model`` (tensor parallel). A dim stays whole when its mesh axis has size 1, does not
+divide it, or is already used by another dim of the same array. The optimizer state
+follows the params.
 
 The contrastive loss needs no explicit collective: with the batch sharded, the [B, B]
 similarity over the *global* batch is one jnp expression and XLA inserts the all-gathers
@@ -28,22 +30,29 @@ from ucofia_jax.runtime import distributed
 
 MESH_AXES = ("data", "fsdp", "model")
 
-# Logical axis -> mesh axes (None: never split). 'batch' the rows of every input; the others
-# name parameter dims (models/layers.py BLOCK_PARAM_AXES, clip.CLIP_PARAM_AXES,
-# head.HEAD_PARAM_AXES): 'embed' a residual / embedding width, 'mlp' the MLP hidden, 'qkv' the
-# packed q|k|v, 'heads' the concatenated head outputs, 'vocab' the token table, 'joint' the
-# joint embedding, 'norm' LayerNorm vectors and other small vectors.
-LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "model"),
-    ("qkv", "model"),
-    ("heads", "model"),
-    ("vocab", "model"),
-    ("joint", "model"),
-    ("norm", None),
-)
-_RULES = dict(LOGICAL_AXIS_RULES)
+# The rows of every input: split over these mesh axes (batch_size_multiple).
+BATCH_AXES = ("data", "fsdp")
+
+
+def rules_table(rules: Sequence[Sequence[Any]]) -> dict:
+    """``config.mesh.logical_axis_rules`` -- (logical name, a mesh axis, a tuple of mesh axes,
+    or None: never split) pairs -- as {name: tuple of mesh axes}. ValueError naming the
+    config key for a malformed pair, a name given twice or an unknown mesh axis."""
+    key = "config.mesh.logical_axis_rules"
+    table: dict = {}
+    for pair in rules:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str):
+            raise ValueError(f"{key}: {pair!r} is not a (logical name, mesh axes) pair")
+        name, target = pair
+        axes = () if target is None else (target,) if isinstance(target, str) else target
+        if not isinstance(axes, (tuple, list)) or any(a not in MESH_AXES for a in axes):
+            raise ValueError(
+                f"{key}: {name!r} -> {target!r}; mesh axes are {MESH_AXES} (or None: never split)"
+            )
+        if name in table:
+            raise ValueError(f"{key}: {name!r} has two rules")
+        table[name] = tuple(axes)
+    return table
 
 
 def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -68,24 +77,28 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
     return Mesh(grid, MESH_AXES)
 
 
-def logical_to_spec(logical: Sequence[str | None]) -> P:
-    """Logical names -> mesh PartitionSpec by the rules (no size checks: for the batch)."""
-    unknown = [a for a in logical if a is not None and a not in _RULES]
-    if unknown:
-        raise KeyError(f"sharding.py: logical axes {unknown} have no rule in LOGICAL_AXIS_RULES")
-    return P(*[_RULES[a] if a is not None else None for a in logical])
-
-
-def param_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+def param_spec(
+    logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Sequence
+) -> P:
     """Mesh PartitionSpec of a parameter of ``shape`` with logical names ``logical``: the
-    rule's mesh axis where it has size > 1, divides the dim and is not used by an earlier
-    dim; else the dim stays whole."""
+    mesh axes ``rules`` (``config.mesh.logical_axis_rules``) give its name, where they have
+    size > 1, divide the dim and are not used by an earlier dim; else the dim stays whole."""
+    return _param_spec(tuple(logical), tuple(shape), mesh, rules_table(rules))
+
+
+def _param_spec(logical: tuple, shape: tuple, mesh: Mesh, table: dict) -> P:
     if len(logical) != len(shape):
-        raise ValueError(f"sharding.py: logical axes {tuple(logical)} for shape {tuple(shape)}")
+        raise ValueError(f"sharding.py: logical axes {logical} for shape {shape}")
+    unknown = [a for a in logical if a is not None and a not in table]
+    if unknown:
+        raise ValueError(
+            f"config.mesh.logical_axis_rules: no rule for the logical axes {unknown} "
+            "(a parameter declares them)"
+        )
     used: set = set()
     out = []
-    for name, dim in zip(logical_to_spec(logical), shape):
-        axes = () if name is None else (name,) if isinstance(name, str) else tuple(name)
+    for name, dim in zip(logical, shape):
+        axes = () if name is None else table[name]
         axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
         size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
         if not axes or dim % size:
@@ -96,10 +109,15 @@ def param_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) 
     return P(*out)
 
 
+def batch_spec(ndim: int, axis: int = 0) -> P:
+    """Dim ``axis`` of an ``ndim`` array over the batch axes (data x fsdp), the rest whole."""
+    return P(*[BATCH_AXES if i == axis else None for i in range(ndim)])
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Leading (batch) axis over data x fsdp, the rest replicated: the one batch sharding
     (`distributed.local_batch_slice` / `global_batch_from_local` take it as an argument)."""
-    return NamedSharding(mesh, logical_to_spec(["batch"] + [None] * (ndim - 1)))
+    return NamedSharding(mesh, batch_spec(ndim))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -108,14 +126,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_size_multiple(mesh: Mesh) -> int:
     """The global batch must be a multiple of this (devices along the batch axes)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
-def param_shardings(params: Any, logical: Any, mesh: Mesh) -> Any:
+def param_shardings(params: Any, logical: Any, mesh: Mesh, rules: Sequence) -> Any:
     """NamedSharding per leaf of ``params`` (arrays or ShapeDtypeStructs) from ``logical``
-    (the same tree, a PartitionSpec of logical names per leaf: ``Model.logical_axes``)."""
+    (the same tree, a PartitionSpec of logical names per leaf: ``Model.logical_axes``) and
+    ``rules`` (``config.mesh.logical_axis_rules``)."""
+    table = rules_table(rules)
     return jax.tree.map(
-        lambda x, names: NamedSharding(mesh, param_spec(tuple(names), np.shape(x), mesh)),
+        lambda x, names: NamedSharding(
+            mesh, _param_spec(tuple(names), tuple(np.shape(x)), mesh, table)
+        ),
         params,
         logical,
     )

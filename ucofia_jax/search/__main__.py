@@ -13,17 +13,17 @@ import os
 import sys
 from typing import List, Optional
 
-from data_pipeline.records import DataError
-from ucofia_jax.models.clip_import import CheckpointError
+from ucofia_jax.errors import IndexingError, SourceError, UserError
 from ucofia_jax.runtime import distributed
 from ucofia_jax.search import export as export_lib
 from ucofia_jax.search.index import DEFAULT_TOP, Index
-from ucofia_jax.search.indexer import DEFAULT_BATCH, DEFAULT_SHORTLIST, IndexingError, build_index
-from ucofia_jax.search.source import ModelSource, SourceError, load_model
-from ucofia_jax.search.store import IndexError_, Store
+from ucofia_jax.search.indexer import DEFAULT_BATCH, build_index
+from ucofia_jax.search.source import ModelSource, load_model
+from ucofia_jax.search.store import DEFAULT_SHORTLIST, Store
 
-# CheckpointError: unreadable weights (CLIP, UCoFiA or a run's Orbax checkpoint).
-USER_ERRORS = (IndexingError, SourceError, IndexError_, DataError, CheckpointError, OSError)
+# UserError: ucofia_jax/errors.py (a bad index, source, file or weights); OSError: a file the
+# OS refuses (permission, missing, disk full).
+USER_ERRORS = (UserError, OSError)
 
 
 def _model_flags(p: argparse.ArgumentParser, required: bool) -> None:

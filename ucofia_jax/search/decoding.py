@@ -48,17 +48,17 @@ def jpeg_round_trip(frames: np.ndarray, quality: int) -> np.ndarray:
 
 
 def decode_one(job: Dict[str, Any]) -> Dict[str, Any]:
-    """``job``: {'path' (absolute), 'rel', 'sampling' (decode_clip kwargs), 'jpeg_quality'
-    (None: raw frames)} -> {'rel', 'frames', 'mask', 'thumbnail'} or
-    {'rel', 'reason', 'detail'}."""
+    """``job``: {'path' (absolute), 'rel', 'sampling' (a `FrameSampling`)} -> {'rel', 'frames'
+    (after the sampling's JPEG round trip), 'mask', 'thumbnail'} or {'rel', 'reason',
+    'detail'}."""
+    sampling = job["sampling"]
     try:
-        frames, mask = video_lib.decode_clip(job["path"], **job["sampling"])
+        frames, mask = video_lib.decode_clip(job["path"], sampling)
     except video_lib.VideoDecodeError as e:
         return {"rel": job["rel"], "reason": e.reason, "detail": e.detail}
     if int(np.sum(mask)) == 0:
         return {"rel": job["rel"], "reason": "no frames", "detail": "no frame sampled"}
-    if job.get("jpeg_quality"):
-        frames = jpeg_round_trip(frames, job["jpeg_quality"])
+    frames = jpeg_round_trip(frames, sampling.jpeg_quality)
     return {
         "rel": job["rel"],
         "frames": frames,

@@ -19,11 +19,12 @@ import jax
 import numpy as np
 
 from data_pipeline.video import VideoDecodeError
+from ucofia_jax.errors import IndexingError
 from ucofia_jax.search import scoring
 from ucofia_jax.search.decoding import decode_one
-from ucofia_jax.search.indexer import DEFAULT_SHORTLIST, IndexingError, check_model
 from ucofia_jax.search.source import ModelSource, SearchModel, load_model
 from ucofia_jax.search.store import (
+    DEFAULT_SHORTLIST,
     TOKEN_COLUMNS,
     Store,
     features_from_arrow,
@@ -56,7 +57,7 @@ class Index:
         self.meta = store.meta
         self._model = model
         if model is not None:
-            check_model(store, model, store.path)
+            store.check_fingerprint(model.fingerprint, model.source.to_dict())
         self._lock = threading.Lock()  # the web page may search from several threads
         cat = store.read_columns(["video_id", "path", "start", "end", "vector"])
         self._ids: List[str] = cat.column("video_id").to_pylist()
@@ -100,7 +101,7 @@ class Index:
         with self._lock:
             if self._model is None:
                 model = load_model(ModelSource.from_dict(self.meta["source"]), overrides=None)
-                check_model(self.store, model, self.store.path)
+                self.store.check_fingerprint(model.fingerprint, model.source.to_dict())
                 self._model = model
             return self._model
 

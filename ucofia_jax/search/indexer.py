@@ -25,27 +25,25 @@ import multiprocessing
 import os
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.records import SkipReport
+from ucofia_jax.errors import IndexingError
 from ucofia_jax.runtime import distributed
 from ucofia_jax.search import decoding
 from ucofia_jax.search.source import SearchModel
-from ucofia_jax.search.store import Store, noise_seed_for, now_iso, video_id_for
+from ucofia_jax.search.store import (
+    DEFAULT_SHORTLIST,
+    Store,
+    noise_seed_for,
+    now_iso,
+    video_id_for,
+)
 
 DEFAULT_BATCH = 16
-DEFAULT_SHORTLIST = 100  # see docs/search.md: the benchmark table
-
-
-class IndexingError(Exception):
-    """A user-facing indexing failure (message names the file / index and the problem)."""
-
-
-class ModelMismatch(IndexingError):
-    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +166,7 @@ def open_or_create(
     distributed.sync("search_index_checked")
     if exists:
         store = Store.open(index_path)
-        check_model(store, model, index_path)
+        store.check_fingerprint(model.fingerprint, model.source.to_dict())
         if Path(store.meta["root"]) != root:
             raise IndexingError(
                 f"{index_path}: indexes {store.meta['root']}, not {root}; use another --index"
@@ -191,22 +189,6 @@ def open_or_create(
         Store.create(index_path, meta)
     distributed.sync("search_index_created")
     return Store.open(index_path)
-
-
-def check_model(store: Store, model: SearchModel, index_path) -> None:
-    fp = store.meta["fingerprint"]
-    if fp != model.fingerprint:
-        raise ModelMismatch(
-            f"{index_path}: the index was made by another model (fingerprint {fp}, from "
-            f"{_source_words(store.meta['source'])}); this model is {model.fingerprint} (from "
-            f"{_source_words(model.source.to_dict())}). Query with the index's model, or "
-            "index into a new --index"
-        )
-
-
-def _source_words(src: Dict) -> str:
-    parts = [f"{k}={v}" for k, v in src.items() if v and k != "config"]
-    return ", ".join(parts) or "?"
 
 
 def build_index(

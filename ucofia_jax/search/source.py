@@ -34,24 +34,17 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from data_pipeline.builder import JPEG_QUALITY
+from data_pipeline.sampling import FrameSampling
+from ucofia_jax import weights as weights_lib
+from ucofia_jax.errors import SourceError
 from ucofia_jax.evaluation import evaluator
-from ucofia_jax.models import clip as clip_lib
-from ucofia_jax.models import tokenizer, ucofia_names
 from ucofia_jax.models.features import TextFeatures, VideoFeatures
 from ucofia_jax.models.model import Model
-from ucofia_jax.training import checkpoints, trainer
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = "msrvtt"
-# The frame sampling of config.data that decides what a video's frames are.
-SAMPLING_KEYS = ("max_frames", "max_words", "image_size", "feature_framerate", "slice_framepos")
 # Config keys that name files, not what the model computes (the params hash covers weights).
 _PATH_KEYS = ("checkpoint", "ucofia_checkpoint")
-
-
-class SourceError(Exception):
-    """A model source that cannot be loaded (the message names the file and the problem)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,34 +110,6 @@ def _read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
         raise SourceError(f"{path}: not a JSON config ({e})") from e
 
 
-def _model(config) -> Model:
-    d = config.data
-    return Model.from_config(config.model, max_frames=d.max_frames, max_words=d.max_words)
-
-
-def _workdir_params(config, workdir: str, model: Model):
-    """The checkpoint ``--mode=eval`` would evaluate (best, else latest) of a run."""
-    target = trainer.saved_state_shapes(model, config.train, config.seed)
-    try:
-        restored, meta = checkpoints.restore_params(workdir, target)
-    except FileNotFoundError as e:
-        raise SourceError(str(e)) from e
-    return restored["params"], int(meta["step"])
-
-
-def _released_params(model: Model, params, path: str):
-    parts = ucofia_names.load_original_checkpoint(path, head_template=params["head"])
-    if parts["predictor"] and parts["predictor"] != model.head.predictor:
-        raise SourceError(
-            f"{path} has the '{parts['predictor']}' token predictor; index with a config "
-            f"whose model.head.predictor is '{parts['predictor']}'"
-        )
-    new = {"head": jax.tree.map(jnp.asarray, parts["head_params"]), "clip": params["clip"]}
-    if parts["clip_params"] is not None:
-        new["clip"] = jax.tree.map(jnp.asarray, parts["clip_params"])
-    return new
-
-
 def params_hash(params) -> str:
     """SHA-256 of every parameter's path, dtype, shape and bytes (float32 on the host)."""
     h = hashlib.sha256()
@@ -164,11 +129,15 @@ def describe_config(config, clip_only: bool) -> Dict[str, Any]:
     clip = model.get("clip", {})
     clip.pop("checkpoint", None)
     if "dtype" in clip:  # 'auto' is bf16 on an accelerator, f32 on CPU: other features
-        clip["dtype"] = clip_lib.resolve_dtype(clip["dtype"])
+        clip["dtype"] = weights_lib.clip_dtype(config)
+    frames = FrameSampling.from_config(config.data).to_dict()
+    jpeg_quality = frames.pop("jpeg_quality")  # frames take the dataset's JPEG round trip
     return {
         "model": model,
-        "sampling": {k: config.data[k] for k in SAMPLING_KEYS},
-        "jpeg_quality": JPEG_QUALITY,  # frames take the dataset's JPEG round trip
+        # This layout predates FrameSampling ("sampling" also held the text side's max_words);
+        # kept so that the fingerprints of indexes already written still match.
+        "sampling": {**frames, "max_words": int(config.data.max_words)},
+        "jpeg_quality": jpeg_quality,
         "seed": int(config.seed),
         "clip_only": bool(clip_only),
     }
@@ -206,29 +175,21 @@ class SearchModel:
         return self.source.clip_only
 
     @property
-    def sampling(self) -> Dict[str, int]:
-        """decode_clip's keyword arguments (the training / evaluation sampling)."""
-        d = self.config.data
-        return {
-            "max_frames": int(d.max_frames),
-            "feature_framerate": int(d.feature_framerate),
-            "slice_framepos": int(d.slice_framepos),
-            "image_size": int(d.image_size),
-        }
+    def sampling(self) -> FrameSampling:
+        """The training / evaluation frame sampling (``config.data``), JPEG quality included."""
+        return FrameSampling.from_config(self.config.data)
 
     def decode_job(self, path: str, rel: str) -> Dict[str, Any]:
-        """What a decode worker needs for one file: the sampling, and the dataset's JPEG
-        quality, so that frames are what training and evaluation saw (the TFDS set stores
+        """What a decode worker needs for one file (`decoding.decode_one`): the sampling, whose
+        JPEG round trip makes the frames what training and evaluation saw (the TFDS set stores
         JPEG frames)."""
-        return {"path": path, "rel": rel, "sampling": self.sampling, "jpeg_quality": JPEG_QUALITY}
+        return {"path": path, "rel": rel, "sampling": self.sampling}
 
     def feature_shapes(self) -> Dict[str, list]:
         """Per-video stored shapes (from an abstract evaluation: nothing runs)."""
-        s = self.sampling
-        frames = jax.ShapeDtypeStruct(
-            (1, s["max_frames"], s["image_size"], s["image_size"], 3), jnp.uint8
-        )
-        mask = jax.ShapeDtypeStruct((1, s["max_frames"]), jnp.int32)
+        f, s = self.sampling.max_frames, self.sampling.image_size
+        frames = jax.ShapeDtypeStruct((1, f, s, s, 3), jnp.uint8)
+        mask = jax.ShapeDtypeStruct((1, f), jnp.int32)
         out = jax.eval_shape(
             lambda p, f, m: self.model.encode_video(p, f, m, jax.random.PRNGKey(0)),
             self.params,
@@ -246,7 +207,7 @@ class SearchModel:
 
     # ------------------------------------------------------------------ encoders
     def encode_texts(self, texts: Sequence[str]) -> TextFeatures:
-        ids, _ = tokenizer.tokenize(list(texts), int(self.config.data.max_words))
+        ids = self.model.tokenize(texts)
         return jax.tree.map(np.asarray, self.fns.encode_text(self.params, ids))
 
     def _encode_per_video_noise(self, params, frames, mask, seeds):
@@ -324,15 +285,9 @@ def load_model(source: ModelSource, *, overrides: Optional[Dict[str, Any]] = Non
         for part in parents:
             node = node[part]
         node[leaf] = value
-    model = _model(config)
-    step = None
-    if source.workdir:
-        params, step = _workdir_params(config, source.workdir, model)
-    else:
-        params = model.init(jax.random.PRNGKey(int(config.seed)))
-        if source.ucofia_checkpoint:
-            params = _released_params(model, params, source.ucofia_checkpoint)
-    params = jax.device_put(params, jax.local_devices()[0])
+    loaded = weights_lib.load(config, workdir=source.workdir or None)
+    model, step = loaded.model, (loaded.step if source.workdir else None)
+    params = jax.device_put(loaded.params, jax.local_devices()[0])
     description = describe_config(config, source.clip_only)
     weights = params["clip"] if source.clip_only else params
     fingerprint = fingerprint_of(description, params_hash(weights))

@@ -30,14 +30,13 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 
+from ucofia_jax.errors import ModelMismatch, SearchIndexError
+
 VIDEOS = "videos"
 META = "meta"
 FEATURE_DTYPE = np.float16
 TOKEN_COLUMNS = ("frames", "pixels", "mask")
-
-
-class IndexError_(Exception):
-    """A path that is not a usable index (named in the message)."""
+DEFAULT_SHORTLIST = 100  # K of a new index (meta 'shortlist'); docs/search.md: the benchmark
 
 
 def video_id_for(rel_path: str) -> str:
@@ -99,22 +98,26 @@ class Store:
     def open(cls, path: str | os.PathLike) -> Store:
         path = Path(path)
         if not path.exists():
-            raise IndexError_(f"{path}: no such index (run `python -m ucofia_jax.search index`)")
+            raise SearchIndexError(
+                f"{path}: no such index (run `python -m ucofia_jax.search index`)"
+            )
         if not cls.exists(path):
-            raise IndexError_(
+            raise SearchIndexError(
                 f"{path}: not a ucofia search index (no {META}.lance / {VIDEOS}.lance tables)"
             )
         db = lancedb.connect(str(path))
         rows = db.open_table(META).to_arrow().column("json").to_pylist()
         if len(rows) != 1:
-            raise IndexError_(f"{path}: the {META} table holds {len(rows)} rows, expected 1")
+            raise SearchIndexError(f"{path}: the {META} table holds {len(rows)} rows, expected 1")
         return cls(path, db, json.loads(rows[0]))
 
     @classmethod
     def create(cls, path: str | os.PathLike, meta: Dict[str, Any]) -> Store:
         path = Path(path)
         if path.exists() and any(path.iterdir()) and not cls.exists(path):
-            raise IndexError_(f"{path}: exists and is not a ucofia search index; not touching it")
+            raise SearchIndexError(
+                f"{path}: exists and is not a ucofia search index; not touching it"
+            )
         path.mkdir(parents=True, exist_ok=True)
         db = lancedb.connect(str(path))
         schema = videos_schema(meta["shapes"], meta["clip_only"])
@@ -123,6 +126,18 @@ class Store:
         store = cls(path, db, meta)
         store.write_meta()  # last: an index is usable once its meta exists
         return store
+
+    def check_fingerprint(self, fingerprint: str, source: Dict[str, Any]) -> None:
+        """Raise :class:`ModelMismatch` unless the index was made by the model with
+        ``fingerprint`` (``source``: how that model was loaded, for the message)."""
+        fp = self.meta["fingerprint"]
+        if fp != fingerprint:
+            raise ModelMismatch(
+                f"{self.path}: the index was made by another model (fingerprint {fp}, from "
+                f"{_source_words(self.meta['source'])}); this model is {fingerprint} (from "
+                f"{_source_words(source)}). Query with the index's model, or index into a new "
+                "--index"
+            )
 
     def write_meta(self) -> None:
         data = pa.table({"json": [json.dumps(self.meta, sort_keys=True)]})
@@ -191,6 +206,11 @@ class Store:
             cols[name] = _fixed(np.stack([r[name] for r in rows]), width, dtype)
         cols["thumbnail"] = [r.get("thumbnail") for r in rows]
         self.table.add(pa.table(cols, schema=schema))
+
+
+def _source_words(src: Dict) -> str:
+    parts = [f"{k}={v}" for k, v in src.items() if v and k != "config"]
+    return ", ".join(parts) or "?"
 
 
 def features_from_arrow(table: pa.Table, shapes: Dict[str, List[int]]) -> Dict[str, np.ndarray]:

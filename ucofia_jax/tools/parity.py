@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Dict, List, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,7 +156,7 @@ def _param_template(m: UCoFiAHead, n_patches: int):
     def init(*features):
         return m.init(key, *features, 0.0, train=False, rng=key)
 
-    return jax.eval_shape(init, *dummy)["params"]
+    return nn.unbox(jax.eval_shape(init, *dummy)["params"])  # plain shapes, no axis names
 
 
 @dataclass

@@ -45,6 +45,7 @@ guard handles exits at once, unsaved. Which step, depends on the number of proce
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -61,18 +62,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from ucofia_jax.models.clip_import import CheckpointError as _ReadError
+from ucofia_jax.errors import CheckpointError
 from ucofia_jax.runtime import distributed
 
 log = logging.getLogger(__name__)
 
 TMP_MARK = ".orbax-checkpoint-tmp"
 DAMAGED_DIR = "checkpoints_damaged"
-
-
-class CheckpointError(_ReadError):
-    """A train-state checkpoint that cannot be read or written; the message names the path,
-    the problem and which checkpoint is intact."""
 
 
 def _abstract(tree: Any) -> Any:
@@ -139,6 +135,19 @@ class _QuietOrbaxErrors(logging.Filter):
 
 
 _QUIET = _QuietOrbaxErrors()
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """:data:`_QUIET` on absl's logger for the block (unless a Checkpointer has it on)."""
+    absl_log = logging.getLogger("absl")
+    added = _QUIET not in absl_log.filters
+    absl_log.addFilter(_QUIET)
+    try:
+        yield
+    finally:
+        if added:
+            absl_log.removeFilter(_QUIET)
 
 
 def _finite(tree: Any) -> bool:
@@ -349,12 +358,7 @@ class Checkpointer:
 
     def read_meta(self, step: int) -> Dict[str, Any]:
         """The JSON ``meta`` of ``step``, read before its arrays (the run's config is there)."""
-        path = os.path.join(self.directory, str(step), "meta", "metadata")
-        try:
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: {_why(e)}") from e
+        return _read_meta(os.path.join(self.directory, str(step)))
 
     def param_shapes(self, step: int) -> Dict[str, Tuple[int, ...]]:
         """``{'clip/visual/conv1/kernel': shape, ...}`` of the params saved at ``step``, from
@@ -362,10 +366,7 @@ class Checkpointer:
         path = os.path.join(self.directory, str(step), "state")
         with ocp.StandardCheckpointer() as reader:
             tree = reader.metadata(path).item_metadata
-        return {
-            "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): tuple(v.shape)
-            for p, v in jax.tree_util.tree_flatten_with_path(tree["params"])[0]
-        }
+        return {k: tuple(v.shape) for k, v in _by_path(tree["params"]).items()}
 
     def restore(
         self, target_state: Any, step: Optional[int] = None, *, best: bool = False
@@ -449,6 +450,76 @@ class Checkpointer:
         self.last.reload()
 
 
+def _read_meta(step_dir: str) -> Dict[str, Any]:
+    path = os.path.join(step_dir, "meta", "metadata")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: {_why(e)}") from e
+
+
+def _path_name(keys) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+
+
+def _by_path(tree: Any) -> Dict[str, Any]:
+    """``{'clip/visual/conv1/kernel': leaf, ...}``."""
+    return {_path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _saved_sharding(meta_leaf: Any):
+    """The sharding an array was saved with, on this process's devices; None (a host numpy
+    array) when it was saved from the host or the devices differ."""
+    sharding = getattr(meta_leaf, "sharding", None)
+    if sharding is None:
+        return None
+    try:
+        return sharding.to_jax_sharding()
+    except ValueError:  # another topology than the run's
+        return None
+
+
+def _restore_params_only(step_dir: str, params_target: Any) -> Any:
+    """The ``params`` subtree of a step's saved train state, shaped like ``params_target``:
+    an Orbax partial restore, so the optimizer state, step and PRNG key are never read.
+
+    Partial restores do not check the tree against the checkpoint (a parameter the target
+    lacks would be silently dropped, a shape silently taken from the file): done here first,
+    from the metadata, naming the parameters."""
+    path = os.path.join(step_dir, "state")
+    with _quiet_orbax(), ocp.StandardCheckpointer() as reader:
+        saved = _by_path(reader.metadata(path).item_metadata["params"])
+    want = _by_path(params_target)
+    problems = [f"{k} is not saved" for k in sorted(set(want) - set(saved))]
+    problems += [f"{k} is saved but not in the model" for k in sorted(set(saved) - set(want))]
+    problems += [
+        f"{k} has shape {tuple(saved[k].shape)}, the model {tuple(want[k].shape)}"
+        for k in sorted(set(want) & set(saved))
+        if tuple(saved[k].shape) != tuple(want[k].shape)
+    ]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(
+            "the params of another model (another config.model or config.data.max_frames / "
+            f"max_words?): {'; '.join(problems[:3])}{more}"
+        )
+    target = {"params": _abstract(params_target)}
+    shardings = {
+        "params": jax.tree_util.tree_map_with_path(
+            lambda p, x: getattr(x, "sharding", None) or _saved_sharding(saved[_path_name(p)]),
+            target["params"],
+        )
+    }
+    args = ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target, shardings),
+        partial_restore=True,
+    )
+    with _quiet_orbax(), ocp.PyTreeCheckpointer() as reader:
+        return reader.restore(path, args=args)["params"]
+
+
 def _restore(mngr, step: int, target_state: Any) -> Tuple[Any, Dict[str, Any]]:
     out = mngr.restore(
         step,
@@ -473,9 +544,11 @@ def find_checkpoint_dir(path: str) -> Tuple[str, Optional[int]]:
 
 
 def restore_params(
-    path: str, target_state: Any, *, prefer_best: bool = True
+    path: str, params_target: Any, *, prefer_best: bool = True
 ) -> Tuple[Any, Dict[str, Any]]:
-    """(state, meta) from a workdir / checkpoint dir, for ``--mode=eval``.
+    """(params, meta) from a workdir / checkpoint dir, for ``--mode=eval`` and search (through
+    ucofia_jax/weights.py). ``params_target``: the params' shapes (e.g. ``jax.eval_shape`` of
+    ``Model.init``); only the params are read, not the optimizer state.
 
     A named step is restored or fails; otherwise the newest readable checkpoint of the chosen
     directory (best, then the last-k) is used, each unreadable one named in a warning."""
@@ -489,25 +562,24 @@ def restore_params(
             dirs.append(os.path.join(os.path.dirname(directory), "checkpoints"))
         candidates = [(d, s) for d in dirs for s in reversed(_step_dirs(d))]
     if not candidates:
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"no checkpoint under {path}: train first (python -m ucofia_jax.main "
             f"--config=... --workdir={path}) or point --config.model.ucofia_checkpoint at the "
             "released UCoFiA pytorch_model.bin"
         )
     problems = []
     for d, s in candidates:
-        missing = _missing_files(os.path.join(d, str(s)))
-        mngr = ocp.CheckpointManager(d, item_names=("state", "meta"))
+        step_dir = os.path.join(d, str(s))
         try:
+            missing = _missing_files(step_dir)
             if missing:
                 raise CheckpointError(f"missing {', '.join(missing)}")
-            return _restore(mngr, s, target_state)
+            meta = _read_meta(step_dir)
+            return _restore_params_only(step_dir, params_target), meta
         except Exception as e:  # pylint: disable=broad-except
             why = str(e) if isinstance(e, CheckpointError) else _why(e)
-            problems.append(f"{os.path.join(d, str(s))}: {why}")
-            log.warning("checkpoint %s cannot be restored (%s)", os.path.join(d, str(s)), why)
-        finally:
-            mngr.close()
+            problems.append(f"{step_dir}: {why}")
+            log.warning("checkpoint %s cannot be restored (%s)", step_dir, why)
     raise CheckpointError("no readable checkpoint: " + "; ".join(problems))
 
 

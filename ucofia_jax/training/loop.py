@@ -41,16 +41,12 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from ucofia_jax.errors import NonFiniteLossError
 from ucofia_jax.runtime import sharding as sharding_lib
 from ucofia_jax.training.metric_writer import MetricWriter
 from ucofia_jax.training.trainer import Trainer, model_inputs
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss, parameters or optimizer state became NaN/inf; the message names the step,
-    the batch's videos and the last checkpoint (which holds a finite state)."""
 
 
 def batch_video_ids(batch: Dict[str, Any], video_ids: Optional[Sequence[Any]] = None) -> list:

@@ -13,6 +13,10 @@ the cosine runs over the whole run. Groups: CLIP params get ``clip_lr``, the hea
 frozen CLIP params (embeddings, SPEC §3) never change. ``logit_scale`` is clamped at ln 100
 after the update (:func:`clamp_logit_scale`, called by the train step).
 
+As optax: the global clip, masked to the trainable params, then ``optax.multi_transform``
+over the labels of :func:`param_labels`: 'clip' and 'head' each the per-tensor chain with its
+own schedule (:func:`group_schedules`), 'frozen' ``optax.set_to_zero()``.
+
 Parameters are the pytree ``{'clip': ..., 'head': ...}`` of ``models.model``.
 """
 
@@ -139,102 +143,59 @@ def scale_by_adam_no_bias_correction(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-class GroupScheduleState(NamedTuple):
-    count: jax.Array
-
-
-def scale_by_group_schedules(
-    schedules: Dict[str, optax.Schedule], labels: PyTree
-) -> optax.GradientTransformation:
-    """u <- -schedule[label](step) * u per leaf; label 'frozen' -> exactly 0."""
-
-    def init_fn(params):
-        del params
-        return GroupScheduleState(jnp.zeros([], jnp.int32))
-
-    def update_fn(updates, state, params=None):
-        del params
-        lrs = {k: s(state.count) for k, s in schedules.items()}
-
-        def one(label, u):
-            if label == "frozen":
-                return jnp.zeros_like(u)
-            return -lrs[label].astype(u.dtype) * u
-
-        return (
-            jax.tree.map(one, labels, updates),
-            GroupScheduleState(optax.safe_increment(state.count)),
-        )
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def zero_frozen(labels: PyTree) -> optax.GradientTransformation:
-    """Frozen grads -> 0 first, so that they do not count in the global clipping norm (torch:
-    ``requires_grad=False`` params have no grad)."""
-
-    def update_fn(updates, state, params=None):
-        del params
-        return jax.tree.map(
-            lambda lab, g: jnp.zeros_like(g) if lab == "frozen" else g, labels, updates
-        ), state
-
-    return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
-
-
 # --------------------------------------------------------------------------- builders
 
 
-def learning_rate_schedules(train_cfg, total_steps: int) -> Dict[str, optax.Schedule]:
+def group_schedules(train_cfg, total_steps: int) -> Dict[str, optax.Schedule]:
+    """The lr schedule of each trainable group (CLIP ``train.clip_lr``, the head ``train.lr``)
+    over ``total_steps``. Built once by the trainer, which hands the same schedules to
+    :func:`make_optimizer` and logs their values, so the logged lr is the applied one."""
     return {
-        "head": make_schedule(
-            train_cfg.lr, total_steps, train_cfg.warmup_proportion, train_cfg.schedule
-        ),
-        "clip": make_schedule(
-            train_cfg.clip_lr, total_steps, train_cfg.warmup_proportion, train_cfg.schedule
-        ),
+        group: make_schedule(base_lr, total_steps, train_cfg.warmup_proportion, train_cfg.schedule)
+        for group, base_lr in (("clip", train_cfg.clip_lr), ("head", train_cfg.lr))
     }
 
 
 def _grouped_chain(
-    params: PyTree,
     moments: optax.GradientTransformation,
+    schedules: Dict[str, optax.Schedule],
     *,
-    total_steps: int,
-    lr: float,
-    clip_lr: float,
-    warmup_proportion: float,
     weight_decay: float,
     grad_clip: float,
     per_tensor_clip: float,
     frozen: Sequence[str],
-    schedule: str,
 ) -> optax.GradientTransformation:
-    """Frozen mask -> clipping -> ``moments`` -> decoupled decay -> per-group lr schedule."""
-    labels = param_labels(params, frozen)
-    schedules = {
-        "head": make_schedule(lr, total_steps, warmup_proportion, schedule),
-        "clip": make_schedule(clip_lr, total_steps, warmup_proportion, schedule),
-    }
-    parts = [zero_frozen(labels)]
+    """Global clip over the trainable params, then per group (:func:`param_labels`):
+    clipping -> ``moments`` -> decoupled decay -> ``-schedules[group](step) * u``; frozen
+    updates are exactly 0."""
+    frozen = tuple(frozen)
+    labels = lambda tree: param_labels(tree, frozen)
+
+    def group(schedule):
+        parts = []
+        if per_tensor_clip > 0:
+            parts.append(clip_per_tensor_torch(per_tensor_clip))
+        parts.append(moments)
+        if weight_decay > 0:
+            parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+        parts.append(optax.scale_by_learning_rate(schedule))
+        return optax.chain(*parts)
+
+    transforms = {name: group(schedule) for name, schedule in schedules.items()}
+    transforms["frozen"] = optax.set_to_zero()
+    parts = []
     if grad_clip > 0:
-        parts.append(clip_by_global_norm_torch(grad_clip))
-    if per_tensor_clip > 0:
-        parts.append(clip_per_tensor_torch(per_tensor_clip))
-    parts.append(moments)
-    if weight_decay > 0:
-        parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask(params)))
-    parts.append(scale_by_group_schedules(schedules, labels))
+        # Frozen grads stay out of the norm (torch: ``requires_grad=False`` params have none).
+        trainable = lambda tree: jax.tree.map(lambda label: label != "frozen", labels(tree))
+        parts.append(optax.masked(clip_by_global_norm_torch(grad_clip), trainable))
+    # multi_transform, not its newer name partition: setup.py allows optax 0.2.3.
+    parts.append(optax.multi_transform(transforms, labels))
     return optax.chain(*parts)
 
 
 def bertadam(
-    params: PyTree,
+    schedules: Dict[str, optax.Schedule],
     *,
-    total_steps: int,
-    lr: float,
-    clip_lr: float,
-    warmup_proportion: float,
     b1: float,
     b2: float,
     eps: float,
@@ -242,74 +203,55 @@ def bertadam(
     grad_clip: float,
     per_tensor_clip: float,
     frozen: Sequence[str],
-    schedule: str,
 ) -> optax.GradientTransformation:
-    """The original update (module docstring) for a params tree ``{'clip', 'head'}``."""
+    """The original update (module docstring) for a params tree ``{'clip', 'head'}``;
+    ``schedules``: :func:`group_schedules`."""
     return _grouped_chain(
-        params,
         scale_by_adam_no_bias_correction(b1, b2, eps),
-        total_steps=total_steps,
-        lr=lr,
-        clip_lr=clip_lr,
-        warmup_proportion=warmup_proportion,
+        schedules,
         weight_decay=weight_decay,
         grad_clip=grad_clip,
         per_tensor_clip=per_tensor_clip,
         frozen=frozen,
-        schedule=schedule,
     )
 
 
 def adamw(
-    params: PyTree,
+    schedules: Dict[str, optax.Schedule],
     *,
-    total_steps: int,
-    lr: float,
-    clip_lr: float,
-    warmup_proportion: float,
     b1: float,
     b2: float,
     eps: float,
     weight_decay: float,
     grad_clip: float,
     frozen: Sequence[str],
-    schedule: str,
 ) -> optax.GradientTransformation:
-    """Standard AdamW (bias-corrected), same groups, decay mask, clipping and schedule."""
+    """Standard AdamW (bias-corrected), same groups, decay mask, clipping and schedules."""
     return _grouped_chain(
-        params,
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-        total_steps=total_steps,
-        lr=lr,
-        clip_lr=clip_lr,
-        warmup_proportion=warmup_proportion,
+        schedules,
         weight_decay=weight_decay,
         grad_clip=grad_clip,
         per_tensor_clip=0.0,
         frozen=frozen,
-        schedule=schedule,
     )
 
 
-def make_optimizer(train_cfg, params: PyTree, total_steps: int) -> optax.GradientTransformation:
-    """From ``config.train``: 'bertadam' (the original) or 'adamw'."""
+def make_optimizer(train_cfg, schedules: Dict[str, optax.Schedule]) -> optax.GradientTransformation:
+    """From ``config.train``: 'bertadam' (the original) or 'adamw', with the per-group
+    ``schedules`` of :func:`group_schedules`."""
     kwargs = dict(
-        total_steps=total_steps,
-        lr=train_cfg.lr,
-        clip_lr=train_cfg.clip_lr,
-        warmup_proportion=train_cfg.warmup_proportion,
         b1=train_cfg.b1,
         b2=train_cfg.b2,
         eps=train_cfg.eps,
         weight_decay=train_cfg.weight_decay,
         grad_clip=train_cfg.grad_clip,
         frozen=tuple(train_cfg.frozen),
-        schedule=train_cfg.schedule,
     )
     if train_cfg.optimizer == "bertadam":
-        return bertadam(params, per_tensor_clip=train_cfg.per_tensor_clip, **kwargs)
+        return bertadam(schedules, per_tensor_clip=train_cfg.per_tensor_clip, **kwargs)
     if train_cfg.optimizer == "adamw":
-        return adamw(params, **kwargs)
+        return adamw(schedules, **kwargs)
     raise ValueError(f"config.train.optimizer: unknown optimizer {train_cfg.optimizer!r}")
 
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Sequence
 
 import jax
 
-from ucofia_jax.runtime.errors import ConfigError
+from ucofia_jax.errors import ConfigError
 
 # Keys whose change makes a resumed run silently differ from the run it continues (the data
 # order or the lr schedule); refused unless config.train.allow_resume_with_changes.

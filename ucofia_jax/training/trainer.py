@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ucofia_jax import config as config_lib
+from ucofia_jax.errors import ConfigError
 from ucofia_jax.models.model import Model
 from ucofia_jax.runtime import sharding as sharding_lib
 from ucofia_jax.training import optim
@@ -36,13 +38,6 @@ def create_train_state(model: Model, rng_seed: int, params=None) -> Dict[str, An
     if params is None:
         params = model.init(r_init)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": None, "rng": r_train}
-
-
-def saved_state_shapes(model: Model, train_cfg, rng_seed: int) -> Dict[str, Any]:
-    """Shapes of the train state a checkpoint holds (the restore target); nothing is computed."""
-    state = jax.eval_shape(lambda: create_train_state(model, rng_seed))
-    tx = optim.make_optimizer(train_cfg, state["params"], 1)
-    return {**state, "opt_state": jax.eval_shape(tx.init, state["params"])}
 
 
 def total_train_steps(train_cfg, steps_per_epoch: int) -> int:
@@ -104,7 +99,7 @@ def accumulated_loss_and_grads(
     def split(x):  # 'B ...' -> 'steps micro ...'
         x = x.reshape(micro_size, steps, *x.shape[1:]).swapaxes(0, 1)
         if mesh is not None:
-            spec = sharding_lib.logical_to_spec([None, "batch"] + [None] * (x.ndim - 2))
+            spec = sharding_lib.batch_spec(x.ndim, axis=1)
             x = jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
         return x
 
@@ -155,34 +150,35 @@ def all_finite(*trees) -> jax.Array:
     return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
-def state_shardings(model: Model, params, tx, mesh) -> Dict[str, Any]:
-    """The train state's shardings: params by their logical axis names and the rules
-    (runtime/sharding.py), the optimizer state following them, step and rng replicated."""
+def state_shardings(model: Model, params, tx, mesh, axis_rules) -> Dict[str, Any]:
+    """The train state's shardings: params by their logical axis names and ``axis_rules``
+    (``config.mesh.logical_axis_rules``; runtime/sharding.py), the optimizer state following
+    them, step and rng replicated."""
     replicated = sharding_lib.replicated(mesh)
-    param_sh = sharding_lib.param_shardings(params, model.logical_axes(params), mesh)
+    logical = model.logical_axes(params)
+    param_sh = sharding_lib.param_shardings(params, logical, mesh, axis_rules)
     opt_shapes = jax.eval_shape(tx.init, params)
     opt_sh = sharding_lib.state_shardings(opt_shapes, params, param_sh, mesh)
     return {"step": replicated, "params": param_sh, "opt_state": opt_sh, "rng": replicated}
 
 
 def make_trainer(
-    model: Model, train_cfg, mesh, state: Dict[str, Any], schedule_total: int
+    model: Model, train_cfg, mesh, state: Dict[str, Any], schedule_total: int, *, axis_rules
 ) -> Trainer:
     """Builds the optimizer, the shardings and the jitted, sharded train step.
-    ``state["params"]`` may be shapes (``jax.eval_shape(model.init, ...)``): nothing runs."""
+    ``state["params"]`` may be shapes (``jax.eval_shape(model.init, ...)``): nothing runs.
+    ``axis_rules``: ``config.mesh.logical_axis_rules`` (logical axis -> mesh axes)."""
     accumulate = int(train_cfg.accumulate_steps)
-    multiple = accumulate * sharding_lib.batch_size_multiple(mesh)
-    if accumulate < 1 or int(train_cfg.batch_size) % multiple:
-        raise ValueError(
-            f"config.train.batch_size={train_cfg.batch_size} must be divisible by "
-            f"config.train.accumulate_steps ({accumulate}) x the mesh's batch shards "
-            f"(data x fsdp = {sharding_lib.batch_size_multiple(mesh)}) = {multiple}"
-        )
-    tx = optim.make_optimizer(train_cfg, state["params"], schedule_total)
+    bad_batch = config_lib.batch_split_error(
+        "train", int(train_cfg.batch_size), sharding_lib.batch_size_multiple(mesh), accumulate
+    )
+    if bad_batch:
+        raise ConfigError(bad_batch)
+    schedules = optim.group_schedules(train_cfg, schedule_total)
+    tx = optim.make_optimizer(train_cfg, schedules)
     replicated = sharding_lib.replicated(mesh)
-    state_sh = state_shardings(model, state["params"], tx, mesh)
+    state_sh = state_shardings(model, state["params"], tx, mesh, axis_rules)
     opt_sh = state_sh["opt_state"]
-    schedules = optim.learning_rate_schedules(train_cfg, schedule_total)
     logit_max = float(train_cfg.logit_scale_max)
 
     def loss_and_grads(params, batch, rng):
