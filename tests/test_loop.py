@@ -118,15 +118,12 @@ def _run(events, steps_per_epoch=3, total=6, trainer=None, start=0, **parts):
     trainer = trainer or Trainer(events)
     state = {"step": start, "n": start, "params": {}}
     data = Data(steps_per_epoch)
-    return loop.train_loop(
-        trainer, state, data, total_steps=total, progress=False, start_step=start, **parts
-    )
-
-
-@pytest.fixture(autouse=True)
-def _no_sharding(monkeypatch):
-    monkeypatch.setattr(loop.sharding_lib, "shard_batch", lambda batch, mesh: batch)
-    monkeypatch.setattr(loop, "model_inputs", lambda batch: batch)
+    with pytest.MonkeyPatch.context() as patch:  # the fakes' batches go to the step as they are
+        patch.setattr(loop.sharding_lib, "shard_batch", lambda batch, mesh: batch)
+        patch.setattr(loop, "model_inputs", lambda batch: batch)
+        return loop.train_loop(
+            trainer, state, data, total_steps=total, progress=False, start_step=start, **parts
+        )
 
 
 def _only(events, *kinds):
@@ -364,10 +361,11 @@ def test_the_loop_writes_train_scalars_at_log_steps(tmp_path):
 def test_main_validates_each_epoch_and_keeps_the_best(tmp_path):
     workdir = str(tmp_path / "run")
     c = smoke_config(workdir)  # the tiny synthetic run of test_main_smoke.py
-    c.train.eval_every_epochs = 1  # 2 steps per epoch, 3 steps: epoch 1, then the run's end
+    # 32 captions, 4 steps per epoch; 6 steps: epoch 1 ends at step 4, the run at step 6.
+    c.train.update(dict(eval_every_epochs=1, num_steps=6))
     main.run(c, workdir, "train", progress=False)
     log = open(os.path.join(workdir, "log.txt")).read()
     assert "epoch 1: val t2v R@1" in log and "epoch 2: val t2v R@1" in log
     got = _read_events(workdir)
-    assert [s for s, _ in got["val/t2v/R@1"]] == [2, 3]
+    assert [s for s, _ in got["val/t2v/R@1"]] == [4, 6]
     assert os.listdir(os.path.join(workdir, "checkpoints_best"))
