@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "tensorflow-cpu>=2.15; platform_machine=='x86_64'",
     "tensorflow>=2.15; platform_machine!='x86_64'",
+    "tensorboard>=2.15,<3",  # tf.summary writes the event files (training/metric_writer.py)
     "tensorflow-datasets>=4.9.4",
     "importlib_resources>=5.0",  # tfds imports it without declaring it
     "av>=12",

@@ -21,6 +21,7 @@ import time
 import jax
 import numpy as np
 from _tiny import random_arrays, tiny_config, tiny_model  # tests/ is this script's directory
+from _train_data import ArrayData
 
 from ucofia_jax import config as config_lib
 from ucofia_jax.runtime import sharding
@@ -42,7 +43,7 @@ def setup(**train_overrides):
     trainer = train.make_trainer(
         model, c.train, mesh, state, schedule_total=N, axis_rules=c.mesh.logical_axis_rules
     )
-    data = loop.ArrayData(random_arrays(24, c), batch_size=8, seed=3, video_ids=VIDEO_IDS)
+    data = ArrayData(random_arrays(24, c), batch_size=8, seed=3, video_ids=VIDEO_IDS)
     return c, model, trainer, state, data
 
 
@@ -83,7 +84,6 @@ def run(workdir, trainer, state, data, total=N, keep=3, check=None, **kw):
             trainer,
             placed,
             data,
-            workdir=workdir,
             total_steps=total,
             checkpointer=ck,
             progress=False,
@@ -208,7 +208,7 @@ def _stop_run(root, make_fault, undo_fault):
     wd = os.path.join(root, "run")
     marks = {}
 
-    class Faulty(loop.ArrayData):
+    class Faulty(ArrayData):
         def epoch(self, epoch, start_step=0):
             for i, b in enumerate(super().epoch(epoch, start_step)):
                 if epoch == 0 and i == 2 and "fault" not in marks:

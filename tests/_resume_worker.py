@@ -21,6 +21,7 @@ import time
 import jax
 import numpy as np
 from _tiny import random_arrays, tiny_config, tiny_model  # tests/ is this script's directory
+from _train_data import ArrayData
 
 from ucofia_jax.runtime import sharding
 from ucofia_jax.training import checkpoints, loop
@@ -42,28 +43,22 @@ def setup():
         model, c.train, mesh, state, schedule_total=N, axis_rules=c.mesh.logical_axis_rules
     )
     # 3 steps per epoch, so the run crosses an epoch boundary (data position matters).
-    data = loop.ArrayData(random_arrays(24, c), batch_size=8, seed=3)
+    data = ArrayData(random_arrays(24, c), batch_size=8, seed=3)
     return c, trainer, state, data
 
 
 class KillAfter:
-    """A 'guard' whose check kills the process with SIGKILL once the step is reached."""
+    """A 'guard' that kills the process with SIGKILL (no cleanup) once the step is reached."""
 
-    def __init__(self, trainer_step):
-        self.requested = False
-        self.count = 0
-        self.trainer_step = trainer_step
+    signal_name = None
 
-    def __getattribute__(self, name):
-        if name == "requested":
-            c = object.__getattribute__(self, "count") + 1
-            object.__setattr__(self, "count", c)
-            if c >= KILL_AT:
-                os.kill(os.getpid(), signal.SIGKILL)
-        return object.__getattribute__(self, name)
+    def stop_at(self, step):
+        if step >= KILL_AT:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return False
 
 
-class WaitForSignal(loop.ArrayData):
+class WaitForSignal(ArrayData):
     """Before batch SIGINT_AT: says READY on stdout and waits (like a slow input pipeline)
     until the guard has seen the parent's SIGINT."""
 
@@ -88,7 +83,6 @@ def run(workdir, trainer, state, data, guard=None):
         trainer,
         placed,
         data,
-        workdir=workdir,
         total_steps=N,
         checkpointer=ck,
         guard=guard,
@@ -130,7 +124,7 @@ def main():
             for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(out["params"]))[0]
         }
         np.savez(os.path.join(root, "straight.npz"), **flat)
-        run(os.path.join(root, "b"), trainer, state, data, guard=KillAfter(None))
+        run(os.path.join(root, "b"), trainer, state, data, guard=KillAfter())
         raise SystemExit("not killed")
     out = run(os.path.join(root, "b"), trainer, state, data)
     flat = {

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from _train_data import ArrayData
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -207,7 +208,7 @@ def _train(out: Path) -> dict:
     trainer.train_step = recording_step
 
     gb = int(config.train.batch_size)
-    data = loop.ArrayData(tiny_arrays(config, 4 * gb, seed=1), gb, seed=config.seed)
+    data = ArrayData(tiny_arrays(config, 4 * gb, seed=1), gb, seed=config.seed)
     rows = distributed.local_batch_slice(gb, sharding=sharding.batch_sharding(mesh, 1))
     workdir = (out / "workdir").absolute()
     ckpt = checkpoints.Checkpointer(str(workdir), keep=1)
@@ -216,7 +217,6 @@ def _train(out: Path) -> dict:
         trainer,
         state,
         LocalRows(data, rows),
-        workdir=str(workdir),
         total_steps=total,
         checkpointer=ckpt,
         writer=writer,

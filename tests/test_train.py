@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 from _tiny import random_arrays, tiny_config, tiny_model
+from _train_data import ArrayData, check_finite_loss
 
 from ucofia_jax.runtime import sharding
 from ucofia_jax.training import checkpoints, loop
@@ -74,8 +75,8 @@ def test_sharded_step_equals_single_device(single_device):
 def test_nonfinite_loss_stops_with_step_and_videos():
     batch = {"video_id": np.array([b"video3", b"video7"])}
     with pytest.raises(loop.NonFiniteLossError, match=r"step 12.*video3.*video7"):
-        loop.check_finite_loss(float("nan"), 12, batch)
-    loop.check_finite_loss(1.0, 12, batch)
+        check_finite_loss(float("nan"), 12, batch)
+    check_finite_loss(1.0, 12, batch)
 
 
 @pytest.mark.slow
@@ -87,15 +88,15 @@ def test_nan_in_loop_is_reported(tmp_path, single_device):
         state["params"]["head"]["global_mat_weight"] * np.nan
     )
     state = train.place_state(trainer, state)
-    data = loop.ArrayData(random_arrays(16, c), batch_size=8)
+    data = ArrayData(random_arrays(16, c), batch_size=8)
     with pytest.raises(loop.NonFiniteLossError, match="step 0"):
-        loop.train_loop(trainer, state, data, workdir=str(tmp_path), total_steps=2, progress=False)
+        loop.train_loop(trainer, state, data, total_steps=2, progress=False)
 
 
 def test_sigterm_saves_and_stops(tmp_path, single_device):
     """SIGTERM mid-epoch: the loop finishes the current step, saves it and returns."""
     c, (mesh, trainer, state) = single_device
-    arrays = loop.ArrayData(random_arrays(32, c), batch_size=8)  # 4 steps per epoch
+    arrays = ArrayData(random_arrays(32, c), batch_size=8)  # 4 steps per epoch
 
     class SignalOnSecondBatch:
         steps_per_epoch = arrays.steps_per_epoch
@@ -113,7 +114,6 @@ def test_sigterm_saves_and_stops(tmp_path, single_device):
             trainer,
             train.place_state(trainer, state),
             SignalOnSecondBatch(),
-            workdir=str(tmp_path),
             total_steps=4,
             checkpointer=ckpt,
             guard=guard,

@@ -19,6 +19,7 @@ status 2 (``--verbose`` or ``UCOFIA_VERBOSE=1`` adds the traceback); SIGTERM sav
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -217,21 +218,15 @@ def _train(config, workdir, model, mesh, fns, splits, out, progress):
     ckpt = checkpoints.Checkpointer(workdir, keep=tc.keep_checkpoints)
     guard = None
     try:
-        params_template = state["params"]
-        state = trainer.place_state(run_trainer, state)
         saved_config = resume.config_dict(config)
-
-        def check(step, meta, shapes):
-            resume.check_resume(
-                saved_config,
-                workdir,
-                step,
-                meta,
-                shapes,
-                params_template,
-                allow_changes=config.train.allow_resume_with_changes,
-            )
-
+        check = functools.partial(
+            resume.check_resume,
+            saved_config,
+            workdir,
+            params=state["params"],
+            allow_changes=tc.allow_resume_with_changes,
+        )
+        state = trainer.place_state(run_trainer, state)
         restored = ckpt.restore_latest(state, check=check)
         start_step = None
         if restored is not None:
@@ -244,36 +239,16 @@ def _train(config, workdir, model, mesh, fns, splits, out, progress):
         ckpt.check_room(state)
         out.write_config(config)  # only now: a refused resume leaves the old one in place
         guard = checkpoints.PreemptionGuard()
-
-        def validate_epoch(epoch, st) -> Optional[float]:
-            every = tc.eval_every_epochs
-            if not every or (epoch + 1) % every or splits.test is None:
-                return None
-            res = evaluator.evaluate(
-                fns,
-                st["params"],
-                mesh,
-                config.eval,
-                splits.test,
-                rng=jax.random.PRNGKey(config.seed + 1),
-                step=int(jax.device_get(st["step"])),
-                sk_norm=False,
-            ).metrics
-            out.writer.scalars(res["step"], res["t2v"], prefix="val/t2v/")
-            out.say(f"epoch {epoch + 1}: val t2v R@1 {res['t2v']['R@1']:.1f}")
-            return res["t2v"]["R@1"]
-
         t0 = time.time()
         state = loop.train_loop(
             run_trainer,
             state,
             splits.train.train_epochs(seed=config.seed, global_batch=tc.batch_size),
-            workdir=workdir,
             total_steps=total,
             checkpointer=ckpt,
             guard=guard,
             writer=out.writer,
-            on_epoch_end=validate_epoch,
+            validation=_validation(config, fns, mesh, splits.test, out),
             progress=progress and out.main,
             meta_extra={"experiment": config.experiment, "config": saved_config},
             start_step=start_step,
@@ -284,8 +259,29 @@ def _train(config, workdir, model, mesh, fns, splits, out, progress):
         ckpt.close()
     step = int(jax.device_get(state["step"]))
     out.say(f"trained to step {step}/{total} in {time.time() - t0:.0f} s")
-    stopped_by = guard.signal_name if guard.requested else None
-    return state["params"], step, stopped_by
+    return state["params"], step, guard.signal_name
+
+
+def _validation(config, fns, mesh, test_data, out) -> Optional[loop.Validation]:
+    """The epoch-end validation of a run (``train.eval_every_epochs``), if it has one."""
+    if not config.train.eval_every_epochs or test_data is None:
+        return None
+    evaluate = functools.partial(_validation_t2v, fns, mesh, config, test_data)
+    return loop.Validation(config.train.eval_every_epochs, evaluate, out.writer, out.say)
+
+
+def _validation_t2v(fns, mesh, config, test_data, params, step: int) -> Dict[str, float]:
+    """Text-to-video metrics of ``params`` on the evaluation split, without SK-norm."""
+    return evaluator.evaluate(
+        fns,
+        params,
+        mesh,
+        config.eval,
+        test_data,
+        rng=jax.random.PRNGKey(config.seed + 1),
+        step=step,
+        sk_norm=False,
+    ).metrics["t2v"]
 
 
 def _params_to_evaluate(config, workdir, out):

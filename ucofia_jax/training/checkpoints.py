@@ -24,9 +24,23 @@ Faults, each a :class:`CheckpointError` with one line naming the path and what i
 * before training, :meth:`Checkpointer.check_room` checks that the directory can be written
   and has room for one more checkpoint.
 
-SIGTERM (preemption, ``kill``, SLURM's time limit) and SIGINT (Ctrl-C) only set a flag: the
-train loop sees it after the current step, saves synchronously and returns (the program then
-exits with status 0 for SIGTERM, 130 for SIGINT). A second signal exits at once, unsaved.
+Stopping on a signal (:class:`PreemptionGuard`): SIGTERM (preemption, ``kill``, SLURM's time
+limit) and SIGINT (Ctrl-C) make the train loop save synchronously after a step and return
+(the program then exits with status 0 for SIGTERM, 130 for SIGINT). A second signal that the
+guard handles exits at once, unsaved. Which step, depends on the number of processes:
+
+* One process (also one under ``jax.distributed``): the guard's Python handlers set a flag
+  that the loop reads after each step. JAX's preemption service needs ``jax.distributed``
+  (``reached_preemption_sync_point`` is always false without it), so it cannot serve here.
+* Several processes: the signal reaches them at different steps, and saves at different
+  steps would hang in their collectives. JAX's preemption service (on by default,
+  ``jax_enable_preemption_service``) catches SIGTERM itself and tells every process;
+  :func:`jax.experimental.multihost_utils.reached_preemption_sync_point`, which the loop asks
+  after every step with the same step number everywhere, turns true at the same step on all
+  of them (Orbax's ``CheckpointManager.reached_preemption`` is the same call). So the guard
+  leaves SIGTERM to JAX (a Python handler would replace JAX's) and turns Ctrl-C into a
+  SIGTERM to its own process, which reaches the others the same way; a second Ctrl-C exits
+  at once. A process that received no signal reports SIGTERM (status 0).
 """
 
 from __future__ import annotations
@@ -46,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from ucofia_jax.errors import CheckpointError
 from ucofia_jax.runtime import distributed
@@ -569,18 +584,25 @@ def restore_params(
 
 
 class PreemptionGuard:
-    """SIGTERM / SIGINT -> ``requested`` = True; the loop saves and returns after the step.
+    """SIGTERM / SIGINT -> the loop saves and stops after a step (module docstring).
 
-    A second signal while the first is being handled exits at once (status 128 + signal
-    number, nothing saved): the user who presses Ctrl-C twice means it.
+    ``stop_at(step)``, called once after every step, says whether to stop there;
+    ``requested`` is whether this process received a signal, ``signal_name`` the one that
+    stopped the run. A second signal while the first is being handled exits at once (status
+    128 + signal number, nothing saved): the user who presses Ctrl-C twice means it.
     """
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.requested = False
         self.signal_name = None
         self.signum = None
+        # Several processes stop together at JAX's preemption sync point, which SIGTERM reaches
+        # through JAX's own handler.
+        self.synced = distributed.is_initialized() and jax.process_count() > 1
         self._previous = {}
         for s in signals:
+            if self.synced and s == signal.SIGTERM:
+                continue
             try:
                 self._previous[s] = signal.signal(s, self._handler)
             except ValueError:  # not the main thread (e.g. inside some test runners)
@@ -600,6 +622,17 @@ class PreemptionGuard:
             f"({name} again exits at once)\n"
         )
         sys.stderr.flush()
+        if self.synced:
+            os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption notice reaches every process
+
+    def stop_at(self, step: int) -> bool:
+        """Whether the loop saves and stops after ``step`` (every process the same answer)."""
+        if not self.synced:
+            return self.requested
+        if not multihost_utils.reached_preemption_sync_point(step):
+            return False
+        self.signal_name = self.signal_name or "SIGTERM"
+        return True
 
     def restore(self) -> None:
         for s, h in self._previous.items():

@@ -1,27 +1,24 @@
-"""Training logs: TensorBoard scalars and a plain-text ``log.txt``, on process 0 only."""
+"""Training logs: TensorBoard scalars (``tf.summary``) and a plain-text ``log.txt``, on
+process 0 only."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import socket
 import time
 from typing import Dict
 
 import tensorflow as tf
-from tensorflow.core.framework import summary_pb2
-from tensorflow.core.util import event_pb2
 
 log = logging.getLogger(__name__)
 
+TENSORBOARD_DIR = "tensorboard"
+
 
 class MetricWriter:
-    """TensorBoard scalars + a plain-text log (``log.txt``), on process 0 only.
-
-    Event files are TFRecords of ``Event`` protos, written with tf.io directly: that needs no
-    ``tensorboard`` package (tf.summary does) and TensorBoard reads them as usual.
-    """
+    """TensorBoard scalars (``WORKDIR/tensorboard``) + a plain-text log (``WORKDIR/log.txt``),
+    on process 0 only (``enabled=False`` elsewhere writes nothing)."""
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
@@ -32,18 +29,13 @@ class MetricWriter:
         os.makedirs(workdir, exist_ok=True)
         self._text = open(os.path.join(workdir, "log.txt"), "a", encoding="utf-8")
         try:
-            tb_dir = os.path.join(workdir, "tensorboard")
-            os.makedirs(tb_dir, exist_ok=True)
-            path = os.path.join(
-                tb_dir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-            )
-            self._tb = tf.io.TFRecordWriter(path)
-            self._tb.write(
-                event_pb2.Event(
-                    wall_time=time.time(), file_version="brain.Event:2"
-                ).SerializeToString()
-            )
-            self._tb.flush()
+            # The summary writer starts TensorFlow's runtime: without the GPUs, so that it
+            # takes none of the memory JAX needs (a no-op once the input pipeline hid them).
+            try:
+                tf.config.set_visible_devices([], "GPU")
+            except RuntimeError:
+                pass  # TensorFlow is already running; its devices are settled
+            self._tb = tf.summary.create_file_writer(os.path.join(workdir, TENSORBOARD_DIR))
         except Exception as e:  # pylint: disable=broad-except
             log.warning("TensorBoard event file disabled: %s", e)
             self._tb = None
@@ -61,17 +53,9 @@ class MetricWriter:
             + json.dumps({prefix + k: round(float(v), 6) for k, v in values.items()})
         )
         if self._tb is not None:
-            summ = summary_pb2.Summary(
-                value=[
-                    summary_pb2.Summary.Value(tag=prefix + k, simple_value=float(v))
-                    for k, v in values.items()
-                ]
-            )
-            self._tb.write(
-                event_pb2.Event(
-                    wall_time=time.time(), step=int(step), summary=summ
-                ).SerializeToString()
-            )
+            with self._tb.as_default():
+                for k, v in values.items():
+                    tf.summary.scalar(prefix + k, float(v), step=int(step))
             self._tb.flush()
 
     def close(self) -> None:
