@@ -23,7 +23,7 @@ import numpy as np
 from _tiny import random_arrays, tiny_config, tiny_model  # tests/ is this script's directory
 from _train_data import ArrayData
 
-from ucofia_jax import config as config_lib
+from ucofia_jax import errors
 from ucofia_jax.runtime import sharding
 from ucofia_jax.training import checkpoints, loop, resume
 from ucofia_jax.training import trainer as train
@@ -105,7 +105,7 @@ def mode_nan(root):
     try:
         run(wd, trainer, state, data, total=6)
         result["error"] = None
-    except loop.NonFiniteLossError as e:
+    except errors.NonFiniteLossError as e:
         result["error"] = str(e)
     ck = checkpoints.Checkpointer(wd, keep=3)
     target = train.place_state(trainer, state)
@@ -174,7 +174,7 @@ def mode_damage(root):
         try:
             ck.restore_latest(train.place_state(trainer, state), check=check)
             return None
-        except config_lib.ConfigError as e:
+        except errors.ConfigError as e:
             return str(e)
         finally:
             ck.close()
@@ -222,7 +222,7 @@ def _stop_run(root, make_fault, undo_fault):
     try:
         run(wd, trainer, state, faulty, total=8)
         result["error"] = None
-    except checkpoints.CheckpointError as e:
+    except errors.CheckpointError as e:
         result["error"] = str(e)
         result["seconds_to_stop"] = time.time() - marks["fault"]
     finally:
@@ -269,7 +269,7 @@ def mode_diskfull(root):
         try:
             run(wd, trainer, state, data, total=8)
             result["error"] = None
-        except checkpoints.CheckpointError as e:
+        except errors.CheckpointError as e:
             result["error"] = str(e)
             result["seconds"] = time.time() - t0
         result["tmp_left"] = [n for n in os.listdir(ckdir) if checkpoints.TMP_MARK in n]

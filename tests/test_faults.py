@@ -26,6 +26,7 @@ import pytest
 from _tiny import tiny_config, tiny_model
 
 from ucofia_jax import config as config_lib
+from ucofia_jax import errors
 from ucofia_jax.runtime import cli
 from ucofia_jax.training import checkpoints, loop, resume
 
@@ -96,7 +97,7 @@ def test_nonfinite_lr_is_rejected_by_validation():
     for bad in (float("inf"), float("nan")):
         c = tiny_config()
         c.train.lr = bad
-        with pytest.raises(config_lib.ConfigError, match=r"config\.train\.lr = .*finite"):
+        with pytest.raises(errors.ConfigError, match=r"config\.train\.lr = .*finite"):
             config_lib.validate(c)
 
 
@@ -222,7 +223,7 @@ def test_no_room_for_a_checkpoint_is_refused_before_training(tmp_path):
     ck = checkpoints.Checkpointer(str(tmp_path), keep=2)
     try:
         huge = {"x": jax.ShapeDtypeStruct((1 << 40,), "float32")}  # 4 TiB, never allocated
-        with pytest.raises(checkpoints.CheckpointError, match="MiB free; one checkpoint"):
+        with pytest.raises(errors.CheckpointError, match="MiB free; one checkpoint"):
             ck.check_room(huge)
         ck.check_room({"x": jax.ShapeDtypeStruct((16,), "float32")})
     finally:
@@ -276,5 +277,5 @@ def test_frozen_typo_is_rejected_naming_the_nearest(tmp_path):
     c = tiny_config()
     params = jax.eval_shape(tiny_model(c).init, jax.random.PRNGKey(0))
     resume.check_frozen(config_lib.FROZEN_CLIP, params)  # the recipe's names exist
-    with pytest.raises(config_lib.ConfigError, match=r"'visual/conv2'.*nearest: visual/conv1"):
+    with pytest.raises(errors.ConfigError, match=r"'visual/conv2'.*nearest: visual/conv1"):
         resume.check_frozen(("visual/conv2",), params)

@@ -10,6 +10,7 @@ import pytest
 from _tiny import random_arrays, tiny_config, tiny_model
 from _train_data import ArrayData, check_finite_loss
 
+from ucofia_jax import errors
 from ucofia_jax.runtime import sharding
 from ucofia_jax.training import checkpoints, loop
 from ucofia_jax.training import trainer as train
@@ -74,7 +75,7 @@ def test_sharded_step_equals_single_device(single_device):
 
 def test_nonfinite_loss_stops_with_step_and_videos():
     batch = {"video_id": np.array([b"video3", b"video7"])}
-    with pytest.raises(loop.NonFiniteLossError, match=r"step 12.*video3.*video7"):
+    with pytest.raises(errors.NonFiniteLossError, match=r"step 12.*video3.*video7"):
         check_finite_loss(float("nan"), 12, batch)
     check_finite_loss(1.0, 12, batch)
 
@@ -89,7 +90,7 @@ def test_nan_in_loop_is_reported(tmp_path, single_device):
     )
     state = train.place_state(trainer, state)
     data = ArrayData(random_arrays(16, c), batch_size=8)
-    with pytest.raises(loop.NonFiniteLossError, match="step 0"):
+    with pytest.raises(errors.NonFiniteLossError, match="step 0"):
         loop.train_loop(trainer, state, data, total_steps=2, progress=False)
 
 
