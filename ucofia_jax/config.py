@@ -5,7 +5,8 @@ modules it configures take theirs from it (``models.clip.CLIPConfig``,
 ``models.head.UCoFiAHead``). Experiment files (``configs/<name>.py``) start from
 :func:`base_config` and override what differs.
 
-Configs are data: this module imports ml_collections and the standard library only, so a
+Configs are data: this module imports ml_collections, the standard library and
+``ucofia_jax/errors.py`` (its :class:`ConfigError`; that module imports nothing) only, so a
 config file loads without TensorFlow, TFDS, Orbax or JAX (tests/test_config.py checks).
 
 :func:`validate` checks the config itself and fails fast naming every bad key: each key must

@@ -4,8 +4,9 @@
 needs the code is checked here, beside ``main`` that runs it:
 
 * :func:`check_config` -- :func:`ucofia_jax.config.validate` plus each choice against the
-  values its module offers (``CHOICES``: the tuples live where they are implemented) and the
-  native kernel's rule on masks.
+  values its module offers (``CHOICES``: the tuples live where they are implemented), the
+  native kernel's rule on masks (``native.check_takes_masks``) and the logical axis rules
+  (``sharding.rules_table`` of ``config.mesh.logical_axis_rules``).
 * :func:`check_inputs` -- what the run will read and run on: the CLIP / UCoFiA checkpoints,
   the built dataset and the devices, naming the missing files and the command that makes them.
 
