@@ -13,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ROOTS = ("ucofia_jax", "data_pipeline", "configs")
 # The model's public door: what the tools above may import from ucofia_jax.models.
-DOOR = ("ucofia_jax.models.model", "ucofia_jax.models.features", "ucofia_jax.models.weights")
+DOOR = ("ucofia_jax.models.model", "ucofia_jax.models.features")
 TOOLS = ("ucofia_jax.training", "ucofia_jax.evaluation", "ucofia_jax.search", "ucofia_jax.tools")
 
 

@@ -263,8 +263,9 @@ def test_cli_verbose_shows_the_traceback(tmp_path):
     proc = _cli(tmp_path, "--config.model.head.level3_kernel=xla", env_extra={cli.VERBOSE_ENV: "1"})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback (most recent call last)" in proc.stderr
-    assert "error: config.model.head.level3_kernel: moved to config.eval.level3_kernel" in (
-        proc.stderr
+    assert (
+        "error: config.model.head.level3_kernel: unknown key (nearest: config.eval.level3_kernel"
+        in proc.stderr
     )
 
 
