@@ -244,7 +244,9 @@ def test_trainer_logs_each_groups_lr():
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
     model = tiny_model(c)
     state = trainer_lib.create_train_state(model, 0)
-    trainer = trainer_lib.make_trainer(model, c.train, mesh, state, schedule_total=4)
+    trainer = trainer_lib.make_trainer(
+        model, c.train, mesh, state, schedule_total=4, axis_rules=c.mesh.logical_axis_rules
+    )
     schedules = optim.group_schedules(c.train, 4)
     state = trainer_lib.place_state(trainer, state)
     batch = sharding.shard_batch(trainer_lib.model_inputs(random_arrays(8, c)), mesh)
