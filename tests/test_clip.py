@@ -136,7 +136,9 @@ def test_token_shift_in_video(tiny_params):
             if i == 1:
                 h = token_shift(h, 4, 7)
             x = x + MultiHeadAttention(128, 2).apply({"params": bp["attn"]}, h)
-            x = x + MLP(128).apply({"params": bp["mlp"]}, ln(bp["ln_2"], x))
+            x = x + MLP(128, activation="quick_gelu").apply(
+                {"params": bp["mlp"]}, ln(bp["ln_2"], x)
+            )
         return ln(vp["ln_post"], x) @ vp["proj"]
 
     want = manual(tiny_params["visual"], frames.reshape(8, 32, 32, 3))

@@ -19,24 +19,24 @@ def test_isa_matches_numpy_with_non_symmetric_w():
     w = np.eye(5) + 0.3 * r.randn(5, 5)  # non-symmetric: a transposed W would differ
     p = _np_softmax(np.moveaxis(s, 1, -1) / 0.01)
     ref = np.moveaxis(_np_softmax((p @ w) / 0.01), -1, 1)
-    got = isa_weights(jnp.asarray(s, jnp.float32), jnp.asarray(w, jnp.float32), axis=1)
+    got = isa_weights(jnp.asarray(s, jnp.float32), jnp.asarray(w, jnp.float32), axis=1, tau=0.01)
     np.testing.assert_allclose(np.asarray(got), ref, atol=2e-5)
     wrong = np.moveaxis(_np_softmax((p @ w.T) / 0.01), -1, 1)
     assert np.abs(wrong - ref).max() > 1e-2
-    agg = isa_aggregate(jnp.asarray(s, jnp.float32), jnp.asarray(w, jnp.float32), axis=1)
+    agg = isa_aggregate(jnp.asarray(s, jnp.float32), jnp.asarray(w, jnp.float32), axis=1, tau=0.01)
     np.testing.assert_allclose(np.asarray(agg), (s * ref).sum(1), atol=1e-6)
 
 
 def test_isa_mask_removes_positions():
     s = jnp.asarray([[0.01, 0.02, 0.5]], jnp.float32)
     mask = jnp.asarray([[True, True, False]])
-    w = isa_weights(s, jnp.eye(3), mask=mask)
+    w = isa_weights(s, jnp.eye(3), tau=0.01, mask=mask)
     assert float(w[0, 2]) == 0.0 and abs(float(w.sum()) - 1.0) < 1e-6
 
 
 def test_isa_rejects_wrong_matrix_shape():
     with pytest.raises(ValueError, match="ISA matrix has shape"):
-        isa_weights(jnp.ones((2, 4)), jnp.eye(3))
+        isa_weights(jnp.ones((2, 4)), jnp.eye(3), tau=0.01)
 
 
 def test_stable_softmax_grad_exact_when_saturated():

@@ -393,7 +393,9 @@ def test_settings_from_env_and_config():
             {"UCOFIA_COORDINATOR": "h", "UCOFIA_NUM_PROCESSES": "2", "UCOFIA_PROCESS_ID": "0"}
         ).validate()
     with pytest.raises(ValueError, match="not in"):
-        d.DistributedSettings(coordinator_address="h:1", num_processes=2, process_id=2).validate()
+        d.DistributedSettings(
+            mode="auto", coordinator_address="h:1", num_processes=2, process_id=2
+        ).validate()
     with pytest.raises(ValueError, match="mode"):
         d.maybe_initialize(env={"UCOFIA_DISTRIBUTED": "yes"})
     srun = {"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "8"}

@@ -92,7 +92,7 @@ def test_remat_is_in_the_program():
 
 def test_unknown_remat_policy_is_refused():
     with pytest.raises(ValueError, match="remat must be one of"):
-        layers.Transformer(8, 1, 1, remat="everything").init(
+        layers.Transformer(8, 1, 1, remat="everything", activation="quick_gelu").init(
             jax.random.PRNGKey(0), jnp.zeros((1, 2, 8))
         )
 

@@ -29,7 +29,7 @@ def test_levels_match_fixture():
     )
     _close(s1, z["train.sim_video_sentence"])
     s2 = S.sentence_frame(
-        sent, j("train.frame_features_norm"), j("param.frame_logit_weight"), scale
+        sent, j("train.frame_features_norm"), j("param.frame_logit_weight"), scale, 0.01
     )
     _close(s2, z["train.sim_sentence_frame"])
     mats = S.IsaMatrices(
@@ -43,6 +43,7 @@ def test_levels_match_fixture():
         words @ j("param.local_mat_weight"),
         j("train.pixel_tokens") @ j("param.local_mat_weight1"),
         mats,
+        0.01,
         return_intermediates=True,
     )
     _close(s3, z["train.sim_pixel_word"])
@@ -97,11 +98,12 @@ def test_level3_is_not_symmetric_in_its_directions():
     )
     words = jnp.asarray(r.randn(2, w, 16) * 0.05, jnp.float32)
     pix = jnp.asarray(r.randn(3, p, 16) * 0.05, jnp.float32)
-    a = S.pixel_word(words, pix, mats)
+    a = S.pixel_word(words, pix, mats, 0.01)
     b = S.pixel_word(
         words,
         pix,
         mats._replace(word_mat_weight=mats.word_mat_weight2, word_mat_weight2=mats.word_mat_weight),
+        0.01,
     )
     assert a.shape == (2, 3) and np.abs(np.asarray(a - b)).max() > 1e-4
 

@@ -55,7 +55,7 @@ def test_rng_path_and_slot_order():
     assert np.argmax(np.asarray(ind)[0], axis=-1).tolist() == [0, 2, 4]
     np.testing.assert_array_equal(np.asarray(hard_topk(s, 3)), np.asarray(ind).round())
     with pytest.raises(ValueError, match="rng"):
-        perturbed_topk(s, 3)
+        perturbed_topk(s, 3, 100, 0.01)
 
 
 def test_hash_normal_is_standard_normal_and_keyed():

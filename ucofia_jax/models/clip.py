@@ -35,7 +35,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The default: bfloat16 where it is fast (GPU, TPU; tests/test_bf16_step.py bounds its effect
 # on a train step), float32 on CPU (parity, the demo). Resolved when the model is built.
 AUTO_DTYPE = "auto"
-_DEFAULTS = base_config().model.clip  # the one home of the defaults
+_MODEL_DEFAULTS = base_config().model  # the one home of the defaults
+_DEFAULTS = _MODEL_DEFAULTS.clip
 
 
 def resolve_dtype(name: str) -> str:
@@ -168,7 +169,7 @@ def _normal(std: float):
 
 class VisionTransformer(nn.Module):
     cfg: CLIPConfig
-    remat: str = "none"  # layers.REMAT_POLICIES, on every residual block
+    remat: str  # layers.REMAT_POLICIES, on every residual block (CLIP's)
 
     @nn.compact
     def __call__(self, x: jax.Array, num_frames: Optional[int] = None) -> jax.Array:
@@ -234,7 +235,8 @@ class CLIP(nn.Module):
     cfg: CLIPConfig
     # layers.REMAT_POLICIES on every residual block of both towers; a module field, not a
     # CLIPConfig size: it changes memory and time, never the parameters or the outputs.
-    remat: str = "none"
+    # Its default is config.model.remat's, as UCoFiAHead's (Model sets both from the config).
+    remat: str = _MODEL_DEFAULTS.remat
 
     def setup(self):
         cfg = self.cfg

@@ -161,6 +161,9 @@ class UCoFiAHead(nn.Module):
             heads=max(1, d // 64),
             ln_eps=1e-12,
             remat=self.remat,
+            # The original's seqTransf (module_cross.py) uses QuickGELU, whatever the CLIP's
+            # activation: part of the head, not a setting.
+            activation="quick_gelu",
             name="temporal",
         )
         # The D x D projections split like CLIP's; the ISA mixing matrices ('f f', 'w w',

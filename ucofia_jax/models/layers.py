@@ -21,6 +21,7 @@ mesh axes (runtime/sharding.py; docs/train.md, "FSDP"). The names of a block's w
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -150,7 +151,7 @@ class MultiHeadAttention(nn.Module):
 class MLP(nn.Module):
     width: int
     dtype: Dtype = jnp.float32
-    activation: str = "quick_gelu"  # one of ACTIVATIONS
+    activation: str = dataclasses.field(kw_only=True)  # one of ACTIVATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -186,7 +187,7 @@ class ResidualAttentionBlock(nn.Module):
     ln_eps: float = 1e-5
     dtype: Dtype = jnp.float32
     attn_input_fn: Optional[Callable[[jax.Array], jax.Array]] = None
-    activation: str = "quick_gelu"  # the MLP's, one of ACTIVATIONS
+    activation: str = dataclasses.field(kw_only=True)  # the MLP's, one of ACTIVATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
@@ -194,7 +195,7 @@ class ResidualAttentionBlock(nn.Module):
         if self.attn_input_fn is not None:
             h = self.attn_input_fn(h)
         x = x + MultiHeadAttention(self.width, self.heads, self.dtype, name="attn")(h, mask)
-        mlp = MLP(self.width, self.dtype, self.activation, name="mlp")
+        mlp = MLP(self.width, self.dtype, activation=self.activation, name="mlp")
         x = x + mlp(LayerNorm(self.ln_eps, name="ln_2")(x))
         return x
 
@@ -212,8 +213,9 @@ class Transformer(nn.Module):
     ln_eps: float = 1e-5
     dtype: Dtype = jnp.float32
     attn_input_fns: Optional[tuple] = None
-    remat: str = "none"  # one of REMAT_POLICIES
-    activation: str = "quick_gelu"  # the MLPs', one of ACTIVATIONS
+    # Required, keyword-only: the caller's (CLIPConfig.activation, config.model.remat).
+    remat: str = dataclasses.field(kw_only=True)  # one of REMAT_POLICIES
+    activation: str = dataclasses.field(kw_only=True)  # the MLPs', one of ACTIVATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:

@@ -19,8 +19,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-TAU = 0.01
-
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
 def stable_softmax(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -72,12 +70,13 @@ def _contract_first_index(p: jax.Array, w: jax.Array, axis: int) -> jax.Array:
 
 
 def isa_weights(
-    s: jax.Array, w: jax.Array, axis: int = -1, tau: float = TAU, mask: Optional[jax.Array] = None
+    s: jax.Array, w: jax.Array, axis: int = -1, *, tau: float, mask: Optional[jax.Array] = None
 ) -> jax.Array:
     """ISA weights of ``s`` along ``axis`` with the square matrix ``w`` [a, a].
 
-    ``mask`` (optional, bool, broadcastable to ``s``) removes positions from both softmaxes
-    (not in the original: its softmaxes are unmasked).
+    ``tau``: the temperature of both softmaxes, no default here (the head passes its
+    ``tau``, config.model.head.tau). ``mask`` (optional, bool, broadcastable to ``s``) removes
+    positions from both softmaxes (not in the original: its softmaxes are unmasked).
     """
     axis = axis % s.ndim
     a = s.shape[axis]
@@ -93,7 +92,7 @@ def isa_weights(
 
 
 def isa_aggregate(
-    s: jax.Array, w: jax.Array, axis: int = -1, tau: float = TAU, mask: Optional[jax.Array] = None
+    s: jax.Array, w: jax.Array, axis: int = -1, *, tau: float, mask: Optional[jax.Array] = None
 ) -> jax.Array:
     """``sum_a s * ISA_a(s; w)``: the axis ``a`` is reduced."""
-    return jnp.sum(s * isa_weights(s, w, axis, tau, mask), axis=axis)
+    return jnp.sum(s * isa_weights(s, w, axis, tau=tau, mask=mask), axis=axis)

@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from ucofia_jax.ops.isa import TAU, isa_aggregate, isa_weights
+from ucofia_jax.ops.isa import isa_aggregate, isa_weights
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -48,7 +48,7 @@ def sentence_frame(
     frames: jax.Array,
     w_frame: jax.Array,
     scale: jax.Array,
-    tau: float = TAU,
+    tau: float,
     frame_mask: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Level 2: ISA over frames of the sentence-frame cosines.
@@ -124,7 +124,7 @@ def pixel_word(
     words_l: jax.Array,
     pixels_l: jax.Array,
     mats: IsaMatrices,
-    tau: float = TAU,
+    tau: float,
     word_mask: Optional[jax.Array] = None,
     pixel_mask: Optional[jax.Array] = None,
     return_intermediates: bool = False,

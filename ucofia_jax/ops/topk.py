@@ -156,9 +156,9 @@ _perturbed_topk.defvjp(lambda s, z, k, sig: _perturbed_topk_fwd(s, z, k, sig), _
 
 def perturbed_topk(
     scores: jax.Array,
-    k: int = 3,
-    num_samples: int = 500,
-    sigma: float = 0.05,
+    k: int,
+    num_samples: int,
+    sigma: float,
     *,
     rng: Optional[jax.Array] = None,
     noise: Optional[jax.Array] = None,
@@ -168,7 +168,8 @@ def perturbed_topk(
 
     Pass either ``rng`` (a PRNG key; noise ~ N(0,1) of shape [b, num_samples, d] is drawn with
     the generator ``noise_prng``, see ``NOISE_PRNGS``) or ``noise`` itself (e.g. the noise the
-    original drew, for parity).
+    original drew, for parity). ``k``, ``num_samples`` and ``sigma`` have no defaults here: the
+    head passes its own (config.model.head.{topk, num_samples, sigma}).
     """
     if scores.ndim != 2:
         raise ValueError(f"scores must be [b, d], got shape {tuple(scores.shape)}")
@@ -189,7 +190,7 @@ def perturbed_topk(
     return _perturbed_topk(scores, jax.lax.stop_gradient(noise), k, float(sigma))
 
 
-def hard_topk(scores: jax.Array, k: int = 3) -> jax.Array:
+def hard_topk(scores: jax.Array, k: int) -> jax.Array:
     """Noise-free indicator: one-hot of the k best positions, slots in position order.
 
     What the perturbed top-k tends to as sigma -> 0; used at inference when the

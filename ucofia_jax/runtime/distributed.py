@@ -44,6 +44,8 @@ from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from jax.sharding import Sharding
 
+from ucofia_jax.config import base_config
+
 __all__ = [
     "DistributedSettings",
     "settings_from_env",
@@ -69,14 +71,19 @@ ENV_LOCAL_DEVICE_IDS = "UCOFIA_LOCAL_DEVICE_IDS"
 ENV_INIT_TIMEOUT = "UCOFIA_INIT_TIMEOUT"
 
 MODES = ("auto", "on", "off")
+_DEFAULTS = base_config().distributed  # the one home of the defaults (mode)
 _initialized_by_us = False
 
 
 @dataclasses.dataclass(frozen=True)
 class DistributedSettings:
-    """What ``jax.distributed.initialize`` gets; ``None`` = let JAX detect it."""
+    """What ``jax.distributed.initialize`` gets; ``None`` = let JAX detect it.
 
-    mode: str = "auto"
+    ``mode`` is required: :func:`settings_from_env` falls back to config.distributed.mode's
+    default (``ucofia_jax.config.base_config``, its one home).
+    """
+
+    mode: str
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
@@ -136,7 +143,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> DistributedSettin
     """The settings ``launch.sh`` exports (see the module docstring)."""
     env = os.environ if env is None else env
     return DistributedSettings(
-        mode=env.get(ENV_MODE, "auto") or "auto",
+        mode=env.get(ENV_MODE) or _DEFAULTS.mode,
         coordinator_address=env.get(ENV_COORDINATOR) or None,
         num_processes=_int_or_none(env.get(ENV_NUM_PROCESSES), ENV_NUM_PROCESSES),
         process_id=_int_or_none(env.get(ENV_PROCESS_ID), ENV_PROCESS_ID),
