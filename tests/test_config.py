@@ -114,6 +114,21 @@ def test_choices_come_from_the_code_that_uses_them():
     cv.validate(c)  # the pure check knows no code's choices
 
 
+@pytest.mark.parametrize(
+    "key, value, why",
+    [
+        ("jpeg_quality", 0, r"config\.data\.jpeg_quality must be in 1\.\.100"),
+        ("slice_framepos", 5, r"config\.data\.slice_framepos must be one of"),
+    ],
+)
+def test_frame_sampling_is_checked_before_a_run(key, value, why):
+    # The sampling spec's own rules, reported with the other config errors before compiling.
+    c = _demo()
+    c.data[key] = value
+    with pytest.raises(ConfigError, match=why):
+        preflight.check_config(c)
+
+
 def test_wrong_type_names_the_key():
     c = _demo()
     with c.ignore_type():  # ConfigDict itself refuses float into an int field

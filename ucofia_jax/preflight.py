@@ -22,6 +22,7 @@ import ml_collections
 
 from data_pipeline import builder as builder_lib
 from data_pipeline import pipeline
+from data_pipeline.sampling import FrameSampling
 from ucofia_jax import config as config_lib
 from ucofia_jax.errors import ConfigError
 from ucofia_jax.kernels import native
@@ -76,6 +77,7 @@ def _code_errors(cfg: ml_collections.ConfigDict) -> List[str]:
             cfg.eval.level3_kernel, mask_padding=cfg.model.head.mask_padding
         ),
         lambda: sharding.rules_table(cfg.mesh.logical_axis_rules),
+        lambda: FrameSampling.from_config(cfg.data),  # the spec's own checks, before a decode
     )
     for rule in rules:
         try:
