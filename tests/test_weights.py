@@ -127,7 +127,7 @@ def test_checkpoint_of_another_model_names_the_file(tmp_path):
     with pytest.raises(
         errors.CheckpointError,
         match=r"checkpoints/2: the params of another model .*"
-        r"head/frame_logit_weight has shape \(2, 2\), the model \(4, 4\)",
+        r"head/frame_logit_weight: saved \(2, 2\) now \(4, 4\)",
     ):
         weights.load(c, workdir=str(tmp_path))
 

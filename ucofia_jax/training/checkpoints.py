@@ -64,6 +64,7 @@ from jax.experimental import multihost_utils
 
 from ucofia_jax.errors import CheckpointError
 from ucofia_jax.runtime import distributed
+from ucofia_jax.training import resume
 
 log = logging.getLogger(__name__)
 
@@ -363,10 +364,8 @@ class Checkpointer:
     def param_shapes(self, step: int) -> Dict[str, Tuple[int, ...]]:
         """``{'clip/visual/conv1/kernel': shape, ...}`` of the params saved at ``step``, from
         the checkpoint's metadata (no array is read)."""
-        path = os.path.join(self.directory, str(step), "state")
-        with ocp.StandardCheckpointer() as reader:
-            tree = reader.metadata(path).item_metadata
-        return {k: tuple(v.shape) for k, v in _by_path(tree["params"]).items()}
+        saved = _saved_params(os.path.join(self.directory, str(step)))
+        return {k: tuple(v.shape) for k, v in saved.items()}
 
     def restore(
         self, target_state: Any, step: Optional[int] = None, *, best: bool = False
@@ -487,22 +486,14 @@ def _restore_params_only(step_dir: str, params_target: Any) -> Any:
     Partial restores do not check the tree against the checkpoint (a parameter the target
     lacks would be silently dropped, a shape silently taken from the file): done here first,
     from the metadata, naming the parameters."""
-    path = os.path.join(step_dir, "state")
-    with _quiet_orbax(), ocp.StandardCheckpointer() as reader:
-        saved = _by_path(reader.metadata(path).item_metadata["params"])
-    want = _by_path(params_target)
-    problems = [f"{k} is not saved" for k in sorted(set(want) - set(saved))]
-    problems += [f"{k} is saved but not in the model" for k in sorted(set(saved) - set(want))]
-    problems += [
-        f"{k} has shape {tuple(saved[k].shape)}, the model {tuple(want[k].shape)}"
-        for k in sorted(set(want) & set(saved))
-        if tuple(saved[k].shape) != tuple(want[k].shape)
-    ]
-    if problems:
-        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+    saved = _saved_params(step_dir)
+    differences = resume.shape_differences(
+        {k: tuple(v.shape) for k, v in saved.items()}, resume.param_shapes(params_target), shown=3
+    )
+    if differences:
         raise CheckpointError(
             "the params of another model (another config.model or config.data.max_frames / "
-            f"max_words?): {'; '.join(problems[:3])}{more}"
+            f"max_words?): {differences}"
         )
     target = {"params": _abstract(params_target)}
     shardings = {
@@ -517,7 +508,15 @@ def _restore_params_only(step_dir: str, params_target: Any) -> Any:
         partial_restore=True,
     )
     with _quiet_orbax(), ocp.PyTreeCheckpointer() as reader:
-        return reader.restore(path, args=args)["params"]
+        return reader.restore(os.path.join(step_dir, "state"), args=args)["params"]
+
+
+def _saved_params(step_dir: str) -> Dict[str, Any]:
+    """``{path: array metadata}`` of the params a step saved (shapes, shardings; no array
+    is read)."""
+    with _quiet_orbax(), ocp.StandardCheckpointer() as reader:
+        tree = reader.metadata(os.path.join(step_dir, "state")).item_metadata
+    return _by_path(tree["params"])
 
 
 def _restore(mngr, step: int, target_state: Any) -> Tuple[Any, Dict[str, Any]]:

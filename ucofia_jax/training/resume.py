@@ -62,6 +62,18 @@ def param_shapes(params) -> Dict[str, tuple]:
     }
 
 
+def shape_differences(saved: Mapping[str, tuple], ours: Mapping[str, tuple], shown: int = 6) -> str:
+    """'' when two ``{path: shape}`` tables (:func:`param_shapes`) agree, else their differing
+    parameters on one line, the first ``shown`` of them: 'p: saved S now A; ...; and N more'."""
+    diff = [
+        f"{p}: saved {saved.get(p, 'absent')} now {ours.get(p, 'absent')}"
+        for p in sorted(set(saved) | set(ours))
+        if saved.get(p) != ours.get(p)
+    ]
+    more = f"; and {len(diff) - shown} more" if len(diff) > shown else ""
+    return "; ".join(diff[:shown]) + more
+
+
 def check_resume(
     new_config: Mapping[str, Any],
     workdir: str,
@@ -88,12 +100,7 @@ def check_resume(
     model_keys = [
         k for k in both if k.startswith("model.") and k not in MODEL_KEYS_FREE and old[k] != new[k]
     ]
-    ours = param_shapes(params)
-    shape_diff = [
-        f"{p}: saved {saved_shapes.get(p, 'absent')} now {ours.get(p, 'absent')}"
-        for p in sorted(set(saved_shapes) | set(ours))
-        if saved_shapes.get(p) != ours.get(p)
-    ]
+    shape_diff = shape_differences(saved_shapes, param_shapes(params))
 
     def changes(keys):
         return ", ".join(f"config.{k} {old[k]!r} -> {new[k]!r}" for k in keys)
@@ -101,9 +108,7 @@ def check_resume(
     if shape_diff:
         raise ConfigError(
             f"{where} was written by a different model ({changes(model_keys) or 'see shapes'}); "
-            f"parameters: {'; '.join(shape_diff[:6])}"
-            + (f"; and {len(shape_diff) - 6} more" if len(shape_diff) > 6 else "")
-            + ". Use another --workdir, or the saved config's values."
+            f"parameters: {shape_diff}. Use another --workdir, or the saved config's values."
         )
     run_keys = [k for k in RESUME_KEYS if k in old and k in new and old[k] != new[k]]
     changed = model_keys + run_keys
