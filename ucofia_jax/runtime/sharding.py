@@ -77,16 +77,11 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
     return Mesh(grid, MESH_AXES)
 
 
-def param_spec(
-    logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Sequence
-) -> P:
+def param_spec(logical: tuple, shape: tuple, mesh: Mesh, table: dict) -> P:
     """Mesh PartitionSpec of a parameter of ``shape`` with logical names ``logical``: the
-    mesh axes ``rules`` (``config.mesh.logical_axis_rules``) give its name, where they have
-    size > 1, divide the dim and are not used by an earlier dim; else the dim stays whole."""
-    return _param_spec(tuple(logical), tuple(shape), mesh, rules_table(rules))
-
-
-def _param_spec(logical: tuple, shape: tuple, mesh: Mesh, table: dict) -> P:
+    mesh axes ``table`` (:func:`rules_table` of ``config.mesh.logical_axis_rules``) gives its
+    name, where they have size > 1, divide the dim and are not used by an earlier dim; else
+    the dim stays whole."""
     if len(logical) != len(shape):
         raise ValueError(f"sharding.py: logical axes {logical} for shape {shape}")
     unknown = [a for a in logical if a is not None and a not in table]
@@ -136,7 +131,7 @@ def param_shardings(params: Any, logical: Any, mesh: Mesh, rules: Sequence) -> A
     table = rules_table(rules)
     return jax.tree.map(
         lambda x, names: NamedSharding(
-            mesh, _param_spec(tuple(names), tuple(np.shape(x)), mesh, table)
+            mesh, param_spec(tuple(names), tuple(np.shape(x)), mesh, table)
         ),
         params,
         logical,
