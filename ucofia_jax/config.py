@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import ml_collections
 
@@ -251,11 +251,16 @@ def batch_split_error(
     return f"config.{section}.batch_size = {batch_size}: must be divisible by {shards}"
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Raise :class:`ConfigError` naming every bad key; return ``config`` unchanged."""
+def validate(
+    config: ml_collections.ConfigDict,
+    more_errors: Callable[[ml_collections.ConfigDict], List[str]] = lambda typed: [],
+) -> ml_collections.ConfigDict:
+    """Raise :class:`ConfigError` naming every bad key; return ``config`` unchanged.
+    ``more_errors(typed)``: checks of the program on a config that passed the schema (its
+    choices, in ``ucofia_jax/preflight.py``), reported with these."""
     typed, errors = schema_errors(config)
     if not errors:  # the value checks need every key, of its type
-        errors = value_errors(typed)
+        errors = value_errors(typed) + more_errors(typed)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     return config

@@ -58,12 +58,7 @@ CHOICES = {
 def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """:func:`ucofia_jax.config.validate` and the choices the code offers: raise
     :class:`ConfigError` naming every bad key; return ``config`` unchanged."""
-    typed, errors = config_lib.schema_errors(config)
-    if not errors:  # the value checks need every key, of its type
-        errors = config_lib.value_errors(typed) + _code_errors(typed)
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    return config
+    return config_lib.validate(config, more_errors=_code_errors)
 
 
 def _code_errors(cfg: ml_collections.ConfigDict) -> List[str]:
