@@ -140,6 +140,23 @@ def accumulated_loss_and_grads(
     return (loss, logits), grads
 
 
+def loss_and_grads(
+    model: Model,
+    params,
+    batch: Dict[str, jax.Array],
+    rng: jax.Array,
+    accumulate_steps: int,
+    mesh=None,
+):
+    """``((loss, logits), grads)`` of ``model.loss`` on ``batch``: the gradient the train step
+    hands to the optimizer (before clipping), in ``accumulate_steps`` micro-batches when > 1.
+    A function of its own so that tests compare the gradients themselves: clipping and
+    BertAdam's first step would hide a wrong scale."""
+    if accumulate_steps == 1:
+        return jax.value_and_grad(model.loss, has_aux=True)(params, batch, rng)
+    return accumulated_loss_and_grads(model, params, batch, rng, accumulate_steps, mesh)
+
+
 def all_finite(*trees) -> jax.Array:
     """True iff every floating leaf of ``trees`` is finite (one reduction per leaf)."""
     checks = [
@@ -181,14 +198,9 @@ def make_trainer(
     opt_sh = state_sh["opt_state"]
     logit_max = float(train_cfg.logit_scale_max)
 
-    def loss_and_grads(params, batch, rng):
-        if accumulate == 1:
-            return jax.value_and_grad(model.loss, has_aux=True)(params, batch, rng)
-        return accumulated_loss_and_grads(model, params, batch, rng, accumulate, mesh)
-
     def step_fn(state, batch):
         rng = jax.random.fold_in(state["rng"], state["step"])
-        (loss, logits), grads = loss_and_grads(state["params"], batch, rng)
+        (loss, logits), grads = loss_and_grads(model, state["params"], batch, rng, accumulate, mesh)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         params = optim.clamp_logit_scale(params, logit_max)
