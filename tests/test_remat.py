@@ -1,6 +1,7 @@
 """Rematerialisation (config.model.remat) changes memory and time, never the model: the same
 parameter tree (names and shapes) and the same gradients as the plain step."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,10 +28,7 @@ def plain():
     c, model = _model("none")
     params = model.init(jax.random.PRNGKey(0))
     batch = {k: jnp.asarray(v) for k, v in random_arrays(4, c, seed=1).items()}
-    grads = jax.jit(jax.grad(lambda p, b, r: model.loss(p, b, r)[0]))(
-        params, batch, jax.random.PRNGKey(2)
-    )
-    return model, params, batch, grads
+    return model, params, batch, _grads(model, params, batch)
 
 
 def _shapes(tree):
@@ -55,22 +53,71 @@ def test_remat_keeps_parameter_names(policy):
     assert clip_tree(model) == clip_tree(plain_model)  # CLIP's towers with remat
 
 
-@pytest.mark.slow
-def test_remat_gradients_equal_the_plain_step(plain):
-    """'full' remat (the memory policy); 'dots' is compared in tests/accelerator/."""
-    model0, params, batch, grads0 = plain
-    _, model = _model("full")
-    grads = jax.jit(jax.grad(lambda p, b, r: model.loss(p, b, r)[0]))(
+def _grads(model, params, batch):
+    return jax.jit(jax.grad(lambda p, b, r: model.loss(p, b, r)[0]))(
         params, batch, jax.random.PRNGKey(2)
     )
-    flat0 = jax.tree_util.tree_flatten_with_path(grads0)[0]
-    assert jax.tree.structure(grads) == jax.tree.structure(grads0)
-    for (path, a), b in zip(flat0, jax.tree.leaves(grads)):
+
+
+def _assert_grads_match(got, want):
+    """The check: the same tree and, leaf by leaf, the same gradient."""
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got)):
         np.testing.assert_allclose(
             b, a, rtol=GRAD_RTOL, atol=GRAD_ATOL, err_msg=jax.tree_util.keystr(path)
         )
+
+
+@pytest.mark.slow
+def test_remat_gradients_equal_the_plain_step(plain):
+    """'full' remat (the memory policy); 'dots' is compared in tests/accelerator/."""
+    _, params, batch, grads0 = plain
+    _, model = _model("full")
+    _assert_grads_match(_grads(model, params, batch), grads0)
     # the gradients are not trivially zero
     assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads0)) > 1e-3
+
+
+# Wrong remat wrappers, each a bug a hand-written or mis-wired rematerialisation could have,
+# put in place of flax's nn.remat where layers.Transformer wraps its blocks. Each takes the
+# remat-wrapped block's call, the block input and the attention mask.
+
+
+def _input_saved_as_a_constant(call, x, mask):
+    """The forward is unchanged, but the backward treats the saved block input as a constant:
+    no gradient flows from the block into earlier layers (only along the residual)."""
+    return call(jax.lax.stop_gradient(x), mask) + (x - jax.lax.stop_gradient(x))  # + exactly 0
+
+
+def _mask_not_passed_on(call, x, mask):
+    """The wrapper forwards the input but not the attention mask (the text tower's causal
+    mask): the recomputed block attends to later tokens."""
+    return call(x, None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrong", [_input_saved_as_a_constant, _mask_not_passed_on])
+def test_check_catches_a_wrong_remat(plain, monkeypatch, wrong):
+    _, params, batch, grads0 = plain
+    real_remat = nn.remat
+    wrapped = []
+
+    def remat(block, **kwargs):
+        lifted = real_remat(block, **kwargs)
+        wrapped.append(block)
+
+        class WrongRemat(lifted):
+            def __call__(self, x, mask=None):
+                return wrong(super().__call__, x, mask)
+
+        return WrongRemat
+
+    monkeypatch.setattr(nn, "remat", remat)
+    _, model = _model("full")
+    grads = _grads(model, params, batch)
+    assert wrapped, "layers.Transformer no longer calls nn.remat"
+    with pytest.raises(AssertionError):
+        _assert_grads_match(grads, grads0)
 
 
 def test_remat_is_in_the_program():
