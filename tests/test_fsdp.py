@@ -1,6 +1,7 @@
 """FSDP / tensor-parallel layouts on 8 virtual CPU devices: meshes data=2 x fsdp=4 and
 data=4 x model=2 really split the large parameters (and their optimizer moments), and three
-train steps give the loss and parameters of the 1-device run.
+train steps give the loss and parameters of the 1-device run. The same check must fail when
+two shards of a parameter, or of the video frames, are exchanged.
 
 tests/conftest.py gives the session 4 devices; this test runs its body in a subprocess with
 8 (``XLA_FLAGS`` must be set before jax starts), unless the session already has 8.
@@ -54,7 +55,7 @@ def _run_layouts() -> dict:
     from ucofia_jax.runtime import sharding  # noqa: PLC0415
     from ucofia_jax.training import trainer as train  # noqa: PLC0415
 
-    def run(mesh_sizes, devices, leaves=()):
+    def run(mesh_sizes, devices, leaves=(), wrong=None):
         c = tiny_config()
         c.mesh.update(mesh_sizes)
         mesh = sharding.make_mesh(c.mesh, devices)
@@ -84,43 +85,102 @@ def _run_layouts() -> dict:
                     spec = [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
                     moments.setdefault(leaf, []).append(spec + [None] * (x.ndim - len(spec)))
         data = random_arrays(c.train.batch_size * STEPS, c)
-        losses = []
-        for s in range(STEPS):
-            b = {k: v[s * 8 : (s + 1) * 8] for k, v in data.items()}
-            state, m = trainer.train_step(state, sharding.shard_batch(train.model_inputs(b), mesh))
-            losses.append(float(m["loss"]))
-        params = {
-            _path(p): np.asarray(x).tolist()
-            for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(state["params"]))[0]
-        }
-        print(f"layout {mesh_sizes}: losses {losses}", file=sys.stderr, flush=True)
-        return dict(specs=specs, local=local, moments=moments, losses=losses, params=params)
+
+        def train_steps(state, change_params=None, change_batch=None):
+            if change_params is not None:
+                state["params"] = change_params(state["params"])
+            losses = []
+            for s in range(STEPS):
+                b = {k: v[s * 8 : (s + 1) * 8] for k, v in data.items()}
+                b = sharding.shard_batch(train.model_inputs(b), mesh)
+                if change_batch is not None:
+                    b = change_batch(b)
+                state, m = trainer.train_step(state, b)
+                losses.append(float(m["loss"]))
+            params = {
+                _path(p): np.asarray(x).tolist()
+                for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(state["params"]))[0]
+            }
+            return dict(losses=losses, params=params)
+
+        out = dict(specs=specs, local=local, moments=moments, **train_steps(state))
+        print(f"layout {mesh_sizes}: losses {out['losses']}", file=sys.stderr, flush=True)
+        # The wrong variants run the same compiled step from a fresh state.
+        out["wrong"] = {}
+        for variant, change in (wrong or {}).items():
+            fresh = train.place_state(trainer, train.create_train_state(model, 0))
+            out["wrong"][variant] = train_steps(fresh, **change)
+        return out
 
     out = {"single": run(dict(data=1, fsdp=1, model=1), jax.devices()[:1])}
     for name, sizes in MESHES.items():
-        out[name] = run(sizes, jax.devices()[:8], tuple(BIG_LEAVES[name]))
+        # The layout's first big leaf (split on the axis this layout adds) gets its shards
+        # swapped; the video frames get two batch shards swapped while the text keeps its own.
+        swapped_leaf = next(iter(BIG_LEAVES[name]))
+        wrong = {
+            "swapped_param_shards": dict(
+                change_params=lambda params, leaf=swapped_leaf: _swap_leaf_shards(params, leaf)
+            ),
+            "swapped_frame_shards": dict(
+                change_batch=lambda b: {**b, "frames": _swap_two_shards(b["frames"])}
+            ),
+        }
+        out[name] = run(sizes, jax.devices()[:8], tuple(BIG_LEAVES[name]), wrong)
     return out
 
 
-@pytest.mark.slow
-def test_fsdp_and_model_parallel_layouts(tmp_path):
+def _swap_two_shards(x: jax.Array) -> jax.Array:
+    """``x`` with the blocks of its first two distinct shards exchanged, on every device that
+    holds them (replicas stay consistent): what a restore or an input pipeline that put a
+    shard on the wrong device would give."""
+    block = lambda shard: tuple((sl.start, sl.stop) for sl in shard.index)
+    shards = x.addressable_shards
+    first, second = sorted({block(s) for s in shards})[:2]
+    data = {block(s): s.data for s in shards}
+    swap = {first: second, second: first}
+    arrays = [jax.device_put(data[swap.get(block(s), block(s))], s.device) for s in shards]
+    return jax.make_array_from_single_device_arrays(x.shape, x.sharding, arrays)
+
+
+def _swap_leaf_shards(params, leaf: str):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: _swap_two_shards(x) if _path(p) == leaf else x, params
+    )
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
     if jax.device_count() >= 8:
-        results = _run_layouts()
-    else:
-        out = tmp_path / "layouts.json"
-        env = one_device_env()  # the suite's compile flags, 8 devices instead of its 4
-        env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
-        proc = subprocess.run(
-            [sys.executable, __file__, str(out)],
-            env=env,
-            cwd=os.path.dirname(HERE),
-            capture_output=True,
-            text=True,
-            timeout=3600,  # 3 sharded compiles; minutes on a loaded 2-core machine
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        results = json.loads(out.read_text())
-    check_layouts(results)
+        return _run_layouts()
+    out = tmp_path_factory.mktemp("fsdp") / "layouts.json"
+    env = one_device_env()  # the suite's compile flags, 8 devices instead of its 4
+    env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+    proc = subprocess.run(
+        [sys.executable, __file__, str(out)],
+        env=env,
+        cwd=os.path.dirname(HERE),
+        capture_output=True,
+        text=True,
+        timeout=3600,  # 3 sharded compiles; minutes on a loaded 2-core machine
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_fsdp_and_model_parallel_layouts(layouts):
+    check_layouts(layouts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["swapped_param_shards", "swapped_frame_shards"])
+@pytest.mark.parametrize("name", list(MESHES))
+def test_check_catches_swapped_shards(layouts, name, variant):
+    """The same layout and compiled step with two shards exchanged (a parameter's, or the
+    video frames' against the text's): the check must see the numbers differ."""
+    wrong = {**layouts, name: {**layouts[name], **layouts[name]["wrong"][variant]}}
+    with pytest.raises(AssertionError, match="Not equal to tolerance"):
+        check_layouts(wrong)
 
 
 def check_layouts(results: dict) -> None:
