@@ -158,13 +158,24 @@ def _other_rows_noise(micro, index, g_text, g_video):
     return micro, jnp.roll(index, 1, axis=0), g_text, g_video
 
 
+# What a gradient mismatch reports: the leaf's path (the loss's mismatch has none).
+GRADIENT_LEAF = r"\['(clip|head)'\]"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [_scaled_by_steps, _per_micro_batch_losses])
-def test_check_catches_a_wrong_accumulation(setup, monkeypatch, variant):
+@pytest.mark.parametrize(
+    "variant, caught_by",
+    [
+        (_scaled_by_steps, GRADIENT_LEAF),  # the loss is the right one
+        (_per_micro_batch_losses, "Not equal to tolerance"),  # the loss already differs
+    ],
+    ids=["scaled_by_steps", "per_micro_batch_losses"],
+)
+def test_check_catches_a_wrong_accumulation(setup, monkeypatch, variant, caught_by):
     monkeypatch.setattr(
         train, "accumulated_loss_and_grads", variant(train.accumulated_loss_and_grads)
     )
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match=caught_by):
         _assert_grads_match(_accumulated(setup), setup[-1])
 
 
@@ -176,7 +187,7 @@ def test_check_catches_a_wrong_backward_loop(setup, monkeypatch, change):
     seen = _patch_pull_back(monkeypatch, change)
     wrong = _accumulated(setup)
     assert seen, "trainer.accumulated_loss_and_grads no longer scans a 'pull_back' function"
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match=GRADIENT_LEAF):
         _assert_grads_match(wrong, setup[-1])
 
 

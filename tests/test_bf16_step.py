@@ -121,6 +121,7 @@ def _token_ids_through_compute_dtype(monkeypatch):
         (_params_in_compute_dtype, "params must stay float32"),
         (_token_ids_through_compute_dtype, "Not equal to tolerance"),  # the loss: NaN (id 512)
     ],
+    ids=["bf16_means_float32", "params_in_compute_dtype", "token_ids_through_compute_dtype"],
 )
 def test_check_catches_a_wrong_cast(f32_step, monkeypatch, wrong_cast, caught_by):
     batch, f32 = f32_step
