@@ -96,7 +96,11 @@ def _mask_not_passed_on(call, x, mask):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("wrong", [_input_saved_as_a_constant, _mask_not_passed_on])
+@pytest.mark.parametrize(
+    "wrong",
+    [_input_saved_as_a_constant, _mask_not_passed_on],
+    ids=["input_saved_as_a_constant", "mask_not_passed_on"],
+)
 def test_check_catches_a_wrong_remat(plain, monkeypatch, wrong):
     _, params, batch, grads0 = plain
     real_remat = nn.remat
