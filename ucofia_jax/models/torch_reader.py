@@ -363,6 +363,12 @@ def _check_view(ref: _TensorRef, n_storage: int, where: str) -> tuple[tuple, tup
     numel = math.prod(size)
     if numel > MAX_TENSOR_ELEMENTS:
         raise CheckpointError(f"{where}: size {size} has {numel} elements (huge)")
+    if math.prod(n for n in size if n) > MAX_TENSOR_ELEMENTS:
+        # Empty, yet numpy cannot even make the shape (its other sizes overflow an index).
+        raise CheckpointError(
+            f"{where}: size {size} is empty but its non-zero sizes multiply past "
+            f"{MAX_TENSOR_ELEMENTS} (huge)"
+        )
     if numel == 0:
         return size, stride, offset, 0  # reads nothing: any offset is harmless (torch agrees)
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
