@@ -358,3 +358,19 @@ def test_torch_refusal_is_rephrased_without_its_advice(tmp_path):
     assert "\n" not in msg and "\x1b" not in msg, msg
     for advice in ("weights_only", "will likely succeed", "add_safe_globals"):
         assert advice not in msg, msg
+
+
+def test_legacy_storages_must_fit_in_the_file(tmp_path):
+    # torch allocates a legacy storage at the size its pickle declares before reading it: a
+    # few-byte file declaring 4 TiB is refused before torch sees it.
+    path = str(tmp_path / "legacy_claim.pt")
+    with open(path, "wb") as f:
+        for obj in (torch_reader.LEGACY_MAGIC, 1001, {"little_endian": True}):
+            pickle.dump(obj, f, protocol=2)
+        ops = tensor_ops("0", 0, (6,), (1,), numel=2**40)
+        ops = ops.replace(_op(2**40) + b"tQ", _op(2**40) + b"NtQ")  # + view_metadata None
+        f.write(b"\x80\x02}(" + _op("w") + ops + b"u.")
+        pickle.dump(["0"], f, protocol=2)
+    for read in (torch_reader.read_torch_file, torch_reader.read_torch_shapes):
+        with pytest.raises(CheckpointError, match=r"storages declare 4398046511104 bytes, more"):
+            read(path)

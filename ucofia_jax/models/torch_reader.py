@@ -2,7 +2,8 @@
 and without running code from the file.
 
 A zip-format ``.pt``/``.bin`` holds ``<root>/data.pkl`` (the object tree, a pickle) and one
-raw little-endian byte file per storage (``<root>/data/<key>``). The pickle names a few
+raw byte file per storage (``<root>/data/<key>``; little-endian unless ``<root>/byteorder``
+says ``big``). The pickle names a few
 torch callables to rebuild tensors; here a restricted unpickler maps exactly those names to
 inert records (`_TensorRef`, `_StorageRef`) and refuses every other global. Nothing is read
 from the storages while unpickling: once the tree is loaded, each tensor is validated and
@@ -35,9 +36,11 @@ So a file of ``F`` bytes costs at most about ``F`` (data.pkl and storages) plus
 (`tests/test_reader_bounds.py` measures it with tracemalloc).
 
 Legacy (pre-1.6, non-zip) files: every pickle before the storages goes through the same
-restricted unpickler first (a refused global is named, the magic number checked), then
-``torch.load(weights_only=True)`` reads the storages when torch is installed. Legacy
-storages are little-endian whatever the writer's machine (torch swaps on write and read).
+restricted unpickler first (a refused global is named, the magic number checked, the bytes
+the storages declare must fit in the file), then ``torch.load(weights_only=True)`` reads the
+storages when torch is installed; its tensors are returned as numpy views of them (no
+copies). Legacy storages are little-endian whatever the writer's machine (torch swaps on
+write and read).
 """
 
 from __future__ import annotations
@@ -169,6 +172,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, source: str):
         super().__init__(file)
         self._source = source
+        self.storages: dict = {}  # key -> the first `_StorageRef` naming it
 
     def find_class(self, module, name):
         if module == "torch._utils":
@@ -205,7 +209,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
             raise CheckpointError(f"{self._source}: unsupported persistent id {_short.repr(pid)}")
         numel = pid[4] if len(pid) >= 5 else None
-        return _StorageRef(pid[1], pid[2], numel)
+        ref = _StorageRef(pid[1], pid[2], numel)
+        if isinstance(ref.key, str):
+            self.storages.setdefault(ref.key, ref)
+        return ref
 
 
 def _is_int(x) -> bool:
@@ -581,12 +588,16 @@ def read_torch_shapes(path: str) -> dict[str, tuple[tuple, np.dtype]]:
 def _prescan_legacy(path: str):
     """The pickles of a legacy (non-zip) torch file before its storages, through the same
     restricted unpickler: a global other than torch's tensor rebuilders is refused and named
-    here, before torch sees the file. Returns the object tree (tensor records)."""
+    here, before torch sees the file, and so is a file whose storages declare more bytes
+    than it holds (torch allocates each storage at its declared size before reading it).
+    Returns the object tree (tensor records)."""
     objs = []
     try:
         with open(path, "rb") as f:
+            disk_bytes = os.fstat(f.fileno()).st_size
             for _ in range(_LEGACY_PICKLES):
-                objs.append(_RestrictedUnpickler(f, path).load())
+                unpickler = _RestrictedUnpickler(f, path)
+                objs.append(unpickler.load())
                 if len(objs) == 1 and not (_is_int(objs[0]) and objs[0] == LEGACY_MAGIC):
                     raise CheckpointError(
                         f"{path}: neither a zip nor a legacy torch file (a pickle of "
@@ -598,6 +609,21 @@ def _prescan_legacy(path: str):
         raise CheckpointError(
             f"{path}: unreadable legacy torch file ({type(e).__name__}: {e})"
         ) from e
+    declared = 0
+    for key, ref in unpickler.storages.items():
+        name = ref.storage_type.name if isinstance(ref.storage_type, _StorageType) else None
+        dtype = np.dtype(np.uint8) if name == "UntypedStorage" else STORAGE_DTYPES.get(name)
+        if dtype is None or not _is_int(ref.numel) or ref.numel < 0:
+            raise CheckpointError(
+                f"{path}: storage {key} of type {_short.repr(name)} declares "
+                f"{_short.repr(ref.numel)} elements (known types: {', '.join(STORAGE_DTYPES)})"
+            )
+        declared += ref.numel * dtype.itemsize
+    if declared > disk_bytes:
+        raise CheckpointError(
+            f"{path}: its storages declare {declared} bytes, more than the "
+            f"{disk_bytes}-byte file holds"
+        )
     obj = objs[-1]
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -632,7 +658,8 @@ def _read_legacy(path: str) -> dict[str, np.ndarray]:
         name = str(v.dtype).removeprefix("torch.")
         if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):  # numpy has no such dtype:
             # the same bits as ml_dtypes' (the zip path returns these too), through an int view
-            bits = v.contiguous().view(torch.int16 if v.dtype.itemsize == 2 else torch.uint8)
+            # (a view, as torch's other tensors: an expanded view is not materialised)
+            bits = v.view(torch.int16 if v.dtype.itemsize == 2 else torch.uint8)
             out[k] = bits.numpy().view(TENSOR_DTYPES[name])
         else:
             out[k] = v.numpy()
