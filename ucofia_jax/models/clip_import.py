@@ -7,8 +7,9 @@ Nothing here executes code from a checkpoint:
 * OpenAI ``.pt`` (TorchScript archive such as ``ViT-B-32.pt``) and ``torch.save`` zip files
   (``.pt``/``.bin``): read by ``torch_reader`` (a restricted unpickler that only rebuilds
   tensors, each view bounds-checked against its storage, and records ``__torch__.*`` module
-  objects as plain attribute dicts; any other global is refused). No torch needed. Legacy
-  (pre-1.6, non-zip) files fall back to ``torch.load(weights_only=True)``.
+  objects as plain attribute dicts; any other global is refused, and memory is bounded by
+  the bytes read). No torch needed. Legacy (pre-1.6, non-zip) files are checked by the same
+  unpickler, then read by ``torch.load(weights_only=True)``.
 
 The HF layout is first renamed to OpenAI's ``state_dict`` layout, so both imports go through
 ``convert_openai_state_dict`` and map to the same function.
