@@ -261,8 +261,8 @@ class _Zip:
 class _Storages:
     """Each storage file of the zip: checked against every view of it, then read once."""
 
-    def __init__(self, archive: _Zip, root: str, source: str):
-        self._archive, self._root, self._source = archive, root, source
+    def __init__(self, archive: _Zip, root: str):
+        self._archive, self._root = archive, root
         self._seen: dict[str, tuple] = {}  # key -> (dtype name, numel, ZipInfo)
         self._raw: dict[str, np.ndarray] = {}  # key -> the storage's bytes (uint8)
 
@@ -515,7 +515,7 @@ def _checked_tensors(archive: _Zip) -> tuple[_Storages, dict[str, _Checked], str
         raise CheckpointError(f"{path}: unreadable data.pkl ({type(e).__name__}: {e})") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # a training checkpoint that wraps the weights
-    storages = _Storages(archive, root, path)
+    storages = _Storages(archive, root)
     checked: dict[str, _Checked] = {}
     by_ref: dict[int, _Checked] = {}  # the same tensor under two names (tied weights)
     try:
