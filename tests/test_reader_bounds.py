@@ -96,6 +96,7 @@ def test_expanded_view_of_a_tiny_file_loads_within_the_bound(tmp_path):
     assert peak <= OBJECTS, peak
 
 
+@pytest.mark.slow
 def test_many_views_of_a_32_mib_file_stay_within_the_bound(tmp_path):
     n = 32 * MIB
     rows = n // 4096
@@ -181,6 +182,55 @@ def test_nested_entries_cannot_read_the_same_bytes_twice(tmp_path):
     with zipfile.ZipFile(path) as zf:  # a zip zipfile accepts, entry 1 readable on its own
         assert zf.read("archive/data/1") == data.tobytes()
     with pytest.raises(CheckpointError, match=r"more than the \d+-byte file holds"):
+        torch_reader.read_torch_file(path)
+
+
+OPCODE_PATTERNS = {  # (opcodes of one repetition, how many opcodes that is)
+    "empty dicts": (b"}", 1),
+    "empty lists": (b"]", 1),
+    "1-tuples": (b"N\x85", 2),
+    "module objects": (_global("__torch__.m", "M") + b")\x81", 3),
+    "storage types": (_global("torch", "FloatStorage"), 1),
+    "dtypes": (_global("torch", "uint16"), 1),
+    "short strings": (b"X\x02\x00\x00\x00ab", 1),
+    "memoised dicts": (b"}q\x01", 2),
+    "ordered dicts": (_global("collections", "OrderedDict") + b")R", 3),
+    "tensor records": (tensor_ops("0", 0, (6,), (1,)), 26),
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(OPCODE_PATTERNS))
+def test_the_object_tree_stays_within_its_estimate(tmp_path, pattern):
+    # data.pkl = a list of repetitions: within the cap, so it is built (then refused:
+    # no tensors). What unpickling held must be within the estimate the reader checked
+    # against the cap: _BYTES_PER_OPCODE per opcode (+ 4 bytes per string byte).
+    ops, per = OPCODE_PATTERNS[pattern]
+    n = 100_000 // per  # 100k opcodes: 12.8 MB estimated
+    path = str(tmp_path / "tree.pt")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x02(" + ops * n + b"l.")
+    strings = 8 * n if pattern == "short strings" else 0
+    estimate = torch_reader._BYTES_PER_OPCODE * (per * n + 4) + strings
+    assert estimate < CAP
+    err, peak = peak_of(lambda: torch_reader.read_torch_file(path))
+    assert isinstance(err, CheckpointError) and "no tensors found" in str(err), err
+    assert peak <= os.path.getsize(path) + estimate + OBJECTS, (peak, estimate)
+
+
+def test_an_object_tree_over_the_cap_is_refused_before_it_is_built(tmp_path):
+    # 1 M empty dicts: 81 MB if built. Estimated at 128 MB, over the 64 MiB cap: refused
+    # while the opcodes are counted; what was held is the pickle's bytes.
+    path = str(tmp_path / "dicts.pt")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x02(" + b"}" * (1 << 20) + b"l.")
+    err, peak = peak_of(lambda: torch_reader.read_torch_file(path))
+    assert isinstance(err, CheckpointError) and str(err).startswith(path), err
+    assert "objects would take more than" in str(err) and torch_reader.CAP_ENV in str(err)
+    assert peak <= 2 * os.path.getsize(path) + OBJECTS, peak
+    # Sets (233 bytes per opcode byte) are refused by name: no weights file has one.
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x04(" + b"\x8f" * 1000 + b"l.")
+    with pytest.raises(CheckpointError, match=r"builds a set \(EMPTY_SET at byte 3\)"):
         torch_reader.read_torch_file(path)
 
 

@@ -31,8 +31,12 @@ Memory bound (every allocation the reader makes, counted against bytes it has re
   checked above) into the output: no index array, no intermediate copy, and a byte swap
   (big-endian files) happens inside that one copy.
 
+* the unpickled object tree is estimated from data.pkl's opcodes before it is built
+  (`_BYTES_PER_OPCODE` each plus their strings; sets, which no weights file has, are
+  refused) and must fit in the same cap.
+
 So a file of ``F`` bytes costs at most about ``F`` (data.pkl and storages) plus
-``MAX_EXPANSION * F + cap`` (the tensors) beyond the unpickled object tree
+``MAX_EXPANSION * F + cap`` (the tensors) plus ``cap`` (the object tree)
 (`tests/test_reader_bounds.py` measures it with tracemalloc).
 
 Legacy (pre-1.6, non-zip) files: every pickle before the storages goes through the same
@@ -49,6 +53,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import re
 import reprlib
 import zipfile
@@ -98,6 +103,13 @@ TENSOR_DTYPES = {
 MAX_DIMS = 64  # torch's own limit on tensor dimensions
 MAX_TENSOR_ELEMENTS = 2**40
 MAX_PICKLE_BYTES = 1 << 30  # data.pkl of ViT-L/14's TorchScript archive is a few MB
+# What one pickle opcode can make the unpickler hold at most, beyond its argument (an empty
+# dict and the list slot that keeps it: 82 bytes, the most of the patterns that
+# tests/test_reader_bounds.py measures). The object tree is estimated from the opcodes
+# before it is built and must fit in the cap, as the tensors must.
+_BYTES_PER_OPCODE = 128
+# Sets never occur in a weights pickle, and an empty one costs 233 bytes per opcode byte.
+_REFUSED_OPCODES = frozenset({"EMPTY_SET", "ADDITEMS", "FROZENSET"})
 MAX_DEPTH = 100  # nesting of dicts in the object tree (TorchScript: module depth ~ 10)
 MAX_ENTRIES = 10_000_000  # dict items visited in the object tree
 # Materialised bytes may exceed the storage bytes read (expanded views, one storage viewed
@@ -116,12 +128,16 @@ _short.maxlevel = 3
 class _StorageType:
     """The global ``torch.<Name>Storage`` (or ``torch.storage.UntypedStorage``)."""
 
+    __slots__ = ("name",)  # one per GLOBAL opcode: small, as `_BYTES_PER_OPCODE` assumes
+
     def __init__(self, name: str):
         self.name = name
 
 
 class _DtypeName:
     """The global ``torch.<dtype>`` (third argument of ``_rebuild_tensor_v3``)."""
+
+    __slots__ = ("name",)
 
     def __init__(self, name: str):
         self.name = name
@@ -130,12 +146,16 @@ class _DtypeName:
 class _StorageRef:
     """A persistent id ``('storage', type, key, location, numel)``: not read yet."""
 
+    __slots__ = ("storage_type", "key", "numel")
+
     def __init__(self, storage_type, key, numel):
         self.storage_type, self.key, self.numel = storage_type, key, numel
 
 
 class _TensorRef:
     """What ``_rebuild_tensor_v2/v3`` was asked to build; checked when it gets a name."""
+
+    __slots__ = ("storage", "offset", "size", "stride", "dtype_name")
 
     def __init__(self, storage, offset, size, stride, dtype_name=None):
         self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
@@ -173,6 +193,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file)
         self._source = source
         self.storages: dict = {}  # key -> the first `_StorageRef` naming it
+        self._inert_globals: dict = {}  # (class, name) -> its one stand-in
+
+    def _inert(self, cls, name: str):
+        # One stand-in per name: a pickle naming the same global a million times holds one.
+        return self._inert_globals.setdefault((cls, name), cls(name))
 
     def find_class(self, module, name):
         if module == "torch._utils":
@@ -187,13 +212,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == "collections" and name == "OrderedDict":
             return OrderedDict
         if module == "torch" and name.endswith("Storage"):
-            return _StorageType(name)  # an unknown one is refused with the tensor's name
+            return self._inert(
+                _StorageType, name
+            )  # an unknown one is refused with the tensor's name
         if module == "torch.storage" and name == "UntypedStorage":
-            return _StorageType(name)
+            return self._inert(_StorageType, name)
         if module == "torch" and name == "Size":
             return tuple
         if module == "torch" and name.isidentifier() and name.islower():
-            return _DtypeName(name)  # inert; only meaningful as _rebuild_tensor_v3's dtype
+            return self._inert(_DtypeName, name)  # only meaningful as _rebuild_tensor_v3's dtype
         if module == "torch.jit._pickle" and name.startswith("build_"):
             return _identity  # typed lists of older TorchScript archives
         if module == "torch.jit._pickle" and name == "restore_type_tag":
@@ -231,6 +258,31 @@ def cap_bytes_from_env() -> int:
     if mib < 0:
         raise ConfigError(f"{CAP_ENV}={raw!r}: expected a whole number of MiB >= 0")
     return mib << 20
+
+
+def _object_tree_bytes(source, path: str, cap: int) -> int:
+    """An upper bound of what unpickling one pickle (``source``: its bytes, or a file at its
+    start, left after its STOP) makes the unpickler hold, from its opcodes: refused once it
+    passes ``cap``, so the scan itself stops after ``cap / _BYTES_PER_OPCODE`` opcodes."""
+    total = 0
+    for op, arg, pos in pickletools.genops(source):
+        if op.name in _REFUSED_OPCODES:
+            raise CheckpointError(
+                f"{path}: the pickle builds a set ({op.name} at byte {pos}); a weights file "
+                "has none"
+            )
+        total += _BYTES_PER_OPCODE
+        if isinstance(arg, (str, bytes, bytearray)):
+            total += 4 * len(arg)  # a str holds up to 4 bytes per character
+        elif _is_int(arg):
+            total += arg.bit_length() // 8  # LONG1/LONG4: an int of that many bytes
+        if total > cap:
+            raise CheckpointError(
+                f"{path}: the pickle's objects would take more than {cap} bytes (about "
+                f"{_BYTES_PER_OPCODE} per opcode and its strings, to byte {pos}); "
+                f"{CAP_ENV} raises the MiB for a trusted file"
+            )
+    return total
 
 
 class _Zip:
@@ -487,9 +539,9 @@ def _with_zip(path: str, body):
         raise CheckpointError(f"{path}: unreadable torch zip ({type(e).__name__}: {e})") from e
 
 
-def _checked_tensors(archive: _Zip) -> tuple[_Storages, dict[str, _Checked], str]:
+def _checked_tensors(archive: _Zip, cap: int) -> tuple[_Storages, dict[str, _Checked], str]:
     """(storages, {name: checked view}, byte order '<' or '>'): everything but the storages'
-    bytes, read and checked."""
+    bytes, read and checked (the object tree within ``cap``)."""
     zf, path = archive.zf, archive.path
     pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pkls) != 1:
@@ -508,7 +560,10 @@ def _checked_tensors(archive: _Zip) -> tuple[_Storages, dict[str, _Checked], str
             raise CheckpointError(f"{path}: unknown byteorder {order[:20]!r}")
         byteorder = "<" if order == b"little" else ">"
     try:
-        obj = _RestrictedUnpickler(io.BytesIO(archive.read(info, path)), path).load()
+        data = archive.read(info, path)
+        _object_tree_bytes(data, path, cap)
+        obj = _RestrictedUnpickler(io.BytesIO(data), path).load()
+        del data
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 -- truncated/garbled pickle, wrong call arguments
@@ -532,12 +587,12 @@ def _checked_tensors(archive: _Zip) -> tuple[_Storages, dict[str, _Checked], str
 
 
 def _zip_shapes(archive: _Zip) -> dict[str, tuple[tuple, np.dtype]]:
-    _, checked, _ = _checked_tensors(archive)
+    _, checked, _ = _checked_tensors(archive, cap_bytes_from_env())
     return {name: (t.size, t.dtype) for name, t in checked.items()}
 
 
 def _read_zip(archive: _Zip, cap: int) -> dict[str, np.ndarray]:
-    storages, checked, byteorder = _checked_tensors(archive)
+    storages, checked, byteorder = _checked_tensors(archive, cap)
     unique = list({id(t): t for t in checked.values()}.values())
     for t in unique:
         storages.read(t.storage_key, t.where)
@@ -563,7 +618,7 @@ def read_torch_file(path: str, *, cap_bytes: int | None = None) -> dict[str, np.
     """``.pt``/``.bin``: zip formats via ``read_torch_zip``; legacy pickles need torch."""
     if zipfile.is_zipfile(path):
         return read_torch_zip(path, cap_bytes=cap_bytes)
-    _prescan_legacy(path)
+    _prescan_legacy(path, cap_bytes_from_env() if cap_bytes is None else cap_bytes)
     return _read_legacy(path)
 
 
@@ -572,7 +627,7 @@ def read_torch_shapes(path: str) -> dict[str, tuple[tuple, np.dtype]]:
     (code globals refused, zip views checked against their storages), no storage read."""
     if zipfile.is_zipfile(path):
         return read_torch_zip_shapes(path)
-    refs = _collect_refs(_prescan_legacy(path))
+    refs = _collect_refs(_prescan_legacy(path, cap_bytes_from_env()))
     out = {}
     for name, ref in refs.items():
         where = f"{path}: tensor {name!r}"
@@ -585,7 +640,7 @@ def read_torch_shapes(path: str) -> dict[str, tuple[tuple, np.dtype]]:
     return out
 
 
-def _prescan_legacy(path: str):
+def _prescan_legacy(path: str, cap: int):
     """The pickles of a legacy (non-zip) torch file before its storages, through the same
     restricted unpickler: a global other than torch's tensor rebuilders is refused and named
     here, before torch sees the file, and so is a file whose storages declare more bytes
@@ -595,7 +650,11 @@ def _prescan_legacy(path: str):
     try:
         with open(path, "rb") as f:
             disk_bytes = os.fstat(f.fileno()).st_size
+            tree_bytes = 0
             for _ in range(_LEGACY_PICKLES):
+                start = f.tell()  # each pickle's objects are costed first, within the cap
+                tree_bytes += _object_tree_bytes(f, path, cap - tree_bytes)
+                f.seek(start)
                 unpickler = _RestrictedUnpickler(f, path)
                 objs.append(unpickler.load())
                 if len(objs) == 1 and not (_is_int(objs[0]) and objs[0] == LEGACY_MAGIC):
