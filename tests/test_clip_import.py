@@ -13,8 +13,10 @@ import torch
 from clip_testutil import TINY, hf_outputs, inputs, random_hf_clip, state_dict_numpy
 from safetensors.numpy import save_file
 
-from ucofia_jax.errors import CheckpointError
-from ucofia_jax.models import clip_import
+from configs import msrvtt
+from ucofia_jax import preflight
+from ucofia_jax.errors import CheckpointError, ConfigError
+from ucofia_jax.models import clip_import, torch_reader
 
 
 def openai_layout(model) -> dict:
@@ -53,6 +55,28 @@ def openai_layout(model) -> dict:
                 out[o + f"mlp.c_fc.{kind}"] = sd[h + f"mlp.fc1.{kind}"]
                 out[o + f"mlp.c_proj.{kind}"] = sd[h + f"mlp.fc2.{kind}"]
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def shapes_only_openai_file(path, clip) -> str:
+    """A ``torch.save`` file in OpenAI layout with the shapes of the sizes in ``clip`` (a
+    ``config.model.clip``) and every tensor an expanded view of one stored zero: a
+    readable CLIP checkpoint of any size in a few kB (its weights are all zero)."""
+    v, t, grid = clip.vision_width, clip.text_width, clip.image_resolution // clip.vision_patch_size
+    shapes = {
+        "visual.conv1.weight": (v, 3, clip.vision_patch_size, clip.vision_patch_size),
+        "visual.positional_embedding": (grid * grid + 1, v),
+        "visual.proj": (v, clip.embed_dim),
+        "text_projection": (t, clip.embed_dim),
+        "positional_embedding": (clip.context_length, t),
+        "token_embedding.weight": (clip.vocab_size, t),
+        "ln_final.weight": (t,),
+    }
+    for i in range(clip.vision_layers):
+        shapes[f"visual.transformer.resblocks.{i}.ln_1.weight"] = (v,)
+    for i in range(clip.text_layers):
+        shapes[f"transformer.resblocks.{i}.ln_1.weight"] = (t,)
+    torch.save({k: torch.zeros(()).expand(s) for k, s in shapes.items()}, str(path))
+    return str(path)
 
 
 class _Holder(torch.nn.Module):
@@ -225,3 +249,44 @@ def test_model_init_refuses_a_checkpoint_of_other_sizes(hf_model, tmp_path):
         CheckpointError, match=r"config\.model\.clip\.vision_width=64 but the checkpoint has 128"
     ):
         model.init(jax.random.PRNGKey(0))
+
+
+def test_a_clip_file_is_read_before_the_config_is_compared_with_it(tmp_path):
+    """preflight compares head counts with the checkpoint only after reading it: a file that
+    cannot be read is named as such, not said to differ from the config."""
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    c = msrvtt.get_config()  # ViT-B/32 sizes: 12 heads of 64
+    c.model.clip.vision_heads = 16  # a config the heads check refuses for a readable file
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps({"w": Evil()}, protocol=2))
+    zipped = str(tmp_path / "zipped.pt")
+    with zipfile.ZipFile(zipped, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({"x": Evil()}, protocol=2))
+    not_clip = str(tmp_path / "not_clip.pt")
+    torch.save({"w": torch.ones(3)}, not_clip)
+    cases = {
+        str(empty): "unreadable legacy torch file",
+        str(plain): f"refusing to unpickle global {os.system.__module__}.system",
+        zipped: f"refusing to unpickle global {os.system.__module__}.system",
+        not_clip: "missing key 'visual.conv1.weight'",
+    }
+    for path, problem in cases.items():
+        c.model.clip.checkpoint = path
+        with pytest.raises(CheckpointError) as info:
+            preflight.check_inputs(c, "train", str(tmp_path))
+        msg = str(info.value)
+        assert msg.startswith(path) and problem in msg and "\n" not in msg, msg
+        assert "differ from the checkpoint" not in msg and "weights_only" not in msg, msg
+    # A readable ViT-B/32-shaped file (no weight byte is read): now the heads are compared.
+    c.model.clip.checkpoint = shapes_only_openai_file(tmp_path / "ViT-B-32.pt", c.model.clip)
+    assert os.path.getsize(c.model.clip.checkpoint) < 20_000
+    with pytest.raises(ConfigError, match=r"differ from the checkpoint .*vision_heads=12"):
+        preflight.check_inputs(c, "train", str(tmp_path))
+    shapes = torch_reader.read_torch_shapes(c.model.clip.checkpoint)
+    assert shapes["token_embedding.weight"] == ((49408, 512), np.float32)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_clip_import import shapes_only_openai_file
 
 from data_pipeline import builder
 from ucofia_jax import config as cv
@@ -347,9 +348,8 @@ def test_heads_that_differ_from_the_checkpoint_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="data_pipeline.build"):
         preflight.check_inputs(c, "train", str(tmp_path))
     # An OpenAI file states no heads: width // 64 (12 for 768), so 16 is refused.
-    pt = tmp_path / "ViT-B-32.pt"
-    pt.write_bytes(b"")
-    c.model.clip.checkpoint = str(pt)
+    # (a readable file: one that cannot be read is named as such, tests/test_clip_import.py)
+    c.model.clip.checkpoint = shapes_only_openai_file(tmp_path / "ViT-B-32.pt", c.model.clip)
     with pytest.raises(ConfigError, match=r"vision_heads=12"):
         preflight.check_inputs(c, "train", str(tmp_path))
 

@@ -45,13 +45,13 @@ def tensor_ops(storage_key, offset, size, stride, storage="FloatStorage", numel=
     return _global("torch._utils", "_rebuild_tensor_v2") + b"(" + args + b"tR"
 
 
-def craft(path, tensors: dict, storages: dict, root="archive") -> str:
+def craft(path, tensors: dict, storages: dict, root="archive", byteorder="little") -> str:
     """A zip-format torch file: ``tensors`` {name: opcodes of the tensor}, ``storages``
-    {key: raw bytes}."""
+    {key: raw bytes, in ``byteorder``}."""
     body = b"\x80\x02}(" + b"".join(_op(k) + v for k, v in tensors.items()) + b"u."
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
         zf.writestr(f"{root}/data.pkl", body)
-        zf.writestr(f"{root}/byteorder", "little")
+        zf.writestr(f"{root}/byteorder", byteorder)
         for key, raw in storages.items():
             zf.writestr(f"{root}/data/{key}", raw)
         zf.writestr(f"{root}/version", "3\n")
@@ -168,6 +168,8 @@ def test_negative_offset(tmp_path):
 
 def test_huge_sizes(tmp_path):
     refused(one_tensor(tmp_path / "huge.pt", size=(2**40, 2**40)), r"elements \(huge\)")
+    # Empty, but numpy cannot make the shape (torch can): refused, not a ValueError.
+    refused(one_tensor(tmp_path / "empty.pt", size=(0, 2**33, 2**33), stride=(0, 0, 0)), r"empty")
     # Within the element cap but stride 0: in bounds, yet it would take terabytes.
     refused(
         one_tensor(tmp_path / "bomb.pt", size=(2**20, 2**20), stride=(0, 0)),
@@ -241,8 +243,8 @@ def test_nesting_and_pickle_size_bounds(tmp_path, monkeypatch):
 
 
 def test_crafted_faults_do_not_crash_a_fresh_process(tmp_path):
-    """All crafted faults in one child process: it must exit normally (a SIGSEGV, which the
-    old unchecked as_strided gave on the first file, would show as a negative return code)."""
+    """All crafted faults in one child process: it must exit normally (a SIGSEGV, which an
+    unchecked as_strided gave on the first file, would show as a negative return code)."""
     files = [
         one_tensor(tmp_path / "a.pt", offset=10**6, size=(64, 64), stride=(64, 1)),
         one_tensor(tmp_path / "b.pt", offset=5, stride=(-3, -1)),

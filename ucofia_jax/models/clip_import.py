@@ -7,8 +7,9 @@ Nothing here executes code from a checkpoint:
 * OpenAI ``.pt`` (TorchScript archive such as ``ViT-B-32.pt``) and ``torch.save`` zip files
   (``.pt``/``.bin``): read by ``torch_reader`` (a restricted unpickler that only rebuilds
   tensors, each view bounds-checked against its storage, and records ``__torch__.*`` module
-  objects as plain attribute dicts; any other global is refused). No torch needed. Legacy
-  (pre-1.6, non-zip) files fall back to ``torch.load(weights_only=True)``.
+  objects as plain attribute dicts; any other global is refused, and memory is bounded by
+  the bytes read). No torch needed. Legacy (pre-1.6, non-zip) files are checked by the same
+  unpickler, then read by ``torch.load(weights_only=True)``.
 
 The HF layout is first renamed to OpenAI's ``state_dict`` layout, so both imports go through
 ``convert_openai_state_dict`` and map to the same function.
@@ -26,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from ucofia_jax.errors import CheckpointError
@@ -34,6 +36,7 @@ from ucofia_jax.models.clip import CLIP, CLIPConfig
 from ucofia_jax.models.layers import ACTIVATIONS
 from ucofia_jax.models.torch_reader import (  # noqa: F401 -- the .pt reader's names, re-exported
     read_torch_file,
+    read_torch_shapes,
     read_torch_zip,
 )
 
@@ -355,12 +358,42 @@ def hf_stated(hf_config: Mapping[str, Any], source: str = "config.json") -> dict
 def stated_fields(path: str) -> dict:
     """What a checkpoint states beyond its tensors, read without loading weights: a HF
     directory's ``config.json`` (:func:`hf_stated`); ``{}`` for an OpenAI file, which states
-    nothing (heads of 64, quick_gelu). For checking a config before anything is loaded."""
+    nothing (heads of 64, quick_gelu). For checking a config before anything is loaded.
+
+    An OpenAI file is read first (its tensor table: names and shapes, views checked, no
+    weight bytes) and must be an OpenAI ViT CLIP: a file that cannot be read is reported as
+    such (CheckpointError), never compared with a config."""
+    if not os.path.isdir(path):
+        infer_openai_config(_file_shapes(path), path)
+        return {}
     cfg_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path) or not os.path.exists(cfg_path):
+    if not os.path.exists(cfg_path):
         return {}
     with open(cfg_path) as f:
         return hf_stated(json.load(f), cfg_path)
+
+
+def _file_shapes(path: str) -> dict[str, jax.ShapeDtypeStruct]:
+    """{name: shape and dtype} of a weights file, read as `load_checkpoint` reads it but
+    without the weights' bytes."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory (weights are never downloaded)")
+    if path.endswith(".safetensors"):
+        try:
+            with safe_open(path, "numpy") as f:
+                shapes = {k: (tuple(f.get_slice(k).get_shape()), np.float32) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 -- a damaged header, named with the file
+            raise CheckpointError(f"{path}: unreadable safetensors ({e})") from None
+    elif path.endswith((".pt", ".pth", ".bin")):
+        shapes = read_torch_shapes(path)
+    else:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format (expected a HF directory or "
+            ".pt/.pth/.bin/.safetensors)"
+        )
+    if _is_hf_layout(shapes):
+        raise CheckpointError(f"{path}: HF-layout weights; pass the HF directory instead")
+    return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,33 +2,59 @@
 and without running code from the file.
 
 A zip-format ``.pt``/``.bin`` holds ``<root>/data.pkl`` (the object tree, a pickle) and one
-raw little-endian byte file per storage (``<root>/data/<key>``). The pickle names a few
+raw byte file per storage (``<root>/data/<key>``; little-endian unless ``<root>/byteorder``
+says ``big``). The pickle names a few
 torch callables to rebuild tensors; here a restricted unpickler maps exactly those names to
 inert records (`_TensorRef`, `_StorageRef`) and refuses every other global. Nothing is read
 from the storages while unpickling: once the tree is loaded, each tensor is validated and
 materialised under its dotted name, so an error names the file, the tensor and the problem.
 
 Memory safety: a pickled tensor is a view ``(storage, offset, size, stride)`` chosen by
-whoever wrote the file. Before any byte is touched every view is checked: integer offset,
-sizes and strides (no bools, no negatives), at most `MAX_DIMS` dimensions, the element count
-within `MAX_TENSOR_ELEMENTS`, the largest index ``offset + sum((size_i - 1) * stride_i)``
-inside the storage, a known dtype, and the storage's byte count equal to its declared element
-count times the item size (and a multiple of the item size). The copy then uses plain slicing
-(contiguous views) or bounds-checked integer indexing (others); no raw-pointer view
-(``as_strided``) is built. The object walk is iterative, visits each container once (shared
-and cyclic references cannot blow it up), and is bounded in depth and entries; the total
-materialised bytes are bounded relative to the storage bytes, so a small file cannot ask for
-gigabytes by viewing one storage many times.
+whoever wrote the file. Before any storage byte is read every view is checked: integer
+offset, sizes and strides (no bools, no negatives), at most `MAX_DIMS` dimensions, the
+element count within `MAX_TENSOR_ELEMENTS`, the largest index
+``offset + sum((size_i - 1) * stride_i)`` inside the storage, a known dtype, and the
+storage's byte count equal to its declared element count times the item size. The object
+walk is iterative, visits each container once (shared and cyclic references cannot blow it
+up), and is bounded in depth and entries.
 
-Legacy (pre-1.6, non-zip) files fall back to ``torch.load(weights_only=True)`` when torch is
-installed (torch's own restricted loader).
+Memory bound (every allocation the reader makes, counted against bytes it has read):
+
+* a zip entry (data.pkl, a storage) is read only if its stated size fits in the file on
+  disk, and the storages read together never exceed the file's size: a size claimed in the
+  zip's directory buys nothing;
+* the tensors are copies; their bytes together are at most ``MAX_EXPANSION`` times the
+  storage bytes actually read plus a fixed cap (`DEFAULT_CAP_MIB`, raised with the
+  environment variable ``UCOFIA_PT_READER_CAP_MIB`` or ``cap_bytes=``), checked for all
+  tensors before the first one is allocated;
+* a view is copied through ``np.lib.stride_tricks.as_strided`` over the storage (bounds
+  checked above) into the output: no index array, no intermediate copy, and a byte swap
+  (big-endian files) happens inside that one copy.
+
+* the unpickled object tree is estimated from data.pkl's opcodes before it is built
+  (`_BYTES_PER_OPCODE` each plus their strings; sets, which no weights file has, are
+  refused) and must fit in the same cap.
+
+So a file of ``F`` bytes costs at most about ``F`` (data.pkl and storages) plus
+``MAX_EXPANSION * F + cap`` (the tensors) plus ``cap`` (the object tree)
+(`tests/test_reader_bounds.py` measures it with tracemalloc).
+
+Legacy (pre-1.6, non-zip) files: every pickle before the storages goes through the same
+restricted unpickler first (a refused global is named, the magic number checked, the bytes
+the storages declare must fit in the file), then ``torch.load(weights_only=True)`` reads the
+storages when torch is installed; its tensors are returned as numpy views of them (no
+copies). Legacy storages are little-endian whatever the writer's machine (torch swaps on
+write and read).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import os
 import pickle
+import pickletools
+import re
 import reprlib
 import zipfile
 from collections import OrderedDict
@@ -36,7 +62,7 @@ from collections import OrderedDict
 import ml_dtypes
 import numpy as np
 
-from ucofia_jax.errors import CheckpointError
+from ucofia_jax.errors import CheckpointError, ConfigError
 
 # torch.<Name>Storage -> numpy dtype (typed storages, ``_rebuild_tensor_v2``).
 STORAGE_DTYPES = {
@@ -77,12 +103,22 @@ TENSOR_DTYPES = {
 MAX_DIMS = 64  # torch's own limit on tensor dimensions
 MAX_TENSOR_ELEMENTS = 2**40
 MAX_PICKLE_BYTES = 1 << 30  # data.pkl of ViT-L/14's TorchScript archive is a few MB
+# What one pickle opcode can make the unpickler hold at most, beyond its argument (an empty
+# dict and the list slot that keeps it: 82 bytes, the most of the patterns that
+# tests/test_reader_bounds.py measures). The object tree is estimated from the opcodes
+# before it is built and must fit in the cap, as the tensors must.
+_BYTES_PER_OPCODE = 128
+# Sets never occur in a weights pickle, and an empty one costs 233 bytes per opcode byte.
+_REFUSED_OPCODES = frozenset({"EMPTY_SET", "ADDITEMS", "FROZENSET"})
 MAX_DEPTH = 100  # nesting of dicts in the object tree (TorchScript: module depth ~ 10)
 MAX_ENTRIES = 10_000_000  # dict items visited in the object tree
-# Materialised bytes may exceed the storage bytes (tied weights, expanded views) but only
-# by this factor plus `_SLACK_BYTES`: a small file cannot ask for gigabytes.
+# Materialised bytes may exceed the storage bytes read (expanded views, one storage viewed
+# many times) but only by this factor plus a fixed cap: a small file cannot ask for gigabytes.
 MAX_EXPANSION = 4
-_SLACK_BYTES = 1 << 26
+DEFAULT_CAP_MIB = 64  # an expanded view of a small storage (e.g. a mask) up to this size loads
+CAP_ENV = "UCOFIA_PT_READER_CAP_MIB"  # raises the cap (MiB) for a trusted file that needs more
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a legacy torch.save file
+_LEGACY_PICKLES = 4  # magic number, protocol version, sys_info, the object tree
 
 _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 60
@@ -92,12 +128,16 @@ _short.maxlevel = 3
 class _StorageType:
     """The global ``torch.<Name>Storage`` (or ``torch.storage.UntypedStorage``)."""
 
+    __slots__ = ("name",)  # one per GLOBAL opcode: small, as `_BYTES_PER_OPCODE` assumes
+
     def __init__(self, name: str):
         self.name = name
 
 
 class _DtypeName:
     """The global ``torch.<dtype>`` (third argument of ``_rebuild_tensor_v3``)."""
+
+    __slots__ = ("name",)
 
     def __init__(self, name: str):
         self.name = name
@@ -106,12 +146,16 @@ class _DtypeName:
 class _StorageRef:
     """A persistent id ``('storage', type, key, location, numel)``: not read yet."""
 
+    __slots__ = ("storage_type", "key", "numel")
+
     def __init__(self, storage_type, key, numel):
         self.storage_type, self.key, self.numel = storage_type, key, numel
 
 
 class _TensorRef:
     """What ``_rebuild_tensor_v2/v3`` was asked to build; checked when it gets a name."""
+
+    __slots__ = ("storage", "offset", "size", "stride", "dtype_name")
 
     def __init__(self, storage, offset, size, stride, dtype_name=None):
         self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
@@ -148,6 +192,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, source: str):
         super().__init__(file)
         self._source = source
+        self.storages: dict = {}  # key -> the first `_StorageRef` naming it
+        self._inert_globals: dict = {}  # (class, name) -> its one stand-in
+
+    def _inert(self, cls, name: str):
+        # One stand-in per name: a pickle naming the same global a million times holds one.
+        return self._inert_globals.setdefault((cls, name), cls(name))
 
     def find_class(self, module, name):
         if module == "torch._utils":
@@ -162,13 +212,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == "collections" and name == "OrderedDict":
             return OrderedDict
         if module == "torch" and name.endswith("Storage"):
-            return _StorageType(name)  # an unknown one is refused with the tensor's name
+            return self._inert(
+                _StorageType, name
+            )  # an unknown one is refused with the tensor's name
         if module == "torch.storage" and name == "UntypedStorage":
-            return _StorageType(name)
+            return self._inert(_StorageType, name)
         if module == "torch" and name == "Size":
             return tuple
         if module == "torch" and name.isidentifier() and name.islower():
-            return _DtypeName(name)  # inert; only meaningful as _rebuild_tensor_v3's dtype
+            return self._inert(_DtypeName, name)  # only meaningful as _rebuild_tensor_v3's dtype
         if module == "torch.jit._pickle" and name.startswith("build_"):
             return _identity  # typed lists of older TorchScript archives
         if module == "torch.jit._pickle" and name == "restore_type_tag":
@@ -184,37 +236,104 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
             raise CheckpointError(f"{self._source}: unsupported persistent id {_short.repr(pid)}")
         numel = pid[4] if len(pid) >= 5 else None
-        return _StorageRef(pid[1], pid[2], numel)
+        ref = _StorageRef(pid[1], pid[2], numel)
+        if isinstance(ref.key, str):
+            self.storages.setdefault(ref.key, ref)
+        return ref
 
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def cap_bytes_from_env() -> int:
+    """The fixed part of the tensor budget: `CAP_ENV` (MiB) if set, else `DEFAULT_CAP_MIB`."""
+    raw = os.environ.get(CAP_ENV, "").strip()
+    if not raw:
+        return DEFAULT_CAP_MIB << 20
+    try:
+        mib = int(raw)
+    except ValueError:
+        mib = -1
+    if mib < 0:
+        raise ConfigError(f"{CAP_ENV}={raw!r}: expected a whole number of MiB >= 0")
+    return mib << 20
+
+
+def _object_tree_bytes(source, path: str, cap: int) -> int:
+    """An upper bound of what unpickling one pickle (``source``: its bytes, or a file at its
+    start, left after its STOP) makes the unpickler hold, from its opcodes: refused once it
+    passes ``cap``, so the scan itself stops after ``cap / _BYTES_PER_OPCODE`` opcodes."""
+    total = 0
+    for op, arg, pos in pickletools.genops(source):
+        if op.name in _REFUSED_OPCODES:
+            raise CheckpointError(
+                f"{path}: the pickle builds a set ({op.name} at byte {pos}); a weights file "
+                "has none"
+            )
+        total += _BYTES_PER_OPCODE
+        if isinstance(arg, (str, bytes, bytearray)):
+            total += 4 * len(arg)  # a str holds up to 4 bytes per character
+        elif _is_int(arg):
+            total += arg.bit_length() // 8  # LONG1/LONG4: an int of that many bytes
+        if total > cap:
+            raise CheckpointError(
+                f"{path}: the pickle's objects would take more than {cap} bytes (about "
+                f"{_BYTES_PER_OPCODE} per opcode and its strings, to byte {pos}); "
+                f"{CAP_ENV} raises the MiB for a trusted file"
+            )
+    return total
+
+
+class _Zip:
+    """The zip's entries, read only when their stated size fits in the file on disk."""
+
+    def __init__(self, zf: zipfile.ZipFile, path: str):
+        self.zf, self.path = zf, path
+        self.disk_bytes = os.fstat(zf.fp.fileno()).st_size if zf.fp else 0
+        self.storage_bytes_read = 0
+
+    def check_fits(self, info: zipfile.ZipInfo, where: str) -> None:
+        # zipfile asks the OS for the stated size in one read (a buffer of that size): a lying
+        # central directory must not get to allocate more than the file holds.
+        if info.header_offset + info.compress_size > self.disk_bytes:
+            raise CheckpointError(
+                f"{where}: zip entry {info.filename} claims {info.compress_size} bytes at "
+                f"offset {info.header_offset}, past the end of the {self.disk_bytes}-byte file"
+            )
+
+    def read(self, info: zipfile.ZipInfo, where: str) -> bytes:
+        self.check_fits(info, where)
+        raw = self.zf.read(info)  # checks the entry's CRC
+        if len(raw) != info.file_size:
+            raise CheckpointError(f"{where}: zip entry {info.filename} is truncated")
+        return raw
+
+
 class _Storages:
-    """Reads each storage file of the zip once, after checking its byte count."""
+    """Each storage file of the zip: checked against every view of it, then read once."""
 
-    def __init__(self, zf: zipfile.ZipFile, root: str, source: str, byteorder: str):
-        self._zf, self._root, self._source = zf, root, source
-        self._byteorder = byteorder
-        self._cache: dict[str, tuple] = {}  # key -> (dtype name, numel, array)
-        self.bytes_read = 0
+    def __init__(self, archive: _Zip, root: str):
+        self._archive, self._root = archive, root
+        self._seen: dict[str, tuple] = {}  # key -> (dtype name, numel, ZipInfo)
+        self._raw: dict[str, np.ndarray] = {}  # key -> the storage's bytes (uint8)
 
-    def get(self, ref: _StorageRef, dtype: np.dtype, dtype_name: str, where: str) -> np.ndarray:
+    def info(self, ref: _StorageRef, dtype: np.dtype, dtype_name: str, where: str):
+        """The storage's zip entry, after checking its key, compression and byte count."""
         key = ref.key
         if not isinstance(key, str) or not key or "/" in key or key.startswith("."):
             raise CheckpointError(f"{where}: bad storage key {_short.repr(key)}")
-        if key in self._cache:
-            seen_dtype, seen_numel, arr = self._cache[key]
+        if key in self._seen:
+            seen_dtype, seen_numel, info = self._seen[key]
             if (seen_dtype, seen_numel) != (dtype_name, ref.numel):
                 raise CheckpointError(
                     f"{where}: storage {key} is declared as {dtype_name} x {ref.numel} here "
                     f"and as {seen_dtype} x {seen_numel} elsewhere"
                 )
-            return arr
+            return info
         name = f"{self._root}/data/{key}"
         try:
-            info = self._zf.getinfo(name)
+            info = self._archive.zf.getinfo(name)
         except KeyError:
             raise CheckpointError(f"{where}: storage file {name} is missing from the zip") from None
         if info.compress_type != zipfile.ZIP_STORED:
@@ -237,16 +356,27 @@ class _Storages:
                 f"{where}: storage {key} has {nbytes} bytes, not a multiple of the "
                 f"{dtype.itemsize}-byte {dtype_name}"
             )
-        raw = self._zf.read(name)
-        if len(raw) != nbytes:
-            raise CheckpointError(f"{where}: storage file {name} is truncated")
-        self.bytes_read += nbytes
-        if self._byteorder == ">":
-            arr = np.frombuffer(raw, dtype=dtype.newbyteorder(">")).astype(dtype)
-        else:
-            arr = np.frombuffer(raw, dtype=dtype)
-        self._cache[key] = (dtype_name, ref.numel, arr)
-        return arr
+        self._seen[key] = (dtype_name, ref.numel, info)
+        return info
+
+    def read(self, key: str, where: str) -> np.ndarray:
+        """The bytes of storage ``key`` (checked by `info` before), read once."""
+        if key not in self._raw:
+            info = self._seen[key][2]
+            archive = self._archive
+            archive.check_fits(info, where)
+            # Storages of a real file are disjoint parts of it: together they fit in it. Entries
+            # that overlap (or a directory that lies) would read the same bytes many times.
+            if archive.storage_bytes_read + info.file_size > archive.disk_bytes:
+                raise CheckpointError(
+                    f"{where}: the storages read so far and {info.filename} take "
+                    f"{archive.storage_bytes_read + info.file_size} bytes, more than the "
+                    f"{archive.disk_bytes}-byte file holds (overlapping zip entries?)"
+                )
+            raw = archive.read(info, where)
+            archive.storage_bytes_read += len(raw)
+            self._raw[key] = np.frombuffer(raw, np.uint8)  # a view of the bytes: no copy
+        return self._raw[key]
 
 
 def _tensor_dtype(ref: _TensorRef, where: str) -> tuple[np.dtype, str, np.dtype]:
@@ -292,6 +422,12 @@ def _check_view(ref: _TensorRef, n_storage: int, where: str) -> tuple[tuple, tup
     numel = math.prod(size)
     if numel > MAX_TENSOR_ELEMENTS:
         raise CheckpointError(f"{where}: size {size} has {numel} elements (huge)")
+    if math.prod(n for n in size if n) > MAX_TENSOR_ELEMENTS:
+        # Empty, yet numpy cannot even make the shape (its other sizes overflow an index).
+        raise CheckpointError(
+            f"{where}: size {size} is empty but its non-zero sizes multiply past "
+            f"{MAX_TENSOR_ELEMENTS} (huge)"
+        )
     if numel == 0:
         return size, stride, offset, 0  # reads nothing: any offset is harmless (torch agrees)
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
@@ -303,69 +439,59 @@ def _check_view(ref: _TensorRef, n_storage: int, where: str) -> tuple[tuple, tup
     return size, stride, offset, numel
 
 
-def _contiguous_strides(size: tuple) -> tuple:
-    out, acc = [], 1
-    for n in reversed(size):
-        out.append(acc)
-        acc *= n
-    return tuple(reversed(out))
+class _Checked:
+    """A tensor whose view has been checked against its storage's entry (nothing read yet)."""
+
+    def __init__(self, where, storage_key, dtype, size, stride, offset, numel):
+        self.where, self.storage_key, self.dtype = where, storage_key, dtype
+        self.size, self.stride, self.offset, self.numel = size, stride, offset, numel
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
 
 
-def _gather(flat: np.ndarray, size, stride, offset, numel) -> np.ndarray:
-    """Copy of the (already bounds-checked) view; numpy checks every index again."""
-    if numel == 0:
-        return np.zeros(size, flat.dtype)
-    keep = [(n, s) for n, s in zip(size, stride) if n != 1]  # size-1 dims: stride irrelevant
-    if [s for _, s in keep] == list(_contiguous_strides(tuple(n for n, _ in keep))):
-        return flat[offset : offset + numel].reshape(size).copy()
-    index = np.asarray(offset, np.int64)
-    for n, s in zip(size, stride):
-        index = index[..., None] + np.arange(n, dtype=np.int64) * s
-    return flat[index]
+def _check_tensor(ref: _TensorRef, storages: _Storages, where: str) -> _Checked:
+    st_dtype, st_name, dtype = _tensor_dtype(ref, where)
+    info = storages.info(ref.storage, st_dtype, st_name, where)
+    if info.file_size % dtype.itemsize:
+        raise CheckpointError(
+            f"{where}: untyped storage of {info.file_size} bytes is not a whole number "
+            f"of {dtype} elements"
+        )
+    size, stride, offset, numel = _check_view(ref, info.file_size // dtype.itemsize, where)
+    return _Checked(where, ref.storage.key, dtype, size, stride, offset, numel)
 
 
-class _Materialiser:
-    """Turns `_TensorRef`s into numpy arrays, each checked, within a total byte budget."""
-
-    def __init__(self, storages: _Storages, source: str, file_bytes: int):
-        self._storages, self._source = storages, source
-        self._done: dict[int, np.ndarray] = {}
-        self._budget = MAX_EXPANSION * file_bytes + _SLACK_BYTES
-        self._spent = 0
-
-    def __call__(self, ref: _TensorRef, name: str) -> np.ndarray:
-        if id(ref) in self._done:  # the same tensor under two names (tied weights)
-            return self._done[id(ref)]
-        where = f"{self._source}: tensor {name!r}"
-        st_dtype, st_name, dtype = _tensor_dtype(ref, where)
-        flat = self._storages.get(ref.storage, st_dtype, st_name, where)
-        if dtype != st_dtype:
-            if flat.nbytes % dtype.itemsize:
-                raise CheckpointError(
-                    f"{where}: untyped storage of {flat.nbytes} bytes is not a whole number "
-                    f"of {dtype} elements"
-                )
-            flat = flat.view(dtype)
-        size, stride, offset, numel = _check_view(ref, flat.size, where)
-        self._spent += numel * dtype.itemsize
-        if self._spent > self._budget:
-            raise CheckpointError(
-                f"{where}: the tensors so far take {self._spent} bytes, over the budget of "
-                f"{self._budget} ({MAX_EXPANSION}x the file's bytes + {_SLACK_BYTES >> 20} MiB; "
-                "one storage viewed many times?)"
-            )
-        arr = _gather(flat, size, stride, offset, numel)
-        self._done[id(ref)] = arr
-        return arr
+def _copy_view(raw: np.ndarray, t: _Checked, byteorder: str) -> np.ndarray:
+    """The view ``t`` of the storage bytes ``raw`` (elements in ``byteorder``, '<' or '>') as
+    a new C-contiguous array in native byte order: one allocation, the size of the result
+    (``_check_view`` bounded every index the strided view can reach)."""
+    out = np.empty(t.size, t.dtype)
+    if t.numel == 0:
+        return out
+    itemsize = t.dtype.itemsize
+    # Copy as the unsigned integer of the same width in the file's byte order: numpy swaps
+    # while it copies when that order is not native, for every dtype (ml_dtypes' bfloat16 and
+    # float8 included); in native order it is a plain copy.
+    elements = raw.view(np.dtype(f"u{itemsize}").newbyteorder(byteorder))
+    view = np.lib.stride_tricks.as_strided(
+        elements[t.offset :],
+        shape=t.size,
+        strides=tuple(s * itemsize for s in t.stride),
+        writeable=False,
+    )
+    np.copyto(out.view(f"u{itemsize}"), view)
+    return out
 
 
-def _collect_tensors(obj, materialise) -> dict[str, np.ndarray]:
-    """TorchScript module tree / (nested) state dict -> {dotted name: array}.
+def _collect_refs(obj) -> dict[str, _TensorRef]:
+    """TorchScript module tree / (nested) state dict -> {dotted name: tensor record}.
 
     Iterative; each container is entered once (a shared or cyclic reference is not walked
     again); string keys only; bounded depth and number of entries.
     """
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, _TensorRef] = {}
     seen: set[int] = set()
     stack = [(obj, "", 0)]
     entries = 0
@@ -373,7 +499,7 @@ def _collect_tensors(obj, materialise) -> dict[str, np.ndarray]:
         o, prefix, depth = stack.pop()
         if isinstance(o, _TensorRef):
             if prefix:
-                out[prefix[:-1]] = materialise(o, prefix[:-1])
+                out[prefix[:-1]] = o
             continue
         if not isinstance(o, dict) or id(o) in seen:
             continue
@@ -389,19 +515,34 @@ def _collect_tensors(obj, materialise) -> dict[str, np.ndarray]:
     return out
 
 
-def read_torch_zip(path: str) -> dict[str, np.ndarray]:
+def read_torch_zip(path: str, *, cap_bytes: int | None = None) -> dict[str, np.ndarray]:
     """Tensors of a TorchScript archive or a zip-format ``torch.save`` file, without torch
-    and without executing code from the file."""
+    and without executing code from the file. ``cap_bytes``: the fixed part of the tensor
+    budget (default: `cap_bytes_from_env`)."""
+    cap = cap_bytes_from_env() if cap_bytes is None else cap_bytes
+    return _with_zip(path, lambda archive: _read_zip(archive, cap))
+
+
+def read_torch_zip_shapes(path: str) -> dict[str, tuple[tuple, np.dtype]]:
+    """{name: (shape, dtype)} of a zip-format torch file: its data.pkl read and every view
+    checked against its storage's entry, no storage byte read."""
+    return _with_zip(path, _zip_shapes)
+
+
+def _with_zip(path: str, body):
     try:
         with zipfile.ZipFile(path) as zf:
-            return _read_zip(zf, path)
+            return body(_Zip(zf, path))
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 -- any damage of the zip/pickle, named with the file
         raise CheckpointError(f"{path}: unreadable torch zip ({type(e).__name__}: {e})") from e
 
 
-def _read_zip(zf: zipfile.ZipFile, path: str) -> dict[str, np.ndarray]:
+def _checked_tensors(archive: _Zip, cap: int) -> tuple[_Storages, dict[str, _Checked], str]:
+    """(storages, {name: checked view}, byte order '<' or '>'): everything but the storages'
+    bytes, read and checked (the object tree within ``cap``)."""
+    zf, path = archive.zf, archive.path
     pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pkls) != 1:
         raise CheckpointError(f"{path}: expected one <root>/data.pkl in the zip, found {pkls}")
@@ -413,34 +554,142 @@ def _read_zip(zf: zipfile.ZipFile, path: str) -> dict[str, np.ndarray]:
         )
     byteorder = "<"
     if f"{root}/byteorder" in zf.namelist():
-        order = zf.read(f"{root}/byteorder").strip()
+        order_info = zf.getinfo(f"{root}/byteorder")
+        order = archive.read(order_info, path).strip() if order_info.file_size < 64 else b"?"
         if order not in (b"little", b"big"):
             raise CheckpointError(f"{path}: unknown byteorder {order[:20]!r}")
         byteorder = "<" if order == b"little" else ">"
     try:
-        obj = _RestrictedUnpickler(io.BytesIO(zf.read(pkls[0])), path).load()
+        data = archive.read(info, path)
+        _object_tree_bytes(data, path, cap)
+        obj = _RestrictedUnpickler(io.BytesIO(data), path).load()
+        del data
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 -- truncated/garbled pickle, wrong call arguments
         raise CheckpointError(f"{path}: unreadable data.pkl ({type(e).__name__}: {e})") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # a training checkpoint that wraps the weights
-    file_bytes = sum(i.file_size for i in zf.infolist() if i.compress_type == zipfile.ZIP_STORED)
-    storages = _Storages(zf, root, path, byteorder)
+    storages = _Storages(archive, root)
+    checked: dict[str, _Checked] = {}
+    by_ref: dict[int, _Checked] = {}  # the same tensor under two names (tied weights)
     try:
-        sd = _collect_tensors(obj, _Materialiser(storages, path, file_bytes))
+        for name, ref in _collect_refs(obj).items():
+            if id(ref) not in by_ref:
+                by_ref[id(ref)] = _check_tensor(ref, storages, f"{path}: tensor {name!r}")
+            checked[name] = by_ref[id(ref)]
     except CheckpointError as e:
         msg = str(e)
         raise CheckpointError(msg if msg.startswith(path) else f"{path}: {msg}") from None
-    if not sd:
+    if not checked:
         raise CheckpointError(f"{path}: no tensors found")
-    return sd
+    return storages, checked, byteorder
 
 
-def read_torch_file(path: str) -> dict[str, np.ndarray]:
+def _zip_shapes(archive: _Zip) -> dict[str, tuple[tuple, np.dtype]]:
+    _, checked, _ = _checked_tensors(archive, cap_bytes_from_env())
+    return {name: (t.size, t.dtype) for name, t in checked.items()}
+
+
+def _read_zip(archive: _Zip, cap: int) -> dict[str, np.ndarray]:
+    storages, checked, byteorder = _checked_tensors(archive, cap)
+    unique = list({id(t): t for t in checked.values()}.values())
+    for t in unique:
+        storages.read(t.storage_key, t.where)
+    # Every tensor is a new array: all of them are counted before the first is allocated.
+    budget = MAX_EXPANSION * archive.storage_bytes_read + cap
+    spent = 0
+    for t in unique:
+        spent += t.nbytes
+        if spent > budget:
+            raise CheckpointError(
+                f"{t.where}: the tensors so far take {spent} bytes, over the budget of "
+                f"{budget} ({MAX_EXPANSION}x the {archive.storage_bytes_read} storage bytes "
+                f"read + {cap >> 20} MiB; one storage viewed many times? {CAP_ENV} raises "
+                "the MiB for a trusted file)"
+            )
+    arrays = {
+        id(t): _copy_view(storages.read(t.storage_key, t.where), t, byteorder) for t in unique
+    }
+    return {name: arrays[id(t)] for name, t in checked.items()}
+
+
+def read_torch_file(path: str, *, cap_bytes: int | None = None) -> dict[str, np.ndarray]:
     """``.pt``/``.bin``: zip formats via ``read_torch_zip``; legacy pickles need torch."""
     if zipfile.is_zipfile(path):
-        return read_torch_zip(path)
+        return read_torch_zip(path, cap_bytes=cap_bytes)
+    _prescan_legacy(path, cap_bytes_from_env() if cap_bytes is None else cap_bytes)
+    return _read_legacy(path)
+
+
+def read_torch_shapes(path: str) -> dict[str, tuple[tuple, np.dtype]]:
+    """{name: (shape, dtype)} of a ``.pt``/``.bin`` file, its object tree read and checked
+    (code globals refused, zip views checked against their storages), no storage read."""
+    if zipfile.is_zipfile(path):
+        return read_torch_zip_shapes(path)
+    refs = _collect_refs(_prescan_legacy(path, cap_bytes_from_env()))
+    out = {}
+    for name, ref in refs.items():
+        where = f"{path}: tensor {name!r}"
+        dtype = _tensor_dtype(ref, where)[2]
+        if not isinstance(ref.size, tuple) or not all(_is_int(n) and n >= 0 for n in ref.size):
+            raise CheckpointError(f"{where}: size {_short.repr(ref.size)} must be ints >= 0")
+        out[name] = (ref.size, dtype)
+    if not out:
+        raise CheckpointError(f"{path}: no tensors found")
+    return out
+
+
+def _prescan_legacy(path: str, cap: int):
+    """The pickles of a legacy (non-zip) torch file before its storages, through the same
+    restricted unpickler: a global other than torch's tensor rebuilders is refused and named
+    here, before torch sees the file, and so is a file whose storages declare more bytes
+    than it holds (torch allocates each storage at its declared size before reading it).
+    Returns the object tree (tensor records)."""
+    objs = []
+    try:
+        with open(path, "rb") as f:
+            disk_bytes = os.fstat(f.fileno()).st_size
+            tree_bytes = 0
+            for _ in range(_LEGACY_PICKLES):
+                start = f.tell()  # each pickle's objects are costed first, within the cap
+                tree_bytes += _object_tree_bytes(f, path, cap - tree_bytes)
+                f.seek(start)
+                unpickler = _RestrictedUnpickler(f, path)
+                objs.append(unpickler.load())
+                if len(objs) == 1 and not (_is_int(objs[0]) and objs[0] == LEGACY_MAGIC):
+                    raise CheckpointError(
+                        f"{path}: neither a zip nor a legacy torch file (a pickle of "
+                        f"{type(objs[0]).__name__}, not torch's magic number)"
+                    )
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- truncated/garbled pickle stream, named with the file
+        raise CheckpointError(
+            f"{path}: unreadable legacy torch file ({type(e).__name__}: {e})"
+        ) from e
+    declared = 0
+    for key, ref in unpickler.storages.items():
+        name = ref.storage_type.name if isinstance(ref.storage_type, _StorageType) else None
+        dtype = np.dtype(np.uint8) if name == "UntypedStorage" else STORAGE_DTYPES.get(name)
+        if dtype is None or not _is_int(ref.numel) or ref.numel < 0:
+            raise CheckpointError(
+                f"{path}: storage {key} of type {_short.repr(name)} declares "
+                f"{_short.repr(ref.numel)} elements (known types: {', '.join(STORAGE_DTYPES)})"
+            )
+        declared += ref.numel * dtype.itemsize
+    if declared > disk_bytes:
+        raise CheckpointError(
+            f"{path}: its storages declare {declared} bytes, more than the "
+            f"{disk_bytes}-byte file holds"
+        )
+    obj = objs[-1]
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    return obj
+
+
+def _read_legacy(path: str) -> dict[str, np.ndarray]:
     try:
         import torch  # noqa: PLC0415 -- optional: only legacy (non-zip) files need it
     except ImportError as e:
@@ -450,14 +699,41 @@ def read_torch_file(path: str) -> dict[str, np.ndarray]:
         ) from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message advises weights_only=False (running the file's code): never shown.
+        raise CheckpointError(
+            f"{path}: refused by torch's restricted loader: {_reason(e)}"
+        ) from None
     except Exception as e:  # noqa: BLE001 -- re-raised with the file name
-        raise CheckpointError(f"{path}: torch.load(weights_only=True) failed: {e}") from e
+        raise CheckpointError(f"{path}: torch.load(weights_only=True) failed: {_reason(e)}") from e
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    return {
-        k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
-        for k, v in obj.items()
-        if hasattr(v, "numpy")
-    }
+    out = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        name = str(v.dtype).removeprefix("torch.")
+        if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):  # numpy has no such dtype:
+            # the same bits as ml_dtypes' (the zip path returns these too), through an int view
+            # (a view, as torch's other tensors: an expanded view is not materialised)
+            bits = v.view(torch.int16 if v.dtype.itemsize == 2 else torch.uint8)
+            out[k] = bits.numpy().view(TENSOR_DTYPES[name])
+        else:
+            out[k] = v.numpy()
+    return out
+
+
+def _reason(e: Exception) -> str:
+    """One line of an exception's message. For torch's refusals, the first sentence of its
+    reason (``WeightsUnpickler error: ...``), without the advice around it: to load with
+    ``weights_only=False`` (run the file's code) or to allow-list the global."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours part of its message
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text[text.index(marker) + len(marker) :]
+    line = next((x.strip() for x in text.splitlines() if x.strip()), type(e).__name__)
+    if isinstance(e, pickle.UnpicklingError):
+        line = line.split(". ")[0]
+    return line if len(line) <= 200 else line[:197] + "..."
