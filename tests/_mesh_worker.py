@@ -8,7 +8,9 @@ global arrays with ``sharding.shard_batch`` (what ``training.loop`` does), recor
 global batch (``distributed.to_host``), and takes SGD steps of a small contrastive model
 whose two weights are sharded by the default ``config.mesh.logical_axis_rules`` (over
 ``model`` on one mesh, over ``fsdp`` on the other). It writes, per mesh and variant,
-``{mesh}_{variant}_{process}.npz``: the global batches, the losses and the final weights.
+``{mesh}_{variant}_{process}.npz``: the global batches, the losses and the final weights;
+for ``mesh``, also the test split encoded by the evaluator's loop (``evaluator.encode_texts``
+/ ``encode_videos``, padded last batch) with the trained weights.
 
 Variants (``--variants``): ``mesh`` is the pipeline as the program runs it; the others are
 deliberately wrong ways to feed a process, for the companion test that checks the comparison
@@ -31,12 +33,14 @@ from jax.sharding import NamedSharding
 from configs import demo
 from data_pipeline import pipeline
 from ucofia_jax.config import base_config
+from ucofia_jax.evaluation import evaluator
 from ucofia_jax.runtime import distributed, sharding
 
 # name -> (data, fsdp, model); both use all 4 devices
 MESHES = {"data1_model4": (1, 1, 4), "data2_fsdp2": (2, 2, 1)}
 VARIANTS = ("mesh", "blocks", "swapped")
 GLOBAL_BATCH = 8
+EVAL_BATCH = 4
 FRAMES, SIZE, WORDS = 4, 32, 16  # the sampling tests/test_mesh_batches.py builds with
 VOCAB_BUCKETS, DIM = 64, 16
 SEED = 0
@@ -136,6 +140,8 @@ def run_mesh(name: str, variant: str, data_cfg, steps: int, out: Path) -> None:
         params, loss = step(params, inputs["input_ids"], inputs["frames"])
         losses.append(float(loss))
     flat = {f"param_{k}": np.asarray(v) for k, v in distributed.to_host(params).items()}
+    if variant == "mesh":  # the evaluator's encoding loop on the same mesh
+        flat.update(encode_test_split(data_cfg, mesh, params))
     np.savez(
         out / f"{name}_{variant}_{jax.process_index()}.npz",
         losses=np.asarray(losses, np.float64),
@@ -143,6 +149,30 @@ def run_mesh(name: str, variant: str, data_cfg, steps: int, out: Path) -> None:
         **{k: np.stack(v) for k, v in record.items()},
         **flat,
     )
+
+
+def encode_test_split(data_cfg, mesh, params) -> dict:
+    """``evaluator.encode_texts`` / ``encode_videos`` of the test split (6 clips in global
+    batches of 4: the last has 2 padding rows) with the model's two projections as encoders;
+    what every process gets back."""
+    test = pipeline.VideoTextData(data_cfg, split="test", mesh=mesh)
+
+    def encode_text(p, input_ids):
+        return p["token_table"][input_ids % VOCAB_BUCKETS].mean(axis=1)
+
+    def encode_video(p, frames, frame_mask, rng):
+        pooled = frames.astype(jnp.float32).mean(axis=(2, 3)) / 255.0
+        return pooled.reshape(frames.shape[0], -1) @ p["video_proj"]
+
+    fns = evaluator.RetrievalFns(
+        encode_text=jax.jit(encode_text), encode_video=jax.jit(encode_video), score=None
+    )
+    batches = dict(global_batch=EVAL_BATCH)
+    text = evaluator.encode_texts(fns, params, test.eval_text_batches(**batches), mesh)
+    video = evaluator.encode_videos(
+        fns, params, test.eval_video_batches(**batches), mesh, jax.random.PRNGKey(0)
+    )
+    return {"eval_text": np.asarray(text), "eval_video": np.asarray(video)}
 
 
 def main(argv: list[str]) -> None:

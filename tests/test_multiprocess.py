@@ -423,6 +423,14 @@ def test_single_process_helpers():
     np.testing.assert_array_equal(d.to_host(g), x)
     np.testing.assert_array_equal(d.process_allgather(g), x)
     assert d.process_allgather(np.ones(2), tiled=False).shape == (1, 2)
+    # one process holds every row of the batch, however it is split or replicated
+    for axes in (("data",), ("model",)):
+        grid = Mesh(np.array(jax.devices()), axes)
+        batch_sh = NamedSharding(grid, P("data") if axes == ("data",) else P())
+        np.testing.assert_array_equal(d.process_rows(4 * n, batch_sh), np.arange(4 * n))
+        assert d.global_batch_from_local({"x": x}, batch_sh)["x"].shape == x.shape
+        with pytest.raises(ValueError, match="process 1 holds no device"):
+            d.process_rows(4 * n, batch_sh, process=1)
     d.sync("noop")
 
 

@@ -23,9 +23,12 @@ of the same names), environment variables set by ``launch.sh``:
 On CPU the cross-process collectives need an implementation: this jax defaults to gloo;
 we set ``jax_cpu_collectives_implementation='gloo'`` explicitly when it is unset/``none``.
 
-Data: each process reads only its rows of the global batch (:func:`local_batch_slice`),
-and :func:`global_batch_from_local` turns those rows into global ``jax.Array`` s with the
-batch sharding it is given (``sharding.batch_sharding``, the one definition of it). Metrics
+Data: each process reads exactly the rows of the global batch its devices hold under the
+batch sharding (:func:`process_rows`: from the sharding's device-to-rows map, so it holds for
+every mesh; where a ``model`` axis spans processes, the processes of a group read the same
+rows), and :func:`global_batch_from_local` turns those rows into global ``jax.Array`` s with
+the batch sharding it is given (``sharding.batch_sharding``, the one definition of it),
+stating the global shape. Metrics
 are brought to every host with :func:`process_allgather` or :func:`to_host`. Logging,
 reports and checkpoint metadata are written by process 0 only (:func:`is_main_process`,
 :func:`setup_logging`); Orbax saves from every process.
