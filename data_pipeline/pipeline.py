@@ -3,17 +3,20 @@
 The order of every stream is planned in numpy from ``(seed, epoch)`` before tf.data sees it,
 and records are fetched by index from the ArrayRecord files. That is what makes the order
 deterministic and resumable: a run restarted at step ``s`` of an epoch builds the same plan
-and starts at row ``s * global_batch`` (no batches are read and thrown away), and
-per-process sharding is a column slice of the same plan, so the processes together see
-exactly the global batch a single process would see.
+and starts at row ``s * global_batch`` (no batches are read and thrown away). Each process
+reads the columns of that plan its devices hold under the mesh's batch sharding
+(``distributed.process_rows``; ``mesh=`` below), so the global batch the processes assemble
+is exactly the one a single process would read, for any mesh: with ``mesh.model`` spanning
+processes, the processes that hold the same rows read the same rows.
 
-    data = VideoTextData(config.data, split="train")       # reads captions, tokenises once
+    data = VideoTextData(config.data, split="train", mesh=mesh)  # captions, tokenised once
     for batch in data.train_batches(epoch=0, seed=0, global_batch=128, start_step=0): ...
     train = data.train_epochs(seed=0, global_batch=128)    # what the train loop consumes
     videos = data.eval_video_batches(global_batch=64)       # every video once, padded
     texts = data.eval_text_batches(global_batch=64)         # every caption once, padded
 
-Batches are dicts of numpy arrays (b = global_batch // process_count):
+Batches are dicts of numpy arrays (b = this process's rows of the global batch: all of them
+in one process, global_batch // process_count when the batch is split over every device):
   train:       input_ids, input_mask int32 [b, max_words]; frames uint8 [b, F, S, S, 3];
                frame_mask int32 [b, F]; video_index, text_index int32 [b]
   eval video:  frames, frame_mask, video_index, valid (int32 [b], 0 on padding rows)
@@ -35,12 +38,14 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from jax.sharding import Mesh
 
 from data_pipeline import builder as builder_lib
 from data_pipeline import tables as tables_lib
 from data_pipeline.sampling import FrameSampling
 from ucofia_jax.errors import DataError
 from ucofia_jax.models import tokenizer
+from ucofia_jax.runtime import distributed, sharding
 
 
 def _hide_accelerators_from_tensorflow() -> None:
@@ -125,10 +130,30 @@ def eval_plan(num_items: int, global_batch: int) -> tuple[np.ndarray, np.ndarray
     return index.reshape(steps, global_batch), valid.reshape(steps, global_batch)
 
 
+def plan_columns(plan: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The columns ``rows`` (a process's rows of each global batch, ``distributed.process_rows``
+    order) of every step of `plan` [steps, global_batch]."""
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or len(rows) == 0 or rows.min() < 0 or rows.max() >= plan.shape[1]:
+        raise ValueError(
+            f"rows {rows.tolist()} are not columns of a global batch of {plan.shape[1]}"
+        )
+    return plan[:, rows]
+
+
+def block_rows(global_batch: int, process_index: int, process_count: int) -> np.ndarray:
+    """Rows ``[p * b, (p + 1) * b)`` of a global batch (b = global_batch / process_count): the
+    rows process p holds when the batch is split over every device of a mesh that lists each
+    process's devices together (``mesh.data=-1``). Not the rule for other meshes: with
+    ``mesh.model`` spanning processes the processes hold the same rows (``process_rows``)."""
+    b = local_batch_size(global_batch, process_count)
+    return np.arange(process_index * b, (process_index + 1) * b)
+
+
 def shard_plan(plan: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
-    """Process p's rows of every global batch: columns ``[p * b, (p + 1) * b)``."""
-    b = local_batch_size(plan.shape[1], process_count)
-    return plan[:, process_index * b : (process_index + 1) * b]
+    """Process p's :func:`block_rows` of every global batch (simulated processes in tests and
+    benchmarks; a run reads the mesh's rows, ``VideoTextData(..., mesh=mesh)``)."""
+    return plan_columns(plan, block_rows(plan.shape[1], process_index, process_count))
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,7 +236,11 @@ class VideoTextData:
         keys; ``self.sampling``) and ``manual_dir`` for the message when it is not built.
       split: ``train`` / ``val`` / ``test``.
       data_dir: overrides ``data_cfg.data_dir``.
-      process_index, process_count: default to jax's; tests pass them to simulate processes.
+      mesh: the run's mesh; each process reads the rows its devices hold under the batch
+        sharding (``distributed.process_rows``). Required with several processes.
+      process_index, process_count: default to jax's; without a mesh, tests pass them to
+        simulate processes that hold :func:`block_rows`. With a mesh, ``process_index`` picks
+        whose rows to read (default: this process's).
     """
 
     def __init__(
@@ -222,11 +251,16 @@ class VideoTextData:
         data_dir: str | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
+        mesh: Mesh | None = None,
     ):
         _hide_accelerators_from_tensorflow()
         self.data_cfg = data_cfg
         self.split = split
         self.process_index, self.process_count = _process(process_index, process_count)
+        if mesh is None and jax.process_count() > 1:
+            # Which rows a process holds depends on the mesh, not on its index alone.
+            raise ValueError("VideoTextData needs the mesh (mesh=) in a multi-process run")
+        self.mesh = mesh
         data_dir = data_dir or data_cfg.data_dir
         if not data_cfg.dataset or not data_dir:
             raise ValueError(
@@ -253,6 +287,14 @@ class VideoTextData:
         ).astype(np.int32)
         # All captions tokenised once (cached BPE: ~200k captions in seconds); batches index in.
         self.input_ids, self.input_mask = tokenizer.tokenize(self.texts, self.max_words)
+
+    def rows(self, global_batch: int) -> np.ndarray:
+        """The rows of every global batch of `global_batch` this process reads."""
+        if self.mesh is None:
+            return block_rows(global_batch, self.process_index, self.process_count)
+        return distributed.process_rows(
+            global_batch, sharding.batch_sharding(self.mesh, 1), self.process_index
+        )
 
     @property
     def num_videos(self) -> int:
@@ -281,8 +323,9 @@ class VideoTextData:
         )
         if not 0 <= start_step <= len(vplan):
             raise ValueError(f"start_step {start_step} not in [0, {len(vplan)}] (steps per epoch)")
-        vplan = shard_plan(vplan, self.process_index, self.process_count)[start_step:]
-        tplan = shard_plan(tplan, self.process_index, self.process_count)[start_step:]
+        rows = self.rows(global_batch)
+        vplan = plan_columns(vplan, rows)[start_step:]
+        tplan = plan_columns(tplan, rows)[start_step:]
         for batch in self._video_stream(vplan, {"text_index": tplan}):
             yield self._add_text(batch)
 
@@ -303,10 +346,9 @@ class VideoTextData:
         """Every video of the split exactly once (or `limit` of them, seeded), last batch padded."""
         order = self._subset(self.num_videos, limit, seed)
         index, valid = eval_plan(len(order), global_batch)
-        index = order[index]
+        rows = self.rows(global_batch)
         yield from self._video_stream(
-            shard_plan(index, self.process_index, self.process_count),
-            {"valid": shard_plan(valid, self.process_index, self.process_count)},
+            plan_columns(order[index], rows), {"valid": plan_columns(valid, rows)}
         )
 
     def eval_text_batches(
@@ -315,8 +357,9 @@ class VideoTextData:
         """Every text of the split exactly once (or `limit`, seeded), with its video; padded."""
         order = self._subset(self.num_texts, limit, seed)
         index, valid = eval_plan(len(order), global_batch)
-        index = shard_plan(order[index], self.process_index, self.process_count)
-        valid = shard_plan(valid, self.process_index, self.process_count)
+        rows = self.rows(global_batch)
+        index = plan_columns(order[index], rows)
+        valid = plan_columns(valid, rows)
         for t, v in zip(index, valid):
             yield {
                 "input_ids": self.input_ids[t],

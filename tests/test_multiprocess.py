@@ -6,7 +6,8 @@ below), so the multi-process path is exercised exactly as users launch it.
 
 * ``mechanics``: a contrastive loss over a global batch sharded on ``data`` (global
   negatives through XLA's all-gathers) and a few SGD steps on a replicated weight; each
-  process feeds only its rows via ``make_array_from_process_local_data``.
+  process feeds only its rows via ``make_array_from_process_local_data``. Its companion
+  (``--feed=swapped``) feeds each process the other's rows and checks the comparison fails.
 * ``train``: the package's own train step and evaluation (ucofia_jax.training.trainer /
   ucofia_jax.evaluation.evaluator) on the demo config shrunk to a tiny model: loss
   trajectory, params checksum and retrieval metrics.
@@ -59,7 +60,9 @@ LAUNCH = REPO / "launch.sh"
 # =========================================================================== the program
 
 
-def _mechanics(out: Path) -> dict:
+def _mechanics(out: Path, feed: str = "mesh") -> dict:
+    """``feed="swapped"``: each process feeds the rows of the other (deliberately wrong, for
+    the companion test)."""
     mesh = Mesh(np.array(jax.devices()), ("data",))
     rng = np.random.default_rng(0)
     global_batch, dim, steps = 16, 8, 4
@@ -69,6 +72,9 @@ def _mechanics(out: Path) -> dict:
     replicated = NamedSharding(mesh, P())
     batch_sh = NamedSharding(mesh, P("data", None))
     rows = distributed.local_batch_slice(global_batch, NamedSharding(mesh, P("data")))
+    if feed == "swapped":
+        other = (jax.process_index() + 1) % jax.process_count()
+        rows = distributed.process_rows(global_batch, NamedSharding(mesh, P("data")), other)
 
     def loss_fn(w, t, v):
         t = t @ w
@@ -116,7 +122,7 @@ def _mechanics(out: Path) -> dict:
         "losses": losses,
         "w": np.asarray(distributed.to_host(w)).tolist(),
         "rowsum": np.asarray(gathered).tolist(),
-        "rows": [rows.start, rows.stop],
+        "rows": np.asarray(np.arange(global_batch)[rows]).tolist(),
     }
 
 
@@ -331,13 +337,17 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", choices=["mechanics", "train"], required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--feed", choices=["mesh", "swapped"], default="mesh")
     args = parser.parse_args(argv)
 
     if os.environ.get("UCOFIA_TEST_TRACEBACK_AFTER"):  # debugging a hang: dump every thread
         faulthandler.dump_traceback_later(float(os.environ["UCOFIA_TEST_TRACEBACK_AFTER"]))
     up = distributed.maybe_initialize()  # before anything asks jax for its devices
     distributed.setup_logging()
-    result = {"mechanics": _mechanics, "train": _train}[args.task](Path(args.out))
+    if args.task == "mechanics":
+        result = _mechanics(Path(args.out), args.feed)
+    else:
+        result = _train(Path(args.out))
     result.update(
         process_count=jax.process_count(),
         device_count=jax.device_count(),
@@ -423,6 +433,14 @@ def test_single_process_helpers():
     np.testing.assert_array_equal(d.to_host(g), x)
     np.testing.assert_array_equal(d.process_allgather(g), x)
     assert d.process_allgather(np.ones(2), tiled=False).shape == (1, 2)
+    # one process holds every row of the batch, however it is split or replicated
+    for axes in (("data",), ("model",)):
+        grid = Mesh(np.array(jax.devices()), axes)
+        batch_sh = NamedSharding(grid, P("data") if axes == ("data",) else P())
+        np.testing.assert_array_equal(d.process_rows(4 * n, batch_sh), np.arange(4 * n))
+        assert d.global_batch_from_local({"x": x}, batch_sh)["x"].shape == x.shape
+        with pytest.raises(ValueError, match="process 1 holds no device"):
+            d.process_rows(4 * n, batch_sh, process=1)
     d.sync("noop")
 
 
@@ -456,8 +474,11 @@ def _finish(proc: subprocess.Popen, log: Path, deadline: float) -> None:
     assert proc.returncode == 0, f"{proc.args} failed:\n{log.read_text()[-8000:]}"
 
 
-def _run_both(task: str, tmp_path: Path, timeout: float = 420) -> tuple[dict, dict, list[dict]]:
-    """The 2 x 2 run and the 1 x 4 run, concurrently (each is mostly single-threaded compile)."""
+def _run_both(
+    task: str, tmp_path: Path, timeout: float = 420, multi_args: tuple = ()
+) -> tuple[dict, dict, list[dict]]:
+    """The 2 x 2 run (with ``multi_args`` added) and the 1 x 4 run, concurrently (each is
+    mostly single-threaded compile)."""
     entry = f"--entry={Path(__file__).resolve()}"
     multi, single = tmp_path / "multi", tmp_path / "single"
     runs = [
@@ -471,6 +492,7 @@ def _run_both(task: str, tmp_path: Path, timeout: float = 420) -> tuple[dict, di
                     "--",
                     f"--task={task}",
                     f"--out={multi}",
+                    *multi_args,
                 ],
                 tmp_path / "multi.log",
             ),
@@ -520,14 +542,29 @@ def test_mechanics_two_processes_equal_one(tmp_path):
     assert single["process_count"] == 1 and single["device_count"] == 4
     assert single["distributed"] is False
     # each process read its own half of the batch
-    assert [v["rows"] for v in views] == [[0, 8], [8, 16]]
-    assert single["rows"] == [0, 16]
+    assert [v["rows"] for v in views] == [list(range(8)), list(range(8, 16))]
+    assert single["rows"] == list(range(16))
+    _assert_same_mechanics(views, single)
+    assert single["losses"][-1] < single["losses"][0]  # it trains
+    print(f"mechanics: losses {single['losses']}  ({time.time() - t0:.1f} s)")
+
+
+def _assert_same_mechanics(views: list[dict], single: dict) -> None:
     for view in views:
         _close(view["losses"], single["losses"])
         _close(view["w"], single["w"])
         _close(view["rowsum"], single["rowsum"])
-    assert single["losses"][-1] < single["losses"][0]  # it trains
-    print(f"mechanics: losses {single['losses']}  ({time.time() - t0:.1f} s)")
+
+
+@pytest.mark.slow
+def test_mechanics_comparison_catches_swapped_shards(tmp_path):
+    """Companion: each process feeds the other's rows. Texts and videos move together, so the
+    contrastive loss and the weight do not change; the per-row output (rowsum) does, and the
+    comparison must fail on it."""
+    multi, single, views = _run_both("mechanics", tmp_path, multi_args=("--feed=swapped",))
+    assert [v["rows"] for v in views] == [list(range(8, 16)), list(range(8))]
+    with pytest.raises(AssertionError):
+        _assert_same_mechanics(views, single)
 
 
 @pytest.mark.slow  # compiles the train step in 3 processes: ~2 min on a busy 2-core machine

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from data_pipeline import build as build_lib
 from data_pipeline import pipeline, synthetic, tables
 from data_pipeline.sampling import FrameSampling
 from ucofia_jax.models import tokenizer
+from ucofia_jax.runtime import sharding
 
 F, S, NW = 4, 32, 16
 
@@ -149,6 +151,40 @@ def test_two_processes_partition_every_global_batch(data_dir, train):
             _data_cfg(data_dir), split="train", process_index=0, process_count=3
         )
         next(d3.train_batches(epoch=0, seed=0, global_batch=4))
+
+
+def test_one_process_reads_every_row_on_any_mesh(data_dir, train):
+    """With one process the mesh's rows are the whole batch, whatever the mesh (the
+    2-process cases, where they differ, are in tests/test_mesh_batches.py)."""
+    want = list(train.train_batches(epoch=1, seed=2, global_batch=4))
+    for data, fsdp, model in ((1, 1, 4), (2, 2, 1), (4, 1, 1)):
+        mesh = sharding.make_mesh(
+            ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, model=model))
+        )
+        d = pipeline.VideoTextData(_data_cfg(data_dir), split="train", mesh=mesh)
+        np.testing.assert_array_equal(d.rows(4), np.arange(4))
+        got = list(d.train_batches(epoch=1, seed=2, global_batch=4))
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            for k in b:
+                np.testing.assert_array_equal(a[k], b[k])
+        with pytest.raises(ValueError, match="process 1 holds no device"):
+            pipeline.VideoTextData(
+                _data_cfg(data_dir), split="train", mesh=mesh, process_index=1, process_count=2
+            ).rows(4)
+
+
+def test_plan_columns_and_block_rows():
+    plan = np.arange(24).reshape(3, 8)
+    np.testing.assert_array_equal(pipeline.block_rows(8, 1, 2), [4, 5, 6, 7])
+    np.testing.assert_array_equal(pipeline.shard_plan(plan, 1, 2), plan[:, 4:])
+    # a process's rows in process_rows order, e.g. blocks 0 and 2 of 4
+    np.testing.assert_array_equal(
+        pipeline.plan_columns(plan, np.array([0, 1, 4, 5])), plan[:, [0, 1, 4, 5]]
+    )
+    for bad in ([], [8], [-1]):
+        with pytest.raises(ValueError, match="not columns of a global batch of 8"):
+            pipeline.plan_columns(plan, np.array(bad, int))
 
 
 def test_expand_sentences_uses_every_pair_once(data_dir):

@@ -87,7 +87,7 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> Dict[str, Any
         model = Model.from_config(
             config.model, max_frames=config.data.max_frames, max_words=config.data.max_words
         )
-        splits = _Splits.open(config, train=train, evaluate=evaluate)
+        splits = _Splits.open(config, mesh, train=train, evaluate=evaluate)
         # Built once per run, and only when something is evaluated: choosing the level-3
         # kernel may compile it.
         fns = None if splits.test is None else evaluator.retrieval_fns(model, mesh, config.eval)
@@ -189,13 +189,14 @@ class _Splits:
         self.train, self.test = train_data, test_data
 
     @classmethod
-    def open(cls, config, *, train: bool, evaluate: bool) -> _Splits:
+    def open(cls, config, mesh, *, train: bool, evaluate: bool) -> _Splits:
         d = config.data
         need_train = train or config.eval.sk_norm
         need_test = evaluate or (train and config.train.eval_every_epochs > 0)
+        # Each process reads the rows its devices hold under the mesh's batch sharding.
         return cls(
-            pipeline.VideoTextData(d, split=d.train_split) if need_train else None,
-            pipeline.VideoTextData(d, split=d.eval_split) if need_test else None,
+            pipeline.VideoTextData(d, split=d.train_split, mesh=mesh) if need_train else None,
+            pipeline.VideoTextData(d, split=d.eval_split, mesh=mesh) if need_test else None,
         )
 
 

@@ -93,7 +93,7 @@ def encode_texts(fns: RetrievalFns, params, batches: Iterable[Batch], mesh) -> T
     for b in batches:
         ids = sharding_lib.shard_batch({"input_ids": np.asarray(b["input_ids"], np.int32)}, mesh)
         feats = distributed.to_host(fns.encode_text(params, ids["input_ids"]))
-        parts.append(_rows(feats, _global_valid(b, "input_ids")))
+        parts.append(_rows(feats, _global_valid(b, "input_ids", mesh)))
     return _concat(parts)
 
 
@@ -107,7 +107,7 @@ def encode_videos(
             {"frames": b["frames"], "frame_mask": np.asarray(b["frame_mask"], np.int32)}, mesh
         )
         feats = fns.encode_video(params, x["frames"], x["frame_mask"], jax.random.fold_in(rng, i))
-        parts.append(_rows(distributed.to_host(feats), _global_valid(b, "frames")))
+        parts.append(_rows(distributed.to_host(feats), _global_valid(b, "frames", mesh)))
     return _concat(parts)
 
 
@@ -115,11 +115,12 @@ def _rows(tree, keep: np.ndarray):
     return jax.tree.map(lambda x: x[keep], tree)
 
 
-def _global_valid(batch: Batch, key: str) -> np.ndarray:
-    """The padding mask of the whole global batch: every process holds only its rows of
-    ``valid``, in process order, as ``to_host`` returns the rows."""
+def _global_valid(batch: Batch, key: str, mesh) -> np.ndarray:
+    """The padding mask of the whole global batch, assembled from this process's rows of
+    ``valid`` as the batch itself is (processes may hold the same rows: a ``model`` axis
+    spanning processes replicates the batch over them)."""
     local = np.asarray(batch.get("valid", np.ones(len(batch[key]))), np.int32)
-    return np.asarray(distributed.process_allgather(local), bool)
+    return np.asarray(distributed.to_host(sharding_lib.shard_batch({"v": local}, mesh)["v"]), bool)
 
 
 def _concat(parts):
@@ -132,7 +133,7 @@ def _bank_batches(ids: np.ndarray, batch: int, mesh) -> Iterable[Batch]:
     """Fixed-size global batches (padded with row 0, with a ``valid`` mask) of token ids that
     every process holds whole; each process yields its own rows of every batch, those its
     devices hold under the batch sharding (so they come back in the order encoded)."""
-    rows = distributed.local_batch_slice(batch, sharding_lib.batch_sharding(mesh, 1))
+    rows = distributed.process_rows(batch, sharding_lib.batch_sharding(mesh, 1))
     for lo in range(0, len(ids), batch):
         part = ids[lo : lo + batch]
         valid = (np.arange(batch) < len(part)).astype(np.int32)

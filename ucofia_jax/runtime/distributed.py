@@ -23,9 +23,12 @@ of the same names), environment variables set by ``launch.sh``:
 On CPU the cross-process collectives need an implementation: this jax defaults to gloo;
 we set ``jax_cpu_collectives_implementation='gloo'`` explicitly when it is unset/``none``.
 
-Data: each process reads only its rows of the global batch (:func:`local_batch_slice`),
-and :func:`global_batch_from_local` turns those rows into global ``jax.Array`` s with the
-batch sharding it is given (``sharding.batch_sharding``, the one definition of it). Metrics
+Data: each process reads exactly the rows of the global batch its devices hold under the
+batch sharding (:func:`process_rows`: from the sharding's device-to-rows map, so it holds for
+every mesh; where a ``model`` axis spans processes, the processes of a group read the same
+rows), and :func:`global_batch_from_local` turns those rows into global ``jax.Array`` s with
+the batch sharding it is given (``sharding.batch_sharding``, the one definition of it),
+stating the global shape. Metrics
 are brought to every host with :func:`process_allgather` or :func:`to_host`. Logging,
 reports and checkpoint metadata are written by process 0 only (:func:`is_main_process`,
 :func:`setup_logging`); Orbax saves from every process.
@@ -34,6 +37,7 @@ reports and checkpoint metadata are written by process 0 only (:func:`is_main_pr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Mapping
@@ -54,6 +58,7 @@ __all__ = [
     "is_main_process",
     "process_index",
     "process_count",
+    "process_rows",
     "local_batch_slice",
     "global_batch_from_local",
     "process_allgather",
@@ -337,14 +342,41 @@ def _check_sharding(sharding: Any) -> None:
         )
 
 
-def local_batch_slice(global_batch_size: int, sharding: Sharding | None = None) -> slice:
-    """The rows of a global batch this process must read (contiguous, in mesh order).
+def process_rows(
+    global_batch_size: int, sharding: Sharding, process: int | None = None
+) -> np.ndarray:
+    """The rows of a global batch that ``process`` (default: this one) feeds, as int indices.
 
-    ``sharding``: the batch's sharding (``sharding.batch_sharding(mesh, 1)``); process ``p``
-    owns one contiguous block of its rows. None: the ``p``-th of ``process_count`` equal
-    blocks, which is the same block when the mesh lists each process's devices together.
-    The data pipeline reads exactly these rows and hands them to
-    :func:`global_batch_from_local`.
+    They are the rows its devices hold under ``sharding`` (the batch sharding,
+    ``sharding.batch_sharding(mesh, 1)``): the distinct row blocks of those devices in
+    ascending order, which is the order :func:`global_batch_from_local` (and
+    ``jax.make_array_from_process_local_data``) reads a process's rows in. Derived from the
+    sharding, not from the process index: with the batch replicated over a ``model`` axis that
+    spans processes, every process that holds the same blocks gets the same rows (with
+    ``mesh.data=1`` every process reads the whole batch). ValueError when ``process`` holds
+    no device of the sharding (``check_mesh_spans_processes`` refuses such a mesh first).
+    """
+    _check_sharding(sharding)
+    process = jax.process_index() if process is None else int(process)
+    blocks = sorted(
+        {
+            index[0].indices(global_batch_size)[:2]
+            for device, index in sharding.devices_indices_map((global_batch_size,)).items()
+            if device.process_index == process
+        }
+    )
+    if not blocks:
+        raise ValueError(f"process {process} holds no device of the batch sharding")
+    return np.concatenate([np.arange(lo, hi) for lo, hi in blocks])
+
+
+def local_batch_slice(global_batch_size: int, sharding: Sharding | None = None) -> slice:
+    """:func:`process_rows` of this process as a slice, where they are contiguous.
+
+    ``sharding``: the batch's sharding (``sharding.batch_sharding(mesh, 1)``). None: the
+    ``p``-th of ``process_count`` equal blocks, the rows of a batch split over every device
+    when the mesh lists each process's devices together. ValueError where this process's
+    rows are not one contiguous block (use :func:`process_rows` there).
     """
     if sharding is None:
         n = jax.process_count()
@@ -352,31 +384,57 @@ def local_batch_slice(global_batch_size: int, sharding: Sharding | None = None) 
             raise ValueError(f"global batch {global_batch_size} not divisible by {n} processes")
         per = global_batch_size // n
         return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
-    _check_sharding(sharding)
-    rows = set()
-    for index in sharding.addressable_devices_indices_map((global_batch_size,)).values():
-        rows.update(range(*index[0].indices(global_batch_size)))
-    lo, hi = min(rows), max(rows) + 1
+    rows = process_rows(global_batch_size, sharding)
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
     if len(rows) != hi - lo:
         raise ValueError(
-            "this process's rows of the batch are not contiguous; reorder the mesh "
-            "so each process's devices are adjacent on 'data'"
+            "this process's rows of the batch are not contiguous; use distributed.process_rows"
         )
     return slice(lo, hi)
+
+
+@functools.lru_cache(maxsize=256)  # called per leaf per step; the answer is per sharding
+def _global_shape(local_shape: tuple, sharding: Sharding) -> tuple:
+    """Global shape of an array of which this process holds ``local_shape`` under ``sharding``
+    (leading axis: this process's rows). Every device holds a block of the same size, so the
+    global row count is local rows x (distinct row blocks / distinct blocks of this process).
+    Stated to JAX rather than left for it to infer, which it cannot do where processes hold
+    overlapping sets of blocks."""
+    # A probe size that every block count divides (there are at most mesh-size blocks).
+    probe = (local_shape[0] * len(sharding.device_set),) + tuple(local_shape[1:])
+    every = {
+        index[0].indices(probe[0])[:2] for index in sharding.devices_indices_map(probe).values()
+    }
+    mine = {
+        index[0].indices(probe[0])[:2]
+        for index in sharding.addressable_devices_indices_map(probe).values()
+    }
+    if local_shape[0] % len(mine):
+        raise ValueError(
+            f"{local_shape[0]} local rows do not split into the {len(mine)} row blocks this "
+            "process holds under the batch sharding"
+        )
+    return (local_shape[0] // len(mine) * len(every),) + tuple(local_shape[1:])
 
 
 def global_batch_from_local(local_batch: Any, sharding: Sharding) -> Any:
     """Process-local numpy batch (pytree) -> global ``jax.Array`` s with ``sharding``.
 
-    Every leaf's leading axis is this process's rows (:func:`local_batch_slice`); the global
-    leading size is ``local rows * process_count`` (inferred by JAX). ``sharding`` shards the
-    leading axis (``sharding.batch_sharding``); a spec shorter than a leaf's rank leaves the
-    other axes replicated. In a single process this is a plain ``device_put``.
+    Every leaf's leading axis is this process's rows (:func:`process_rows`, in that order);
+    the global leading size follows from the sharding (:func:`_global_shape`): local rows x
+    process count when the batch is split over every device, the local rows themselves when
+    it is replicated over the processes. ``sharding`` shards the leading axis
+    (``sharding.batch_sharding``); a spec shorter than a leaf's rank leaves the other axes
+    replicated. In a single process this is a plain ``device_put``.
     """
     _check_sharding(sharding)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
-    )
+
+    def one(x):
+        x = np.asarray(x)
+        shape = _global_shape(tuple(x.shape), sharding)
+        return jax.make_array_from_process_local_data(sharding, x, shape)
+
+    return jax.tree.map(one, local_batch)
 
 
 def process_allgather(tree: Any, tiled: bool = True) -> Any:

@@ -111,7 +111,7 @@ def batch_spec(ndim: int, axis: int = 0) -> P:
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Leading (batch) axis over data x fsdp, the rest replicated: the one batch sharding
-    (`distributed.local_batch_slice` / `global_batch_from_local` take it as an argument)."""
+    (`distributed.process_rows` / `global_batch_from_local` take it as an argument)."""
     return NamedSharding(mesh, batch_spec(ndim))
 
 
