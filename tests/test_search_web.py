@@ -53,15 +53,16 @@ def jpeg_bytes(color, size=(32, 24)) -> bytes:
 class FakeIndex:
     """Scores by word overlap between the query and a caption per entry (ties: path order).
 
-    Entries are (path, caption, start, end); one path may hold several segments (a moment
-    of a file lasts to 10 s: its duration). Entry i's row key is ``row_key(i)``; a hit's
+    Entries are (path, caption, start, end); one path may hold several segments (moments;
+    such a file lasts ``duration`` seconds). Entry i's row key is ``row_key(i)``; a hit's
     confidence is its word overlap.
     """
 
-    def __init__(self, root, entries, thumbs):
+    def __init__(self, root, entries, thumbs, duration=10.0):
         self.root = root
         self.entries = entries
         self.thumbs = thumbs
+        self.duration = duration  # of every file that has moments
         self.calls = []
 
     def __len__(self):
@@ -83,11 +84,14 @@ class FakeIndex:
             scored.sort()
             out.append(
                 [
-                    FakeHit(r + 1, -s, -s, p, st, en, row_key(i), 10.0 if st is not None else None)
+                    FakeHit(r + 1, -s, -s, p, st, en, row_key(i), self.duration_of(st))
                     for r, (s, p, i, st, en) in enumerate(scored[:top])
                 ]
             )
         return out
+
+    def duration_of(self, start):
+        return self.duration if start is not None else None
 
     def thumbnail(self, video_id):
         return self.thumbs.get(video_id)
