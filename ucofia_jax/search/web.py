@@ -371,8 +371,10 @@ class SearchHandler(BaseHTTPRequestHandler):
                 raise HTTPError(404, f"no such page: {path[:200]}")
         except HTTPError as e:
             self._send_error_json(e.status, e.message)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the browser went away (it often does, mid-video)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            # The browser went away (it often does, mid-video) or stopped reading for
+            # IDLE_TIMEOUT_S: nothing more can be sent on this connection.
+            self.close_connection = True
         except Exception as e:  # a bug or a failing index must not stop the server
             self.log_error("%s", traceback.format_exc())
             self._send_error_json(500, f"{type(e).__name__}: {e}")
