@@ -168,7 +168,8 @@ def test_index_passes_window_stride_and_follow_symlinks(monkeypatch, tmp_path, c
 
     monkeypatch.setattr(indexer, "build_index", fake_build_index)
     monkeypatch.setattr(source_lib, "load_model", lambda src: "model")
-    monkeypatch.setattr(source_lib, "enable_compilation_cache", lambda: None)  # this process
+    enabled = []
+    monkeypatch.setattr(source_lib, "enable_compilation_cache", lambda: enabled.append(1))
     base = ["index", "--videos", str(tmp_path), "--index", str(tmp_path / "i"), "--workdir", "w"]
     assert cli.main(base) == 0
     assert set(calls[-1]) == {"workers", "strict", "progress"}  # the rest: the API's defaults
@@ -181,6 +182,10 @@ def test_index_passes_window_stride_and_follow_symlinks(monkeypatch, tmp_path, c
         "batch_size": 3,
     }
     assert "indexed 0" in capsys.readouterr().out
+    # The cache is a setting of the whole process: on for `python -m`, off for a caller of
+    # main() (this test's process) unless asked.
+    assert enabled == []
+    assert cli.main(base, compile_cache=True) == 0 and enabled == [1]
 
 
 def test_port_in_use_is_error_line_and_exit_2(monkeypatch, capsys, tmp_path):

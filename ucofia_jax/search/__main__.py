@@ -156,7 +156,8 @@ def _open(a):
 
     src = _source(a)
     Store.open(a.index)  # a path that is no index fails before a model loads
-    source_lib.enable_compilation_cache()
+    if a.compile_cache:
+        source_lib.enable_compilation_cache()
     model = source_lib.load_model(src) if src is not None else None
     return Index.open(a.index, model=model)
 
@@ -194,7 +195,8 @@ def cmd_index(a) -> int:
     from ucofia_jax.search.indexer import build_index  # noqa: PLC0415
 
     distributed.maybe_initialize(None)  # a launch.sh multi-process job: split the files
-    source_lib.enable_compilation_cache()
+    if a.compile_cache:
+        source_lib.enable_compilation_cache()
     model = source_lib.load_model(src)
     summary = build_index(
         a.videos,
@@ -306,8 +308,12 @@ def cmd_export(a) -> int:
 COMMANDS = {"index": cmd_index, "query": cmd_query, "serve": cmd_serve, "export": cmd_export}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, compile_cache: bool = False) -> int:
+    """Runs one command; the exit status. ``compile_cache``: keep compiled programs in JAX's
+    persistent cache (source.enable_compilation_cache), a setting of the whole process, so
+    the program (``python -m``) turns it on and a caller in its own process (a test) chooses."""
     a = parser().parse_args(argv)
+    a.compile_cache = compile_cache
     quiet_logs(a.verbose)
     try:
         return COMMANDS[a.command](a)
@@ -322,4 +328,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(compile_cache=True))
