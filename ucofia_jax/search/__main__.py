@@ -323,7 +323,8 @@ def main(argv: Optional[List[str]] = None, compile_cache: bool = False) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: committed batches are kept; rerun to resume", file=sys.stderr)
+        resume = "; committed batches are kept: rerun to resume" if a.command == "index" else ""
+        print(f"interrupted{resume}", file=sys.stderr)
         return 130
 
 
