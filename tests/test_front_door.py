@@ -338,3 +338,30 @@ def test_demo_command_trains_and_evaluates(tmp_path):
     # Chance is 1 % R@1; the demo reaches 30-40 % (docs/train.md), so it really learned.
     assert results["t2v"]["R@1"] >= 15 and results["v2t"]["R@1"] >= 15
     assert (workdir / "report" / "index.html").exists()
+
+
+def _makefile_default(name: str) -> str:
+    """The value of ``NAME = value`` in the Makefile (its default)."""
+    for line in (ROOT / "Makefile").read_text(encoding="utf-8").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == name:
+            return value.strip()
+    raise AssertionError(f"Makefile sets no {name}")
+
+
+def test_readme_search_commands_run_in_what_make_demo_leaves():
+    """README "Search your videos" works as written after `make demo`: it starts with that,
+    then runs the interpreter of the virtualenv make set up (no `source .venv/bin/activate`
+    needed; a bare `python` would not find jax), on the demo's workdir. The commands
+    themselves run in tests/test_search.py (test_readme_search_section_runs_as_written)."""
+    venv, workdir = _makefile_default("VENV"), _makefile_default("WORKDIR")
+    commands = _code_blocks(_section("Search your videos"))[0]  # the shell block
+    assert commands[0] == ["make", "demo"], commands[0]
+    search = commands[1:]
+    assert len(search) == 4, commands
+    for argv in search:
+        assert argv[:3] == [f"{venv}/bin/python", "-m", "ucofia_jax.search"], argv
+        index = argv[argv.index("--index") + 1]
+        assert index == f"{workdir}/videos.ucofia", argv
+    first = search[0]
+    assert first[3] == "index" and first[first.index("--workdir") + 1] == workdir, first

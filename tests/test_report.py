@@ -1,6 +1,8 @@
-"""The report's example frames with the test set split over processes: each process holds only
-its rows of the test videos (not in video order), so the drawn clips' first frames are
-gathered. Two processes are simulated by two threads meeting in a fake allgather."""
+"""The evaluation report (ucofia_jax/evaluation/report.py): the example clips' frame strips
+with the test set split over processes (each process holds only its rows of the test videos,
+not in video order, so the drawn strips are gathered; two processes are simulated by two
+threads meeting in a fake allgather); the heatmap of every test item as per-row ranks; the
+metric notes and the search commands in the page."""
 
 import threading
 
@@ -52,7 +54,12 @@ def _sim(seed=0):
     return sim, text_video
 
 
-def test_drawn_frames_are_gathered_from_both_processes(monkeypatch):
+def _strip_of(video: int) -> np.ndarray:
+    """The strip _batches' two frames of ``video`` make: side by side, in time order."""
+    return np.concatenate([_frames_of(video), _frames_of(video) + 1], axis=1)
+
+
+def test_drawn_strips_are_gathered_from_both_processes(monkeypatch):
     sim, text_video = _sim()
     fake = _TwoProcesses()
     monkeypatch.setattr(report.distributed, "process_allgather", fake.allgather)
@@ -63,7 +70,7 @@ def test_drawn_frames_are_gathered_from_both_processes(monkeypatch):
     def process(i):
         fake.local.index = i
         try:
-            out[i] = report.drawn_first_frames(sim, text_video, _batches(rows[i], 4))
+            out[i] = report.drawn_frame_strips(sim, text_video, _batches(rows[i], 4))
         except Exception as e:  # noqa: BLE001 -- surfaced by the assertion below
             errors.append(e)
             fake.barrier.abort()
@@ -78,14 +85,15 @@ def test_drawn_frames_are_gathered_from_both_processes(monkeypatch):
     drawn = set(text_video[idx].tolist()) | set(best.reshape(-1).tolist())
     assert set(out[0]) == set(out[1]) == drawn
     assert any(v in rows[1] for v in drawn) and any(v in rows[0] for v in drawn)
-    for v in drawn:  # each the first frame of its own video, whichever process held it
-        np.testing.assert_array_equal(out[0][v], _frames_of(v))
-        np.testing.assert_array_equal(out[1][v], _frames_of(v))
+    for v in drawn:  # each the strip of its own video, whichever process held it
+        assert out[0][v].shape == (S, 2 * S, 3)
+        np.testing.assert_array_equal(out[0][v], _strip_of(v))
+        np.testing.assert_array_equal(out[1][v], _strip_of(v))
 
 
-def test_write_report_from_drawn_frames(tmp_path):
+def test_write_report_from_drawn_strips(tmp_path):
     sim, text_video = _sim(1)
-    frames = report.drawn_first_frames(sim, text_video, _batches(np.arange(NV), 5))
+    frames = report.drawn_frame_strips(sim, text_video, _batches(np.arange(NV), 5))
     texts = [f"caption {t}" for t in range(len(text_video))]
     res = {"step": 3, "t2v": dict.fromkeys(("R@1", "R@5", "R@10", "MdR", "MnR"), 1.0)}
     path = report.write_report(str(tmp_path), res, sim, text_video, texts, frames)
@@ -94,5 +102,54 @@ def test_write_report_from_drawn_frames(tmp_path):
     missing = dict(frames)
     gone = next(iter(missing))
     del missing[gone]
-    with pytest.raises(ValueError, match=f"no first frame for test video {gone}"):
+    with pytest.raises(ValueError, match=f"no frame strip for test video {gone}"):
         report.write_report(str(tmp_path), res, sim, text_video, texts, missing)
+
+
+def test_row_ranks_against_a_sort_per_row():
+    sim = np.array([[0.1, 0.9, 0.5], [3.0, -1.0, 2.0]])
+    np.testing.assert_array_equal(report.row_ranks(sim), [[2, 0, 1], [0, 2, 1]])
+    sim, _ = _sim(2)
+    ranks = report.row_ranks(sim)
+    for row, r in zip(sim, ranks):  # rank k holds the k-th largest score
+        np.testing.assert_array_equal(row[np.argsort(r)], np.sort(row)[::-1])
+
+
+def test_heatmap_holds_every_test_item_with_the_truth_on_the_diagonal():
+    """Rows of all T texts, each over all V videos (more than the 40 x 40 corner the report
+    once drew), sorted by ground truth: with a score that ranks each text's own video first,
+    the ground-truth cells are all rank 0, whatever each row's scale (rows scaled 1e-3 ..
+    1e3)."""
+    nv = 50
+    rng = np.random.default_rng(3)
+    text_video = rng.permutation(np.repeat(np.arange(nv), 2))
+    sim = rng.normal(size=(2 * nv, nv))
+    sim[np.arange(2 * nv), text_video] += 10.0
+    sim *= np.logspace(-3, 3, 2 * nv)[:, None]
+    ranks, truth = report.heatmap_rows(sim, text_video)
+    assert ranks.shape == (2 * nv, nv)
+    np.testing.assert_array_equal(truth, np.repeat(np.arange(nv), 2))
+    assert (ranks[np.arange(2 * nv), truth] == 0).all()
+    assert sorted(ranks[5].tolist()) == list(range(nv))
+
+
+def test_page_explains_the_metrics_and_ends_with_the_search_commands(tmp_path):
+    sim, text_video = _sim(4)
+    strips = {v: _strip_of(v) for v in range(NV)}
+    texts = [f"caption {t}" for t in range(len(text_video))]
+    res = {"step": 3, "t2v": dict.fromkeys(("R@1", "R@5", "R@10", "MdR", "MnR"), 1.0)}
+    workdir = tmp_path / "run"
+    (workdir / "data" / "raw" / "videos").mkdir(parents=True)  # the demo's layout
+    page = open(report.write_report(str(workdir), res, sim, text_video, texts, strips)).read()
+    for term in ("R@K", "MdR / MnR", "t2v / v2t", "SK-norm"):
+        assert term in page, term
+    commands = report.search_commands(str(workdir))
+    assert page.rstrip().endswith("</pre></body></html>")
+    for line in commands:
+        assert line.replace('"', "&quot;") in page
+    assert commands[0] == (
+        f".venv/bin/python -m ucofia_jax.search index --videos {workdir}/data/raw/videos "
+        f"--index {workdir}/videos.ucofia --workdir {workdir}"
+    )
+    other = report.search_commands(str(tmp_path / "no_videos_here"))
+    assert "--videos YOUR_VIDEO_FOLDER" in other[0]

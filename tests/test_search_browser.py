@@ -1,10 +1,12 @@
 """The search page in a real headless browser: Debian's chromium + chromedriver, via selenium.
 
 It types a query in the box, submits, and checks that the result tiles appear in the order the
-JSON API gives (rank 1 first, scores not increasing), that thumbnails really decode
-(naturalWidth > 0), that a click plays the video in place (the browser reads its metadata
-through the server's Range support), that paths with markup characters stay text, and that
-traversal URLs loaded by the browser are refused.
+JSON API gives (rank 1 first, scores not increasing), that the frame strips really decode
+(naturalWidth > 0), that a moment shows its time and a bar marking [start, end] within the
+file, that a click plays the video in place (the browser reads its metadata through the
+server's Range support), that a query with no good match says so, that the demo model's
+notice shows, that paths with markup characters stay text, and that traversal URLs loaded by
+the browser are refused.
 
 Two sites: a fake index over real clips served from a thread (fast; it also has segments and a
 file name with markup), and the real commands (slow): a tiny model saved as a training run,
@@ -33,7 +35,7 @@ from urllib.parse import urlencode
 import numpy as np
 import pytest
 from _env import sigint_as_in_a_terminal
-from test_search_web import FakeIndex, jpeg_bytes
+from test_search_web import FakeIndex, jpeg_bytes, row_key
 
 from data_pipeline.synthetic import captions_for, render, sample_scene, write_clip
 from ucofia_jax.search import web
@@ -100,6 +102,7 @@ def browser():
 
 # A file name with markup and quotes: it must show as text, never become an element.
 HOSTILE = 'clips/<i>odd "name" & co.mp4'
+NOTICE = "this model was trained on <b>shapes</b> only"  # markup here must stay text too
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +116,21 @@ def fake_site(tmp_path_factory):
         scene = sample_scene(rng)
         frames = render(scene, frame_size=32, num_frames=6, rng=np.random.default_rng(i))
         write_clip(str(root / name), frames, fps=3)
-        # One file indexed as two segments, like a long video cut into clips.
+        # One file indexed as two moments, like a long video cut into windows.
         spans = [(0.5, 1.0), (1.0, 2.0)] if i == 2 else [(None, None)]
         for start, end in spans:
+            thumbs[row_key(len(entries))] = jpeg_bytes(
+                tuple(int(v) for v in frames[0, 0, 0]), size=(4 * 48, 32)
+            )
             entries.append((name, captions_for(scene, 1)[0], start, end))
-        thumbs[name] = jpeg_bytes(tuple(int(v) for v in frames[0, 0, 0]), size=(48, 32))
-    index = FakeIndex(root, entries, thumbs)
-    server = web.make_server(index, "127.0.0.1", 0)
+    index = FakeIndex(root, entries, thumbs, duration=2.0)  # 6 frames at 3 fps
+    server = web.make_server(
+        index,
+        "127.0.0.1",
+        0,
+        no_good_match=lambda hits: not hits or hits[0].confidence == 0,  # no word in common
+        notice=NOTICE,
+    )
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
@@ -263,7 +274,9 @@ fetch(arguments[0]).then(async r => done([r.status, await r.text()]),
 """
 
 
-def search_in_page(driver, base: str, text: str, top: int) -> list[dict]:
+def search_in_page(
+    driver, base: str, text: str, top: int, expect_state: str = "done"
+) -> list[dict]:
     driver.get(base)
     wait_for(driver, "the index description", lambda d: d.find_element(By.ID, "model").text)
     box = driver.find_element(By.ID, "q")
@@ -276,12 +289,14 @@ def search_in_page(driver, base: str, text: str, top: int) -> list[dict]:
         driver,
         "the results",
         lambda d: (
-            d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error")
+            d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+            in ("done", "no-match", "error")
         ),
     )
     assert state
     status = driver.find_element(By.ID, "status").text
-    assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", status
+    got = driver.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+    assert got == expect_state, status
     assert "ms" in status, status  # the latency is shown
     return driver.execute_script(TILES_JS)
 
@@ -392,6 +407,56 @@ def test_bad_query_shows_error_and_page_keeps_working(browser, fake_site):
     )
     assert "failed on purpose" in browser.find_element(By.ID, "status").text
     assert search_in_page(browser, base, text, top=3)
+
+
+# Per moment tile: the time bar's data and the marked span's share of the bar, as drawn.
+BARS_JS = """
+return [...document.querySelectorAll('#results > li.tile')].map(li => {
+  const bar = li.querySelector('.timebar');
+  if (!bar) return null;
+  const span = bar.querySelector('.moment').getBoundingClientRect();
+  const all = bar.getBoundingClientRect();
+  return {from: Number(bar.dataset.from), to: Number(bar.dataset.to),
+          left: (span.left - all.left) / all.width, width: span.width / all.width};
+});
+"""
+
+
+def test_moments_show_time_and_a_bar_within_the_file(browser, fake_site):
+    base, text = fake_site
+    api = api_search(base, text, 5)
+    browser.get(base + "?" + urlencode({"q": text, "top": 5}))
+    wait_for(
+        browser,
+        "the results",
+        lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done",
+    )
+    bars = browser.execute_script(BARS_JS)
+    assert len(bars) == len(api["results"])
+    for hit, bar in zip(api["results"], bars):
+        if hit["start"] is None:  # a whole file: no bar
+            assert bar is None, (hit, bar)
+            continue
+        start, end, duration = hit["start"], hit["end"], hit["duration"]
+        assert (bar["from"], bar["to"]) == pytest.approx((start / duration, end / duration))
+        assert bar["left"] == pytest.approx(start / duration, abs=0.02), bar
+        assert bar["width"] == pytest.approx((end - start) / duration, abs=0.02), bar
+    assert sum(b is not None for b in bars) == 2  # both moments of the long file
+    # The notice of the model shows above the page, as text.
+    notice = browser.find_element(By.ID, "notice")
+    assert notice.is_displayed() and notice.text == NOTICE
+
+
+def test_no_good_match_is_said_on_the_page(browser, fake_site):
+    base, _ = fake_site
+    assert api_search(base, "qwerty zxcv", 3)["no_good_match"] is True
+    tiles = search_in_page(browser, base, "qwerty zxcv", 3, expect_state="no-match")
+    assert tiles  # the hits still show, under the warning
+    banner = browser.find_element(By.ID, "no-match")
+    assert banner.is_displayed() and "No good match" in banner.text
+    # A query with a good match hides it again.
+    search_in_page(browser, base, fake_site[1], 3)
+    assert not browser.find_element(By.ID, "no-match").is_displayed()
 
 
 def test_traversal_refused_in_browser_fake(browser, fake_site):

@@ -1,8 +1,10 @@
 """The search page's server (ucofia_jax/search/web.py) over a fake index: routes, JSON, Range,
-and the refusals (path traversal, files outside the root or not in the index, bad requests).
+and the refusals (path traversal, files outside the root or not in the index, bad requests,
+methods other than GET/HEAD), a port in use, and shutdown under half-open connections.
 
-The fake index is duck-typed like the real one (root, search, thumbnail, describe, len); the
-server is bound to port 0 and served from a thread. No browser: see test_search_browser.py.
+The fake index is duck-typed like the real one (root, search, thumbnail by row key,
+contains_path, describe, len); the server is bound to port 0 and served from a thread. No
+browser: see test_search_browser.py.
 """
 
 import dataclasses
@@ -11,9 +13,11 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from urllib.parse import quote
 
 import pytest
@@ -27,10 +31,17 @@ from ucofia_jax.search import web
 class FakeHit:
     rank: int
     score: float
+    confidence: float
     path: str
     start: float | None
     end: float | None
     video_id: str
+    duration: float | None
+
+
+def row_key(i: int) -> str:
+    """A row key as the store writes them (16 hex digits)."""
+    return f"{0xA0 + i:016x}"
 
 
 def jpeg_bytes(color, size=(32, 24)) -> bytes:
@@ -42,13 +53,16 @@ def jpeg_bytes(color, size=(32, 24)) -> bytes:
 class FakeIndex:
     """Scores by word overlap between the query and a caption per entry (ties: path order).
 
-    Entries are (path, caption, start, end); one path may hold several segments.
+    Entries are (path, caption, start, end); one path may hold several segments (moments;
+    such a file lasts ``duration`` seconds). Entry i's row key is ``row_key(i)``; a hit's
+    confidence is its word overlap.
     """
 
-    def __init__(self, root, entries, thumbs):
+    def __init__(self, root, entries, thumbs, duration=10.0):
         self.root = root
         self.entries = entries
         self.thumbs = thumbs
+        self.duration = duration  # of every file that has moments
         self.calls = []
 
     def __len__(self):
@@ -70,14 +84,20 @@ class FakeIndex:
             scored.sort()
             out.append(
                 [
-                    FakeHit(r + 1, -s, p, st, en, f"v{i}")
+                    FakeHit(r + 1, -s, -s, p, st, en, row_key(i), self.duration_of(st))
                     for r, (s, p, i, st, en) in enumerate(scored[:top])
                 ]
             )
         return out
 
-    def thumbnail(self, path):
-        return self.thumbs.get(path)
+    def duration_of(self, start):
+        return self.duration if start is not None else None
+
+    def thumbnail(self, video_id):
+        return self.thumbs.get(video_id)
+
+    def contains_path(self, path):
+        return any(path == p for p, *_ in self.entries)
 
     def describe(self):
         return {"model": "fake <b>model</b>", "count": len(self.entries), "clip_only": True}
@@ -109,7 +129,7 @@ def site(tmp_path_factory):
         ("gone.mp4", "a deleted file", None, None),
         ("empty.mp4", "nothing", None, None),
     ]
-    thumbs = {path: jpeg_bytes((40 * i, 80, 120)) for i, (path, *_) in enumerate(entries)}
+    thumbs = {row_key(i): jpeg_bytes((40 * i, 80, 120)) for i in range(len(entries))}
     index = FakeIndex(root, entries, thumbs)
     server = web.make_server(index, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
@@ -174,9 +194,11 @@ def test_search_returns_the_index_ranking(site):
     assert all(a["score"] >= b["score"] for a, b in zip(got, got[1:]))
     assert [h["video_id"] for h in got] == [h.video_id for h in expected]
     for hit, ref in zip(got, expected):
-        assert hit["thumb_url"] == "/thumb/" + quote(ref.path)
+        assert hit["thumb_url"] == "/thumb/" + ref.video_id
         assert hit["video_url"].startswith("/video/" + quote(ref.path))
         assert (hit["start"], hit["end"]) == (ref.start, ref.end)
+        assert (hit["confidence"], hit["duration"]) == (ref.confidence, ref.duration)
+    assert body["no_good_match"] is False  # the default rule: only an empty list
     # A segment carries the media fragment that makes the browser play only that part.
     seg = next(h for h in got if h["start"] is not None)
     assert seg["video_url"].endswith(f"#t={seg['start']:.3f},{seg['end']:.3f}")
@@ -230,13 +252,18 @@ def test_info(site):
     assert body["limits"]["max_top"] == web.MAX_TOP
 
 
-def test_thumbnail_is_the_index_jpeg(site):
+def test_thumbnail_is_the_rows_strip(site):
+    """/thumb/<video_id> is the store's JPEG of that row, for a row a search returned."""
     index, server = site
-    status, headers, body = request(server, "/thumb/" + quote(WEIRD))
-    assert status == 200 and headers["Content-Type"] == "image/jpeg"
-    assert body[:2] == b"\xff\xd8" and body == index.thumbnail(WEIRD)
-    status, _, _ = request(server, "/thumb/unknown.mp4")
-    assert status == 404
+    status, body = get_json(server, "/api/search?q=blue+square&top=20")
+    moments = [h for h in body["results"] if h["path"] == WEIRD]
+    assert len({h["thumb_url"] for h in moments}) == 2  # one strip per moment, not per file
+    for hit in moments:
+        status, headers, jpeg = request(server, hit["thumb_url"])
+        assert status == 200 and headers["Content-Type"] == "image/jpeg"
+        assert jpeg[:2] == b"\xff\xd8" and jpeg == index.thumbnail(hit["video_id"])
+    assert request(server, "/thumb/" + "f" * 16)[0] == 404  # a key no search returned
+    assert request(server, "/thumb/" + quote(WEIRD))[0] == 404  # a path is no row key
 
 
 def test_video_whole_file_and_head(site):
@@ -305,8 +332,8 @@ def test_parse_range_edges():
         ("/video//etc/passwd", 403),
         ("/video/%2Fetc%2Fpasswd", 403),
         ("/video/link_out.mp4", 403),  # in the index, but a symlink to outside the root
-        ("/thumb/../secret.txt", 403),
-        ("/thumb/%2e%2e%2fsecret.txt", 403),
+        ("/thumb/../secret.txt", 404),  # no row key
+        ("/thumb/%2e%2e%2fsecret.txt", 404),
         ("/video/a.mp4%00.txt", 400),
         ("/video/%ff.mp4", 400),
         ("/video/not_indexed.mp4", 404),  # under the root, but not in the index
@@ -332,17 +359,11 @@ def test_symlink_inside_root_and_empty_file_are_served(site):
     assert status == 200 and body == b"" and headers["Content-Length"] == "0"
 
 
-def test_index_with_contains_decides_membership(tmp_path):
-    """An index with `in` is asked that, not thumbnail(): a video it does not contain is 404."""
+def test_index_contains_path_decides_membership(tmp_path):
+    """The index's contains_path decides: a file under the root it does not hold is 404."""
     (tmp_path / "a.mp4").write_bytes(b"abc")
     (tmp_path / "b.mp4").write_bytes(b"def")
-
-    class WithContains(FakeIndex):
-        def __contains__(self, path):
-            return path == "a.mp4"
-
-    thumbs = {"a.mp4": jpeg_bytes((1, 2, 3)), "b.mp4": jpeg_bytes((3, 2, 1))}
-    index = WithContains(tmp_path, [("a.mp4", "x", None, None)], thumbs)
+    index = FakeIndex(tmp_path, [("a.mp4", "x", None, None)], {row_key(0): jpeg_bytes((1, 2, 3))})
     server = web.make_server(index, port=0)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
@@ -399,7 +420,8 @@ class Tiny:
     def search(self, texts, top):
         self.searched.append(list(texts))
         return [[] for _ in texts]
-    def thumbnail(self, path): return None
+    def thumbnail(self, video_id): return None
+    def contains_path(self, path): return False
     def describe(self): return {}
 
 index = Tiny(int(sys.argv[2]))
@@ -421,7 +443,7 @@ def test_serve_prints_url_and_stops_cleanly(tmp_path, sig, count):
     )
     try:
         lines = [proc.stdout.readline(), proc.stdout.readline()]
-        assert f"Search over {count} videos under {tmp_path.resolve()}" in lines[0], lines
+        assert f"Search over {count} items under {tmp_path.resolve()}" in lines[0], lines
         assert "Serving on http://127.0.0.1:" in lines[1], lines
         host_port = lines[1].split()[2].removeprefix("http://").rstrip("/")
         if count:
@@ -441,3 +463,167 @@ def test_serve_prints_url_and_stops_cleanly(tmp_path, sig, count):
     assert f"returned; searches: {expected}" in out
     with pytest.raises(OSError):  # the port is closed
         http.client.HTTPConnection(host_port, timeout=2).request("GET", "/")
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "BREW"])
+def test_other_methods_are_json_405_with_allow(site, method):
+    _, server = site
+    status, headers, body = request(server, "/api/search?q=red", method=method)
+    assert status == 405, (method, body)
+    assert headers["Allow"] == "GET, HEAD"
+    assert headers["Content-Type"].startswith("application/json")
+    assert method in json.loads(body)["error"]
+
+
+def test_post_with_a_body_does_not_leak_into_the_next_request(site):
+    """The 405 closes the connection: the unread body is never parsed as a request."""
+    _, server = site
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    try:
+        conn.request("POST", "/api/search", body=b"GET /video/a.mp4 HTTP/1.1\r\n\r\n")
+        resp = conn.getresponse()
+        assert resp.status == 405 and VIDEO_BYTES[:16] not in resp.read()
+        assert resp.getheader("Connection") == "close"
+    finally:
+        conn.close()
+
+
+def test_the_standard_librarys_own_refusals_are_json(site):
+    """A header line past http.server's limit: its 431, as JSON like every other refusal."""
+    _, server = site
+    with socket.create_connection(server.server_address[:2], timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n")
+        reply = b""
+        while b"}" not in reply:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].startswith(b"HTTP/1.1 431 "), head
+    assert b"application/json" in head and json.loads(body)["status"] == 431
+
+
+def test_thumbnail_of_a_file_outside_the_root_is_refused(site):
+    """A row whose file is a symlink leading outside the root (an index made with
+    --follow_symlinks): its strip was made from the outside file, so /thumb/ refuses it like
+    /video/; a symlink that stays inside is served."""
+    _, server = site
+    status, body = get_json(server, "/api/search?q=secret+red+square&top=20")
+    by_path = {h["path"]: h for h in body["results"]}
+    status, headers, jpeg = request(server, by_path["link_out.mp4"]["thumb_url"])
+    assert status == 403 and jpeg[:2] != b"\xff\xd8", jpeg
+    assert headers["Content-Type"].startswith("application/json")
+    assert request(server, by_path["link_in.mp4"]["thumb_url"])[0] == 200
+
+
+def test_no_good_match_and_notice_come_from_the_callers(tmp_path):
+    """serve passes the index module's rule and the model's notice: the JSON carries both."""
+    (tmp_path / "a.mp4").write_bytes(b"abc")
+    index = FakeIndex(tmp_path, [("a.mp4", "a red circle", None, None)], {})
+    verdicts = []
+
+    def weak_below_one_half(hits):
+        verdicts.append([h.confidence for h in hits])
+        return not hits or hits[0].confidence < 0.5
+
+    server = web.make_server(
+        index, port=0, no_good_match=weak_below_one_half, notice="trained on shapes"
+    )
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        assert get_json(server, "/api/info")[1]["notice"] == "trained on shapes"
+        strong = get_json(server, "/api/search?q=red+circle")[1]  # overlap 2/4
+        weak = get_json(server, "/api/search?q=qwerty")[1]  # overlap 0
+        assert strong["no_good_match"] is False and weak["no_good_match"] is True
+        assert verdicts == [[0.5], [0.0]]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_port_in_use_is_one_line_listen_error(site):
+    _, server = site
+    port = server.server_address[1]
+    with pytest.raises(web.ListenError, match=rf"^cannot listen on 127.0.0.1:{port}: .*--port"):
+        web.make_server(FakeIndex(site[0].root, [], {}), "127.0.0.1", port)
+
+
+# A server process whose index runs compiled jax code on every search (as the real model does)
+# for about SEARCH_S seconds, so that a search is still inside XLA when SIGTERM arrives.
+JAX_SERVE_SCRIPT = """
+import sys, time
+from pathlib import Path
+import jax, jax.numpy as jnp
+from ucofia_jax.search import web
+
+step = jax.jit(lambda x: jnp.tanh(x @ x.T))
+
+class JaxIndex:
+    root = Path(sys.argv[1])
+    def __len__(self): return 1
+    def search(self, texts, top):
+        t0 = time.monotonic()
+        x = jnp.ones((128, 128)) / 128
+        while time.monotonic() - t0 < float(sys.argv[2]):
+            x = step(x).block_until_ready()
+        return [[] for _ in texts]
+    def thumbnail(self, video_id): return None
+    def contains_path(self, path): return False
+    def describe(self): return {}
+
+web.serve(JaxIndex(), port=0)
+"""
+SEARCH_S = 1.0
+HALF_REQUESTS = [b"", b"GE", b"GET /api/search?q=a", b"GET / HTTP/1.1\r\nHost: localhost\r\n"]
+
+
+def search_into(answer: dict, host: str, port: int) -> None:
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("GET", "/api/search?q=in+flight")
+    resp = conn.getresponse()
+    answer["status"], answer["body"] = resp.status, resp.read()
+
+
+@pytest.mark.slow
+def test_sigterm_with_half_open_connections_and_a_search_in_flight(tmp_path):
+    """Issue 21 item 8, ten times: clients that connected and sent part of a request (or
+    nothing) do not keep serve from stopping; a search running when SIGTERM arrives is
+    answered in full before the process exits (it was cut off, the interpreter finalising
+    under the running model: exit 134, "Fatal Python error: PyGILState_Release"); exit 0."""
+    for trial in range(10):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", JAX_SERVE_SCRIPT, str(tmp_path), str(SEARCH_S)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        sockets, answer = [], {}
+        try:
+            proc.stdout.readline()
+            address = proc.stdout.readline().split()[2].removeprefix("http://").rstrip("/")
+            host, port = address.rsplit(":", 1)
+            assert "Model ready" in proc.stdout.readline()  # the warm-up search is over
+            for part in HALF_REQUESTS * 2:
+                sock = socket.create_connection((host, int(port)), timeout=10)
+                sock.sendall(part)
+                sockets.append(sock)
+
+            searcher = threading.Thread(target=search_into, args=(answer, host, int(port)))
+            searcher.start()
+            time.sleep(SEARCH_S / 3)  # the search is running now
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+            searcher.join(30)
+        finally:
+            proc.kill()
+            for sock in sockets:
+                sock.close()
+        assert proc.returncode == 0, (trial, proc.returncode, err)
+        assert "Stopped." in out, (trial, out)
+        assert "Fatal Python error" not in err and "terminate called" not in err, err
+        assert "Traceback" not in err, err
+        assert answer.get("status") == 200, (trial, answer)
+        assert json.loads(answer["body"])["query"] == "in flight"

@@ -314,7 +314,7 @@ def _evaluate_and_report(config, workdir, fns, mesh, params, step, splits, out):
     if config.eval.write_report:
         test = splits.test
         # Every process: each holds its rows of the test videos; the drawn frames are gathered.
-        frames = report.drawn_first_frames(
+        frames = report.drawn_frame_strips(
             ev.similarity,
             test.text_to_video,
             test.eval_video_batches(global_batch=config.eval.batch_size),

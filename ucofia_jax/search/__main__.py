@@ -1,7 +1,8 @@
 """python -m ucofia_jax.search index | query | serve | export (docs/search.md).
 
-User errors (a missing folder, not an index, another model, a bad file under --strict) print
-one line on stderr and exit with status 2; ``--verbose`` shows the traceback instead.
+User errors (a missing folder, not an index, another model, a bad file under --strict, a port
+in use) print one line on stderr and exit with status 2; ``--verbose`` shows the traceback
+instead, and the libraries' log lines that are hidden by default.
 """
 
 from __future__ import annotations
@@ -9,21 +10,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
-from ucofia_jax.errors import IndexingError, SourceError, UserError
-from ucofia_jax.runtime import distributed
-from ucofia_jax.search import export as export_lib
-from ucofia_jax.search.index import DEFAULT_TOP, Index
-from ucofia_jax.search.indexer import DEFAULT_BATCH, build_index
-from ucofia_jax.search.source import ModelSource, load_model
-from ucofia_jax.search.store import DEFAULT_SHORTLIST, Store
+from ucofia_jax.errors import IndexingError, SearchIndexError, SourceError, UserError
+
+# This module imports only the standard library and ucofia_jax.errors at the top: `--help` and
+# a misspelt path answer before jax, flax, orbax and lancedb are loaded (about 3 s together;
+# docs/search.md, "Speed"). Each command imports what it needs inside its function.
 
 # UserError: ucofia_jax/errors.py (a bad index, source, file or weights); OSError: a file the
 # OS refuses (permission, missing, disk full).
 USER_ERRORS = (UserError, OSError)
+# The loggers that speak at INFO while a model loads or a file decodes; shown with --verbose.
+CHATTY_LOGGERS = ("absl", "jax", "orbax", "tensorflow", "tensorstore", "lancedb")
+NO_GOOD_MATCH_LINE = "(no good match: best hit is at the collection's background level)"
 
 
 def _model_flags(p: argparse.ArgumentParser, required: bool) -> None:
@@ -43,11 +46,14 @@ def _model_flags(p: argparse.ArgumentParser, required: bool) -> None:
     )
 
 
-def _source(a) -> Optional[ModelSource]:
+def _source(a):
+    """The ModelSource of the flags, or None (the index's own model)."""
     if not (a.workdir or a.ucofia_checkpoint or a.clip):
         if a.clip_only:
             raise SourceError("--clip_only needs --clip (the CLIP weights)")
         return None
+    from ucofia_jax.search.source import ModelSource  # noqa: PLC0415 -- jax: see the top
+
     return ModelSource(
         workdir=a.workdir,
         ucofia_checkpoint=a.ucofia_checkpoint,
@@ -58,8 +64,13 @@ def _source(a) -> Optional[ModelSource]:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line. A flag whose default belongs to the library (top, shortlist, batch
+    size, per-file hits, window, rows per shard) defaults to None here: only a value given on
+    the command line is passed on, so each default lives in one place (the API's)."""
     p = argparse.ArgumentParser(prog="python -m ucofia_jax.search", description=__doc__)
-    p.add_argument("--verbose", action="store_true", help="tracebacks for errors")
+    p.add_argument(
+        "--verbose", action="store_true", help="tracebacks for errors, and the libraries' logs"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     ix = sub.add_parser("index", help="index (incrementally) the videos under a folder")
@@ -67,10 +78,23 @@ def parser() -> argparse.ArgumentParser:
     ix.add_argument("--index", required=True, help="index directory (created)")
     _model_flags(ix, required=True)
     ix.add_argument("--workers", type=int, default=2, help="decode processes (0: in-process)")
-    ix.add_argument("--batch_size", type=int, default=DEFAULT_BATCH, help="videos per encode")
+    ix.add_argument("--batch_size", type=int, default=None, help="videos per encode")
     ix.add_argument("--strict", action="store_true", help="fail on the first bad file")
+    ix.add_argument("--shortlist", type=int, default=None, help="default K of new indexes")
     ix.add_argument(
-        "--shortlist", type=int, default=DEFAULT_SHORTLIST, help="default K of new indexes"
+        "--window",
+        type=float,
+        default=None,
+        help="seconds per moment of a long file (default: the model's max_frames / "
+        "feature_framerate); a file no longer than this is one item",
+    )
+    ix.add_argument(
+        "--stride", type=float, default=None, help="seconds between moments (default: window/2)"
+    )
+    ix.add_argument(
+        "--follow_symlinks",
+        action="store_true",
+        help="index symlinks that lead outside --videos (skipped by default)",
     )
     ix.add_argument("--no_progress", action="store_true")
 
@@ -78,8 +102,11 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--index", required=True)
     q.add_argument("texts", nargs="*", help="query texts")
     q.add_argument("--queries", default="", help="a file of queries, one per line")
-    q.add_argument("--top", type=int, default=DEFAULT_TOP)
+    q.add_argument("--top", type=int, default=None, help="hits per query (default: the API's)")
     q.add_argument("--shortlist", type=int, default=None, help="K (default: the index's)")
+    q.add_argument(
+        "--per_file", type=int, default=None, help="at most N moments of one file per query"
+    )
     q.add_argument("--json", action="store_true", help="JSON output")
     _model_flags(q, required=False)
 
@@ -92,14 +119,46 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write the stored features (safetensors + manifest)")
     e.add_argument("--index", required=True)
     e.add_argument("--out", required=True)
-    e.add_argument("--rows_per_shard", type=int, default=export_lib.DEFAULT_ROWS_PER_SHARD)
+    e.add_argument("--rows_per_shard", type=int, default=None)
     return p
 
 
-def _open(a) -> Index:
+def given(**flags: Any) -> Dict[str, Any]:
+    """The flags that were given (not None): the keyword arguments to pass on."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def check_index_path(path: str) -> None:
+    """A misspelt or wrong --index fails here, before jax and lancedb load (Store.open checks
+    the tables themselves)."""
+    if not os.path.exists(path):
+        raise SearchIndexError(f"{path}: no such index (run `python -m ucofia_jax.search index`)")
+    if not os.path.isdir(path):
+        raise SearchIndexError(f"{path}: not a ucofia search index (a file, not a folder)")
+
+
+def quiet_logs(verbose: bool) -> None:
+    """Hides the libraries' INFO chatter (TensorFlow's C++ start-up lines, absl, orbax)
+    unless --verbose; warnings and errors still show."""
+    if verbose:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read when TensorFlow's C++ loads
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _open(a):
+    check_index_path(a.index)
+    # jax, flax and lancedb load here (see the top).
+    from ucofia_jax.search import source as source_lib  # noqa: PLC0415
+    from ucofia_jax.search.index import Index  # noqa: PLC0415
+    from ucofia_jax.search.store import Store  # noqa: PLC0415
+
     src = _source(a)
     Store.open(a.index)  # a path that is no index fails before a model loads
-    model = load_model(src) if src is not None else None
+    if a.compile_cache:
+        source_lib.enable_compilation_cache()
+    model = source_lib.load_model(src) if src is not None else None
     return Index.open(a.index, model=model)
 
 
@@ -113,6 +172,14 @@ def _queries(a) -> List[str]:
     return texts
 
 
+def notice_of(index) -> Optional[str]:
+    """The warning a person should read before trusting hits (a model trained on the
+    synthetic demo set), or None."""
+    from ucofia_jax.search.source import training_notice  # noqa: PLC0415 -- jax: see the top
+
+    return training_notice(index.meta.get("source", {}))
+
+
 def cmd_index(a) -> int:
     src = _source(a)
     if src is None:
@@ -122,40 +189,91 @@ def cmd_index(a) -> int:
         )
     if not os.path.isdir(a.videos):
         raise IndexingError(f"{a.videos}: no such folder (--videos)")
+    # jax, flax and lancedb load here (see the top).
+    from ucofia_jax.runtime import distributed  # noqa: PLC0415
+    from ucofia_jax.search import source as source_lib  # noqa: PLC0415
+    from ucofia_jax.search.indexer import build_index  # noqa: PLC0415
+
     distributed.maybe_initialize(None)  # a launch.sh multi-process job: split the files
-    model = load_model(src)
+    if a.compile_cache:
+        source_lib.enable_compilation_cache()
+    model = source_lib.load_model(src)
     summary = build_index(
         a.videos,
         a.index,
         model,
         workers=a.workers,
-        batch_size=a.batch_size,
         strict=a.strict,
         progress=not a.no_progress,
-        shortlist=a.shortlist,
+        **given(
+            batch_size=a.batch_size,
+            shortlist=a.shortlist,
+            window=a.window,
+            stride=a.stride,
+            follow_symlinks=a.follow_symlinks or None,
+        ),
     )
     prefix = f"[process {distributed.process_index()}] " if distributed.process_count() > 1 else ""
     for line in summary.lines():
         print(prefix + line, flush=True)
+    notice = source_lib.training_notice(src.absolute().to_dict())
+    if notice:
+        print(f"{prefix}note: {notice}", flush=True)
     return 0
+
+
+def hit_record(hit) -> Dict[str, Any]:
+    """One hit as --json writes it: the ``Hit`` fields (rank, score, confidence, path, start,
+    end, duration, video_id)."""
+    return dataclasses.asdict(hit)
+
+
+def moment_text(start: Optional[float], end: Optional[float]) -> str:
+    """`` [12.0-20.0 s]`` for a moment of a file, empty for a whole file."""
+    if start is None:
+        return ""
+    return f" [{start:.1f}-{end:.1f} s]" if end is not None else f" [{start:.1f}- s]"
+
+
+def hit_line(hit) -> str:
+    """``rank  score  confidence  path [start-end s]``."""
+    return (
+        f"  {hit.rank:3d}  {hit.score:8.4f}  {hit.confidence:4.2f}  "
+        f"{hit.path}{moment_text(hit.start, hit.end)}"
+    )
+
+
+def query_lines(text: str, hits, no_match: bool) -> List[str]:
+    """The text output of one query."""
+    lines = [f"query: {text}"]
+    if no_match:
+        lines.append(f"  {NO_GOOD_MATCH_LINE}")
+    lines += [hit_line(h) for h in hits]
+    return lines
 
 
 def cmd_query(a) -> int:
     texts = _queries(a)
     index = _open(a)
-    results = index.search(texts, top=a.top, shortlist=a.shortlist)
+    from ucofia_jax.search.index import no_good_match  # noqa: PLC0415 -- loaded by _open
+
+    results = index.search(texts, **given(top=a.top, shortlist=a.shortlist, per_file=a.per_file))
+    notice = notice_of(index)
     if a.json:
         out = [
-            {"query": t, "hits": [dataclasses.asdict(h) for h in hits]}
+            {
+                "query": t,
+                "no_good_match": bool(no_good_match(hits)),
+                "hits": [hit_record(h) for h in hits],
+            }
             for t, hits in zip(texts, results)
         ]
         print(json.dumps(out, indent=1))
-        return 0
-    for t, hits in zip(texts, results):
-        print(f"query: {t}")
-        for h in hits:
-            seg = f"  [{h.start:.1f}-{h.end:.1f} s]" if h.start is not None else ""
-            print(f"  {h.rank:3d}  {h.score:8.4f}  {h.path}{seg}")
+    else:
+        for t, hits in zip(texts, results):
+            print("\n".join(query_lines(t, hits, no_good_match(hits))))
+    if notice:  # on stderr: --json stays one JSON document
+        print(f"note: {notice}", file=sys.stderr)
     return 0
 
 
@@ -163,21 +281,40 @@ def cmd_serve(a) -> int:
     index = _open(a)
     from ucofia_jax.search import web  # noqa: PLC0415 -- the page is only needed to serve
 
-    web.serve(index, host=a.host, port=a.port)
+    try:
+        web.serve(index, host=a.host, port=a.port, notice=notice_of(index))
+    except web.ListenError as e:  # a port in use is the user's to change, as a bad path is
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
 def cmd_export(a) -> int:
-    manifest = export_lib.export(Store.open(a.index), a.out, rows_per_shard=a.rows_per_shard)
-    print(f"wrote {manifest['count']} videos in {len(manifest['shards'])} shards to {a.out}")
+    check_index_path(a.index)
+    # lancedb loads here (see the top).
+    from ucofia_jax.search import export as export_lib  # noqa: PLC0415
+    from ucofia_jax.search.store import Store  # noqa: PLC0415
+
+    manifest = export_lib.export(
+        Store.open(a.index), a.out, **given(rows_per_shard=a.rows_per_shard)
+    )
+    shards = len(manifest["shards"])
+    print(
+        f"wrote {manifest['count']} items in {shards} shard{'s' if shards != 1 else ''} to {a.out}"
+    )
     return 0
 
 
 COMMANDS = {"index": cmd_index, "query": cmd_query, "serve": cmd_serve, "export": cmd_export}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, compile_cache: bool = False) -> int:
+    """Runs one command; the exit status. ``compile_cache``: keep compiled programs in JAX's
+    persistent cache (source.enable_compilation_cache), a setting of the whole process, so
+    the program (``python -m``) turns it on and a caller in its own process (a test) chooses."""
     a = parser().parse_args(argv)
+    a.compile_cache = compile_cache
+    quiet_logs(a.verbose)
     try:
         return COMMANDS[a.command](a)
     except USER_ERRORS as e:
@@ -186,9 +323,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: committed batches are kept; rerun to resume", file=sys.stderr)
+        resume = "; committed batches are kept: rerun to resume" if a.command == "index" else ""
+        print(f"interrupted{resume}", file=sys.stderr)
         return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(compile_cache=True))

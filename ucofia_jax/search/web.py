@@ -4,27 +4,36 @@ Standard library only (``http.server``): no web framework to install or keep pin
 index is duck-typed (``root``, ``search``, ``thumbnail``, ``describe``, ``len``), so this
 module imports nothing else of ours.
 
-Routes (GET and HEAD):
+Routes (GET and HEAD; any other method is a JSON 405 with ``Allow: GET, HEAD``):
 
     /                        the page (static/index.html; it loads static/app.js, style.css,
                              favicon.svg)
     /static/<name>           one of those files, nothing else
-    /api/search?q=...&top=N  JSON {query, top, count, latency_ms, results: [hit, ...]}, a hit
-                             being the index's Hit (rank, score, path, start, end, video_id)
-                             plus thumb_url and video_url (with a ``#t=start,end`` media
-                             fragment for segments); a bad request is a 400 JSON error
-    /api/info                JSON {root, count, description: index.describe(), limits}
-    /thumb/<relpath>         the JPEG of ``index.thumbnail(relpath)``
+    /api/search?q=...&top=N  JSON {query, top, count, latency_ms, no_good_match, results:
+                             [hit, ...]}, a hit being the index's Hit (rank, score, confidence,
+                             path, start, end, duration, video_id) plus thumb_url and video_url
+                             (with a ``#t=start,end`` media fragment for a moment); a bad
+                             request is a 400 JSON error
+    /api/info                JSON {root, count, description: index.describe(), notice, limits}
+    /thumb/<video_id>        the frame strip (JPEG) the store holds for that row
+                             (``index.thumbnail(video_id)``)
     /video/<relpath>         the video file; honours ``Range: bytes=`` (206 + Content-Range),
                              which browsers need to seek and to read an mp4's index at its end
 
-What may be served: the static files named in STATIC_TYPES, and files under ``index.root``
-that the index contains. A path must be plain and relative (no ``.``/``..``/empty segments,
+What may be served: the static files named in STATIC_TYPES, and what the index holds for
+files under ``index.root``. A path must be plain and relative (no ``.``/``..``/empty segments,
 not absolute, checked after percent-decoding, so ``%2e%2e`` and ``%2f`` are caught) -> else
 403; it must be in the index -> else 404; and with symlinks resolved it must still lie under
-the root -> else 403. Bound to 127.0.0.1 by default; while bound to a loopback address, a request
-whose Host header names another host is refused (403), so a web page that rebinds its own
-DNS name to 127.0.0.1 cannot read the user's videos through this server.
+the root -> else 403. A thumbnail is served only for a row this server has returned in a
+search (so its path is known) and whose file passes the same root check: no route serves
+anything made from a file outside the root, even one indexed with ``--follow_symlinks``.
+Bound to 127.0.0.1 by default; while bound to a loopback address, a request whose Host header
+names another host is refused (403), so a web page that rebinds its own DNS name to 127.0.0.1
+cannot read the user's videos through this server.
+
+Shutdown (Ctrl-C, SIGTERM) stops accepting, closes every open connection (a client that sent
+half a request is not waited for), waits for the threads that are still answering and for the
+warm-up search, then returns: no thread is left inside the model when the interpreter exits.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -76,6 +86,18 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+ALLOWED_METHODS = ("GET", "HEAD")
+# A row key (store.py: hex of a hash); anything else in /thumb/ is refused before a lookup.
+VIDEO_ID = re.compile(r"[0-9a-f]{1,64}")
+# A client that opened a connection and sends nothing is dropped after this many seconds.
+IDLE_TIMEOUT_S = 30.0
+# How long shutdown waits for the threads still answering (a search, a video chunk) and for
+# the warm-up search: a search on the demo takes well under a second, a first one compiles.
+SHUTDOWN_WAIT_S = 60.0
+
+
+class ListenError(Exception):
+    """The server cannot listen where asked (the port is taken, the address is not ours)."""
 
 
 class HTTPError(Exception):
@@ -146,7 +168,8 @@ def relative_path(url_tail: str) -> str:
 
 
 def url_for(kind: str, rel: str) -> str:
-    """The URL of a file's thumbnail (kind 'thumb') or video (kind 'video')."""
+    """The URL of a row's frame strip (kind 'thumb', ``rel`` its video_id) or of a file
+    (kind 'video', ``rel`` its path)."""
     return f"/{kind}/{quote(rel, safe='/')}"
 
 
@@ -171,13 +194,20 @@ def hit_json(hit) -> dict:
     return {
         "rank": int(hit.rank),
         "score": _finite_or_none(hit.score),
+        "confidence": _finite_or_none(hit.confidence),
         "path": hit.path,
         "start": start,
         "end": end,
+        "duration": _finite_or_none(hit.duration),
         "video_id": hit.video_id,
-        "thumb_url": url_for("thumb", hit.path),
+        "thumb_url": url_for("thumb", hit.video_id),
         "video_url": url_for("video", hit.path) + media_fragment(start, end),
     }
+
+
+def no_hits(hits) -> bool:
+    """The page's "no good match" rule when the index gives none: only an empty list."""
+    return not hits
 
 
 def _allowed_host_names(host: str) -> frozenset | None:
@@ -197,19 +227,64 @@ def _allowed_host_names(host: str) -> frozenset | None:
 
 
 class SearchServer(ThreadingHTTPServer):
-    """The HTTP server of one index: the handler reaches the index through ``self.server``."""
+    """The HTTP server of one index: the handler reaches the index through ``self.server``.
+
+    ``no_good_match(hits) -> bool`` says when a query's best hit is at the collection's
+    background level (the index module's rule; default: no hits at all); ``notice`` is a
+    line the page shows above everything (e.g. a model trained on the synthetic demo set).
+    """
 
     daemon_threads = True
 
-    def __init__(self, index, host: str, port: int):
+    def __init__(self, index, host: str, port: int, *, no_good_match=None, notice=None):
         self.index = index
         self.root = Path(index.root).resolve()
+        self.no_good_match = no_good_match or no_hits
+        self.notice = notice
         # The index may not be safe to call from several threads at once (a model, a store
         # connection): the server's threads take turns; file streaming runs outside it.
         self.index_lock = threading.Lock()
+        # video_id -> path of every row a search has returned: /thumb/ serves only those,
+        # after the root check of their file.
+        self.shown_paths: dict[str, str] = {}
+        # The open connections and their threads: shutdown closes the first, joins the second.
+        self._open_lock = threading.Lock()
+        self._open: dict[threading.Thread, socket.socket] = {}
         self.allowed_hosts = _allowed_host_names(host)
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host.strip("[]"), port), SearchHandler)
+
+    def process_request_thread(self, request, client_address):
+        me = threading.current_thread()
+        with self._open_lock:
+            self._open[me] = request
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._open_lock:
+                self._open.pop(me, None)
+
+    def close_connections(self, wait_s: float = SHUTDOWN_WAIT_S) -> int:
+        """Shuts the reading side of every open connection and waits up to ``wait_s`` for
+        their threads; returns how many were still running after that. A thread waiting for
+        (the rest of) a request reads the end at once; one answering a request still sends its
+        answer, then reads the end."""
+        with self._open_lock:
+            open_now = dict(self._open)
+        for conn in open_now.values():
+            try:
+                conn.shutdown(socket.SHUT_RD)
+            except OSError:  # already closed by its thread
+                pass
+        deadline = time.monotonic() + wait_s
+        for thread in open_now:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return sum(t.is_alive() for t in open_now)
+
+    def inside_root(self, rel: str) -> Path | None:
+        """The file ``rel`` names, symlinks resolved, if it lies under the root; else None."""
+        path = (self.root / rel).resolve()
+        return path if path.is_relative_to(self.root) else None
 
     @property
     def url(self) -> str:
@@ -221,11 +296,9 @@ class SearchServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/"
 
     def contains(self, rel: str) -> bool:
-        """Is `rel` one of the index's videos? (`in` when the index has it, else thumbnail)."""
+        """Is `rel` (a relative path) one of the index's files?"""
         with self.index_lock:
-            if hasattr(self.index, "__contains__"):
-                return bool(rel in self.index)
-            return self.index.thumbnail(rel) is not None
+            return bool(self.index.contains_path(rel))
 
 
 class SearchHandler(BaseHTTPRequestHandler):
@@ -236,11 +309,43 @@ class SearchHandler(BaseHTTPRequestHandler):
     # Keep-alive: a results page fetches dozens of thumbnails. Every response sends a length.
     protocol_version = "HTTP/1.1"
 
+    timeout = IDLE_TIMEOUT_S  # socket timeout: an idle or half-sent request is dropped
+
     def do_GET(self):
         self._dispatch()
 
     def do_HEAD(self):
         self._dispatch()
+
+    def __getattr__(self, name: str):
+        # http.server looks up do_<METHOD>; every method but GET and HEAD (POST, PUT, DELETE,
+        # an invented one) gets the JSON 405 rather than the standard library's HTML 501.
+        if name.startswith("do_"):
+            return self._method_not_allowed
+        raise AttributeError(name)
+
+    def _method_not_allowed(self):
+        self._responded = False
+        self.close_connection = True  # a request body we do not read must not be parsed next
+        self._send_json(
+            405,
+            {"error": f"method {self.command[:20]} not allowed: use GET or HEAD", "status": 405},
+            {"Allow": ", ".join(ALLOWED_METHODS), "Connection": "close"},
+        )
+
+    def send_error(self, code, message=None, explain=None):
+        # The standard library's own refusals (a malformed request line, headers too long)
+        # as JSON like ours; it calls this before a handler runs.
+        self._responded = False
+        self.close_connection = True
+        try:
+            self._send_json(
+                int(code),
+                {"error": message or HTTPStatus(code).phrase, "status": int(code)},
+                {"Connection": "close"},
+            )
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -266,8 +371,10 @@ class SearchHandler(BaseHTTPRequestHandler):
                 raise HTTPError(404, f"no such page: {path[:200]}")
         except HTTPError as e:
             self._send_error_json(e.status, e.message)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the browser went away (it often does, mid-video)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            # The browser went away (it often does, mid-video) or stopped reading for
+            # IDLE_TIMEOUT_S: nothing more can be sent on this connection.
+            self.close_connection = True
         except Exception as e:  # a bug or a failing index must not stop the server
             self.log_error("%s", traceback.format_exc())
             self._send_error_json(500, f"{type(e).__name__}: {e}")
@@ -301,10 +408,13 @@ class SearchHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _send_json(self, status: int, payload: dict):
+    def _send_json(self, status: int, payload: dict, headers: dict | None = None):
         body = json.dumps(payload, default=str, allow_nan=False).encode("utf-8")
         self._send_bytes(
-            status, body, "application/json; charset=utf-8", {"Cache-Control": "no-store"}
+            status,
+            body,
+            "application/json; charset=utf-8",
+            {"Cache-Control": "no-store", **(headers or {})},
         )
 
     def _send_error_json(self, status: int, message: str):
@@ -352,6 +462,7 @@ class SearchHandler(BaseHTTPRequestHandler):
             except ValueError as e:  # the index judged the query itself bad
                 raise HTTPError(400, f"query refused by the index: {e}") from None
             latency_ms = (time.perf_counter() - t0) * 1e3
+            self.server.shown_paths.update((h.video_id, h.path) for h in hits)
         results = [hit_json(h) for h in hits]
         self._send_json(
             200,
@@ -360,6 +471,7 @@ class SearchHandler(BaseHTTPRequestHandler):
                 "top": top,
                 "count": len(results),
                 "latency_ms": latency_ms,
+                "no_good_match": bool(self.server.no_good_match(hits)),
                 "results": results,
             },
         )
@@ -374,6 +486,7 @@ class SearchHandler(BaseHTTPRequestHandler):
                 "root": str(self.server.root),
                 "count": count,
                 "description": description,
+                "notice": self.server.notice,
                 "limits": {
                     "default_top": DEFAULT_TOP,
                     "max_top": MAX_TOP,
@@ -383,20 +496,26 @@ class SearchHandler(BaseHTTPRequestHandler):
         )
 
     def _thumb(self, url_tail: str):
-        rel = relative_path(url_tail)
+        video_id = url_tail
+        if not VIDEO_ID.fullmatch(video_id):
+            raise HTTPError(404, f"{video_id[:80]!r} is no row key (hex, as in a hit's video_id)")
         with self.server.index_lock:
-            jpeg = self.server.index.thumbnail(rel)
+            rel = self.server.shown_paths.get(video_id)
+            if rel is None:
+                raise HTTPError(404, f"no thumbnail for {video_id}: no search returned it")
+            if self.server.inside_root(rel) is None:
+                raise HTTPError(403, f"{rel[:200]!r} leads outside the indexed folder")
+            jpeg = self.server.index.thumbnail(video_id)
         if jpeg is None:
-            raise HTTPError(404, f"no thumbnail for {rel[:200]!r}: not in the index")
+            raise HTTPError(404, f"no thumbnail for {video_id}: not in the index")
         self._send_bytes(200, bytes(jpeg), "image/jpeg", {"Cache-Control": "private, max-age=60"})
 
     def _video(self, url_tail: str):
         rel = relative_path(url_tail)
         if not self.server.contains(rel):
             raise HTTPError(404, f"{rel[:200]!r} is not in the index")
-        root = self.server.root
-        path = (root / rel).resolve()  # follows symlinks: where the bytes really are
-        if not path.is_relative_to(root):
+        path = self.server.inside_root(rel)  # follows symlinks: where the bytes really are
+        if path is None:
             raise HTTPError(403, f"{rel[:200]!r} leads outside the indexed folder")
         try:
             f = open(path, "rb")  # closed by the `with f` below
@@ -437,9 +556,18 @@ class SearchHandler(BaseHTTPRequestHandler):
                 remaining -= len(chunk)
 
 
-def make_server(index, host: str = "127.0.0.1", port: int = 8080) -> SearchServer:
-    """A ThreadingHTTPServer for `index`, bound (port 0: any free port) but not yet serving."""
-    return SearchServer(index, host, port)
+def make_server(
+    index, host: str = "127.0.0.1", port: int = 8080, *, no_good_match=None, notice=None
+) -> SearchServer:
+    """A ThreadingHTTPServer for `index`, bound (port 0: any free port) but not yet serving.
+    Raises ListenError (one line) when it cannot listen there."""
+    try:
+        return SearchServer(index, host, port, no_good_match=no_good_match, notice=notice)
+    except OSError as e:
+        why = e.strerror or str(e)
+        raise ListenError(
+            f"cannot listen on {host}:{port}: {why}" + (" (try another --port)" if port else "")
+        ) from None
 
 
 def _warm_up(server: SearchServer) -> None:
@@ -454,33 +582,45 @@ def _warm_up(server: SearchServer) -> None:
     print(f"Model ready ({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
-def serve(index, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serves the page until Ctrl-C (or SIGTERM), then closes the socket and returns.
+def serve(
+    index, host: str = "127.0.0.1", port: int = 8080, *, no_good_match=None, notice=None
+) -> None:
+    """Serves the page until Ctrl-C or SIGTERM, then shuts down as the module doc says and
+    returns. The model is loaded in the background meanwhile (a first query waits for it).
+    Raises ListenError when the address cannot be used."""
+    server = make_server(index, host, port, no_good_match=no_good_match, notice=notice)
+    stopping = threading.Event()
 
-    The model is loaded in the background meanwhile (a first query waits for it).
-    """
-    try:
-        server = make_server(index, host, port)
-    except OSError as e:
-        raise SystemExit(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    previous = None
+    def _stop(signum, frame):
+        # serve_forever() returns once shutdown() is called from another thread; the signal
+        # handler itself must not block (it runs on the thread that serves).
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        # SIGTERM (a service manager, a test) ends like Ctrl-C: the socket is closed cleanly.
-        def _interrupt(signum, frame):
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _stop)
+    warm_up = None
     try:
-        print(f"Search over {len(index)} videos under {server.root}", flush=True)
+        print(f"Search over {len(index)} items under {server.root}", flush=True)
+        if notice:
+            print(f"Note: {notice}", flush=True)
         print(f"Serving on {server.url}  (Ctrl-C to stop)", flush=True)
         if server.allowed_hosts is None:
             print(f"Warning: listening on {host}, not only this machine", file=sys.stderr)
         if len(index):
-            threading.Thread(target=_warm_up, args=(server,), daemon=True).start()
+            warm_up = threading.Thread(target=_warm_up, args=(server,), daemon=True)
+            warm_up.start()
         server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        print("Stopped.", flush=True)
     finally:
-        server.server_close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        server.server_close()  # no new connections
+        left = server.close_connections()
+        if warm_up is not None:
+            warm_up.join(SHUTDOWN_WAIT_S)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if left:
+        print(f"Warning: {left} connection(s) still busy at shutdown", file=sys.stderr)
+    print("Stopped.", flush=True)
