@@ -2,22 +2,28 @@
 
 Layout under ``WORKDIR``::
 
-  checkpoints/<step>/{state, meta}    every ``train.checkpoint_every_steps`` and at epoch end,
-                                      the last ``train.keep_checkpoints`` kept (async save)
-  checkpoints_best/<step>/{state, meta}   the one with the best validation R@1
+  checkpoints/<step>/{state, meta, checksums}   every ``train.checkpoint_every_steps`` and at
+                                      epoch end, the last ``train.keep_checkpoints`` kept (async)
+  checkpoints_best/<step>/{state, meta, checksums}   the one with the best validation R@1
   checkpoints_damaged/<step>/         a checkpoint that could not be read, set aside when the
                                       run resumed from an earlier one
 
 ``state`` is the TrainState pytree (params, optimizer state, step, PRNG key); ``meta`` is
 JSON: the data position (epoch, step in epoch), the metrics of that checkpoint and the run's
 config. Since the input order is a pure function of (seed, epoch), the position is enough to
-continue an interrupted run exactly.
+continue an interrupted run exactly. ``checksums`` is JSON too: a 64-bit checksum of every
+array of ``state`` (:func:`state_checksums`), computed on the devices before the save and
+compared after every restore, so that a file whose bits changed without changing its size (a
+bad disk, a faulty copy) is noticed: Orbax's own checks (zarr v3's crc32c) cover the chunk
+index, not the data, and the default zarr v2 format has none. A checkpoint without
+``checksums`` (written before them) is restored unchecked.
 
 Faults, each a :class:`CheckpointError` with one line naming the path and what is wrong:
 
 * an unreadable latest checkpoint (truncated array file, missing ``_METADATA`` or
-  ``meta/metadata``, non-finite values): :meth:`Checkpointer.restore_latest` warns naming the
-  step and the reason, sets it aside and resumes from the one before (keep >= 2);
+  ``meta/metadata``, an array that differs from its checksum, non-finite values):
+  :meth:`Checkpointer.restore_latest` warns naming the step and the reason, sets it aside and
+  resumes from the one before (keep >= 2);
 * a failed asynchronous save (disk full, read-only directory) is seen at the next train step
   (:meth:`Checkpointer.check_saves`, no waiting), not at the next save; the half-written
   ``*.orbax-checkpoint-tmp*`` directory is removed;
@@ -69,6 +75,7 @@ from ucofia_jax.training import resume
 log = logging.getLogger(__name__)
 
 TMP_MARK = ".orbax-checkpoint-tmp"
+ITEMS = ("state", "meta", "checksums")  # the items of a step directory (module docstring)
 DAMAGED_DIR = "checkpoints_damaged"
 
 
@@ -91,6 +98,118 @@ def state_nbytes(tree: Any) -> int:
             if hasattr(x, "shape") and hasattr(x, "dtype")
         )
     )
+
+
+# --------------------------------------------------------------------------- checksums
+
+CHECKSUM_ITEM = "checksums"  # the step's JSON item: {"algorithm": ..., "arrays": {path: hex}}
+CHECKSUM_ALGORITHM = "fmix32-sum+odd-weighted-sum/v1"
+_GOLDEN = 0x9E3779B1  # spreads consecutive positions over the 32-bit range before mixing
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 that spreads every input bit."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32 words of the same shape (8-byte items folded into one)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = np.dtype(x.dtype).itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if size in (1, 2):
+        unsigned = jnp.uint8 if size == 1 else jnp.uint16
+        return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    if size == 8:
+        halves = jax.lax.bitcast_convert_type(x, jnp.uint32)  # shape + (2,)
+        return halves[..., 0] ^ _fmix32(halves[..., 1] + jnp.uint32(_GOLDEN))
+    raise TypeError(f"no checksum for dtype {x.dtype}")
+
+
+def _array_checksum(x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Two uint32 sums over an array's elements (wrapping, so exact in any reduction order and
+    under any sharding): of ``fmix32(word + position * golden)`` (any change of one word
+    changes its term: fmix32 is a bijection) and of ``word * (2 * position + 1)`` (odd
+    weights: a single flipped bit always changes it). Positions are row-major indices, built
+    from iotas of the array's own shape (no reshape, which would move sharded data)."""
+    w = _words(x)
+    position = jnp.zeros(w.shape, jnp.uint32)
+    for axis, n in enumerate(w.shape):
+        position = position * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis)
+    mixed = jnp.sum(_fmix32(w + position * jnp.uint32(_GOLDEN)), dtype=jnp.uint32)
+    weighted = jnp.sum(w * (position * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+    return mixed, weighted
+
+
+@jax.jit
+def _leaf_checksums(leaves: List[jax.Array]) -> List[Tuple[jax.Array, jax.Array]]:
+    # 0-d outputs: replicated on every device, so each process reads its own copy.
+    return [_array_checksum(x) for x in leaves]
+
+
+def state_checksums(tree: Any) -> Dict[str, str]:
+    """``{'params/clip/...': 16 hex digits}`` of every array of ``tree``, computed where the
+    arrays are (one jitted reduction; no copy to the host). Layout-independent: a state
+    restored onto another mesh or number of processes has the same checksums. With several
+    processes every one must call it (a collective); each sums the shards it holds, the
+    partial sums are added across processes, and all get the same table."""
+    named = [
+        (_path_name(p), x)
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if hasattr(x, "shape") and hasattr(x, "dtype")
+    ]
+    sums = _leaf_checksums([x for _, x in named])
+    out = {}
+    for (name, _), (mixed, weighted) in zip(named, sums):
+        a, b = (int(np.asarray(v.addressable_data(0))) for v in (mixed, weighted))
+        out[name] = f"{a:08x}{b:08x}"
+    return out
+
+
+def _checksum_item(tree: Any) -> Dict[str, Any]:
+    return {"algorithm": CHECKSUM_ALGORITHM, "arrays": state_checksums(tree)}
+
+
+def _read_checksums(step_dir: str) -> Optional[Dict[str, str]]:
+    """The saved ``{path: checksum}`` of a step; None for a checkpoint written without them."""
+    path = os.path.join(step_dir, CHECKSUM_ITEM, "metadata")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved.get("algorithm") != CHECKSUM_ALGORITHM:
+            raise ValueError(f"unknown checksum algorithm {saved.get('algorithm')!r}")
+        return dict(saved["arrays"])
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable checksums ({_why(e)})") from e
+
+
+def verify_checksums(step_dir: str, tree: Any, prefix: str = "") -> None:
+    """Raise :class:`CheckpointError` naming the arrays of ``tree`` (restored from
+    ``step_dir``; its paths below ``prefix``, e.g. 'params/') that differ from the checksums
+    written at save. Nothing to compare (an older checkpoint): returns."""
+    saved = _read_checksums(step_dir)
+    if saved is None:
+        log.info("%s has no checksums (written before them): restored unchecked", step_dir)
+        return
+    now = state_checksums(tree)
+    bad = sorted(k for k, v in now.items() if saved.get(prefix + k, v) != v)
+    if bad:
+        shown = ", ".join(prefix + k for k in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(
+            f"{os.path.join(step_dir, 'state')}: {len(bad)} array(s) differ from the checksums "
+            f"written at save ({shown}{more}): its files were changed or damaged"
+        )
 
 
 # What the OS says, found in the long messages of TensorStore and Orbax.
@@ -191,9 +310,7 @@ class Checkpointer:
                 enable_async_checkpointing=async_save,
                 cleanup_tmp_directories=True,
             )
-            self.last = ocp.CheckpointManager(
-                self.directory, options=opts, item_names=("state", "meta")
-            )
+            self.last = ocp.CheckpointManager(self.directory, options=opts, item_names=ITEMS)
             best_opts = ocp.CheckpointManagerOptions(
                 max_to_keep=1,
                 create=True,
@@ -203,7 +320,7 @@ class Checkpointer:
                 best_mode="max",
             )
             self.best = ocp.CheckpointManager(
-                self.best_directory, options=best_opts, item_names=("state", "meta")
+                self.best_directory, options=best_opts, item_names=ITEMS
             )
         except OSError as e:
             raise CheckpointError(
@@ -242,13 +359,7 @@ class Checkpointer:
         if step in (self.last.all_steps() or []):
             return False
         try:
-            saved = self.last.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-                ),
-                force=force,
-            )
+            saved = self.last.save(step, args=_save_args(state, meta), force=force)
         except Exception as e:  # pylint: disable=broad-except
             # Orbax waits for the previous save first: its failure surfaces here.
             self._failed("last", self._in_flight.get("last", step), e)
@@ -264,12 +375,7 @@ class Checkpointer:
             return False
         try:
             saved = self.best.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-                ),
-                metrics={"R@1": float(r1)},
-                force=True,
+                step, args=_save_args(state, meta), metrics={"R@1": float(r1)}, force=True
             )
         except Exception as e:  # pylint: disable=broad-except
             self._failed("best", self._in_flight.get("best", step), e)
@@ -508,7 +614,9 @@ def _restore_params_only(step_dir: str, params_target: Any) -> Any:
         partial_restore=True,
     )
     with _quiet_orbax(), ocp.PyTreeCheckpointer() as reader:
-        return reader.restore(os.path.join(step_dir, "state"), args=args)["params"]
+        params = reader.restore(os.path.join(step_dir, "state"), args=args)["params"]
+    verify_checksums(step_dir, params, prefix="params/")
+    return params
 
 
 def _saved_params(step_dir: str) -> Dict[str, Any]:
@@ -519,13 +627,25 @@ def _saved_params(step_dir: str) -> Dict[str, Any]:
     return _by_path(tree["params"])
 
 
+def _save_args(state: Any, meta: Dict[str, Any]) -> ocp.args.Composite:
+    # The checksums are computed before Orbax copies the arrays to the host: from the very
+    # arrays it writes (a step's update cannot come in between; the caller waits for it).
+    return ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave(meta),
+        checksums=ocp.args.JsonSave(_checksum_item(state)),
+    )
+
+
 def _restore(mngr, step: int, target_state: Any) -> Tuple[Any, Dict[str, Any]]:
+    """(state, meta) of ``step``, its arrays verified against the checksums of the save."""
     out = mngr.restore(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract(target_state)), meta=ocp.args.JsonRestore()
         ),
     )
+    verify_checksums(os.path.join(str(mngr.directory), str(step)), out["state"])
     return out["state"], dict(out["meta"])
 
 
