@@ -166,7 +166,7 @@ def mode_damage(root):
                 step,
                 {**meta},
                 shapes,
-                params,
+                resume.tree_shapes(params),
                 allow_changes=new_cfg.train.allow_resume_with_changes,
             )
 

@@ -149,10 +149,11 @@ def _array_checksum(x: jax.Array) -> Tuple[jax.Array, jax.Array]:
     return mixed, weighted
 
 
-@jax.jit
-def _leaf_checksums(leaves: List[jax.Array]) -> List[Tuple[jax.Array, jax.Array]]:
-    # 0-d outputs: replicated on every device, so each process reads its own copy.
-    return [_array_checksum(x) for x in leaves]
+# One compile per distinct (shape, dtype, sharding), not one of the whole tree: the blocks of
+# a transformer share their shapes, and XLA compiles hundreds of reductions slowly (10 s for
+# the demo's tree at once, against well under a second leaf by leaf). 0-d outputs are
+# replicated on every device, so each process reads its own copy.
+_leaf_checksum = jax.jit(_array_checksum)
 
 
 def state_checksums(tree: Any) -> Dict[str, str]:
@@ -162,11 +163,11 @@ def state_checksums(tree: Any) -> Dict[str, str]:
     processes every one must call it (a collective); each sums the shards it holds, the
     partial sums are added across processes, and all get the same table."""
     named = [
-        (_path_name(p), x)
+        (resume.path_name(p), x)
         for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
         if hasattr(x, "shape") and hasattr(x, "dtype")
     ]
-    sums = _leaf_checksums([x for _, x in named])
+    sums = [_leaf_checksum(x) for _, x in named]
     out = {}
     for (name, _), (mixed, weighted) in zip(named, sums):
         a, b = (int(np.asarray(v.addressable_data(0))) for v in (mixed, weighted))
@@ -564,13 +565,9 @@ def _read_meta(step_dir: str) -> Dict[str, Any]:
         raise CheckpointError(f"{path}: {_why(e)}") from e
 
 
-def _path_name(keys) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
-
-
 def _by_path(tree: Any) -> Dict[str, Any]:
     """``{'clip/visual/conv1/kernel': leaf, ...}``."""
-    return {_path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {resume.path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _saved_sharding(meta_leaf: Any):
@@ -594,7 +591,7 @@ def _restore_params_only(step_dir: str, params_target: Any) -> Any:
     from the metadata, naming the parameters."""
     saved = _saved_params(step_dir)
     differences = resume.shape_differences(
-        {k: tuple(v.shape) for k, v in saved.items()}, resume.param_shapes(params_target), shown=3
+        {k: tuple(v.shape) for k, v in saved.items()}, resume.tree_shapes(params_target), shown=3
     )
     if differences:
         raise CheckpointError(
@@ -604,7 +601,9 @@ def _restore_params_only(step_dir: str, params_target: Any) -> Any:
     target = {"params": _abstract(params_target)}
     shardings = {
         "params": jax.tree_util.tree_map_with_path(
-            lambda p, x: getattr(x, "sharding", None) or _saved_sharding(saved[_path_name(p)]),
+            lambda p, x: (
+                getattr(x, "sharding", None) or _saved_sharding(saved[resume.path_name(p)])
+            ),
             target["params"],
         )
     }
@@ -619,12 +618,35 @@ def _restore_params_only(step_dir: str, params_target: Any) -> Any:
     return params
 
 
-def _saved_params(step_dir: str) -> Dict[str, Any]:
-    """``{path: array metadata}`` of the params a step saved (shapes, shardings; no array
-    is read)."""
+def _saved_state(step_dir: str) -> Any:
+    """The tree of array metadata (shapes, shardings) a step saved; no array is read."""
     with _quiet_orbax(), ocp.StandardCheckpointer() as reader:
-        tree = reader.metadata(os.path.join(step_dir, "state")).item_metadata
-    return _by_path(tree["params"])
+        return reader.metadata(os.path.join(step_dir, "state")).item_metadata
+
+
+def _saved_params(step_dir: str) -> Dict[str, Any]:
+    """``{path: array metadata}`` of the params a step saved."""
+    return _by_path(_saved_state(step_dir)["params"])
+
+
+def newest_saved(workdir: str) -> Optional[Tuple[int, Dict[str, Any], Dict[str, Tuple]]]:
+    """(step, meta, ``{path: shape}`` of the whole saved state) of the newest checkpoint in
+    ``workdir/checkpoints`` whose meta and metadata read, without reading any array; None
+    when there is none. For the resume check before anything is built; an unreadable one is
+    skipped here and named when the run restores."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    for step in reversed(_step_dirs(directory)):
+        step_dir = os.path.join(directory, str(step))
+        if _missing_files(step_dir):
+            continue
+        try:
+            meta = _read_meta(step_dir)
+            shapes = resume.tree_shapes(_saved_state(step_dir))
+        except Exception as e:  # pylint: disable=broad-except
+            log.debug("resume check: checkpoint %s unreadable (%s)", step_dir, _why(e))
+            continue
+        return step, meta, shapes
+    return None
 
 
 def _save_args(state: Any, meta: Dict[str, Any]) -> ocp.args.Composite:
