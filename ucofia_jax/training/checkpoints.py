@@ -60,6 +60,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
@@ -258,6 +259,39 @@ class _QuietOrbaxErrors(logging.Filter):
 _QUIET = _QuietOrbaxErrors()
 
 
+def _is_closed_loop_callback(unraisable) -> bool:
+    """An asyncio loop's ``call_soon_threadsafe`` refused because the loop is closed: what
+    TensorStore reports (``PyErr_WriteUnraisable``, a bare traceback on stderr) for every
+    write that finishes after a failed save has ended the loop running it (Orbax runs a
+    save's coroutine in a fresh loop and closes it at the first error; TensorStore's other
+    writes then complete into the closed loop). The failure itself reaches us through the
+    save's future and is reported once; these are its echoes, one per array in flight (143
+    for one save of a read-only directory)."""
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        return False
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    return any(f.name == "call_soon_threadsafe" and "asyncio" in f.filename for f in frames)
+
+
+def _install_closed_loop_filter() -> None:
+    """Drop :func:`_is_closed_loop_callback` reports from ``sys.unraisablehook`` for the
+    rest of the process (they can come after the run has ended, while the error is being
+    printed); every other unraisable exception, and all of them with ``UCOFIA_VERBOSE=1``,
+    go to the hook that was there. Idempotent."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_ucofia_closed_loop_filter", False):
+        return
+
+    def hook(unraisable):
+        verbose = os.environ.get("UCOFIA_VERBOSE", "") not in ("", "0")
+        if verbose or not _is_closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook._ucofia_closed_loop_filter = True
+    sys.unraisablehook = hook
+
+
 @contextlib.contextmanager
 def _quiet_orbax():
     """:data:`_QUIET` on absl's logger for the block (unless a Checkpointer has it on)."""
@@ -302,6 +336,7 @@ class Checkpointer:
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.best_directory = os.path.join(self.workdir, "checkpoints_best")
         logging.getLogger("absl").addFilter(_QUIET)
+        _install_closed_loop_filter()
         self._in_flight: Dict[str, int] = {}  # manager name -> step of its async save
         self._reported = False  # a failed save was raised as a CheckpointError
         try:
