@@ -160,6 +160,7 @@ REFUSED = [
     ("train.optimizer", "adamw", "config.train.optimizer 'bertadam' -> 'adamw'"),
     ("train.weight_decay", 0.0, "config.train.weight_decay 0.2 -> 0.0"),  # no decay state
     ("model.clip.embed_dim", 128, "config.model.clip.embed_dim 64 -> 128"),
+    ("model.clip.dtype", "bfloat16", "config.model.clip.dtype 'float32' -> 'bfloat16'"),
     ("seed", 3, "config.seed 0 -> 3"),
 ]
 

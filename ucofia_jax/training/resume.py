@@ -4,13 +4,14 @@ A checkpoint's meta keeps the config it was written with (``checkpoints.py``); a
 run compares it with its own, key by key, and the saved state's tree (paths and shapes, from
 the checkpoint's metadata) with the one its config makes:
 
-* refused always: a different model (``model.*`` but ``MODEL_KEYS_FREE``), another
-  ``train.optimizer`` (its moments mean something else), or a state of another structure
-  (the parameters' shapes, or the optimizer state's tree: ``train.frozen``, a clip or a decay
-  switched on or off); the message names the keys and the differing paths;
-* refused unless ``config.train.allow_resume_with_changes``: the run settings of
-  ``RESUME_KEYS`` and every ``data.*`` key but ``DATA_KEYS_FREE`` (the data order, the
-  examples or the lr schedule would silently differ from the run it continues);
+* refused always: another ``train.optimizer`` (its moments mean something else), or a state
+  of another structure (the parameters' shapes: another model, ``data.max_frames``; or the
+  optimizer state's tree: ``train.frozen``, a clip or a decay switched on or off); the
+  message names the keys and the differing paths;
+* refused unless ``config.train.allow_resume_with_changes``: other ``model.*`` keys (but
+  ``MODEL_KEYS_FREE``), the run settings of ``RESUME_KEYS`` and every ``data.*`` key but
+  ``DATA_KEYS_FREE`` (the model, the examples, the data order or the lr schedule would
+  silently differ from the run it continues);
 * any other change (``train.lr``, ``train.clip_lr``, ``train.warmup_proportion``, ...) is
   allowed and said on one line: ``config.train.lr 0.001 -> 0.002``.
 
@@ -139,11 +140,8 @@ def check_resume(
     where = os.path.join(workdir, "checkpoints", str(step))
     old, new = flat_keys(saved_config(workdir, meta)), flat_keys(new_config)
     changed = _changed(old, new)
-    state_keys = [
-        k
-        for k in changed
-        if (k.startswith("model.") and k not in MODEL_KEYS_FREE) or k in STATE_KEYS
-    ]
+    state_keys = [k for k in changed if k in STATE_KEYS]
+    model_keys = [k for k in changed if k.startswith("model.") and k not in MODEL_KEYS_FREE]
     data_keys = [k for k in changed if k.startswith("data.") and k not in DATA_KEYS_FREE]
     run_keys = [k for k in RESUME_KEYS if k in changed]
     shape_diff = shape_differences(saved_shapes, shapes)
@@ -152,22 +150,25 @@ def check_resume(
         return ", ".join(f"config.{k} {old[k]!r} -> {new[k]!r}" for k in keys)
 
     if shape_diff or state_keys:
-        # Which keys made the state differ: the model's, the optimizer and the data's (the
+        # Which keys made the state differ: the optimizer, the model's and the data's (the
         # frame and word counts size parameters), else the train.* keys that changed
         # (frozen, a clip or a decay of 0, ...).
-        culprits = state_keys + data_keys or [k for k in changed if k.startswith("train.")]
+        culprits = state_keys + model_keys + data_keys or [
+            k for k in changed if k.startswith("train.")
+        ]
         differs = f"; its state differs: {shape_diff}" if shape_diff else ""
         raise ConfigError(
             f"{where} was written with another model or optimizer "
             f"({changes(culprits) or 'no config key differs'}){differs}. Use another "
             "--workdir, or the saved config's values."
         )
-    held = data_keys + run_keys
+    held = model_keys + data_keys + run_keys
     if held and not allow_changes:
         raise ConfigError(
             f"{where} was written with other settings: {changes(held)}. Resuming would "
-            "silently change the examples, the data order or the lr schedule; use another "
-            "--workdir, the saved values, or --config.train.allow_resume_with_changes=True."
+            "silently change the model, the examples, the data order or the lr schedule; use "
+            "another --workdir, the saved values, or "
+            "--config.train.allow_resume_with_changes=True."
         )
     if announce is not None and changed:
         announce(f"resuming {where} with changed settings: {changes(changed)}")
