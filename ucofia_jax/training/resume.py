@@ -94,10 +94,11 @@ def tree_shapes(tree) -> Dict[str, tuple]:
 
 def shape_differences(saved: Mapping[str, tuple], ours: Mapping[str, tuple], shown: int = 6) -> str:
     """'' when two ``{path: shape}`` tables (:func:`tree_shapes`) agree, else their differing
-    parameters on one line, the first ``shown`` of them: 'p: saved S now A; ...; and N more'."""
+    parameters on one line, the first ``shown`` of them (a state's params before its optimizer
+    state): 'p: saved S now A; ...; and N more'."""
     diff = [
         f"{p}: saved {saved.get(p, 'absent')} now {ours.get(p, 'absent')}"
-        for p in sorted(set(saved) | set(ours))
+        for p in sorted(set(saved) | set(ours), key=lambda p: (not p.startswith("params/"), p))
         if saved.get(p) != ours.get(p)
     ]
     more = f"; and {len(diff) - shown} more" if len(diff) > shown else ""
