@@ -8,8 +8,10 @@ r"""Train and evaluate UCoFiA: the program users run.
 Any config value can be overridden on the command line (``--config.train.batch_size=64``).
 The config is validated and the inputs are checked before anything is compiled. Re-running
 with the same ``--workdir`` resumes from the last readable checkpoint (params, optimizer,
-step, PRNG, data position), after checking that it was written by the same model and run
-settings (``config.train.allow_resume_with_changes`` lets the run settings differ).
+step, PRNG, data position), after checking, before any dataset is built, that it was
+written by the same model, optimizer, data and run settings
+(``config.train.allow_resume_with_changes`` lets the settings that leave the state's tree
+alike differ; other changes, such as ``train.lr``, are said on one line).
 
 A known problem (bad config key or value, missing or bad data, unreadable checkpoint, full
 or read-only disk, non-finite loss) prints one line and a hint on stderr and exits with
