@@ -14,6 +14,7 @@ The training cases run tests/_fault_worker.py in a subprocess (tiny model, a few
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -25,8 +26,10 @@ import jax
 import pytest
 from _tiny import tiny_config, tiny_model
 
+from configs import demo
 from ucofia_jax import config as config_lib
-from ucofia_jax import errors
+from ucofia_jax import errors, main
+from ucofia_jax.models.model import Model
 from ucofia_jax.runtime import cli
 from ucofia_jax.training import checkpoints, loop, resume
 
@@ -301,6 +304,61 @@ def test_full_disk_stops_with_the_previous_checkpoint_intact(tmp_path, jax_cache
     assert res["intact_step"] == res["complete"][-1] and res["intact_finite"]
     assert res["tmp_left"] == []
     _assert_no_storm(res["stderr"])
+
+
+# The demo shrunk to a few clips and steps (the model stays the demo's: a 40 MiB state).
+_SMALL_DEMO = (
+    "--mode=train",
+    "--progress=false",
+    "--config.data.synthetic.num_train=16",
+    "--config.data.synthetic.num_test=8",
+    "--config.train.batch_size=8",
+    "--config.train.epochs=0",
+    "--config.train.num_steps=6",
+    "--config.train.checkpoint_every_steps=1",
+    "--config.eval.sk_norm=False",
+)
+
+
+@pytest.mark.slow
+def test_cli_full_disk_during_a_save_is_one_error_line_and_status_2(tmp_path, jax_cache):
+    """The command line with checkpoints/ on a small tmpfs: the start-up check passes, a
+    later save runs out of space while its writes are in flight. stderr: the log, then one
+    error line and its hint; no traceback."""
+    if not _mount_works(str(tmp_path)):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    c = demo.get_config()
+    state = main._state_shapes(c, Model.from_config(c.model, max_frames=4, max_words=16))
+    one = sum(4 * math.prod(shape) for shape in state.values())
+    workdir = tmp_path / "run"
+    ckdir = workdir / "checkpoints"
+    ckdir.mkdir(parents=True)
+    # Room for the start-up check (one uncompressed state + 1 MiB), not for the three
+    # (compressed) checkpoints that exist while the third one is saved (keep=2).
+    size = one + (2 << 20)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(ckdir)], check=True)
+    try:
+        env = _env(jax_cache)
+        proc = subprocess.run(
+            [sys.executable, "-m", "ucofia_jax.main", "--config=configs/demo.py"]
+            + [f"--workdir={workdir}", *_SMALL_DEMO],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        steps = sorted(int(n) for n in os.listdir(ckdir) if n.isdigit())
+    finally:
+        subprocess.run(["umount", str(ckdir)], check=False)
+    err = proc.stderr
+    assert proc.returncode == 2, err[-4000:]
+    assert "Traceback" not in err and "Event loop is closed" not in err, err[-4000:]
+    errors_said = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors_said) == 1 and "No space left on device" in errors_said[0], err[-4000:]
+    assert f"the last complete checkpoint is step {steps[-1]}" in errors_said[0]
+    assert err.strip().splitlines()[-2] == errors_said[0]  # then only the hint line
+    assert err.strip().splitlines()[-1].startswith("hint: ")
 
 
 def test_no_room_for_a_checkpoint_is_refused_before_training(tmp_path):
