@@ -4,6 +4,8 @@ python tests/_fault_worker.py nan      DIR   # lr 1e30: NaN at some step, checkp
 python tests/_fault_worker.py damage   DIR   # damaged latest checkpoint (3 kinds) -> fallback;
                                              # a changed config on resume -> refused
 python tests/_fault_worker.py readonly DIR   # checkpoints/ made immutable (chattr +i) mid-run
+python tests/_fault_worker.py readonly_midsave DIR   # the directory an asynchronous save is
+                                             # writing made immutable (chattr -R +i) under it
 python tests/_fault_worker.py diskfull DIR   # checkpoints/ on a tiny tmpfs: disk full mid-run
 
 Each writes DIR/result.json for the test to read. The repository root must be importable
@@ -166,7 +168,7 @@ def mode_damage(root):
                 step,
                 {**meta},
                 shapes,
-                params,
+                resume.tree_shapes(params),
                 allow_changes=new_cfg.train.allow_resume_with_changes,
             )
 
@@ -203,7 +205,8 @@ def mode_damage(root):
 
 
 def _stop_run(root, make_fault, undo_fault):
-    """Train with a checkpoint every step; ``make_fault`` runs before the 3rd batch."""
+    """Train with a checkpoint every step; ``make_fault(checkpoints dir)`` runs before the
+    3rd batch (while the save of step 2 may still be writing); ``undo_fault`` at the end."""
     c, model, trainer, state, data = setup()
     wd = os.path.join(root, "run")
     marks = {}
@@ -250,6 +253,28 @@ def mode_readonly(root):
         subprocess.run(["chattr", "-i", d], check=False)
 
     return _stop_run(root, fault, undo)
+
+
+def mode_readonly_midsave(root):
+    """The save's half-written directory turns immutable while Orbax writes its arrays
+    (one of them, at least): the writes in flight fail in TensorStore's threads."""
+    locked = []
+
+    def fault(d):
+        t0 = time.time()
+        while not locked and time.time() - t0 < 5:
+            locked.extend(glob.glob(os.path.join(d, f"*{checkpoints.TMP_MARK}*")))
+            time.sleep(0.001)
+        if locked:
+            subprocess.run(["chattr", "-R", "+i", *locked], check=True)
+
+    def undo(d):
+        for path in locked:
+            subprocess.run(["chattr", "-R", "-i", path], check=False)
+
+    result = _stop_run(root, fault, undo)
+    result["locked"] = locked
+    return result
 
 
 def mode_diskfull(root):

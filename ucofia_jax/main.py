@@ -8,8 +8,10 @@ r"""Train and evaluate UCoFiA: the program users run.
 Any config value can be overridden on the command line (``--config.train.batch_size=64``).
 The config is validated and the inputs are checked before anything is compiled. Re-running
 with the same ``--workdir`` resumes from the last readable checkpoint (params, optimizer,
-step, PRNG, data position), after checking that it was written by the same model and run
-settings (``config.train.allow_resume_with_changes`` lets the run settings differ).
+step, PRNG, data position), after checking, before any dataset is built, that it was
+written by the same model, optimizer, data and run settings
+(``config.train.allow_resume_with_changes`` lets the settings that leave the state's tree
+alike differ; other changes, such as ``train.lr``, are said on one line).
 
 A known problem (bad config key or value, missing or bad data, unreadable checkpoint, full
 or read-only disk, non-finite loss) prints one line and a hint on stderr and exits with
@@ -39,7 +41,7 @@ from ucofia_jax import errors, preflight, weights
 from ucofia_jax.evaluation import evaluator, report
 from ucofia_jax.models.model import Model
 from ucofia_jax.runtime import cli, distributed, sharding
-from ucofia_jax.training import checkpoints, loop, resume, trainer
+from ucofia_jax.training import checkpoints, loop, optim, resume, trainer
 from ucofia_jax.training.metric_writer import MetricWriter
 
 FLAGS = flags.FLAGS
@@ -81,12 +83,14 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> Dict[str, Any
 
     out = _RunOutput(workdir)
     try:
-        if config.data.synthetic.enabled:
-            _prepare_synthetic_data(config, out)
-        mesh = _make_mesh(config, out)
         model = Model.from_config(
             config.model, max_frames=config.data.max_frames, max_words=config.data.max_words
         )
+        if train:  # before any dataset is built or anything compiled
+            _check_resume(config, workdir, model, out)
+        if config.data.synthetic.enabled:
+            _prepare_synthetic_data(config, out)
+        mesh = _make_mesh(config, out)
         splits = _Splits.open(config, mesh, train=train, evaluate=evaluate)
         # Built once per run, and only when something is evaluated: choosing the level-3
         # kernel may compile it.
@@ -133,6 +137,39 @@ class _RunOutput:
     def close(self) -> None:
         self.say(f"total wall time {time.time() - self.t_start:.0f} s")
         self.writer.close()
+
+
+def _state_shapes(config, model) -> Dict[str, tuple]:
+    """``{path: shape}`` of the train state this config makes (params, optimizer state,
+    step, PRNG key), traced only (nothing is allocated or compiled). The optimizer's tree
+    does not depend on the schedule's length, so any length serves."""
+
+    def build():
+        state = trainer.create_train_state(model, config.seed)
+        tx = optim.make_optimizer(config.train, optim.group_schedules(config.train, 1000))
+        return {**state, "opt_state": tx.init(state["params"])}
+
+    return resume.tree_shapes(jax.eval_shape(build))
+
+
+def _check_resume(config, workdir: str, model, out: _RunOutput) -> None:
+    """If ``workdir`` has a checkpoint, may this config continue it (resume.check_resume on
+    its metadata and the state's tree)? Refused: one line naming the keys; allowed changes
+    are said on one line."""
+    found = checkpoints.newest_saved(workdir)
+    if found is None:
+        return
+    step, meta, saved_shapes = found
+    resume.check_resume(
+        resume.config_dict(config),
+        workdir,
+        step,
+        meta,
+        saved_shapes,
+        _state_shapes(config, model),
+        allow_changes=config.train.allow_resume_with_changes,
+        announce=out.say,
+    )
 
 
 def _prepare_synthetic_data(config, out: _RunOutput) -> None:
@@ -220,11 +257,13 @@ def _train(config, workdir, model, mesh, fns, splits, out, progress):
     guard = None
     try:
         saved_config = resume.config_dict(config)
+        # Again on the checkpoint restored (an earlier one when the newest is damaged), on
+        # its params; the changes it allows were said by _check_resume.
         check = functools.partial(
             resume.check_resume,
             saved_config,
             workdir,
-            params=state["params"],
+            shapes=resume.tree_shapes(state["params"]),
             allow_changes=tc.allow_resume_with_changes,
         )
         state = trainer.place_state(run_trainer, state)

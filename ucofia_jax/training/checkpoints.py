@@ -2,22 +2,28 @@
 
 Layout under ``WORKDIR``::
 
-  checkpoints/<step>/{state, meta}    every ``train.checkpoint_every_steps`` and at epoch end,
-                                      the last ``train.keep_checkpoints`` kept (async save)
-  checkpoints_best/<step>/{state, meta}   the one with the best validation R@1
+  checkpoints/<step>/{state, meta, checksums}   every ``train.checkpoint_every_steps`` and at
+                                      epoch end, the last ``train.keep_checkpoints`` kept (async)
+  checkpoints_best/<step>/{state, meta, checksums}   the one with the best validation R@1
   checkpoints_damaged/<step>/         a checkpoint that could not be read, set aside when the
                                       run resumed from an earlier one
 
 ``state`` is the TrainState pytree (params, optimizer state, step, PRNG key); ``meta`` is
 JSON: the data position (epoch, step in epoch), the metrics of that checkpoint and the run's
 config. Since the input order is a pure function of (seed, epoch), the position is enough to
-continue an interrupted run exactly.
+continue an interrupted run exactly. ``checksums`` is JSON too: a 64-bit checksum of every
+array of ``state`` (:func:`state_checksums`), computed on the devices before the save and
+compared after every restore, so that a file whose bits changed without changing its size (a
+bad disk, a faulty copy) is noticed: Orbax's own checks (zarr v3's crc32c) cover the chunk
+index, not the data, and the default zarr v2 format has none. A checkpoint without
+``checksums`` (written before them) is restored unchecked.
 
 Faults, each a :class:`CheckpointError` with one line naming the path and what is wrong:
 
 * an unreadable latest checkpoint (truncated array file, missing ``_METADATA`` or
-  ``meta/metadata``, non-finite values): :meth:`Checkpointer.restore_latest` warns naming the
-  step and the reason, sets it aside and resumes from the one before (keep >= 2);
+  ``meta/metadata``, an array that differs from its checksum, non-finite values):
+  :meth:`Checkpointer.restore_latest` warns naming the step and the reason, sets it aside and
+  resumes from the one before (keep >= 2);
 * a failed asynchronous save (disk full, read-only directory) is seen at the next train step
   (:meth:`Checkpointer.check_saves`, no waiting), not at the next save; the half-written
   ``*.orbax-checkpoint-tmp*`` directory is removed;
@@ -54,6 +60,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
@@ -69,6 +76,7 @@ from ucofia_jax.training import resume
 log = logging.getLogger(__name__)
 
 TMP_MARK = ".orbax-checkpoint-tmp"
+ITEMS = ("state", "meta", "checksums")  # the items of a step directory (module docstring)
 DAMAGED_DIR = "checkpoints_damaged"
 
 
@@ -91,6 +99,119 @@ def state_nbytes(tree: Any) -> int:
             if hasattr(x, "shape") and hasattr(x, "dtype")
         )
     )
+
+
+# --------------------------------------------------------------------------- checksums
+
+CHECKSUM_ITEM = "checksums"  # the step's JSON item: {"algorithm": ..., "arrays": {path: hex}}
+CHECKSUM_ALGORITHM = "fmix32-sum+odd-weighted-sum/v1"
+_GOLDEN = 0x9E3779B1  # spreads consecutive positions over the 32-bit range before mixing
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 that spreads every input bit."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32 words of the same shape (8-byte items folded into one)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = np.dtype(x.dtype).itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if size in (1, 2):
+        unsigned = jnp.uint8 if size == 1 else jnp.uint16
+        return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    if size == 8:
+        halves = jax.lax.bitcast_convert_type(x, jnp.uint32)  # shape + (2,)
+        return halves[..., 0] ^ _fmix32(halves[..., 1] + jnp.uint32(_GOLDEN))
+    raise TypeError(f"no checksum for dtype {x.dtype}")
+
+
+def _array_checksum(x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Two uint32 sums over an array's elements (wrapping, so exact in any reduction order and
+    under any sharding): of ``fmix32(word + position * golden)`` (any change of one word
+    changes its term: fmix32 is a bijection) and of ``word * (2 * position + 1)`` (odd
+    weights: a single flipped bit always changes it). Positions are row-major indices, built
+    from iotas of the array's own shape (no reshape, which would move sharded data)."""
+    w = _words(x)
+    position = jnp.zeros(w.shape, jnp.uint32)
+    for axis, n in enumerate(w.shape):
+        position = position * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis)
+    mixed = jnp.sum(_fmix32(w + position * jnp.uint32(_GOLDEN)), dtype=jnp.uint32)
+    weighted = jnp.sum(w * (position * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+    return mixed, weighted
+
+
+# One compile per distinct (shape, dtype, sharding), not one of the whole tree: the blocks of
+# a transformer share their shapes, and XLA compiles hundreds of reductions slowly (10 s for
+# the demo's tree at once, against well under a second leaf by leaf). 0-d outputs are
+# replicated on every device, so each process reads its own copy.
+_leaf_checksum = jax.jit(_array_checksum)
+
+
+def state_checksums(tree: Any) -> Dict[str, str]:
+    """``{'params/clip/...': 16 hex digits}`` of every array of ``tree``, computed where the
+    arrays are (one jitted reduction; no copy to the host). Layout-independent: a state
+    restored onto another mesh or number of processes has the same checksums. With several
+    processes every one must call it (a collective); each sums the shards it holds, the
+    partial sums are added across processes, and all get the same table."""
+    named = [
+        (resume.path_name(p), x)
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if hasattr(x, "shape") and hasattr(x, "dtype")
+    ]
+    sums = [_leaf_checksum(x) for _, x in named]
+    out = {}
+    for (name, _), (mixed, weighted) in zip(named, sums):
+        a, b = (int(np.asarray(v.addressable_data(0))) for v in (mixed, weighted))
+        out[name] = f"{a:08x}{b:08x}"
+    return out
+
+
+def _checksum_item(tree: Any) -> Dict[str, Any]:
+    return {"algorithm": CHECKSUM_ALGORITHM, "arrays": state_checksums(tree)}
+
+
+def _read_checksums(step_dir: str) -> Optional[Dict[str, str]]:
+    """The saved ``{path: checksum}`` of a step; None for a checkpoint written without them."""
+    path = os.path.join(step_dir, CHECKSUM_ITEM, "metadata")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved.get("algorithm") != CHECKSUM_ALGORITHM:
+            raise ValueError(f"unknown checksum algorithm {saved.get('algorithm')!r}")
+        return dict(saved["arrays"])
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable checksums ({_why(e)})") from e
+
+
+def verify_checksums(step_dir: str, tree: Any, prefix: str = "") -> None:
+    """Raise :class:`CheckpointError` naming the arrays of ``tree`` (restored from
+    ``step_dir``; its paths below ``prefix``, e.g. 'params/') that differ from the checksums
+    written at save. Nothing to compare (an older checkpoint): returns."""
+    saved = _read_checksums(step_dir)
+    if saved is None:
+        log.info("%s has no checksums (written before them): restored unchecked", step_dir)
+        return
+    now = state_checksums(tree)
+    bad = sorted(k for k, v in now.items() if saved.get(prefix + k, v) != v)
+    if bad:
+        shown = ", ".join(prefix + k for k in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(
+            f"{os.path.join(step_dir, 'state')}: {len(bad)} array(s) differ from the checksums "
+            f"written at save ({shown}{more}): its files were changed or damaged"
+        )
 
 
 # What the OS says, found in the long messages of TensorStore and Orbax.
@@ -138,6 +259,39 @@ class _QuietOrbaxErrors(logging.Filter):
 _QUIET = _QuietOrbaxErrors()
 
 
+def _is_closed_loop_callback(unraisable) -> bool:
+    """An asyncio loop's ``call_soon_threadsafe`` refused because the loop is closed: what
+    TensorStore reports (``PyErr_WriteUnraisable``, a bare traceback on stderr) for every
+    write that finishes after a failed save has ended the loop running it (Orbax runs a
+    save's coroutine in a fresh loop and closes it at the first error; TensorStore's other
+    writes then complete into the closed loop). The failure itself reaches us through the
+    save's future and is reported once; these are its echoes, one per array in flight (143
+    for one save of a read-only directory)."""
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        return False
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    return any(f.name == "call_soon_threadsafe" and "asyncio" in f.filename for f in frames)
+
+
+def _install_closed_loop_filter() -> None:
+    """Drop :func:`_is_closed_loop_callback` reports from ``sys.unraisablehook`` for the
+    rest of the process (they can come after the run has ended, while the error is being
+    printed); every other unraisable exception, and all of them with ``UCOFIA_VERBOSE=1``,
+    go to the hook that was there. Idempotent."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_ucofia_closed_loop_filter", False):
+        return
+
+    def hook(unraisable):
+        verbose = os.environ.get("UCOFIA_VERBOSE", "") not in ("", "0")
+        if verbose or not _is_closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook._ucofia_closed_loop_filter = True
+    sys.unraisablehook = hook
+
+
 @contextlib.contextmanager
 def _quiet_orbax():
     """:data:`_QUIET` on absl's logger for the block (unless a Checkpointer has it on)."""
@@ -182,6 +336,7 @@ class Checkpointer:
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.best_directory = os.path.join(self.workdir, "checkpoints_best")
         logging.getLogger("absl").addFilter(_QUIET)
+        _install_closed_loop_filter()
         self._in_flight: Dict[str, int] = {}  # manager name -> step of its async save
         self._reported = False  # a failed save was raised as a CheckpointError
         try:
@@ -191,9 +346,7 @@ class Checkpointer:
                 enable_async_checkpointing=async_save,
                 cleanup_tmp_directories=True,
             )
-            self.last = ocp.CheckpointManager(
-                self.directory, options=opts, item_names=("state", "meta")
-            )
+            self.last = ocp.CheckpointManager(self.directory, options=opts, item_names=ITEMS)
             best_opts = ocp.CheckpointManagerOptions(
                 max_to_keep=1,
                 create=True,
@@ -203,7 +356,7 @@ class Checkpointer:
                 best_mode="max",
             )
             self.best = ocp.CheckpointManager(
-                self.best_directory, options=best_opts, item_names=("state", "meta")
+                self.best_directory, options=best_opts, item_names=ITEMS
             )
         except OSError as e:
             raise CheckpointError(
@@ -242,13 +395,7 @@ class Checkpointer:
         if step in (self.last.all_steps() or []):
             return False
         try:
-            saved = self.last.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-                ),
-                force=force,
-            )
+            saved = self.last.save(step, args=_save_args(state, meta), force=force)
         except Exception as e:  # pylint: disable=broad-except
             # Orbax waits for the previous save first: its failure surfaces here.
             self._failed("last", self._in_flight.get("last", step), e)
@@ -264,12 +411,7 @@ class Checkpointer:
             return False
         try:
             saved = self.best.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-                ),
-                metrics={"R@1": float(r1)},
-                force=True,
+                step, args=_save_args(state, meta), metrics={"R@1": float(r1)}, force=True
             )
         except Exception as e:  # pylint: disable=broad-except
             self._failed("best", self._in_flight.get("best", step), e)
@@ -458,13 +600,9 @@ def _read_meta(step_dir: str) -> Dict[str, Any]:
         raise CheckpointError(f"{path}: {_why(e)}") from e
 
 
-def _path_name(keys) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
-
-
 def _by_path(tree: Any) -> Dict[str, Any]:
     """``{'clip/visual/conv1/kernel': leaf, ...}``."""
-    return {_path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {resume.path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _saved_sharding(meta_leaf: Any):
@@ -488,7 +626,7 @@ def _restore_params_only(step_dir: str, params_target: Any) -> Any:
     from the metadata, naming the parameters."""
     saved = _saved_params(step_dir)
     differences = resume.shape_differences(
-        {k: tuple(v.shape) for k, v in saved.items()}, resume.param_shapes(params_target), shown=3
+        {k: tuple(v.shape) for k, v in saved.items()}, resume.tree_shapes(params_target), shown=3
     )
     if differences:
         raise CheckpointError(
@@ -498,7 +636,9 @@ def _restore_params_only(step_dir: str, params_target: Any) -> Any:
     target = {"params": _abstract(params_target)}
     shardings = {
         "params": jax.tree_util.tree_map_with_path(
-            lambda p, x: getattr(x, "sharding", None) or _saved_sharding(saved[_path_name(p)]),
+            lambda p, x: (
+                getattr(x, "sharding", None) or _saved_sharding(saved[resume.path_name(p)])
+            ),
             target["params"],
         )
     }
@@ -508,24 +648,61 @@ def _restore_params_only(step_dir: str, params_target: Any) -> Any:
         partial_restore=True,
     )
     with _quiet_orbax(), ocp.PyTreeCheckpointer() as reader:
-        return reader.restore(os.path.join(step_dir, "state"), args=args)["params"]
+        params = reader.restore(os.path.join(step_dir, "state"), args=args)["params"]
+    verify_checksums(step_dir, params, prefix="params/")
+    return params
+
+
+def _saved_state(step_dir: str) -> Any:
+    """The tree of array metadata (shapes, shardings) a step saved; no array is read."""
+    with _quiet_orbax(), ocp.StandardCheckpointer() as reader:
+        return reader.metadata(os.path.join(step_dir, "state")).item_metadata
 
 
 def _saved_params(step_dir: str) -> Dict[str, Any]:
-    """``{path: array metadata}`` of the params a step saved (shapes, shardings; no array
-    is read)."""
-    with _quiet_orbax(), ocp.StandardCheckpointer() as reader:
-        tree = reader.metadata(os.path.join(step_dir, "state")).item_metadata
-    return _by_path(tree["params"])
+    """``{path: array metadata}`` of the params a step saved."""
+    return _by_path(_saved_state(step_dir)["params"])
+
+
+def newest_saved(workdir: str) -> Optional[Tuple[int, Dict[str, Any], Dict[str, Tuple]]]:
+    """(step, meta, ``{path: shape}`` of the whole saved state) of the newest checkpoint in
+    ``workdir/checkpoints`` whose meta and metadata read, without reading any array; None
+    when there is none. For the resume check before anything is built; an unreadable one is
+    skipped here and named when the run restores."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    for step in reversed(_step_dirs(directory)):
+        step_dir = os.path.join(directory, str(step))
+        if _missing_files(step_dir):
+            continue
+        try:
+            meta = _read_meta(step_dir)
+            shapes = resume.tree_shapes(_saved_state(step_dir))
+        except Exception as e:  # pylint: disable=broad-except
+            log.debug("resume check: checkpoint %s unreadable (%s)", step_dir, _why(e))
+            continue
+        return step, meta, shapes
+    return None
+
+
+def _save_args(state: Any, meta: Dict[str, Any]) -> ocp.args.Composite:
+    # The checksums are computed before Orbax copies the arrays to the host: from the very
+    # arrays it writes (a step's update cannot come in between; the caller waits for it).
+    return ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave(meta),
+        checksums=ocp.args.JsonSave(_checksum_item(state)),
+    )
 
 
 def _restore(mngr, step: int, target_state: Any) -> Tuple[Any, Dict[str, Any]]:
+    """(state, meta) of ``step``, its arrays verified against the checksums of the save."""
     out = mngr.restore(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract(target_state)), meta=ocp.args.JsonRestore()
         ),
     )
+    verify_checksums(os.path.join(str(mngr.directory), str(step)), out["state"])
     return out["state"], dict(out["meta"])
 
 
