@@ -157,9 +157,10 @@ def base_config() -> ml_collections.ConfigDict:
             keep_checkpoints=2,  # >= 2: a damaged latest checkpoint falls back to the previous
             eval_every_epochs=1,  # validation (R@1 picks the best checkpoint)
             stop_on_nonfinite=True,
-            # Resuming refuses a changed seed, global batch size, epochs, schedule, model.* or
-            # data.* key (the data, its order or the lr schedule would silently differ); True
-            # allows it. The optimizer and the state's structure are always refused.
+            # Resuming refuses a changed seed, global batch size, epochs, schedule, model.* key
+            # or data.* key other than paths and prefetch (the data, its order or the schedule
+            # would silently differ); True allows it. Another optimizer or state structure is
+            # always refused (training/resume.py).
             allow_resume_with_changes=False,
             # Exact gradient accumulation (GradCache): the global batch is encoded in this many
             # micro-batches; the loss still sees all B x B pairs. batch_size must be divisible
