@@ -169,7 +169,7 @@ def cmd_serve(a) -> int:
 
 def cmd_export(a) -> int:
     manifest = export_lib.export(Store.open(a.index), a.out, rows_per_shard=a.rows_per_shard)
-    print(f"wrote {manifest['count']} videos in {len(manifest['shards'])} shards to {a.out}")
+    print(export_lib.summary_line(manifest, a.out))
     return 0
 
 
