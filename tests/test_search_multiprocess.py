@@ -116,3 +116,70 @@ def test_two_process_index_equals_one_process_index(tmp_path):
         Store.open(tmp_path / "multi").meta["fingerprint"]
         == Store.open(tmp_path / "single").meta["fingerprint"]
     )
+
+
+def _marked_processes(marker: str) -> list:
+    """Live processes whose environment holds ``marker`` (zombies excluded: they are gone,
+    only not yet reaped)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if f"{MARKER_VAR}={marker}".encode() not in (entry / "environ").read_bytes():
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if state != "Z":
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+MARKER_VAR = "UCOFIA_TEST_PROCESS_MARKER"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_sigkilled_index_leaves_no_process_behind(tmp_path):
+    """``index --workers 2`` is SIGKILLed while its workers decode: within a few seconds no
+    process it started (decode workers, the multiprocessing resource tracker) is left.
+    Processes are found by a marker in their environment, which every child inherits."""
+    workdir = save_workdir(tmp_path / "run", search_config())
+    clips = tmp_path / "clips"
+    make_clips(clips, 40, seed=7)
+    marker = f"{os.getpid()}-{time.time_ns()}"
+    env = one_device_env()
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env[MARKER_VAR] = marker
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ucofia_jax.search", "index", "--videos", str(clips)]
+        + ["--index", str(tmp_path / "idx"), "--workdir", workdir]
+        + ["--workers", "2", "--batch_size", "1", "--no_progress"],
+        env=env,
+        cwd=tmp_path,
+        stdout=open(tmp_path / "index.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            children = [p for p, _ in _marked_processes(marker) if p != proc.pid]
+            if len(children) >= 3:  # two workers and the resource tracker
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, (tmp_path / "index.log").read_text()[-3000:]
+        assert len(children) >= 3, _marked_processes(marker)
+        os.kill(proc.pid, signal.SIGKILL)  # the main process only, as a user's kill -9 would
+        proc.wait()
+        deadline = time.time() + 10
+        while _marked_processes(marker) and time.time() < deadline:
+            time.sleep(0.1)
+        assert _marked_processes(marker) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid, _ in _marked_processes(marker):  # a failed run: leave nothing behind
+            os.kill(pid, signal.SIGKILL)
