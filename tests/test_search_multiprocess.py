@@ -22,7 +22,7 @@ import pytest
 from _env import one_device_env
 from _search_fixtures import make_clips, save_workdir, search_config
 
-from ucofia_jax.search.store import Store
+from ucofia_jax.search.store import Store, writer_lease
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,6 +116,33 @@ def test_two_process_index_equals_one_process_index(tmp_path):
         Store.open(tmp_path / "multi").meta["fingerprint"]
         == Store.open(tmp_path / "single").meta["fingerprint"]
     )
+
+
+@pytest.mark.slow
+def test_two_process_index_stops_with_one_line_when_the_lease_is_held(tmp_path):
+    """Another writer holds the index: process 0 cannot take the lease, every process learns
+    it and exits 2 with one line (no hang at a barrier, no traceback)."""
+    workdir = save_workdir(tmp_path / "run", search_config())
+    clips = tmp_path / "clips"
+    make_clips(clips, 2)
+    idx = tmp_path / "idx"
+    with writer_lease(idx):
+        proc = _start(
+            ["bash", str(REPO / "launch.sh"), "cpu-multiprocess", "2", "--devices-per-process=1"]
+            + ["--entry=ucofia_jax.search", "--", "index", "--videos", str(clips)]
+            + ["--index", str(idx), "--workdir", workdir, "--workers", "0", "--no_progress"],
+            tmp_path / "multi.log",
+        )
+        try:
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    out = (tmp_path / "multi.log").read_text()
+    assert proc.returncode == 2, out[-3000:]
+    assert f"[process 0] error: {idx}: another `index` is writing" in out, out[-3000:]
+    assert "Traceback" not in out and not Store.exists(idx)
 
 
 def _marked_processes(marker: str) -> list:
