@@ -170,6 +170,9 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _worker_main(jobs, results, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
+    # Ctrl-C reaches the whole process group: the parent handles it (and ends the workers),
+    # a worker must not print its own KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while (job := jobs.get()) is not None:
         try:
             for message in decode_file(job):
