@@ -267,7 +267,7 @@ def float16_effect(index_path: str, texts_file: str) -> dict:
     n = len(index)
     rows = [index.search_rows([t], top=n, shortlist=n)[0] for t in texts]
     names = index.paths
-    f32 = encode_videos([index.root / p for p in names], model, noise_keys=names)
+    f32 = encode_videos([index.root / p for p in names], model)  # noise keyed by content
     exact = model.score(model.encode_texts(texts), f32)
     diffs, same, same1, same10, overlap = [], 0, 0, 0, []
     for t, (r, s) in enumerate(rows):

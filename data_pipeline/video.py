@@ -46,7 +46,10 @@ missing video into zeros and later into NaN losses). The rules, checked in this 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+from typing import Iterator
 
 import av
 import numpy as np
@@ -121,15 +124,20 @@ def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def _candidates(fps: int, *, start, end, feature_framerate: int):
-    """Increasing frame indices the sampling rule may take, for a file of unknown length."""
-    interval = max(fps // feature_framerate, 1)
-    inds = list(range(0, fps, interval))[:feature_framerate]
-    sec = 0 if start is None else start
-    while end is None or sec <= end:
-        for i in inds:
-            yield int(sec * fps) + i
-        sec += 1
+def _expected_frames(container, stream, path: str) -> int:
+    """How many frames a file without a declared count should hold: its declared duration
+    times the average frame rate, else the number of video packets (demuxed, not decoded, in
+    a container of its own so the caller's stays at the start)."""
+    duration = _declared_duration(container, stream)
+    if duration:
+        return max(int(round(duration * _stream_fps(stream))), 1)
+    try:
+        with av.open(path) as counting:
+            video_stream = counting.streams.video[0]
+            count = sum(1 for packet in counting.demux(video_stream) if packet.size)
+    except av.error.FFmpegError as e:
+        raise VideoDecodeError(path, "corrupt stream", f"while counting packets: {e}") from e
+    return max(count, 1)
 
 
 def _stream_fps(stream) -> float:
@@ -158,37 +166,19 @@ def decode_clip(
     max_frames, image_size = sampling.max_frames, sampling.image_size
     feature_framerate, slice_framepos = sampling.feature_framerate, sampling.slice_framepos
     path = str(path)
-    if not os.path.isfile(path):
-        raise VideoDecodeError(path, "missing file")
-    if os.path.getsize(path) == 0:
-        raise VideoDecodeError(path, "empty file", "0 bytes")
     if (start is not None and start < 0) or (end is not None and end < 0):
         raise VideoDecodeError(path, "empty window", f"negative start/end {start}/{end}")
     if start is not None and end is not None and start > end:
         raise VideoDecodeError(path, "empty window", f"start {start} > end {end}")
-    try:
-        container = av.open(path)
-    except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise VideoDecodeError(path, "unreadable container", str(e)) from e
+    container, stream, fps = _open_checked(path, feature_framerate, threads)
     with container:
-        if not container.streams.video:
-            raise VideoDecodeError(path, "unreadable container", "no video stream")
-        stream = container.streams.video[0]
-        stream.thread_count = max(int(threads), 1)
-        fps = int(_stream_fps(stream))
-        if fps < 1:
-            raise VideoDecodeError(path, "bad frame rate", f"fps {_stream_fps(stream):.3f} < 1")
-        if feature_framerate > fps:
-            raise VideoDecodeError(
-                path, "bad frame rate", f"feature_framerate {feature_framerate} > video fps {fps}"
-            )
         declared = int(stream.frames or 0)
 
         # Which frames to keep while decoding. With an explicit end the window is short and its
         # candidates (1 per second) are kept. Without one, the final indices depend on the frame
-        # count; when the container declares it they are predicted and only those (<= max_frames)
-        # are kept, so an hour-long video does not hold one decoded frame per second in memory.
-        # Should the decoded count differ from the declared one, a second pass fetches the frames.
+        # count; it is predicted (declared, else estimated) and only the predicted frames
+        # (<= max_frames) are kept, so an hour-long video does not hold one decoded frame per
+        # second in memory. Should the decoded count differ, a second pass fetches the frames.
         stop_after = None
         if end is not None:
             want = set(
@@ -199,23 +189,18 @@ def decode_clip(
             # No need to decode past the window (DiDeMo: 31 s of long videos), but at least one
             # second so that the duration rule still applies.
             stop_after = max(max(want, default=0), fps - 1)
-        elif declared > 0:
+        else:
+            # Matroska/WebM declare no count: predict it from the declared duration (or, with
+            # none, from a demux-only count of the packets). A wrong prediction costs the
+            # second pass below, never memory: only the <= max_frames predicted frames are kept.
+            expected = declared if declared > 0 else _expected_frames(container, stream, path)
             want = set(
                 _final_indices(
-                    declared, fps, start, end, feature_framerate, max_frames, slice_framepos
+                    expected, fps, start, end, feature_framerate, max_frames, slice_framepos
                 ).tolist()
             )
-        else:
-            want = _candidates(fps, start=start, end=end, feature_framerate=feature_framerate)
         n, reached_end, kept, times = _decode_pass(container, stream, path, want, stop_after)
-        if n == 0:
-            raise VideoDecodeError(path, "no frames", "nothing decodes")
-        if reached_end and declared > 0 and n < max(declared - 2, 0.95 * declared):
-            raise VideoDecodeError(path, "truncated", f"decoded {n} of {declared} declared frames")
-        if reached_end and declared == 0:
-            _check_duration(path, container, stream, times, _stream_fps(stream))
-        if n < fps:
-            raise VideoDecodeError(path, "shorter than one second", f"{n} frames at {fps} fps")
+        _check_decoded(path, container, stream, n, reached_end, times, fps)
 
     idx = _final_indices(n, fps, start, end, feature_framerate, max_frames, slice_framepos)
     if len(idx) == 0:
@@ -237,6 +222,48 @@ def decode_clip(
         frames[j] = resize_center_crop(kept[int(i)].to_image(), image_size)
         mask[j] = 1
     return frames, mask
+
+
+def _open_checked(path: str, feature_framerate: int, threads: int):
+    """(container, its first video stream, integer fps) after the file, container and frame
+    rate rules of the module doc; the caller closes the container."""
+    if not os.path.isfile(path):
+        raise VideoDecodeError(path, "missing file")
+    if os.path.getsize(path) == 0:
+        raise VideoDecodeError(path, "empty file", "0 bytes")
+    try:
+        container = av.open(path)
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise VideoDecodeError(path, "unreadable container", str(e)) from e
+    try:
+        if not container.streams.video:
+            raise VideoDecodeError(path, "unreadable container", "no video stream")
+        stream = container.streams.video[0]
+        stream.thread_count = max(int(threads), 1)
+        fps = int(_stream_fps(stream))
+        if fps < 1:
+            raise VideoDecodeError(path, "bad frame rate", f"fps {_stream_fps(stream):.3f} < 1")
+        if feature_framerate > fps:
+            raise VideoDecodeError(
+                path, "bad frame rate", f"feature_framerate {feature_framerate} > video fps {fps}"
+            )
+    except VideoDecodeError:
+        container.close()
+        raise
+    return container, stream, fps
+
+
+def _check_decoded(path, container, stream, n: int, reached_end: bool, times, fps: int) -> None:
+    """The rules that need the decode: no frames, truncated, shorter than one second."""
+    declared = int(stream.frames or 0)
+    if n == 0:
+        raise VideoDecodeError(path, "no frames", "nothing decodes")
+    if reached_end and declared > 0 and n < max(declared - 2, 0.95 * declared):
+        raise VideoDecodeError(path, "truncated", f"decoded {n} of {declared} declared frames")
+    if reached_end and declared == 0:
+        _check_duration(path, container, stream, times, _stream_fps(stream))
+    if n < fps:
+        raise VideoDecodeError(path, "shorter than one second", f"{n} frames at {fps} fps")
 
 
 def _final_indices(n, fps, start, end, feature_framerate, max_frames, slice_framepos):
@@ -277,26 +304,15 @@ def _check_duration(path, container, stream, times, fps: float) -> None:
 
 
 def _decode_pass(container, stream, path, want, stop_after):
-    """Decodes in order, keeping frames whose index is in `want` (a set or an increasing
-    iterator); returns (frames decoded, whether the end of the file was reached, {index: frame},
-    (time of the first frame, time of the last) in seconds, None where unknown)."""
-    if isinstance(want, set):
-        is_wanted = want.__contains__
-    else:
-        nxt = [next(want, None)]
-
-        def is_wanted(i):
-            if nxt[0] is not None and i == nxt[0]:
-                nxt[0] = next(want, None)
-                return True
-            return False
-
+    """Decodes in order, keeping frames whose index is in the set `want`; returns (frames
+    decoded, whether the end of the file was reached, {index: frame}, (time of the first
+    frame, time of the last) in seconds, None where unknown)."""
     kept: dict[int, av.VideoFrame] = {}
     n = 0
     first = last = None
     try:
         for frame in container.decode(stream):
-            if is_wanted(n):
+            if n in want:
                 kept[n] = frame
             t = frame.time
             if t is not None:  # min/max: decoders may emit timestamps out of order
@@ -308,6 +324,153 @@ def _decode_pass(container, stream, path, want, stop_after):
     except av.error.FFmpegError as e:
         raise VideoDecodeError(path, "corrupt stream", f"after {n} frames: {e}") from e
     return n, True, kept, (first, last)
+
+
+@dataclasses.dataclass(frozen=True)
+class Moment:
+    """One stored item of a file: the whole file (``start`` = ``end`` = None) or one window
+    [``start``, ``end``] (seconds from the start of the file). ``frames`` / ``mask`` as
+    `decode_clip` returns them; ``previews``: up to `MomentStream`'s ``previews`` of the
+    sampled frames, evenly spread, as uint8 RGB arrays ``preview_height`` pixels high."""
+
+    start: float | None
+    end: float | None
+    frames: np.ndarray
+    mask: np.ndarray
+    previews: tuple
+
+
+def window_starts(duration: float, window: float, stride: float) -> list[float]:
+    """Starts (seconds) of the windows that cover a file of ``duration`` seconds longer than
+    ``window``: 0, stride, 2 stride, ... up to the first window that reaches the end."""
+    count = math.ceil(max(duration - window, 0.0) / stride - 1e-9) + 1
+    return [k * stride for k in range(count)]
+
+
+class MomentStream:
+    """Decodes a file ONCE, in order, into `Moment` s, holding only the frames that windows
+    still open may sample (memory flat in the file's length).
+
+    A file of at most ``window`` seconds (in the sampling rule's time: frame i is at second
+    i / int(fps)) gives one whole-file moment, exactly `decode_clip` (path, sampling)'s frames.
+    A longer one gives the windows of `window_starts` ([start, start + window] clipped to the
+    file), each sampled by `decode_clip`'s rule with that start / end (`frame_indices` then
+    `subsample`). Windows are yielded as soon as decoding passes their last candidate frame;
+    the broken-input rules that need the whole file (truncated, ...) are checked at its end,
+    so a consumer must drop what it got from a file whose iteration raises.
+    ``duration`` (seconds, by the decoded frame count and the stream's average rate) is set
+    once the iteration has finished.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        sampling: FrameSampling,
+        *,
+        window: float,
+        stride: float,
+        previews: int = 0,
+        preview_height: int = 160,
+        threads: int = 1,
+    ):
+        if not (window > 0 and stride > 0):
+            raise ValueError(f"window and stride must be > 0 seconds, got {window}, {stride}")
+        self.path, self.sampling = str(path), sampling
+        self.window, self.stride = float(window), float(stride)
+        self.previews, self.preview_height = int(previews), int(preview_height)
+        self.threads = threads
+        self.duration: float | None = None
+
+    def _candidates(self, fps: int, start: float | None, end: float | None) -> np.ndarray:
+        """Frame indices the rule may take from [start, end] of a file of unknown length."""
+        if start is None:  # the whole file, were it no longer than the window
+            start, end = 0, math.ceil(self.window)
+        return frame_indices(
+            10**15, fps, start=start, end=end, feature_framerate=self.sampling.feature_framerate
+        )
+
+    def _moment(self, kept, candidates, n, fps, real, start, end) -> Moment:
+        s = self.sampling
+        idx = candidates[candidates < n]
+        idx = idx[subsample(len(idx), s.max_frames, s.slice_framepos)]
+        frames = np.zeros((s.max_frames, s.image_size, s.image_size, 3), np.uint8)
+        mask = np.zeros((s.max_frames,), np.int32)
+        for j, i in enumerate(idx):
+            frames[j], mask[j] = kept[int(i)][0], 1
+        previews = ()
+        if self.previews > 0 and len(idx):
+            pick = np.unique(np.linspace(0, len(idx) - 1, self.previews).round().astype(int))
+            previews = tuple(kept[int(idx[p])][1] for p in pick)
+        if start is not None:  # rule seconds -> seconds of the file (29.97 fps: int fps 29)
+            start, end = start * real, min(end, n / fps) * real
+        return Moment(start, end, frames, mask, previews)
+
+    def _keep(self, frame) -> tuple:
+        crop = resize_center_crop(frame.to_image(), self.sampling.image_size)
+        preview = None
+        if self.previews > 0:
+            height = self.preview_height
+            width = max(2, int(round(frame.width * height / max(frame.height, 1))))
+            preview = frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+        return crop, preview
+
+    def __iter__(self) -> Iterator[Moment]:
+        container, stream, fps = _open_checked(self.path, self.sampling.feature_framerate, 1)
+        stream.thread_count = max(int(self.threads), 1)
+        real = fps / _stream_fps(stream)  # seconds of the file per second of the rule
+        whole = self._candidates(fps, None, None)  # dropped once the file outgrows the window
+        whole_set = set(whole.tolist())
+        long_after = self.window * fps  # frames: more than this and the file is windowed
+        opened: dict[int, np.ndarray] = {}  # window number -> its candidate indices
+        next_window, emitted = 0, 0
+        kept: dict[int, tuple] = {}
+        wanted: set[int] = set(whole_set)
+        n = 0
+        first = last = None
+        with container:
+            try:
+                for frame in container.decode(stream):
+                    # Open the windows that start at or before this frame.
+                    while int(next_window * self.stride * fps) <= n:
+                        start = next_window * self.stride
+                        cands = self._candidates(fps, start, start + self.window)
+                        opened[next_window] = cands
+                        wanted.update(cands.tolist())
+                        next_window += 1
+                    if n in wanted:
+                        kept[n] = self._keep(frame)
+                    t = frame.time
+                    if t is not None:  # min/max: decoders may emit timestamps out of order
+                        first = t if first is None else min(first, t)
+                        last = t if last is None else max(last, t)
+                    n += 1
+                    if n > long_after and whole_set:
+                        whole_set = set()  # the file is long: no whole-file moment
+                        wanted = set().union(*(c.tolist() for c in opened.values()))
+                    # Yield the windows whose candidates have all been decoded.
+                    while not whole_set and emitted in opened and opened[emitted][-1] < n:
+                        start = emitted * self.stride
+                        yield self._moment(
+                            kept, opened.pop(emitted), n, fps, real, start, start + self.window
+                        )
+                        emitted += 1
+                        wanted = set().union(*(c.tolist() for c in opened.values()))
+                        for i in [i for i in kept if i not in wanted]:
+                            del kept[i]
+            except av.error.FFmpegError as e:
+                raise VideoDecodeError(self.path, "corrupt stream", f"after {n} frames: {e}") from e
+            _check_decoded(self.path, container, stream, n, True, (first, last), fps)
+            self.duration = n / _stream_fps(stream)
+        if whole_set:  # no longer than the window: one moment of the whole file
+            idx = frame_indices(n, fps, feature_framerate=self.sampling.feature_framerate)
+            yield self._moment(kept, idx, n, fps, real, None, None)
+            return
+        for k in range(emitted, len(window_starts(n / fps, self.window, self.stride))):
+            start = k * self.stride
+            cands = opened.pop(k, None)
+            if cands is None:  # a window that starts past the frames decoded: none
+                break
+            yield self._moment(kept, cands, n, fps, real, start, start + self.window)
 
 
 def find_video(video_dir: str, video_id: str) -> str | None:

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,7 +43,7 @@ from ucofia_jax.search import decoding, indexer, scoring
 from ucofia_jax.search import source as source_lib
 from ucofia_jax.search.index import Index, encode_videos
 from ucofia_jax.search.source import ModelSource, describe_config, fingerprint_of, load_model
-from ucofia_jax.search.store import Store, video_id_for
+from ucofia_jax.search.store import Store, row_id_for
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -80,6 +81,8 @@ class _FakeStore:
                 "path": [r[0] for r in self.rows],
                 "size": [r[1] for r in self.rows],
                 "mtime_ns": [r[2] for r in self.rows],
+                "content_hash": [f"h-{r[0]}" for r in self.rows],
+                "start": [None for _ in self.rows],
             }
         )
 
@@ -88,7 +91,7 @@ def test_plan_new_changed_deleted_unchanged():
     F = indexer.FileInfo
     files = [F("a.mp4", "/a", 1, 10), F("b.mp4", "/b", 2, 20), F("n.mp4", "/n", 3, 30)]
     store = _FakeStore([("a.mp4", 1, 10), ("b.mp4", 2, 21), ("gone.mp4", 5, 5)])
-    plan = indexer.make_plan(store, files)
+    plan = indexer.make_plan(store, files, hash_file=lambda path: "other content")
     assert [f.rel for f in plan.new] == ["n.mp4"]
     assert [f.rel for f in plan.changed] == ["b.mp4"]
     assert plan.deleted == ["gone.mp4"] and plan.unchanged == 1
@@ -248,7 +251,11 @@ def test_index_search_thumbnail_and_bad_files_listed(built):
     for hs in hits:
         assert [h.rank for h in hs] == [1, 2, 3, 4]
         assert all(a.score >= b.score for a, b in zip(hs, hs[1:]))
-        assert all(h.path in built["captions"] and h.video_id == video_id_for(h.path) for h in hs)
+        assert all(h.path in built["captions"] for h in hs)
+        assert all(
+            h.video_id == row_id_for(decoding.content_hash(str(built["clips"] / h.path)), None)
+            for h in hs
+        )
     jpeg = index.thumbnail(hits[0][0].path)
     assert jpeg[:2] == b"\xff\xd8"  # JPEG SOI
     assert index.thumbnail("../../etc/passwd") is None
@@ -260,10 +267,10 @@ def test_index_search_thumbnail_and_bad_files_listed(built):
 @pytest.mark.slow
 def test_float16_store_changes_scores_little_and_rankings_match_float32(built):
     """Scores from the index (float16 features) vs the same videos encoded now in float32
-    (encode_videos, same per-video noise: keyed by the relative path)."""
+    (encode_videos, same per-video noise: keyed by the content hash)."""
     model, index = built["model"], Index.open(built["index"], model=built["model"])
     names = sorted(built["captions"])
-    f32 = encode_videos([built["clips"] / n for n in names], model, noise_keys=names)
+    f32 = encode_videos([built["clips"] / n for n in names], model)
     caps = [built["captions"][n] for n in names]
     exact = model.score(model.encode_texts(caps), f32)  # [T, V] float32 features
     for t, hits in enumerate(index.search(caps, top=len(names), shortlist=len(names))):
@@ -296,7 +303,8 @@ def test_incremental_add_two_touch_one_delete_one(built, tmp_path):
     extra = make_clips(tmp_path / "more", 2, seed=2)
     for i, name in enumerate(extra):
         os.replace(tmp_path / "more" / name, clips / f"new{i}.mp4")
-    touched = clips / "video1.mp4"
+    touched = clips / "video1.mp4"  # other content (video3's bytes), a new mtime
+    shutil.copy2(clips / "video3.mp4", touched)
     os.utime(touched, ns=(time.time_ns(), time.time_ns() + 10**9))
     (clips / "video2.mp4").unlink()
     s = indexer.build_index(clips, tmp_path / "idx", model, workers=0, batch_size=4, progress=False)

@@ -22,7 +22,7 @@ import pytest
 from _env import one_device_env
 from _search_fixtures import make_clips, save_workdir, search_config
 
-from ucofia_jax.search.store import Store
+from ucofia_jax.search.store import Store, writer_lease
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,3 +116,97 @@ def test_two_process_index_equals_one_process_index(tmp_path):
         Store.open(tmp_path / "multi").meta["fingerprint"]
         == Store.open(tmp_path / "single").meta["fingerprint"]
     )
+
+
+@pytest.mark.slow
+def test_two_process_index_stops_with_one_line_when_the_lease_is_held(tmp_path):
+    """Another writer holds the index: process 0 cannot take the lease, every process learns
+    it and exits 2 with one line (no hang at a barrier, no traceback)."""
+    workdir = save_workdir(tmp_path / "run", search_config())
+    clips = tmp_path / "clips"
+    make_clips(clips, 2)
+    idx = tmp_path / "idx"
+    with writer_lease(idx):
+        proc = _start(
+            ["bash", str(REPO / "launch.sh"), "cpu-multiprocess", "2", "--devices-per-process=1"]
+            + ["--entry=ucofia_jax.search", "--", "index", "--videos", str(clips)]
+            + ["--index", str(idx), "--workdir", workdir, "--workers", "0", "--no_progress"],
+            tmp_path / "multi.log",
+        )
+        try:
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    out = (tmp_path / "multi.log").read_text()
+    assert proc.returncode == 2, out[-3000:]
+    assert f"[process 0] error: {idx}: another `index` is writing" in out, out[-3000:]
+    assert "Traceback" not in out and not Store.exists(idx)
+
+
+def _marked_processes(marker: str) -> list:
+    """Live processes whose environment holds ``marker`` (zombies excluded: they are gone,
+    only not yet reaped)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if f"{MARKER_VAR}={marker}".encode() not in (entry / "environ").read_bytes():
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if state != "Z":
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+MARKER_VAR = "UCOFIA_TEST_PROCESS_MARKER"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_sigkilled_index_leaves_no_process_behind(tmp_path):
+    """``index --workers 2`` is SIGKILLed while its workers decode: within a few seconds no
+    process it started (decode workers, the multiprocessing resource tracker) is left.
+    Processes are found by a marker in their environment, which every child inherits."""
+    workdir = save_workdir(tmp_path / "run", search_config())
+    clips = tmp_path / "clips"
+    make_clips(clips, 40, seed=7)
+    marker = f"{os.getpid()}-{time.time_ns()}"
+    env = one_device_env()
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env[MARKER_VAR] = marker
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ucofia_jax.search", "index", "--videos", str(clips)]
+        + ["--index", str(tmp_path / "idx"), "--workdir", workdir]
+        + ["--workers", "2", "--batch_size", "1", "--no_progress"],
+        env=env,
+        cwd=tmp_path,
+        stdout=open(tmp_path / "index.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            children = [p for p, _ in _marked_processes(marker) if p != proc.pid]
+            if len(children) >= 3:  # two workers and the resource tracker
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, (tmp_path / "index.log").read_text()[-3000:]
+        assert len(children) >= 3, _marked_processes(marker)
+        os.kill(proc.pid, signal.SIGKILL)  # the main process only, as a user's kill -9 would
+        proc.wait()
+        deadline = time.time() + 10
+        while _marked_processes(marker) and time.time() < deadline:
+            time.sleep(0.1)
+        assert _marked_processes(marker) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid, _ in _marked_processes(marker):  # a failed run: leave nothing behind
+            os.kill(pid, signal.SIGKILL)

@@ -316,3 +316,30 @@ def test_truncated_matroska_is_rejected(tmp_path, ext, codec):
     # An explicit window that ends early never reaches the end: no duration verdict there.
     _, m = video.decode_clip(cut, _sampling(max_frames=12, image_size=16), start=0, end=2)
     assert m.sum() == 3
+
+
+@pytest.mark.parametrize("declares_duration", [True, False])
+def test_matroska_keeps_only_predicted_frames(tmp_path, monkeypatch, declares_duration):
+    """No declared frame count: the count is predicted from the declared duration, or
+    without one from a demux-only packet count; only the predicted frames are kept (the
+    decoder used to keep one frame per second of video)."""
+    p = _gray_video(tmp_path / "v.mkv", 200, 10, step=1)  # 20 s at 10 fps
+    with av.open(p) as c:
+        assert int(c.streams.video[0].frames or 0) == 0
+    if not declares_duration:
+        monkeypatch.setattr(video, "_declared_duration", lambda container, stream: None)
+    passes = []
+    real_pass = video._decode_pass
+
+    def spy_pass(*args):
+        out = real_pass(*args)
+        passes.append(sorted(out[2]))
+        return out
+
+    monkeypatch.setattr(video, "_decode_pass", spy_pass)
+    f, m = video.decode_clip(p, _sampling(max_frames=4, image_size=8))
+    # Seconds 0..20 at 1 fps: frames 0, 10, ..., 190 (200 is past the end); linspace keeps 4.
+    want = [0, 60, 120, 190]
+    assert passes == [want]  # one pass, keeping exactly the frames sampled
+    # Gray levels come back within 1 of the frame index (YUV rounding at step 1).
+    assert np.abs(np.asarray(_frame_ids(f, m, step=1)) - want).max() <= 1

@@ -298,10 +298,7 @@ def cmd_export(a) -> int:
     manifest = export_lib.export(
         Store.open(a.index), a.out, **given(rows_per_shard=a.rows_per_shard)
     )
-    shards = len(manifest["shards"])
-    print(
-        f"wrote {manifest['count']} items in {shards} shard{'s' if shards != 1 else ''} to {a.out}"
-    )
+    print(export_lib.summary_line(manifest, a.out))
     return 0
 
 

@@ -1,10 +1,13 @@
 """``export``: the stored features with their metadata, for other tools.
 
-``OUT/shard-00000.safetensors`` ... (at most ``rows_per_shard`` videos each; tensors
+``OUT/shard-00000.safetensors`` ... (at most ``rows_per_shard`` rows each -- a row is a
+whole file or one window of a long one; tensors
 ``vector`` [n, d] and, unless clip_only, ``frames`` [n, f, d], ``pixels`` [n, f*k, d],
 ``mask`` [n, f], float16 as stored (mask int8)) and ``OUT/manifest.json``: the index's model
-fingerprint, source, shapes, and per shard its file name, row count and the rows' ``video_id``,
-``path``, ``start``, ``end`` in tensor order.
+fingerprint, source, shapes, window, and per shard its file name, row count and the rows'
+``video_id``, ``content_hash``, ``path``, ``start``, ``end``, ``duration`` in tensor order
+(``content_hash`` / ``duration`` null for rows of an index made before they existed). Files
+are written with the usual permissions (0644 under umask 022).
 """
 
 from __future__ import annotations
@@ -15,11 +18,26 @@ from pathlib import Path
 from typing import Any, Dict
 
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from ucofia_jax.search.store import TOKEN_COLUMNS, Store
 
 DEFAULT_ROWS_PER_SHARD = 4096
+LISTED = ("video_id", "content_hash", "path", "start", "end", "duration")  # per row, manifest
+
+
+def plural(count: int, word: str) -> str:
+    """'1 shard', '2 shards'."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def summary_line(manifest: Dict[str, Any], out_dir: str | os.PathLike) -> str:
+    """What ``export`` prints: rows, files and shards written, and where."""
+    files = len({p for shard in manifest["shards"] for p in shard["path"]})
+    return (
+        f"wrote {plural(manifest['count'], 'row')} ({plural(files, 'video')}) in "
+        f"{plural(len(manifest['shards']), 'shard')} to {out_dir}"
+    )
 
 
 def export(store: Store, out_dir: str | os.PathLike, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD):
@@ -27,7 +45,7 @@ def export(store: Store, out_dir: str | os.PathLike, rows_per_shard: int = DEFAU
     out.mkdir(parents=True, exist_ok=True)
     meta = store.meta
     names = ["vector"] + ([] if meta["clip_only"] else list(TOKEN_COLUMNS))
-    table = store.read_columns(["video_id", "path", "start", "end", *names])
+    table = store.read_columns([*LISTED, *names])  # nulls for columns an old index lacks
     shards = []
     for s, lo in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
         part = table.slice(lo, rows_per_shard)
@@ -41,17 +59,12 @@ def export(store: Store, out_dir: str | os.PathLike, rows_per_shard: int = DEFAU
                 flat.reshape((part.num_rows, *meta["shapes"][name]))
             )
         file = f"shard-{s:05d}.safetensors"
-        save_file(tensors, str(out / file), metadata={"fingerprint": meta["fingerprint"]})
-        shards.append(
-            {
-                "file": file,
-                "rows": part.num_rows,
-                "video_id": part.column("video_id").to_pylist(),
-                "path": part.column("path").to_pylist(),
-                "start": part.column("start").to_pylist(),
-                "end": part.column("end").to_pylist(),
-            }
-        )
+        # safetensors' save_file writes mode 0600; plain open() follows the umask.
+        with open(out / file, "wb") as f:
+            f.write(save(tensors, metadata={"fingerprint": meta["fingerprint"]}))
+        shard: Dict[str, Any] = {"file": file, "rows": part.num_rows}
+        shard.update({name: part.column(name).to_pylist() for name in LISTED})
+        shards.append(shard)
     manifest: Dict[str, Any] = {
         "format": "ucofia-search-export/1",
         "root": meta["root"],
@@ -61,6 +74,7 @@ def export(store: Store, out_dir: str | os.PathLike, rows_per_shard: int = DEFAU
         "clip_only": meta["clip_only"],
         "shapes": {n: meta["shapes"][n] for n in names},
         "dtype": {n: ("int8" if n == "mask" else "float16") for n in names},
+        "window": meta.get("window"),
         "count": table.num_rows,
         "shards": shards,
     }

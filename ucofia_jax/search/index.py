@@ -11,6 +11,7 @@ fingerprint is refused.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -21,7 +22,7 @@ import numpy as np
 from data_pipeline.video import VideoDecodeError
 from ucofia_jax.errors import IndexingError
 from ucofia_jax.search import scoring
-from ucofia_jax.search.decoding import decode_one
+from ucofia_jax.search.decoding import content_hash, decode_one
 from ucofia_jax.search.source import ModelSource, SearchModel, load_model
 from ucofia_jax.search.store import (
     DEFAULT_SHORTLIST,
@@ -198,13 +199,17 @@ def encode_videos(
     noise_keys: Optional[Sequence[str]] = None,
 ) -> Dict:
     """Features of video files without an index: {'vector', 'frames', 'pixels', 'mask'}
-    float32 [len(paths), ...] (only 'vector' with clip_only), decoded with the training
-    sampling. Each video's selection noise is keyed by ``noise_keys[i]`` (default its path
-    as given; an index keys it by the path relative to its root, so pass those to get the
-    indexed features). Raises ``data_pipeline.video.VideoDecodeError`` for a bad file."""
+    float32 [len(paths), ...] (only 'vector' with clip_only), each file decoded whole with the
+    training sampling. Each video's selection noise is keyed by ``noise_keys[i]`` (default:
+    the file's content hash, as an index keys a whole-file row, so the features equal the
+    indexed ones and identical files get identical features). Raises
+    ``data_pipeline.video.VideoDecodeError`` for a bad file."""
     parts: List[Dict[str, np.ndarray]] = []
     paths = [str(p) for p in paths]
-    keys = paths if noise_keys is None else [str(k) for k in noise_keys]
+    if noise_keys is None:  # an unreadable file keeps its path: its decode names the problem
+        keys = [content_hash(p) if os.path.isfile(p) else p for p in paths]
+    else:
+        keys = [str(k) for k in noise_keys]
     if len(keys) != len(paths):
         raise ValueError(f"encode_videos: {len(paths)} paths but {len(keys)} noise_keys")
     for lo in range(0, len(paths), batch_size):
@@ -216,7 +221,9 @@ def encode_videos(
         frames = np.stack([d["frames"] for d in decoded])
         mask = np.stack([d["mask"] for d in decoded])
         seeds = np.asarray(
-            [noise_seed_for(video_id_for(k)) for k in keys[lo : lo + batch_size]], np.uint32
+            [
+                noise_seed_for(video_id_for(k)) for k in keys[lo : lo + batch_size]
+            ]  # = row_id_for(k, None), np.uint32
         )
         parts.append(model.encode_frames(frames, mask, seeds))
     if not parts:

@@ -2,35 +2,44 @@
 
 Two tables in the index directory:
 
-* ``videos``: one row per indexed file. ``video_id`` (a stable hash of the relative path),
-  ``path`` (POSIX, relative to the indexed root), ``size`` / ``mtime_ns`` (what the
-  incremental run compares), ``start`` / ``end`` (seconds when the row is a segment, else
-  null), ``vector`` (the per-video feature the shortlist ranks by), the per-video token
-  features the full score needs (``frames`` 'f d', ``pixels`` '(f k) d', ``mask`` 'f';
-  flattened fixed-size lists), all float16, and ``thumbnail`` (a JPEG made at index time).
-  With ``clip_only`` only ``vector`` (the mean-pooled CLIP frame feature) is stored.
+* ``videos``: one row per stored item: a whole file, or one window (moment) of a file longer
+  than the model's window. ``video_id`` (the row key: 16 hex digits of SHA-1 of
+  ``"{content_hash}:{start}"`` for a window, of ``content_hash`` for a whole file; identical
+  files at two paths share it, and share their features), ``content_hash`` (BLAKE2b of the
+  file's bytes), ``path`` (POSIX, relative to the indexed root), ``size`` / ``mtime_ns``
+  (what the incremental run compares first), ``start`` / ``end`` (seconds when the row is a
+  window, else null), ``duration`` (seconds of the whole file), ``vector`` (the per-video
+  feature the shortlist ranks by), the per-video token features the full score needs
+  (``frames`` 'f d', ``pixels`` '(f k) d', ``mask`` 'f'; flattened fixed-size lists), all
+  float16, and ``thumbnail`` (a JPEG strip of the row's frames, made at index time). With
+  ``clip_only`` only ``vector`` (the mean-pooled CLIP frame feature) is stored.
 * ``meta``: one row of JSON: the model fingerprint and how to load the model, the feature
-  shapes, the root, created / updated times.
+  shapes, the root, the window, created / updated times.
 
 Every ``add`` / ``delete`` is one atomic LanceDB commit (a new table version), so a killed
 indexer leaves the table at its last committed batch; readers open one version and see a
-consistent table while a writer appends.
+consistent table while a writer appends. Writers take the index's lease (`writer_lease`:
+an ``flock`` on `LEASE_FILE` in the index directory), so two ``index`` runs never interleave.
+Indexes written before ``content_hash`` / ``duration`` existed open as they are (the columns
+read as null); `Store.migrate` adds them for ``index``, which then re-encodes those rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import lancedb
 import numpy as np
 import pyarrow as pa
 
-from ucofia_jax.errors import ModelMismatch, SearchIndexError
+from ucofia_jax.errors import IndexingError, ModelMismatch, SearchIndexError
 
 VIDEOS = "videos"
 META = "meta"
@@ -39,9 +48,20 @@ TOKEN_COLUMNS = ("frames", "pixels", "mask")
 DEFAULT_SHORTLIST = 100  # K of a new index (meta 'shortlist'); docs/search.md: the benchmark
 
 
-def video_id_for(rel_path: str) -> str:
-    """Stable id of an indexed file: 16 hex digits of SHA-1 of its relative POSIX path."""
-    return hashlib.sha1(rel_path.encode("utf-8")).hexdigest()[:16]
+LEASE_FILE = "writer.lock"  # in the index directory; see writer_lease
+# Columns an index written before moments lacks; they read as null (catalogue) until migrate.
+ADDED_COLUMNS = {"content_hash": pa.string(), "duration": pa.float64()}
+
+
+def video_id_for(key: str) -> str:
+    """16 hex digits of SHA-1 of ``key`` (`row_id_for` builds the key of a stored row)."""
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
+
+
+def row_id_for(content_hash: str, start: Optional[float]) -> str:
+    """The row key: from the content and the window's start (None: the whole file), never
+    from the path, so identical files get identical keys (and selection noise)."""
+    return video_id_for(content_hash if start is None else f"{content_hash}:{float(start)}")
 
 
 def noise_seed_for(video_id: str) -> int:
@@ -63,11 +83,13 @@ def videos_schema(shapes: Dict[str, List[int]], clip_only: bool) -> pa.Schema:
     f16 = pa.float16()
     fields = [
         pa.field("video_id", pa.string()),
+        pa.field("content_hash", ADDED_COLUMNS["content_hash"]),
         pa.field("path", pa.string()),
         pa.field("size", pa.int64()),
         pa.field("mtime_ns", pa.int64()),
         pa.field("start", pa.float64()),
         pa.field("end", pa.float64()),
+        pa.field("duration", ADDED_COLUMNS["duration"]),
         pa.field("vector", pa.list_(f16, int(np.prod(shapes["vector"])))),
     ]
     if not clip_only:
@@ -114,10 +136,7 @@ class Store:
     @classmethod
     def create(cls, path: str | os.PathLike, meta: Dict[str, Any]) -> Store:
         path = Path(path)
-        if path.exists() and any(path.iterdir()) and not cls.exists(path):
-            raise SearchIndexError(
-                f"{path}: exists and is not a ucofia search index; not touching it"
-            )
+        cls.check_creatable(path)
         path.mkdir(parents=True, exist_ok=True)
         db = lancedb.connect(str(path))
         schema = videos_schema(meta["shapes"], meta["clip_only"])
@@ -126,6 +145,17 @@ class Store:
         store = cls(path, db, meta)
         store.write_meta()  # last: an index is usable once its meta exists
         return store
+
+    @classmethod
+    def check_creatable(cls, path: Path) -> None:
+        """Refuses a directory that holds anything but an index (or its lease file)."""
+        if path.is_dir() and not cls.exists(path):
+            if any(p.name != LEASE_FILE for p in path.iterdir()):
+                raise SearchIndexError(
+                    f"{path}: exists and is not a ucofia search index; not touching it"
+                )
+        elif path.exists() and not path.is_dir():
+            raise SearchIndexError(f"{path}: exists and is not a directory (--index)")
 
     def check_fingerprint(self, fingerprint: str, source: Dict[str, Any]) -> None:
         """Raise :class:`ModelMismatch` unless the index was made by the model with
@@ -154,19 +184,45 @@ class Store:
         self._table = None
 
     # ------------------------------------------------------------------ read
+    CATALOGUE = ("video_id", "content_hash", "path", "size", "mtime_ns", "start", "end", "duration")
+
     def catalogue(self) -> pa.Table:
-        """video_id, path, size, mtime_ns, start, end of every row (no features)."""
-        return self.read_columns(["video_id", "path", "size", "mtime_ns", "start", "end"])
+        """`CATALOGUE` of every row (no features); columns an old index lacks are null."""
+        return self.read_columns(self.CATALOGUE)
+
+    def missing_columns(self) -> List[str]:
+        """Columns of this version that the index lacks (written by an older version)."""
+        return [c for c in ADDED_COLUMNS if c not in self.table.schema.names]
+
+    def migrate(self) -> None:
+        """Adds the columns an older index lacks, as nulls (one commit); ``index`` then
+        treats its rows as changed and re-encodes them."""
+        missing = self.missing_columns()
+        if missing:
+            sql = {"string": "STRING", "double": "DOUBLE"}
+            self.table.add_columns(
+                {c: f"CAST(NULL AS {sql[str(ADDED_COLUMNS[c])]})" for c in missing}
+            )
+            self.refresh()
 
     def __len__(self) -> int:
         return self.table.count_rows()
 
     def read_columns(self, columns: Sequence[str]) -> pa.Table:
-        """Whole columns, in table order, reading only those columns from disk."""
+        """Whole columns, in table order, reading only those columns from disk; the
+        `ADDED_COLUMNS` an old index lacks come back as nulls."""
+        have = set(self.table.schema.names)
+        present = [c for c in columns if c in have]
         n = self.table.count_rows()
         if n == 0:
-            return self.table.schema.empty_table().select(list(columns))
-        return self.table.search().select(list(columns)).limit(n).to_arrow()
+            table = self.table.schema.empty_table().select(present)
+        else:
+            table = self.table.search().select(present).limit(n).to_arrow()
+        for name in columns:
+            if name not in have and name in ADDED_COLUMNS:
+                kind = ADDED_COLUMNS[name]
+                table = table.append_column(pa.field(name, kind), pa.nulls(len(table), kind))
+        return table.select(list(columns))
 
     def take(self, offsets: Sequence[int], columns: Sequence[str]) -> pa.Table:
         """Rows at ``offsets`` (positions in the table version opened), in the order given."""
@@ -180,25 +236,34 @@ class Store:
 
     # ------------------------------------------------------------------ write
     def delete_paths(self, paths: Iterable[str]) -> int:
-        ids = sorted({video_id_for(p) for p in paths})
-        for lo in range(0, len(ids), 500):  # bounded predicate size
-            chunk = ", ".join(f"'{i}'" for i in ids[lo : lo + 500])
-            self.table.delete(f"video_id IN ({chunk})")
-        return len(ids)
+        """Deletes every row of these files (all their windows); returns how many files."""
+        paths = sorted(set(paths))
+        for lo in range(0, len(paths), 500):  # bounded predicate size
+            self.table.delete(f"path IN ({', '.join(_sql_str(p) for p in paths[lo : lo + 500])})")
+        return len(paths)
+
+    def update_stat(self, path: str, size: int, mtime_ns: int) -> None:
+        """New size / mtime for a file whose content did not change (no re-encode)."""
+        self.table.update(
+            where=f"path = {_sql_str(path)}", values={"size": int(size), "mtime_ns": int(mtime_ns)}
+        )
 
     def add_rows(self, rows: List[Dict[str, Any]]) -> None:
-        """One atomic commit of indexed files: dicts with path, size, mtime_ns, start, end,
-        thumbnail and the feature arrays (float32/float16 numpy, cast to float16 here)."""
+        """One atomic commit of stored rows: dicts with content_hash, path, size, mtime_ns,
+        start, end, duration, thumbnail and the feature arrays (float32/float16 numpy, cast
+        to float16 here); the row key comes from content_hash and start."""
         if not rows:
             return
         schema = self.table.schema
         cols: Dict[str, Any] = {
-            "video_id": [video_id_for(r["path"]) for r in rows],
+            "video_id": [row_id_for(r["content_hash"], r.get("start")) for r in rows],
+            "content_hash": [r["content_hash"] for r in rows],
             "path": [r["path"] for r in rows],
             "size": [int(r["size"]) for r in rows],
             "mtime_ns": [int(r["mtime_ns"]) for r in rows],
             "start": [r.get("start") for r in rows],
             "end": [r.get("end") for r in rows],
+            "duration": [r.get("duration") for r in rows],
         }
         for name in ("vector",) + (() if self.meta["clip_only"] else TOKEN_COLUMNS):
             width = schema.field(name).type.list_size
@@ -206,6 +271,32 @@ class Store:
             cols[name] = _fixed(np.stack([r[name] for r in rows]), width, dtype)
         cols["thumbnail"] = [r.get("thumbnail") for r in rows]
         self.table.add(pa.table(cols, schema=schema))
+
+
+def _sql_str(text: str) -> str:
+    """A SQL string literal of ``text`` for a LanceDB predicate."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+@contextlib.contextmanager
+def writer_lease(path: str | os.PathLike) -> Iterator[None]:
+    """Holds the index's writer lease (an exclusive ``flock`` on `LEASE_FILE`, released when
+    the process ends, however it ends) or raises `IndexingError` naming the index."""
+    path = Path(path)
+    Store.check_creatable(path)
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LEASE_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IndexingError(
+                f"{path}: another `index` is writing to this index ({LEASE_FILE} is held); "
+                "wait for it to finish or use another --index"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _source_words(src: Dict) -> str:
