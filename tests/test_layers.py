@@ -22,7 +22,7 @@ MODEL_DOOR = {"ucofia_jax.models.model", "ucofia_jax.models.features"}
 ALLOWED = {
     ERRORS: set(),
     "ucofia_jax.ops": {ERRORS},
-    "ucofia_jax.kernels": {"ucofia_jax.ops", ERRORS},
+    "ucofia_jax.kernels": {"ucofia_jax.ops", "ucofia_jax.runtime.caches", ERRORS},
     "ucofia_jax.models": {"ucofia_jax.ops", ERRORS},
     "ucofia_jax.runtime": {ERRORS},
     "ucofia_jax.training": MODEL_DOOR | {"ucofia_jax.ops", "ucofia_jax.runtime", ERRORS},
@@ -40,8 +40,14 @@ ALLOWED = {
     # Configs are data: the schema imports none of our code but its error class.
     "ucofia_jax.config": {ERRORS},
     "ucofia_jax.tools": MODEL_DOOR | {"ucofia_jax.ops", "ucofia_jax.kernels", ERRORS},
-    # The data layer only needs the tokenizer of the model's text tower.
-    "data_pipeline": {"ucofia_jax.models.tokenizer", ERRORS},
+    # The data layer needs the tokenizer of the model's text tower, and the rows of each
+    # global batch that the mesh puts on this process's devices.
+    "data_pipeline": {
+        "ucofia_jax.models.tokenizer",
+        "ucofia_jax.runtime.distributed",
+        "ucofia_jax.runtime.sharding",
+        ERRORS,
+    },
     # Search your videos: a tool beside evaluation (its scorer, the decoder); weights through
     # the weights door, not training's checkpoints.
     "ucofia_jax.search": MODEL_DOOR

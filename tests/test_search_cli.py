@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from _env import one_device_env
 
+from ucofia_jax.runtime import caches
 from ucofia_jax.search import __main__ as cli
 from ucofia_jax.search import source as source_lib
 
@@ -169,7 +170,7 @@ def test_index_passes_window_stride_and_follow_symlinks(monkeypatch, tmp_path, c
     monkeypatch.setattr(indexer, "build_index", fake_build_index)
     monkeypatch.setattr(source_lib, "load_model", lambda src: "model")
     enabled = []
-    monkeypatch.setattr(source_lib, "enable_compilation_cache", lambda: enabled.append(1))
+    monkeypatch.setattr(caches, "enable_compilation_cache", lambda: enabled.append(1))
     base = ["index", "--videos", str(tmp_path), "--index", str(tmp_path / "i"), "--workdir", "w"]
     assert cli.main(base) == 0
     assert set(calls[-1]) == {"workers", "strict", "progress"}  # the rest: the API's defaults
@@ -236,8 +237,8 @@ def test_training_notice_names_the_synthetic_demo_only(tmp_path):
 # Compiles one small program (a few ms: under JAX's default 1 s threshold) with the cache on.
 COMPILE_ONCE = """
 import jax, jax.numpy as jnp
-from ucofia_jax.search import source
-print(source.enable_compilation_cache())
+from ucofia_jax.runtime import caches
+print(caches.enable_compilation_cache())
 def small_program(x):
     return jnp.sin(x) @ x.T
 print(float(jax.jit(small_program)(jnp.ones((8, 8))).sum()))
@@ -256,9 +257,9 @@ def test_compilation_cache_keeps_small_programs(tmp_path):
 
 
 def test_compile_cache_lives_next_to_the_kernel_cache(monkeypatch, tmp_path):
-    monkeypatch.delenv(source_lib.COMPILE_CACHE_ENV, raising=False)
+    monkeypatch.delenv(caches.COMPILE_CACHE_ENV, raising=False)
     monkeypatch.setenv("UCOFIA_KERNEL_CACHE", str(tmp_path / "kernels"))
-    assert source_lib.compile_cache_dir() == tmp_path / "xla"
+    assert caches.compile_cache_dir() == tmp_path / "xla"
 
 
 @pytest.mark.slow

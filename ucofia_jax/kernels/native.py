@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import jaxlib
 
 from ucofia_jax.ops import similarity
+from ucofia_jax.runtime import caches
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,7 @@ def _cpu_flags() -> str:
 
 
 def cache_dir() -> Path:
-    return Path(
-        os.environ.get("UCOFIA_KERNEL_CACHE", Path.home() / ".cache" / "ucofia_jax" / "kernels")
-    )
+    return caches.kernel_cache_dir()
 
 
 def _compiler() -> Tuple[Optional[str], str]:

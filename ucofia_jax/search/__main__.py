@@ -16,6 +16,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from ucofia_jax.errors import IndexingError, SearchIndexError, SourceError, UserError
+from ucofia_jax.runtime import caches
 
 # This module imports only the standard library and ucofia_jax.errors at the top: `--help` and
 # a misspelt path answer before jax, flax, orbax and lancedb are loaded (about 3 s together;
@@ -157,7 +158,7 @@ def _open(a):
     src = _source(a)
     Store.open(a.index)  # a path that is no index fails before a model loads
     if a.compile_cache:
-        source_lib.enable_compilation_cache()
+        caches.enable_compilation_cache()
     model = source_lib.load_model(src) if src is not None else None
     return Index.open(a.index, model=model)
 
@@ -196,7 +197,7 @@ def cmd_index(a) -> int:
 
     distributed.maybe_initialize(None)  # a launch.sh multi-process job: split the files
     if a.compile_cache:
-        source_lib.enable_compilation_cache()
+        caches.enable_compilation_cache()
     model = source_lib.load_model(src)
     summary = build_index(
         a.videos,
@@ -307,7 +308,7 @@ COMMANDS = {"index": cmd_index, "query": cmd_query, "serve": cmd_serve, "export"
 
 def main(argv: Optional[List[str]] = None, compile_cache: bool = False) -> int:
     """Runs one command; the exit status. ``compile_cache``: keep compiled programs in JAX's
-    persistent cache (source.enable_compilation_cache), a setting of the whole process, so
+    persistent cache (runtime.caches.enable_compilation_cache), a setting of the whole process, so
     the program (``python -m``) turns it on and a caller in its own process (a test) chooses."""
     a = parser().parse_args(argv)
     a.compile_cache = compile_cache

@@ -39,16 +39,11 @@ from ucofia_jax import weights as weights_lib
 from ucofia_jax.config import base_config
 from ucofia_jax.errors import SourceError
 from ucofia_jax.evaluation import evaluator
-from ucofia_jax.kernels import native
 from ucofia_jax.models.features import TextFeatures, VideoFeatures
 from ucofia_jax.models.model import Model
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = "msrvtt"
-# JAX's persistent compilation cache: a second `query` loads the compiled encoders and scorer
-# instead of compiling them again (about 1 s on the demo). Next to the kernel cache
-# (kernels/native.py); UCOFIA_COMPILE_CACHE=DIR moves it, UCOFIA_COMPILE_CACHE=off disables it.
-COMPILE_CACHE_ENV = "UCOFIA_COMPILE_CACHE"
 SYNTHETIC_NOTICE = (
     "this model was trained on the synthetic demo set (coloured shapes moving on a plain "
     "background); it knows nothing else, so its hits on real footage mean nothing"
@@ -94,27 +89,6 @@ class ModelSource:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> ModelSource:
         return cls(**{f.name: d.get(f.name, f.default) for f in dataclasses.fields(cls)})
-
-
-def compile_cache_dir() -> Optional[Path]:
-    """Where compiled programs are kept between processes; None when disabled."""
-    value = os.environ.get(COMPILE_CACHE_ENV, "").strip()
-    if value.lower() in ("off", "0", "none", "false"):
-        return None
-    return Path(value) if value else native.cache_dir().parent / "xla"
-
-
-def enable_compilation_cache() -> Optional[Path]:
-    """Turns on JAX's persistent compilation cache (see COMPILE_CACHE_ENV) for every program,
-    however small or quick to compile: the search compiles a few programs of well under a
-    second each, which JAX's defaults would not keep. Returns the folder (None: disabled)."""
-    folder = compile_cache_dir()
-    if folder is None:
-        return None
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return folder
 
 
 def training_notice(source: Dict[str, Any]) -> Optional[str]:
