@@ -194,7 +194,9 @@ class Index:
         out = []
         for q in queries:
             ids = self.store.nearest(q, k)
-            out.append(np.asarray([self._row_of_id[v] for v in ids], np.int64))
+            # A row committed after this index was opened is not in its catalogue: skipped.
+            rows = [self._row_of_id[v] for v in ids if v in self._row_of_id]
+            out.append(np.asarray(rows, np.int64))
         return out
 
     def rank(self, texts: Sequence[str], shortlist: Optional[int] = None) -> List[Ranked]:
@@ -215,6 +217,10 @@ class Index:
             queries = model.shortlist_query(text)
             background = scoring.coarse_scores(queries, self._background_vectors)
             for i, rows in enumerate(self._shortlists(queries, max(k, 1))):
+                if len(rows) == 0:
+                    none = np.zeros((0,), np.float32)
+                    out.append(Ranked(rows, none, none, none))
+                    continue
                 feats = self._fetch(rows)
                 full = np.asarray(model.score(_text_row(text, i), feats))[0]
                 coarse = scoring.coarse_scores(queries[i : i + 1], feats["vector"])[0]

@@ -36,7 +36,7 @@ VIDEOS = "videos"
 META = "meta"
 FEATURE_DTYPE = np.float16
 TOKEN_COLUMNS = ("frames", "pixels", "mask")
-DEFAULT_SHORTLIST = 100  # K of a new index (meta 'shortlist'); docs/search.md: the benchmark
+DEFAULT_SHORTLIST = 100  # K of a new index (meta 'shortlist'); docs/search.md: the demo's recall
 
 
 def video_id_for(rel_path: str) -> str:
@@ -272,7 +272,8 @@ class Store:
         search = self.table.search(q, vector_column_name="vector").distance_type("dot")
         if self.has_vector_index():
             search = search.nprobes(int(nprobes)).refine_factor(int(refine_factor))
-        got = search.select(["video_id"]).limit(int(k)).to_arrow()
+        # _distance selected explicitly: lance warns on every query where it is implied.
+        got = search.select(["video_id", "_distance"]).limit(int(k)).to_arrow()
         return got.column("video_id").to_pylist()
 
 
