@@ -215,7 +215,7 @@ class Store:
     # and small enough (2 KB per row as float32). docs/search.md: the recall measurement.
     VECTOR_INDEX_MIN_ROWS = 500_000  # build the index from this many rows
     VECTOR_INDEX_NAME = "vector_idx"
-    VECTOR_INDEX_NPROBES = 20  # query-time settings, measured at 1M rows (docs/search.md)
+    VECTOR_INDEX_NPROBES = 20  # query-time settings; not yet measured at 1M rows (docs)
     VECTOR_INDEX_REFINE = 10
 
     def has_vector_index(self) -> bool:
