@@ -213,7 +213,8 @@ class Store:
     # over `vector` with the dot product (the coarse score is a query vector's dot product
     # with it) and a query host holds no vectors in memory; below, the exact matmul is fast
     # and small enough (2 KB per row as float32). docs/search.md: the recall measurement.
-    VECTOR_INDEX_MIN_ROWS = 500_000  # build the index from this many rows
+    # Build the index from this many rows: high, as its recall measured poorly (docs).
+    VECTOR_INDEX_MIN_ROWS = 2_000_000
     VECTOR_INDEX_NAME = "vector_idx"
     VECTOR_INDEX_NPROBES = 20  # query-time settings; not yet measured at 1M rows (docs)
     VECTOR_INDEX_REFINE = 10
