@@ -13,6 +13,7 @@ neighbours differ by more than that, and allowed to swap within it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -38,12 +39,13 @@ from configs import demo
 from data_pipeline import video as video_lib
 from data_pipeline.sampling import FrameSampling
 from ucofia_jax.config import base_config
+from ucofia_jax.models.features import VideoFeatures
 from ucofia_jax.search import __main__ as cli
 from ucofia_jax.search import decoding, indexer, scoring
 from ucofia_jax.search import source as source_lib
 from ucofia_jax.search.index import Index, encode_videos
 from ucofia_jax.search.source import ModelSource, describe_config, fingerprint_of, load_model
-from ucofia_jax.search.store import Store, row_id_for
+from ucofia_jax.search.store import Store, features_from_arrow, row_id_for
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -256,9 +258,11 @@ def test_index_search_thumbnail_and_bad_files_listed(built):
             h.video_id == row_id_for(decoding.content_hash(str(built["clips"] / h.path)), None)
             for h in hs
         )
-    jpeg = index.thumbnail(hits[0][0].path)
+    assert all(0.0 <= h.confidence <= 1.0 and h.duration is None for hs in hits for h in hs)
+    jpeg = index.thumbnail(hits[0][0].video_id)
     assert jpeg[:2] == b"\xff\xd8"  # JPEG SOI
     assert index.thumbnail("../../etc/passwd") is None
+    assert index.contains_path(hits[0][0].path) and not index.contains_path("nope.mp4")
     d = index.describe()
     assert d["count"] == 6 and d["fingerprint"] == built["model"].fingerprint
     assert d["clip_only"] is False and d["shortlist"] == indexer.DEFAULT_SHORTLIST
@@ -278,6 +282,36 @@ def test_float16_store_changes_scores_little_and_rankings_match_float32(built):
         got = np.array([h.score for h in hits])
         np.testing.assert_allclose(got, exact[t, order], atol=F16_TOL, rtol=0)
         _assert_ranking(exact[t], order)
+
+
+@pytest.mark.slow
+def test_index_shortlist_is_the_models_coarse_score(built):
+    """With K < N the candidates are the K best stored rows by the head's video-sentence
+    level. The run's projections are the identity (a fresh init), so the test gives the model
+    trained-like ones, I + 3 N(0,1)/sqrt(d) (the video features do not depend on them): a
+    shortlist by the plain sentence . vector cosine fails it."""
+    rng = np.random.default_rng(0)
+    params = jax.device_get(built["model"].params)
+    head = dict(params["head"])
+    d = head["global_mat_weight"].shape[0]
+    for name in ("global_mat_weight", "global_mat_weight_1"):
+        head[name] = np.eye(d, dtype=np.float32) + 3 * rng.standard_normal((d, d)).astype(
+            np.float32
+        ) / np.sqrt(d)
+    model = dataclasses.replace(built["model"], params={**params, "head": head})
+    index = Index.open(built["index"], model=model)
+    shapes = index.meta["shapes"]
+    feats = features_from_arrow(
+        index.store.read_columns(["vector", "frames", "pixels", "mask"]), shapes
+    )
+    video = VideoFeatures(feats["vector"], feats["frames"], feats["pixels"], feats["mask"])
+    caps = list(built["captions"].values())
+    level1 = np.asarray(
+        model.model.score(model.params, model.encode_texts(caps), video).video_sentence
+    )
+    for t, ranked in enumerate(index.rank(caps, shortlist=3)):
+        assert sorted(ranked.rows.tolist()) == sorted(np.argsort(-level1[t])[:3].tolist())
+        np.testing.assert_allclose(ranked.coarse, level1[t, ranked.rows], rtol=1e-4, atol=1e-4)
 
 
 def _assert_ranking(reference: np.ndarray, order: list, tol: float = F16_TOL):
@@ -345,7 +379,9 @@ def test_query_json_and_export(built, tmp_path, capsys):
     assert cli.main(["query", "--index", str(built["index"]), "--json", "--top", "3", *caps]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [o["query"] for o in out] == caps and all(len(o["hits"]) == 3 for o in out)
-    assert set(out[0]["hits"][0]) == {"rank", "score", "path", "start", "end", "video_id"}
+    assert {"rank", "score", "confidence", "path", "start", "end", "duration", "video_id"} == set(
+        out[0]["hits"][0]
+    )
     qfile = tmp_path / "q.txt"
     qfile.write_text("\n".join(caps) + "\n\n")
     assert cli.main(["query", "--index", str(built["index"]), "--queries", str(qfile)]) == 0

@@ -224,6 +224,16 @@ class Model:
         )
         return similarity.SimilarityLevels(*levels)
 
+    def coarse_query(self, params: Params, sentence: jax.Array) -> jax.Array:
+        """Sentence features 't d' -> 't d' query vectors whose dot product with a video's
+        ``VideoFeatures.video`` is that pair's video-sentence level (level 1 of ``score``):
+        ``scale (s Wg) . (v Wg1) = (scale s Wg Wg1^T) . v``. Moving both projections to the
+        text side lets a search rank stored video vectors by the model's own coarse score
+        with one matmul, or with a vector index over them."""
+        head = params["head"]
+        scale = jnp.exp(jnp.asarray(params["clip"]["logit_scale"], jnp.float32))
+        return scale * (sentence @ head["global_mat_weight"]) @ head["global_mat_weight_1"].T
+
     def logits(
         self, params: Params, batch: Dict[str, jax.Array], rng: jax.Array, *, train: bool = True
     ) -> jax.Array:

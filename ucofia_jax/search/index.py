@@ -1,11 +1,13 @@
-"""The Python API: ``Index.open(path)``, ``index.search(texts, top)``, ``index.thumbnail``,
-``index.describe``, and ``encode_videos(paths, model)``.
+"""The Python API: ``Index.open(path)``, ``index.search(texts, top)``, ``no_good_match``,
+``index.thumbnail``, ``index.describe``, and ``encode_videos(paths, model)``.
 
-An ``Index`` reads one committed version of the store: the catalogue and the shortlist
-vectors are loaded once (4 bytes x d per video as float32), the token features of the K
-candidates are read per query (``take`` by row position). The model is loaded on the first
-search, from the source the index remembers, unless one is passed in; a model with another
-fingerprint is refused.
+An ``Index`` reads one committed version of the store: the catalogue (ids, paths, times)
+is loaded once, and so are the shortlist vectors (4 bytes x d per row as float32) unless
+the store has a vector index (``Store.has_vector_index``): then the shortlist is LanceDB's
+approximate search and no vectors are held. The token features of the K candidates are read
+per query (``take`` by row position). The model is loaded on the first search, from the
+source the index remembers, unless one is passed in; a model with another fingerprint is
+refused.
 """
 
 from __future__ import annotations
@@ -34,20 +36,43 @@ from ucofia_jax.search.store import (
 )
 
 DEFAULT_TOP = 10
+DEFAULT_PER_FILE = 1  # hits per file (moments of one long file) unless asked for more
 
 
 @dataclasses.dataclass(frozen=True)
 class Hit:
     """One result: ``rank`` 1-based, ``score`` the full UCoFiA score (the evaluation's
-    similarity; the CLIP cosine with clip_only), ``path`` POSIX relative to ``Index.root``,
-    ``start`` / ``end`` seconds when the stored item is a segment (else None)."""
+    similarity; the CLIP cosine with clip_only), ``confidence`` in [0, 1] (how far the score
+    stands above the query's background, ``scoring.confidence``), ``path`` POSIX relative
+    to ``Index.root``, ``start`` / ``end`` seconds when the row is a window of a longer file
+    (else None), ``video_id`` the row key, ``duration`` the whole file's seconds if known."""
 
     rank: int
     score: float
+    confidence: float
     path: str
     start: Optional[float]
     end: Optional[float]
     video_id: str
+    duration: Optional[float] = None
+
+
+def no_good_match(hits: Sequence[Hit]) -> bool:
+    """True when a query found nothing that stands out from the collection's background:
+    no hits, or the best hit's confidence is below one half (``scoring.is_no_good_match``)."""
+    return scoring.is_no_good_match([h.confidence for h in hits])
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranked:
+    """One text's shortlist re-ranked: ``rows`` (positions) best first with their full
+    ``scores``, their ``coarse`` scores, and ``z``: each coarse score in standard deviations
+    above the query's coarse scores on the background sample (what ``confidence`` maps)."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+    coarse: np.ndarray
+    z: np.ndarray
 
 
 class Index:
@@ -60,16 +85,36 @@ class Index:
         if model is not None:
             store.check_fingerprint(model.fingerprint, model.source.to_dict())
         self._lock = threading.Lock()  # the web page may search from several threads
-        cat = store.read_columns(["video_id", "path", "start", "end", "vector"])
+        # Indexes written before moments have no duration column: every value is then None.
+        has = set(store.table.schema.names)
+        self._ann = store.has_vector_index()
+        columns = ["video_id", "path", "start", "end"] + [c for c in ("duration",) if c in has]
+        cat = store.read_columns(columns + ([] if self._ann else ["vector"]))
         self._ids: List[str] = cat.column("video_id").to_pylist()
         self._paths: List[str] = cat.column("path").to_pylist()
         self._starts = cat.column("start").to_pylist()
         self._ends = cat.column("end").to_pylist()
-        self._row_of_path = {p: i for i, p in enumerate(self._paths)}
-        shapes = self.meta["shapes"]
-        self._vectors = features_from_arrow(cat.select(["vector"]), shapes).get(
-            "vector", np.zeros((0, *shapes["vector"]), np.float32)
+        self._durations = (
+            cat.column("duration").to_pylist() if "duration" in has else [None] * len(self._ids)
         )
+        self._row_of_id = {v: i for i, v in enumerate(self._ids)}
+        self._path_set = set(self._paths)
+        shapes = self.meta["shapes"]
+        self._vectors = (
+            None
+            if self._ann
+            else features_from_arrow(cat.select(["vector"]), shapes).get(
+                "vector", np.zeros((0, *shapes["vector"]), np.float32)
+            )
+        )
+        # The background of the confidence: a fixed sample of rows (every row of a smaller
+        # collection), whose vectors stay in memory (8 MB at d 512 with a vector index).
+        background = scoring.background_rows(len(self._ids))
+        if self._vectors is not None:
+            self._background_vectors = self._vectors[background]
+        else:
+            got = store.take(background, ["vector"])
+            self._background_vectors = features_from_arrow(got, shapes)["vector"]
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -90,12 +135,18 @@ class Index:
 
     @property
     def paths(self) -> List[str]:
-        """Relative paths of the stored videos, in row order (``search_rows``' indices)."""
+        """Relative paths of the stored rows, in row order (``search_rows``' indices); a long
+        file's windows each have a row."""
         return list(self._paths)
 
     @property
     def shortlist_k(self) -> int:
         return int(self.meta.get("shortlist", DEFAULT_SHORTLIST))
+
+    @property
+    def approximate(self) -> bool:
+        """Whether the shortlist runs on the store's vector index (no vectors in memory)."""
+        return self._ann
 
     @property
     def model(self) -> SearchModel:
@@ -117,78 +168,137 @@ class Index:
             "updated": m["updated"],
             "clip_only": bool(m["clip_only"]),
             "shortlist": self.shortlist_k,
+            "approximate_shortlist": self._ann,
             "root": m["root"],
         }
 
     # ------------------------------------------------------------------ query
     def _fetch(self, rows: np.ndarray) -> Dict[str, np.ndarray]:
-        if self.meta["clip_only"]:
+        columns = [] if self.meta["clip_only"] else list(TOKEN_COLUMNS)
+        if self._ann:
+            columns.append("vector")
+        if not columns:
             return {"vector": self._vectors[rows]}
-        got = self.store.take(rows, ["video_id", *TOKEN_COLUMNS])
+        got = self.store.take(rows, ["video_id", *columns])
         ids = got.column("video_id").to_pylist()
         if ids != [self._ids[r] for r in rows]:  # the table moved under us: a bug, not input
             raise RuntimeError(f"{self.store.path}: row lookup returned other videos")
         feats = features_from_arrow(got, self.meta["shapes"])
-        feats["vector"] = self._vectors[rows]
+        if not self._ann:
+            feats["vector"] = self._vectors[rows]
         return feats
+
+    def _shortlists(self, queries: np.ndarray, k: int) -> List[np.ndarray]:
+        """Per query vector: the row positions of its K best rows by the coarse score."""
+        if not self._ann:
+            return list(scoring.shortlist(queries, self._vectors, k))
+        out = []
+        for q in queries:
+            ids = self.store.nearest(q, k)
+            # A row committed after this index was opened is not in its catalogue: skipped.
+            rows = [self._row_of_id[v] for v in ids if v in self._row_of_id]
+            out.append(np.asarray(rows, np.int64))
+        return out
+
+    def rank(self, texts: Sequence[str], shortlist: Optional[int] = None) -> List[Ranked]:
+        """Per text: its K-row shortlist (default K: the index's) re-ranked by the full score,
+        best first, with each row's coarse score and its standard score against the
+        query's coarse scores on the background sample."""
+        if isinstance(texts, str):
+            raise TypeError("Index.search takes a list of texts, got one str")
+        if len(self) == 0 or not texts:
+            empty = np.zeros((0,), np.int64)
+            none = np.zeros((0,), np.float32)
+            return [Ranked(empty, none, none, none) for _ in texts]
+        model = self.model
+        text = model.encode_texts(texts)
+        k = self.shortlist_k if shortlist is None else int(shortlist)
+        out = []
+        with self._lock:  # one query at a time through the jitted scorer
+            queries = model.shortlist_query(text)
+            background = scoring.coarse_scores(queries, self._background_vectors)
+            for i, rows in enumerate(self._shortlists(queries, max(k, 1))):
+                if len(rows) == 0:
+                    none = np.zeros((0,), np.float32)
+                    out.append(Ranked(rows, none, none, none))
+                    continue
+                feats = self._fetch(rows)
+                full = np.asarray(model.score(_text_row(text, i), feats))[0]
+                coarse = scoring.coarse_scores(queries[i : i + 1], feats["vector"])[0]
+                order = scoring.top_k(np.asarray(full, np.float64), len(rows))
+                z = scoring.standard_scores(coarse[order], background[i])
+                out.append(Ranked(rows[order], full[order], coarse[order], z))
+        return out
 
     def search_rows(
         self, texts: Sequence[str], top: int = DEFAULT_TOP, shortlist: Optional[int] = None
     ) -> List[tuple]:
-        """Per text (row indices, scores), best first; ``shortlist`` K (default the index's)."""
-        if isinstance(texts, str):
-            raise TypeError("Index.search takes a list of texts, got one str")
-        if len(self) == 0 or not texts:
-            return [(np.zeros((0,), int), np.zeros((0,), np.float32)) for _ in texts]
-        model = self.model
-        text = model.encode_texts(texts)
-        k = self.shortlist_k if shortlist is None else int(shortlist)
-        with self._lock:  # one query at a time through the jitted scorer
-            return scoring.two_stage(
-                text,
-                text.sentence,
-                self._vectors,
-                k=k,
-                top=int(top),
-                fetch=self._fetch,
-                score=model.score,
-                text_row=lambda t, i: jax.tree.map(lambda x: x[i : i + 1], t),
-            )
+        """Per text (row indices, scores), best first, of the K-row shortlist (default the
+        index's) re-ranked: the ``top`` best rows, windows of one file not merged."""
+        k = None if shortlist is None else max(int(shortlist), int(top))
+        return [(r.rows[:top], r.scores[:top]) for r in self.rank(texts, k)]
 
     def search(
-        self, texts: Sequence[str], top: int = DEFAULT_TOP, shortlist: Optional[int] = None
+        self,
+        texts: Sequence[str],
+        top: int = DEFAULT_TOP,
+        shortlist: Optional[int] = None,
+        per_file: int = DEFAULT_PER_FILE,
     ) -> List[List[Hit]]:
-        """One list of ``Hit`` per text, best first."""
+        """One list of ``Hit`` per text, best first: overlapping windows of one file merged
+        (non-maximum suppression), at most ``per_file`` hits per file, at most ``top``."""
+        k = None if shortlist is None else max(int(shortlist), int(top))
         out = []
-        for rows, scores in self.search_rows(texts, top, shortlist):
+        for r in self.rank(texts, k):
+            rows = r.rows.tolist()
+            keep = scoring.select_hits(
+                r.scores,
+                [self._paths[j] for j in rows],
+                [self._starts[j] for j in rows],
+                [self._ends[j] for j in rows],
+                top=int(top),
+                per_file=int(per_file),
+            )
+            conf = scoring.confidence(r.z[keep]) if len(keep) else np.zeros((0,))
             out.append(
                 [
                     Hit(
-                        rank=j + 1,
-                        score=float(s),
-                        path=self._paths[r],
-                        start=self._starts[r],
-                        end=self._ends[r],
-                        video_id=self._ids[r],
+                        rank=n + 1,
+                        score=float(r.scores[j]),
+                        confidence=float(c),
+                        path=self._paths[rows[j]],
+                        start=self._starts[rows[j]],
+                        end=self._ends[rows[j]],
+                        video_id=self._ids[rows[j]],
+                        duration=self._durations[rows[j]],
                     )
-                    for j, (r, s) in enumerate(zip(rows.tolist(), scores.tolist()))
+                    for n, (j, c) in enumerate(zip(keep.tolist(), conf.tolist()))
                 ]
             )
         return out
 
-    def __contains__(self, path: object) -> bool:
-        """Whether ``path`` (relative, as in ``Hit.path``) is a stored video."""
-        return path in self._row_of_path
+    def contains_path(self, path: object) -> bool:
+        """Whether ``path`` (relative, as in ``Hit.path``) is a stored file."""
+        return path in self._path_set
 
-    def thumbnail(self, path: str) -> Optional[bytes]:
-        """The JPEG stored for ``path`` (relative, as in ``Hit.path``); None if unknown."""
-        row = self._row_of_path.get(path)
+    def __contains__(self, path: object) -> bool:
+        """``contains_path`` (the older spelling, kept for callers written before moments)."""
+        return self.contains_path(path)
+
+    def thumbnail(self, video_id: str) -> Optional[bytes]:
+        """The JPEG stored for the row ``video_id`` (``Hit.video_id``); None if unknown."""
+        row = self._row_of_id.get(video_id)
         if row is None:
             return None
         got = self.store.take([row], ["video_id", "thumbnail"])
-        if got.column("video_id")[0].as_py() != self._ids[row]:
+        if got.column("video_id")[0].as_py() != video_id:
             return None
         return got.column("thumbnail")[0].as_py()
+
+
+def _text_row(text, i: int):
+    """Text ``i`` of a batch of text features, kept as a batch of one."""
+    return jax.tree.map(lambda x: x[i : i + 1], text)
 
 
 def encode_videos(

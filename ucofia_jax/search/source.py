@@ -279,6 +279,14 @@ class SearchModel:
         }
 
     # ------------------------------------------------------------------ scores
+    def shortlist_query(self, text: TextFeatures) -> np.ndarray:
+        """[texts, d] float32 vectors whose dot product with the stored ``vector`` column is
+        the shortlist score: the model's video-sentence level with its trained projections
+        (``Model.coarse_query``), or the CLIP cosine with ``clip_only``."""
+        if self.clip_only:
+            return np.asarray(text.sentence, np.float32)
+        return np.asarray(self.model.coarse_query(self.params, text.sentence), np.float32)
+
     def score(self, text: TextFeatures, video: Dict[str, np.ndarray]) -> np.ndarray:
         """[texts, videos] scores: the mean of the three levels (the evaluation's matrix,
         without SK-norm), or the CLIP cosine with ``clip_only``."""

@@ -45,7 +45,7 @@ VIDEOS = "videos"
 META = "meta"
 FEATURE_DTYPE = np.float16
 TOKEN_COLUMNS = ("frames", "pixels", "mask")
-DEFAULT_SHORTLIST = 100  # K of a new index (meta 'shortlist'); docs/search.md: the benchmark
+DEFAULT_SHORTLIST = 100  # K of a new index (meta 'shortlist'); docs/search.md: the demo's recall
 
 
 LEASE_FILE = "writer.lock"  # in the index directory; see writer_lease
@@ -271,6 +271,76 @@ class Store:
             cols[name] = _fixed(np.stack([r[name] for r in rows]), width, dtype)
         cols["thumbnail"] = [r.get("thumbnail") for r in rows]
         self.table.add(pa.table(cols, schema=schema))
+
+    # ================================================================== vector index (ANN)
+    # Owned by the query side (search/index.py); `index` calls maybe_build_vector_index at
+    # its end. From VECTOR_INDEX_MIN_ROWS rows the shortlist runs on LanceDB's IVF-PQ index
+    # over `vector` with the dot product (the coarse score is a query vector's dot product
+    # with it) and a query host holds no vectors in memory; below, the exact matmul is fast
+    # and small enough (2 KB per row as float32). docs/search.md: the recall measurement.
+    # Build the index from this many rows: high, as its recall measured poorly (docs).
+    VECTOR_INDEX_MIN_ROWS = 2_000_000
+    VECTOR_INDEX_NAME = "vector_idx"
+    VECTOR_INDEX_NPROBES = 20  # query-time settings; not yet measured at 1M rows (docs)
+    VECTOR_INDEX_REFINE = 10
+
+    def has_vector_index(self) -> bool:
+        """Whether the `vector` column has a LanceDB vector index."""
+        return any("vector" in cfg.columns for cfg in self.table.list_indices())
+
+    def maybe_build_vector_index(self, min_rows: Optional[int] = None) -> bool:
+        """Build the vector index when the table has at least ``min_rows`` rows and none
+        yet, or rebuild it when more than a tenth of the rows are not in it (LanceDB scans
+        unindexed rows exactly, which grows with them). Returns whether it (re)built."""
+        n = self.table.count_rows()
+        if n < (self.VECTOR_INDEX_MIN_ROWS if min_rows is None else min_rows):
+            return False
+        if self.has_vector_index():
+            stats = self.table.index_stats(self.VECTOR_INDEX_NAME)
+            if stats is None or stats.num_unindexed_rows * 10 <= n:
+                return False
+        self.build_vector_index()
+        return True
+
+    def build_vector_index(
+        self, *, partitions: Optional[int] = None, sub_vectors: Optional[int] = None
+    ) -> None:
+        """IVF-PQ over `vector` by the dot product: ``partitions`` (default sqrt(rows)) IVF
+        lists, ``sub_vectors`` (default d / 16) 8-bit PQ codes per vector."""
+        n = self.table.count_rows()
+        d = self.table.schema.field("vector").type.list_size
+        self.table.create_index(
+            metric="dot",
+            num_partitions=int(partitions or max(1, round(n**0.5))),
+            num_sub_vectors=int(sub_vectors or max(1, d // 16)),
+            vector_column_name="vector",
+            index_type="IVF_PQ",
+            replace=True,
+            name=self.VECTOR_INDEX_NAME,
+        )
+        self.refresh()
+
+    def nearest(
+        self,
+        query: np.ndarray,
+        k: int,
+        *,
+        nprobes: Optional[int] = None,
+        refine_factor: Optional[int] = None,
+    ) -> List[str]:
+        """video_id of the ``k`` rows with the largest ``query . vector``, best first, by
+        the vector index (approximate: ``nprobes`` IVF lists are searched, then the best
+        ``refine_factor * k`` PQ candidates are re-scored with their stored vectors; default
+        the class's settings); an exact scan when there is no index."""
+        nprobes = self.VECTOR_INDEX_NPROBES if nprobes is None else nprobes
+        refine_factor = self.VECTOR_INDEX_REFINE if refine_factor is None else refine_factor
+        q = np.asarray(query, np.float32).reshape(-1)
+        search = self.table.search(q, vector_column_name="vector").distance_type("dot")
+        if self.has_vector_index():
+            search = search.nprobes(int(nprobes)).refine_factor(int(refine_factor))
+        # _distance selected explicitly: lance warns on every query where it is implied.
+        got = search.select(["video_id", "_distance"]).limit(int(k)).to_arrow()
+        return got.column("video_id").to_pylist()
 
 
 def _sql_str(text: str) -> str:
