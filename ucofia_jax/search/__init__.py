@@ -21,6 +21,8 @@ _EXPORTS = {
     "Hit": "ucofia_jax.search.index",
     "encode_videos": "ucofia_jax.search.index",
     "DEFAULT_TOP": "ucofia_jax.search.index",
+    "DEFAULT_PER_FILE": "ucofia_jax.search.index",
+    "no_good_match": "ucofia_jax.search.index",
     "DEFAULT_SHORTLIST": "ucofia_jax.search.store",
     "IndexingError": "ucofia_jax.errors",
     "ModelMismatch": "ucofia_jax.errors",
