@@ -258,7 +258,11 @@ def test_index_search_thumbnail_and_bad_files_listed(built):
             h.video_id == row_id_for(decoding.content_hash(str(built["clips"] / h.path)), None)
             for h in hs
         )
-    assert all(0.0 <= h.confidence <= 1.0 and h.duration is None for hs in hits for h in hs)
+    # Whole files: no moment bounds, the file's duration (the fixture renders 2 s clips).
+    assert all(0.0 <= h.confidence <= 1.0 for hs in hits for h in hs)
+    assert all(h.start is None and h.end is None for hs in hits for h in hs)
+    durations = [h.duration for hs in hits for h in hs]
+    assert all(d is not None and 1.5 <= d <= 2.5 for d in durations), durations
     jpeg = index.thumbnail(hits[0][0].video_id)
     assert jpeg[:2] == b"\xff\xd8"  # JPEG SOI
     assert index.thumbnail("../../etc/passwd") is None

@@ -218,7 +218,13 @@ def _dot_store(path) -> Store:
     vectors = _unit(np.random.default_rng(2).normal(size=(N_ANN, D_ANN)))
     store.add_rows(
         [
-            {"path": f"v{i:03d}.mp4", "size": 1, "mtime_ns": 1, "vector": v}
+            {
+                "path": f"v{i:03d}.mp4",
+                "content_hash": f"{i:032x}",
+                "size": 1,
+                "mtime_ns": 1,
+                "vector": v,
+            }
             for i, v in enumerate(vectors)
         ]
     )
