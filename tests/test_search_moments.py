@@ -13,6 +13,11 @@ in one streaming pass whose memory does not grow with the file's length.
 * ``index`` of a long video made of 12 known clips: its rows are the windows of
   `window_starts`, cover the file, carry start / end / duration, and each window's stored
   thumbnail is a strip of 4 frames.
+* A caption finds its own time range: the long video of 12 clips against an oracle (each
+  window's frames written alone, same scores exactly). Wrong variants this catches (run by
+  hand): rows written with start / end one stride late, hits reporting start / end one
+  stride late, non-maximum suppression keeping the lowest-scored window, and windows
+  sampled without their inclusive end second.
 """
 
 from __future__ import annotations
