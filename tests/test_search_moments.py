@@ -13,6 +13,11 @@ in one streaming pass whose memory does not grow with the file's length.
 * ``index`` of a long video made of 12 known clips: its rows are the windows of
   `window_starts`, cover the file, carry start / end / duration, and each window's stored
   thumbnail is a strip of 4 frames.
+* A caption finds its own time range: the long video of 12 clips against an oracle (each
+  window's frames written alone, same scores exactly). Wrong variants this catches (run by
+  hand): rows written with start / end one stride late, hits reporting start / end one
+  stride late, non-maximum suppression keeping the lowest-scored window, and windows
+  sampled without their inclusive end second.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ import pytest
 from _search_fixtures import make_clips, save_workdir, search_config
 from PIL import Image
 
+from data_pipeline import synthetic
 from data_pipeline import video as video_lib
 from data_pipeline.sampling import FrameSampling
-from ucofia_jax.search import decoding, indexer
+from ucofia_jax.search import decoding, indexer, scoring
+from ucofia_jax.search.index import Index
 from ucofia_jax.search.source import ModelSource, load_model
 from ucofia_jax.search.store import Store
 
@@ -193,3 +200,73 @@ def test_index_stores_the_windows_of_a_long_file_made_of_known_clips(tmp_path):
     strip = Image.open(io.BytesIO(long[3]["thumbnail"]))
     assert strip.height == decoding.STRIP_HEIGHT and strip.width > strip.height  # side by side
     assert summary.rows == len(rows) == len(long) + 1
+
+
+# Texts tried as queries besides the 12 captions (each may be some clip's best match): a
+# colour and a shape, and a shape and a move, in the synthetic dataset's words.
+EXTRA_QUERIES = tuple(f"a {c} {s}" for c in synthetic.COLOURS for s in synthetic.SHAPES) + tuple(
+    f"a {s} moves {m}" for s in synthetic.SHAPES for m in synthetic.MOVES
+)
+MIN_CLIPS_COVERED = 4  # clips some query picks; fewer would make the guard too weak
+
+
+def test_a_query_finds_its_own_clip_inside_a_long_video(tmp_path):
+    """12 clips of L = 2 s (the tiny model's window max_frames / feature_framerate) in one
+    long video, windows of L at a stride of L / 2; an oracle instead of a trained model.
+    A window [t, t + L] samples its seconds with the inclusive end second of the training
+    rule (``decode_clip``): those frames, written alone as "part t" (lossless, from the same
+    decoded frames as the long file; no selection noise, so features depend on frames
+    alone), must score exactly what the long file's window at t scores. A text whose best
+    part is an aligned one, t = k L (clip k and the first frame of clip k + 1), must then
+    find in the long file a moment (per_file 1) overlapping clip k's [k L, (k + 1) L] with
+    IoU >= 0.5."""
+    config = search_config(noise_at_eval=False)
+    model = load_model(ModelSource(workdir=save_workdir(tmp_path / "run", config)))
+    captions = make_clips(tmp_path / "clips", 12, seed=4)
+    fps, length, stride = 2, 2.0, 1.0
+    frames = []
+    for k in range(12):
+        with av.open(str(tmp_path / "clips" / f"video{k}.mp4")) as c:
+            frames += [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    (tmp_path / "long").mkdir()
+    video_lib.write_video(str(tmp_path / "long" / "long.mp4"), frames, fps, crf=0)
+    window_starts = video_lib.window_starts(len(frames) / fps, length, stride)
+    (tmp_path / "parts").mkdir()
+    for t in window_starts:  # the frames of [t, t + L], both ends included
+        part = frames[int(t * fps) : int((t + length) * fps) + 1]
+        video_lib.write_video(str(tmp_path / "parts" / f"{t:04.1f}.mp4"), part, fps, crf=0)
+    build = dict(workers=0, batch_size=8, progress=False)
+    indexer.build_index(tmp_path / "long", tmp_path / "idx_long", model, **build)
+    # A part lasts L + 1 / fps: a window of 2 L keeps each one a whole-file row.
+    indexer.build_index(
+        tmp_path / "parts", tmp_path / "idx_parts", model, window=2 * length, **build
+    )
+    long_index = Index.open(tmp_path / "idx_long", model)
+    parts_index = Index.open(tmp_path / "idx_parts", model)
+    assert len(parts_index) == len(long_index) == len(window_starts) == 23
+    starts = long_index.store.read_columns(["start"]).column("start").to_pylist()  # row order
+
+    texts = [captions[f"video{k}.mp4"] for k in range(12)] + list(EXTRA_QUERIES)
+    alone, inside = [], []  # per text: {window start: score} of the parts / the long file
+    for r in parts_index.rank(texts, shortlist=len(parts_index)):
+        names = [parts_index.paths[row] for row in r.rows.tolist()]
+        alone.append({float(n[:-4]): s for n, s in zip(names, r.scores.tolist())})
+    for r in long_index.rank(texts, shortlist=len(long_index)):
+        inside.append(dict(zip((starts[row] for row in r.rows.tolist()), r.scores.tolist())))
+    for i, text in enumerate(texts):
+        assert sorted(inside[i]) == window_starts
+        got, want = (np.asarray([d[t] for t in window_starts]) for d in (inside[i], alone[i]))
+        np.testing.assert_allclose(got, want, rtol=1e-3, err_msg=text)  # float16 tolerance
+    query_of = {}  # clip number -> the first text whose best part is clip k's aligned one
+    for i, scores in enumerate(alone):
+        best = max(scores, key=scores.get)
+        if best % length == 0:
+            query_of.setdefault(int(best // length), i)
+    assert len(query_of) >= MIN_CLIPS_COVERED, sorted(query_of)
+
+    found = long_index.search([texts[i] for i in query_of.values()], per_file=1)
+    for (k, i), hits in zip(query_of.items(), found):
+        (best,) = hits  # one file, per_file 1: one moment
+        truth = (k * length, (k + 1) * length)
+        iou = scoring.temporal_iou(truth, (best.start, best.end))
+        assert iou >= 0.5, (k, texts[i], truth, (best.start, best.end), best.score)
