@@ -18,8 +18,10 @@ def _frames_of(video: int) -> np.ndarray:
     return np.full((S, S, 3), 10 * video + 1, np.uint8)  # a frame that names its video
 
 
-def _batches(rows: np.ndarray, batch: int):
-    """One process's eval batches: these video rows, 2 frames each, padded with invalid rows."""
+def _batches(rows: np.ndarray, batch: int, padding_batches: int = 0):
+    """One process's eval batches: these video rows, 2 frames each, padded with invalid rows;
+    then ``padding_batches`` batches of invalid rows only (a process whose share ran out
+    while another's had not, as the multi-process evaluation gives)."""
     for lo in range(0, len(rows), batch):
         part = rows[lo : lo + batch]
         pad = batch - len(part)
@@ -27,6 +29,10 @@ def _batches(rows: np.ndarray, batch: int):
         frames = np.stack([np.stack([_frames_of(v), _frames_of(v) + 1]) for v in vids])
         valid = np.r_[np.ones(len(part)), np.zeros(pad)].astype(np.int32)
         yield {"video_index": vids, "frames": frames, "valid": valid}
+    for _ in range(padding_batches):
+        vids = np.full(batch, rows[0], np.int32)
+        frames = np.stack([np.stack([_frames_of(v), _frames_of(v) + 1]) for v in vids])
+        yield {"video_index": vids, "frames": frames, "valid": np.zeros(batch, np.int32)}
 
 
 class _TwoProcesses:
@@ -70,7 +76,8 @@ def test_drawn_strips_are_gathered_from_both_processes(monkeypatch):
     def process(i):
         fake.local.index = i
         try:
-            out[i] = report.drawn_frame_strips(sim, text_video, _batches(rows[i], 4))
+            batches = _batches(rows[i], 4, padding_batches=i)  # process 1 ends with padding
+            out[i] = report.drawn_frame_strips(sim, text_video, batches)
         except Exception as e:  # noqa: BLE001 -- surfaced by the assertion below
             errors.append(e)
             fake.barrier.abort()

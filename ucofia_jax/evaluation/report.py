@@ -129,7 +129,8 @@ def drawn_frame_strips(
     for b in video_batches:
         valid = np.asarray(b["valid"], bool)
         vids = np.asarray(b["video_index"])[valid]
-        strips = np.stack([frame_strip(f) for f in np.asarray(b["frames"])[valid]])
+        # Padding rows too: a process's last batches may hold no valid row at all.
+        strips = np.stack([frame_strip(f) for f in np.asarray(b["frames"])])[valid]
         if frames is None:
             frames = np.zeros((len(want),) + strips.shape[1:], np.uint8)
         pos = np.searchsorted(want, vids)
