@@ -340,6 +340,16 @@ class Moment:
     previews: tuple
 
 
+def last_window_second(start: float, window: float) -> float:
+    """The last second the sampling rule takes from the window [start, start + window).
+
+    Half-open, unlike `decode_clip`'s inclusive ``end`` (the datasets' rule for annotated
+    segments): a window of ``max_frames / feature_framerate`` seconds then samples exactly as
+    many seconds as a clip of that length, and windows that tile a file made of clips of that
+    length sample each clip alone (an inclusive end would add the next clip's first second)."""
+    return start + math.ceil(window - 1e-9) - 1
+
+
 def window_starts(duration: float, window: float, stride: float) -> list[float]:
     """Starts (seconds) of the windows that cover a file of ``duration`` seconds longer than
     ``window``: 0, stride, 2 stride, ... up to the first window that reaches the end."""
@@ -353,9 +363,9 @@ class MomentStream:
 
     A file of at most ``window`` seconds (in the sampling rule's time: frame i is at second
     i / int(fps)) gives one whole-file moment, exactly `decode_clip` (path, sampling)'s frames.
-    A longer one gives the windows of `window_starts` ([start, start + window] clipped to the
-    file), each sampled by `decode_clip`'s rule with that start / end (`frame_indices` then
-    `subsample`). Windows are yielded as soon as decoding passes their last candidate frame;
+    A longer one gives the windows of `window_starts` ([start, start + window) clipped to the
+    file), each sampled by `decode_clip`'s rule with that start and the end
+    `last_window_second` (`frame_indices` then `subsample`). Windows are yielded as soon as decoding passes their last candidate frame;
     the broken-input rules that need the whole file (truncated, ...) are checked at its end,
     so a consumer must drop what it got from a file whose iteration raises.
     ``duration`` (seconds, by the decoded frame count and the stream's average rate) is set
@@ -433,7 +443,7 @@ class MomentStream:
                     # Open the windows that start at or before this frame.
                     while int(next_window * self.stride * fps) <= n:
                         start = next_window * self.stride
-                        cands = self._candidates(fps, start, start + self.window)
+                        cands = self._candidates(fps, start, last_window_second(start, self.window))
                         opened[next_window] = cands
                         wanted.update(cands.tolist())
                         next_window += 1
@@ -447,8 +457,14 @@ class MomentStream:
                     if n > long_after and whole_set:
                         whole_set = set()  # the file is long: no whole-file moment
                         wanted = set().union(*(c.tolist() for c in opened.values()))
-                    # Yield the windows whose candidates have all been decoded.
-                    while not whole_set and emitted in opened and opened[emitted][-1] < n:
+                    # Yield the windows decoded to their end (their candidates, and the
+                    # frames up to start + window, so that `end` is known to be in the file).
+                    while (
+                        not whole_set
+                        and emitted in opened
+                        and n > opened[emitted][-1]
+                        and n >= math.ceil((emitted * self.stride + self.window) * fps)
+                    ):
                         start = emitted * self.stride
                         yield self._moment(
                             kept, opened.pop(emitted), n, fps, real, start, start + self.window

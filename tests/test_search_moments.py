@@ -3,10 +3,10 @@ in one streaming pass whose memory does not grow with the file's length.
 
 * `window_starts` by hand.
 * `MomentStream` equals `decode_clip`: a short file's one moment is ``decode_clip(path)``, each
-  window of a long file is ``decode_clip(path, start=s, end=s + window)`` (the training rule
-  applied to the window), frame for frame. Wrong variants this catches (run by hand, see the
-  report): sampling the window without its inclusive end second, and shifting every window's
-  start by one stride.
+  window [s, s + window) of a long file is ``decode_clip(path, start=s,
+  end=last_window_second(s, window))`` (the training rule applied to the window), frame for
+  frame. Wrong variants this catches: sampling the window with its end second included, and
+  shifting every window's start by one stride.
 * Peak RSS of decoding a Matroska file (no declared frame count) of 4L seconds exceeds that
   of L seconds by less than `RSS_SLACK_MB`, for `decode_clip` and `MomentStream`; the old
   decoder (one kept frame per second) grew by ~1 MB per second of this 640x480 video.
@@ -17,7 +17,7 @@ in one streaming pass whose memory does not grow with the file's length.
   window's frames written alone, same scores exactly). Wrong variants this catches (run by
   hand): rows written with start / end one stride late, hits reporting start / end one
   stride late, non-maximum suppression keeping the lowest-scored window, and windows
-  sampled without their inclusive end second.
+  sampled with their end second included (the next clip's first frame).
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def test_each_moment_is_decode_clip_of_its_window(tmp_path, ext):
     assert [m.start for m in moments] == starts
     assert [m.end for m in moments] == [min(s + window, 25.0) for s in starts]
     for m in moments:
-        frames, mask = video_lib.decode_clip(path, SAMPLING, start=m.start, end=m.start + window)
+        end = video_lib.last_window_second(m.start, window)
+        frames, mask = video_lib.decode_clip(path, SAMPLING, start=m.start, end=end)
         np.testing.assert_array_equal(m.mask, mask)
         np.testing.assert_array_equal(m.frames, frames, err_msg=f"window at {m.start}")
         assert 1 <= len(m.previews) <= 4 and all(p.shape[0] == 160 for p in m.previews)
@@ -213,11 +214,11 @@ MIN_CLIPS_COVERED = 4  # clips some query picks; fewer would make the guard too 
 def test_a_query_finds_its_own_clip_inside_a_long_video(tmp_path):
     """12 clips of L = 2 s (the tiny model's window max_frames / feature_framerate) in one
     long video, windows of L at a stride of L / 2; an oracle instead of a trained model.
-    A window [t, t + L] samples its seconds with the inclusive end second of the training
-    rule (``decode_clip``): those frames, written alone as "part t" (lossless, from the same
-    decoded frames as the long file; no selection noise, so features depend on frames
-    alone), must score exactly what the long file's window at t scores. A text whose best
-    part is an aligned one, t = k L (clip k and the first frame of clip k + 1), must then
+    A window [t, t + L) samples the seconds of that half-open range: those frames, written
+    alone as "part t" (lossless, from the same decoded frames as the long file; no selection
+    noise, so features depend on frames alone), must score exactly what the long file's
+    window at t scores. A text whose best part is an aligned one, t = k L (clip k alone),
+    must then
     find in the long file a moment (per_file 1) overlapping clip k's [k L, (k + 1) L] with
     IoU >= 0.5."""
     config = search_config(noise_at_eval=False)
@@ -232,15 +233,13 @@ def test_a_query_finds_its_own_clip_inside_a_long_video(tmp_path):
     video_lib.write_video(str(tmp_path / "long" / "long.mp4"), frames, fps, crf=0)
     window_starts = video_lib.window_starts(len(frames) / fps, length, stride)
     (tmp_path / "parts").mkdir()
-    for t in window_starts:  # the frames of [t, t + L], both ends included
-        part = frames[int(t * fps) : int((t + length) * fps) + 1]
+    for t in window_starts:  # the frames of [t, t + L)
+        part = frames[int(t * fps) : int((t + length) * fps)]
         video_lib.write_video(str(tmp_path / "parts" / f"{t:04.1f}.mp4"), part, fps, crf=0)
     build = dict(workers=0, batch_size=8, progress=False)
     indexer.build_index(tmp_path / "long", tmp_path / "idx_long", model, **build)
-    # A part lasts L + 1 / fps: a window of 2 L keeps each one a whole-file row.
-    indexer.build_index(
-        tmp_path / "parts", tmp_path / "idx_parts", model, window=2 * length, **build
-    )
+    # A part lasts L (the last one less): each is a whole-file row.
+    indexer.build_index(tmp_path / "parts", tmp_path / "idx_parts", model, **build)
     long_index = Index.open(tmp_path / "idx_long", model)
     parts_index = Index.open(tmp_path / "idx_parts", model)
     assert len(parts_index) == len(long_index) == len(window_starts) == 23
