@@ -8,7 +8,6 @@ causes (no jax before `--help`, no TensorFlow on the query path, programs kept i
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ from _env import one_device_env
 from ucofia_jax.runtime import caches
 from ucofia_jax.search import __main__ as cli
 from ucofia_jax.search import source as source_lib
+from ucofia_jax.search.index import Hit
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("jax", "flax", "orbax", "lancedb", "tensorflow")
@@ -80,22 +80,8 @@ def test_a_misspelt_index_is_one_line_before_anything_heavy_loads(argv, fragment
     assert fragment in err
 
 
-@dataclasses.dataclass(frozen=True)
-class ContractHit:
-    """The contract's Hit fields, in its order."""
-
-    rank: int
-    score: float
-    confidence: float
-    path: str
-    start: float | None
-    end: float | None
-    video_id: str
-    duration: float | None
-
-
-WHOLE = ContractHit(1, 11.2418, 0.93, "clips/a.mp4", None, None, "0" * 16, 4.0)
-MOMENT = ContractHit(2, 9.5, 0.41, "talk.mp4", 12.0, 20.0, "1" * 16, 600.0)
+WHOLE = Hit(1, 11.2418, 0.93, "clips/a.mp4", None, None, "0" * 16, 4.0)
+MOMENT = Hit(2, 9.5, 0.41, "talk.mp4", 12.0, 20.0, "1" * 16, 600.0)
 
 
 def test_text_lines_rank_score_confidence_path_and_moment():

@@ -7,7 +7,6 @@ contains_path, describe, len); the server is bound to port 0 and served from a t
 browser: see test_search_browser.py.
 """
 
-import dataclasses
 import http.client
 import io
 import json
@@ -25,18 +24,7 @@ from _env import sigint_as_in_a_terminal
 from PIL import Image
 
 from ucofia_jax.search import web
-
-
-@dataclasses.dataclass(frozen=True)
-class FakeHit:
-    rank: int
-    score: float
-    confidence: float
-    path: str
-    start: float | None
-    end: float | None
-    video_id: str
-    duration: float | None
+from ucofia_jax.search.index import Hit
 
 
 def row_key(i: int) -> str:
@@ -84,7 +72,7 @@ class FakeIndex:
             scored.sort()
             out.append(
                 [
-                    FakeHit(r + 1, -s, -s, p, st, en, row_key(i), self.duration_of(st))
+                    Hit(r + 1, -s, -s, p, st, en, row_key(i), self.duration_of(st))
                     for r, (s, p, i, st, en) in enumerate(scored[:top])
                 ]
             )
