@@ -11,6 +11,7 @@ import http.client
 import io
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -554,6 +555,7 @@ class JaxIndex:
     def __len__(self): return 1
     def search(self, texts, top):
         t0 = time.monotonic()
+        print("searching", texts[0], flush=True)  # the test sends SIGTERM once it reads this
         x = jnp.ones((128, 128)) / 128
         while time.monotonic() - t0 < float(sys.argv[2]):
             x = step(x).block_until_ready()
@@ -566,6 +568,11 @@ web.serve(JaxIndex(), port=0)
 """
 SEARCH_S = 1.0
 HALF_REQUESTS = [b"", b"GE", b"GET /api/search?q=a", b"GET / HTTP/1.1\r\nHost: localhost\r\n"]
+
+
+def _drain(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
 
 
 def search_into(answer: dict, host: str, port: int) -> None:
@@ -589,11 +596,19 @@ def test_sigterm_with_half_open_connections_and_a_search_in_flight(tmp_path):
             text=True,
         )
         sockets, answer = [], {}
+        lines, errors = queue.Queue(), queue.Queue()  # read by threads: no blocking read here
+        readers = [
+            threading.Thread(target=_drain, args=(stream, q), daemon=True)
+            for stream, q in ((proc.stdout, lines), (proc.stderr, errors))
+        ]
+        for reader in readers:
+            reader.start()
         try:
-            proc.stdout.readline()
-            address = proc.stdout.readline().split()[2].removeprefix("http://").rstrip("/")
+            out = [lines.get(timeout=60) for _ in range(2)]
+            address = out[1].split()[2].removeprefix("http://").rstrip("/")
             host, port = address.rsplit(":", 1)
-            assert "Model ready" in proc.stdout.readline()  # the warm-up search is over
+            while "Model ready" not in out[-1]:  # the warm-up search is over
+                out.append(lines.get(timeout=60))
             for part in HALF_REQUESTS * 2:
                 sock = socket.create_connection((host, int(port)), timeout=10)
                 sock.sendall(part)
@@ -601,9 +616,17 @@ def test_sigterm_with_half_open_connections_and_a_search_in_flight(tmp_path):
 
             searcher = threading.Thread(target=search_into, args=(answer, host, int(port)))
             searcher.start()
-            time.sleep(SEARCH_S / 3)  # the search is running now
+            # The search is running once the index says so (a fixed sleep raced the client's
+            # connect on a busy machine), then a third of it passes.
+            while out[-1].strip() != "searching in flight":
+                out.append(lines.get(timeout=60))
+            time.sleep(SEARCH_S / 3)
             proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=60)
+            proc.wait(timeout=60)
+            for reader in readers:
+                reader.join(10)
+            out = "".join(out + list(lines.queue))
+            err = "".join(errors.queue)
             searcher.join(30)
         finally:
             proc.kill()
