@@ -21,7 +21,7 @@ The last lines give the threshold on ``z coarse vs background`` that best separa
 sets (Youden's J: the most real captions kept minus nonsense let through), what
 ``scoring.CONFIDENCE_MIDPOINT`` is set from.
 
-    python benchmarks/search_confidence.py [--index /work/demo/run/videos.ucofia]
+    python benchmarks/search_confidence.py [--index workdir/demo/videos.ucofia]
         [--captions DATA/raw/MSRVTT_JSFUSION_test.csv]
 
 ``--captions``: a CSV with a ``sentence`` column (default: the demo's test captions, found
@@ -141,7 +141,7 @@ def best_threshold(positives, negatives) -> tuple:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--index", default="/work/demo/run/videos.ucofia")
+    p.add_argument("--index", default="workdir/demo/videos.ucofia")
     p.add_argument("--captions", default="")
     a = p.parse_args()
     captions = Path(a.captions or Path(a.index).parent / "data/raw/MSRVTT_JSFUSION_test.csv")

@@ -8,8 +8,8 @@ table: the clip's true [start, end], the best moment's [start, end] and their te
 whether the best moment overlaps the clip with IoU >= ``--iou``, and whether one of the best
 ``--per_file`` moments (non-maximum suppressed) does. Chance for top-1 is about 1 / clips.
 
-    python benchmarks/search_moments.py --workdir /work/demo/run
-    python benchmarks/search_moments.py --workdir /work/demo/run --clips 24 --first 12
+    python benchmarks/search_moments.py --workdir workdir/demo
+    python benchmarks/search_moments.py --workdir workdir/demo --clips 24 --first 12
 
 The long video and its index live in a temporary folder, removed at the end.
 """

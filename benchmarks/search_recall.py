@@ -12,7 +12,7 @@ Two shortlists are compared, both re-ranked by the same full score:
 Overlap = |two-stage top-10 & exhaustive top-10| / 10 per caption (mean, and min); a K below
 10 returns K rows, so it cannot exceed K / 10.
 
-    python benchmarks/search_recall.py [--index /work/demo/run/videos.ucofia]
+    python benchmarks/search_recall.py [--index workdir/demo/videos.ucofia]
         [--captions DATA/raw/MSRVTT_JSFUSION_test.csv] [--ks 5,10,20,50,100,200]
 
 ``--captions``: a CSV with ``video_id`` and ``sentence`` columns (default: the demo's test
@@ -42,7 +42,7 @@ def _recall_at(rows: np.ndarray, target: int, n: int) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--index", default="/work/demo/run/videos.ucofia")
+    p.add_argument("--index", default="workdir/demo/videos.ucofia")
     p.add_argument("--captions", default="")
     p.add_argument("--ks", default="5,10,20,50,100,200")
     a = p.parse_args()
