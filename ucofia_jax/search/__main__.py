@@ -139,13 +139,14 @@ def check_index_path(path: str) -> None:
 
 
 def quiet_logs(verbose: bool) -> None:
-    """Hides the libraries' INFO chatter (TensorFlow's C++ start-up lines, absl, orbax)
-    unless --verbose; warnings and errors still show."""
+    """Hides the libraries' chatter (TensorFlow's C++ start-up lines, absl, orbax: INFO, and
+    warnings about their own internals, e.g. Orbax's "Metadata file does not exist" when the
+    model loads) unless --verbose; their errors, and our own warnings, still show."""
     if verbose:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read when TensorFlow's C++ loads
     for name in CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _open(a):
