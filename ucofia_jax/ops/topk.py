@@ -32,9 +32,10 @@ import jax.numpy as jnp
 NOISE_PRNGS = ("threefry", "hash")
 
 
-def _mix32(x: jax.Array) -> jax.Array:
-    # "lowbias32" integer hash (C. Wellons' hash-prospector: bias ~1.7e-1 of a random
-    # permutation's avalanche); uint32 -> uint32, a bijection.
+def mix32(x: jax.Array) -> jax.Array:
+    """A bijection of uint32 that spreads every input bit over the output (the "lowbias32"
+    integer hash of C. Wellons' hash-prospector: bias ~1.7e-1 of a random permutation's
+    avalanche). Used for the hashed selection noise and the checkpoint checksums."""
     x = x ^ (x >> 16)
     x = x * jnp.uint32(0x7FEB352D)
     x = x ^ (x >> 15)
@@ -59,7 +60,7 @@ def hash_normal(rng: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
         raise ValueError(f"hash_normal draws at most 2**32 - 1 values per call, got {size}")
     seeds = jax.random.bits(rng, (2,), jnp.uint32)
     i = jax.lax.iota(jnp.uint32, size).reshape(shape)
-    bits = _mix32(_mix32(i + seeds[0]) ^ seeds[1])
+    bits = mix32(mix32(i + seeds[0]) ^ seeds[1])
     # 23 random mantissa bits -> [1, 2) -> centred on (-1, 1): (m + 0.5) / 2**22 - 1
     m = (bits >> 9).astype(jnp.float32)
     u = (m + 0.5) * (2.0**-22) - 1.0

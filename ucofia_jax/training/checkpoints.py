@@ -70,6 +70,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from ucofia_jax.errors import CheckpointError
+from ucofia_jax.ops.topk import mix32
 from ucofia_jax.runtime import distributed
 from ucofia_jax.training import resume
 
@@ -104,17 +105,8 @@ def state_nbytes(tree: Any) -> int:
 # --------------------------------------------------------------------------- checksums
 
 CHECKSUM_ITEM = "checksums"  # the step's JSON item: {"algorithm": ..., "arrays": {path: hex}}
-CHECKSUM_ALGORITHM = "fmix32-sum+odd-weighted-sum/v1"
+CHECKSUM_ALGORITHM = "lowbias32-sum+odd-weighted-sum/v1"
 _GOLDEN = 0x9E3779B1  # spreads consecutive positions over the 32-bit range before mixing
-
-
-def _fmix32(h: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finaliser: a bijection of uint32 that spreads every input bit."""
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
 
 
 def _words(x: jax.Array) -> jax.Array:
@@ -131,21 +123,21 @@ def _words(x: jax.Array) -> jax.Array:
         return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
     if size == 8:
         halves = jax.lax.bitcast_convert_type(x, jnp.uint32)  # shape + (2,)
-        return halves[..., 0] ^ _fmix32(halves[..., 1] + jnp.uint32(_GOLDEN))
+        return halves[..., 0] ^ mix32(halves[..., 1] + jnp.uint32(_GOLDEN))
     raise TypeError(f"no checksum for dtype {x.dtype}")
 
 
 def _array_checksum(x: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """Two uint32 sums over an array's elements (wrapping, so exact in any reduction order and
-    under any sharding): of ``fmix32(word + position * golden)`` (any change of one word
-    changes its term: fmix32 is a bijection) and of ``word * (2 * position + 1)`` (odd
+    under any sharding): of ``mix32(word + position * golden)`` (any change of one word
+    changes its term: mix32 is a bijection) and of ``word * (2 * position + 1)`` (odd
     weights: a single flipped bit always changes it). Positions are row-major indices, built
     from iotas of the array's own shape (no reshape, which would move sharded data)."""
     w = _words(x)
     position = jnp.zeros(w.shape, jnp.uint32)
     for axis, n in enumerate(w.shape):
         position = position * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis)
-    mixed = jnp.sum(_fmix32(w + position * jnp.uint32(_GOLDEN)), dtype=jnp.uint32)
+    mixed = jnp.sum(mix32(w + position * jnp.uint32(_GOLDEN)), dtype=jnp.uint32)
     weighted = jnp.sum(w * (position * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
     return mixed, weighted
 
