@@ -386,7 +386,3 @@ def features_from_arrow(table: pa.Table, shapes: Dict[str, List[int]]) -> Dict[s
         dtype = np.int32 if name == "mask" else np.float32
         out[name] = flat.astype(dtype).reshape((len(table), *shapes[name]))
     return out
-
-
-def maybe_empty(path: Optional[str]) -> bool:
-    return path is None or not Path(path).exists() or not any(Path(path).iterdir())
