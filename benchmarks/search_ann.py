@@ -94,7 +94,13 @@ def _write(path: Path, rows: int, centres, weights, seed: int) -> Store:
         v = _vectors(lo, hi, centres, weights, seed)
         store.add_rows(
             [
-                {"path": f"v{i:08d}.mp4", "size": 0, "mtime_ns": 0, "vector": v[i - lo]}
+                {
+                    "path": f"v{i:08d}.mp4",
+                    "content_hash": f"{i:032x}",
+                    "size": 0,
+                    "mtime_ns": 0,
+                    "vector": v[i - lo],
+                }
                 for i in range(lo, hi)
             ]
         )

@@ -35,11 +35,11 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
-import lancedb
 import numpy as np
 import pyarrow as pa
 
 from ucofia_jax.errors import IndexingError, ModelMismatch, SearchIndexError
+from ucofia_jax.search.lance_import import lancedb
 
 VIDEOS = "videos"
 META = "meta"
