@@ -54,6 +54,7 @@ from ucofia_jax.models.head import UCoFiAHead
 from ucofia_jax.models.model import Model
 from ucofia_jax.search import scoring
 from ucofia_jax.search.index import Index, encode_videos
+from ucofia_jax.search.source import ModelSource, load_model
 from ucofia_jax.search.store import Store, features_from_arrow, now_iso
 
 D, F, K_TOK, NW = 512, 12, 4, 32
@@ -285,7 +286,8 @@ def _row(r: dict) -> str:
 
 def float16_effect(index_path: str, texts_file: str) -> dict:
     index = Index.open(index_path)
-    model = index.model
+    # The model from its source: the index's own query model has no vision tower.
+    model = load_model(ModelSource.from_dict(index.meta["source"]))
     texts = [t.strip() for t in Path(texts_file).read_text().splitlines() if t.strip()]
     n = len(index)
     rows = [index.search_rows([t], top=n, shortlist=n)[0] for t in texts]

@@ -29,14 +29,17 @@ def search_config(noise_at_eval: bool = True):
     return c
 
 
-def save_workdir(workdir: str | Path, config, seed_offset: int = 0) -> str:
-    """config.json + checkpoint step 1 of a random init (seed ``config.seed + seed_offset``)."""
+def save_workdir(workdir: str | Path, config, seed_offset: int = 0, edit_params=None) -> str:
+    """config.json + checkpoint step 1 of a random init (seed ``config.seed + seed_offset``),
+    its params passed through ``edit_params`` (params -> params) where given."""
     workdir = str(workdir)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=2))
     model = tiny_model(config)
     state = train_lib.create_train_state(model, config.seed + seed_offset)
+    if edit_params is not None:
+        state["params"] = edit_params(state["params"])
     tx = optim.make_optimizer(config.train, optim.group_schedules(config.train, 1))
     state["opt_state"] = tx.init(state["params"])
     state["step"] = np.asarray(1, np.int32)

@@ -49,9 +49,11 @@ ALLOWED = {
         ERRORS,
     },
     # Search your videos: a tool beside evaluation (its scorer, the decoder); weights through
-    # the weights door, not training's checkpoints.
+    # the weights door, not training's checkpoints. The tokenizer, as data_pipeline uses it:
+    # an index's compiled query model (search/query_model.py) tokenizes without Flax.
     "ucofia_jax.search": MODEL_DOOR
     | {
+        "ucofia_jax.models.tokenizer",
         "ucofia_jax.weights",
         "ucofia_jax.ops",
         "ucofia_jax.evaluation",

@@ -5,10 +5,12 @@
 text, so this test needs neither torch nor the network.
 """
 
+import html
 import json
 import os
 import time
 
+import ftfy
 import numpy as np
 import pytest
 
@@ -181,3 +183,29 @@ def test_speed_many_captions():
     print(f"tokenize: {len(texts)} captions in {dt:.2f}s ({1e6 * dt / len(texts):.0f} us/caption)")
     assert ids.shape == (5000, 32)
     assert dt < 30
+
+
+def _random_texts(n: int, alphabet: str, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    chars = np.asarray(list(alphabet))
+    return ["".join(rng.choice(chars, rng.integers(1, 40))) for _ in range(n)]
+
+
+def test_ftfy_shortcut_agrees_with_ftfy():
+    # clean_text skips ftfy where ftfy_leaves_unchanged says it would change nothing; on
+    # text the shortcut accepts, ftfy must indeed return it unchanged, and the cleaned
+    # text must equal what running ftfy always gives (on text of every kind).
+    printable = "".join(chr(c) for c in range(0x20, 0x7F))
+    tricky = printable + "&;#\t\n\r\x00\x1b\x7f\u00e9\u00c3\u00a9\u201c\u201d\uff21\u2028"
+    entity_soup = ["&amp;amp;amp;", "fish &amp; chips", "&lt;b&gt;", "caf\u00c3\u00a9", "a\r\nb"]
+    texts = _random_texts(3000, printable, 0) + _random_texts(3000, tricky, 1) + entity_soup
+    accepted = [t for t in texts if tokenizer.ftfy_leaves_unchanged(t)]
+    assert len(accepted) > 1000  # the random printable text is mostly accepted
+    assert all(ftfy.fix_text(t) == t for t in accepted)
+
+    def always_ftfy(text):
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        return tokenizer._WHITESPACE.sub(" ", text).strip().lower()
+
+    for t in texts:
+        assert tokenizer.clean_text(t) == always_ftfy(t), repr(t)

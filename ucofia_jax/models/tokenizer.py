@@ -19,7 +19,6 @@ import itertools
 import os
 from typing import Sequence
 
-import ftfy
 import numpy as np
 import regex
 
@@ -86,9 +85,22 @@ def merge_symbols(symbols: Sequence[str], merge_rank: dict[tuple[str, str], int]
     return pieces
 
 
+def ftfy_leaves_unchanged(text: str) -> bool:
+    """Whether ``ftfy.fix_text(text) == text`` is known without running it: printable ASCII
+    without '&'. ftfy's fixes act on mojibake and other non-ASCII characters, HTML entities,
+    control characters and line breaks, none of which such text holds
+    (tests/test_tokenizer.py checks this against ftfy on random text)."""
+    return text.isascii() and text.isprintable() and "&" not in text
+
+
 def clean_text(text: str) -> str:
     """CLIP's cleaning: ftfy fix, HTML unescape twice, collapse whitespace, lower case."""
-    text = ftfy.fix_text(text)
+    if not ftfy_leaves_unchanged(text):
+        # Imported here: ftfy's character tables take ~0.1 s to load, a twentieth of a
+        # search query's start, and plain ASCII captions never need them.
+        import ftfy  # noqa: PLC0415
+
+        text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return _WHITESPACE.sub(" ", text).strip().lower()
 

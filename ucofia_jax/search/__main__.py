@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 
 from ucofia_jax.errors import IndexingError, SearchIndexError, SourceError, UserError
 from ucofia_jax.runtime import caches
+from ucofia_jax.search.notice import training_notice
 
 # This module imports only the standard library and ucofia_jax.errors at the top: `--help` and
 # a misspelt path answer before jax, flax, orbax and lancedb are loaded (about 3 s together;
@@ -151,17 +152,20 @@ def quiet_logs(verbose: bool) -> None:
 
 def _open(a):
     check_index_path(a.index)
-    # jax, flax and lancedb load here (see the top).
-    from ucofia_jax.search import source as source_lib  # noqa: PLC0415
+    # jax and lancedb load here (see the top); Flax only with a model from flags, or where
+    # the index's compiled query model cannot run (search/query_model.py).
     from ucofia_jax.search.index import Index  # noqa: PLC0415
     from ucofia_jax.search.store import Store  # noqa: PLC0415
 
     src = _source(a)
-    Store.open(a.index)  # a path that is no index fails before a model loads
     if a.compile_cache:
         caches.enable_compilation_cache()
-    model = source_lib.load_model(src) if src is not None else None
-    return Index.open(a.index, model=model)
+    if src is None:
+        return Index.open(a.index)  # its own model, loaded on the first search
+    from ucofia_jax.search import source as source_lib  # noqa: PLC0415
+
+    Store.open(a.index)  # a path that is no index fails before a model loads
+    return Index.open(a.index, model=source_lib.load_model(src))
 
 
 def _queries(a) -> List[str]:
@@ -177,8 +181,6 @@ def _queries(a) -> List[str]:
 def notice_of(index) -> Optional[str]:
     """The warning a person should read before trusting hits (a model trained on the
     synthetic demo set), or None."""
-    from ucofia_jax.search.source import training_notice  # noqa: PLC0415 -- jax: see the top
-
     return training_notice(index.meta.get("source", {}))
 
 
@@ -327,5 +329,19 @@ def main(argv: Optional[List[str]] = None, compile_cache: bool = False) -> int:
         return 130
 
 
+def run_program(argv: Optional[List[str]] = None) -> None:
+    """``python -m ucofia_jax.search``: ``main`` with the compilation cache, then exit. A
+    ``query`` writes nothing, so once its output is flushed the process ends at once
+    (``os._exit``): the interpreter's teardown (JAX's and LanceDB's exit handlers) would add
+    about 0.4 s to every query (docs/search.md, "Speed"). Other commands exit normally."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    status = main(argv, compile_cache=True)
+    if "query" in argv and parser().parse_known_args(argv)[0].command == "query":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main(compile_cache=True))
+    run_program()

@@ -6,8 +6,8 @@ is loaded once, and so are the shortlist vectors (4 bytes x d per row as float32
 the store has a vector index (``Store.has_vector_index``): then the shortlist is LanceDB's
 approximate search and no vectors are held. The token features of the K candidates are read
 per query (``take`` by row position). The model is loaded on the first search, from the
-source the index remembers, unless one is passed in; a model with another fingerprint is
-refused.
+model saved in the index (``search/query_model.py``), else from the source the index
+remembers, unless one is passed in; a model with another fingerprint is refused.
 """
 
 from __future__ import annotations
@@ -16,16 +16,13 @@ import dataclasses
 import os
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
 
-from data_pipeline.video import VideoDecodeError
 from ucofia_jax.errors import IndexingError
-from ucofia_jax.search import scoring
-from ucofia_jax.search.decoding import content_hash, decode_one
-from ucofia_jax.search.source import ModelSource, SearchModel, load_model
+from ucofia_jax.search import query_model, scoring
 from ucofia_jax.search.store import (
     DEFAULT_SHORTLIST,
     TOKEN_COLUMNS,
@@ -34,6 +31,9 @@ from ucofia_jax.search.store import (
     noise_seed_for,
     video_id_for,
 )
+
+if TYPE_CHECKING:  # Flax comes with it: a query with the index's compiled model skips it
+    from ucofia_jax.search.source import SearchModel
 
 DEFAULT_TOP = 10
 DEFAULT_PER_FILE = 1  # hits per file (moments of one long file) unless asked for more
@@ -150,12 +150,27 @@ class Index:
 
     @property
     def model(self) -> SearchModel:
+        """The model of the index: its saved query model (``query_model``), else the one
+        the index remembers loaded from its source, whose query side is then saved (where
+        the index can be written) for the next process."""
         with self._lock:
             if self._model is None:
-                model = load_model(ModelSource.from_dict(self.meta["source"]), overrides=None)
-                self.store.check_fingerprint(model.fingerprint, model.source.to_dict())
+                model = query_model.load(self.store.path, self.meta["fingerprint"])
+                if model is None:
+                    model = self._model_from_source()
+                    try:
+                        query_model.save(model, self.store.path, self.meta["shapes"])
+                    except OSError:
+                        pass  # a read-only index: every process loads the source instead
                 self._model = model
             return self._model
+
+    def _model_from_source(self) -> SearchModel:
+        from ucofia_jax.search.source import ModelSource, load_model  # noqa: PLC0415 -- Flax
+
+        model = load_model(ModelSource.from_dict(self.meta["source"]), overrides=None)
+        self.store.check_fingerprint(model.fingerprint, model.source.to_dict())
+        return model
 
     def describe(self) -> Dict[str, Any]:
         m = self.meta
@@ -314,6 +329,11 @@ def encode_videos(
     the file's content hash, as an index keys a whole-file row, so the features equal the
     indexed ones and identical files get identical features). Raises
     ``data_pipeline.video.VideoDecodeError`` for a bad file."""
+    # The video decoder (PyAV, PIL) loads here: a query never decodes, and their import is
+    # ~0.07 s of its start (docs/search.md, "Speed").
+    from data_pipeline.video import VideoDecodeError  # noqa: PLC0415
+    from ucofia_jax.search.decoding import content_hash, decode_one  # noqa: PLC0415
+
     parts: List[Dict[str, np.ndarray]] = []
     paths = [str(p) for p in paths]
     if noise_keys is None:  # an unreadable file keeps its path: its decode names the problem

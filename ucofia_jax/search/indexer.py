@@ -45,7 +45,7 @@ from tqdm import tqdm
 from data_pipeline.records import SkipReport
 from ucofia_jax.errors import IndexingError
 from ucofia_jax.runtime import distributed
-from ucofia_jax.search import decoding
+from ucofia_jax.search import decoding, query_model
 from ucofia_jax.search.source import SearchModel
 from ucofia_jax.search.store import (
     DEFAULT_SHORTLIST,
@@ -367,6 +367,8 @@ def build_index(
         if distributed.is_main_process():
             store.meta["updated"] = now_iso()
             store.write_meta()
+            if query_model.fingerprint_of_file(index_path) != model.fingerprint:
+                query_model.save(model, index_path, store.meta["shapes"])  # what `query` loads
             build_vector_index = getattr(store, "maybe_build_vector_index", None)
             if build_vector_index is not None:  # the ANN index, where the store offers one
                 build_vector_index()

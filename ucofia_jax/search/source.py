@@ -41,13 +41,10 @@ from ucofia_jax.errors import SourceError
 from ucofia_jax.evaluation import evaluator
 from ucofia_jax.models.features import TextFeatures, VideoFeatures
 from ucofia_jax.models.model import Model
+from ucofia_jax.search.notice import SYNTHETIC_NOTICE, training_notice  # noqa: F401 -- API
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = "msrvtt"
-SYNTHETIC_NOTICE = (
-    "this model was trained on the synthetic demo set (coloured shapes moving on a plain "
-    "background); it knows nothing else, so its hits on real footage mean nothing"
-)
 # Config keys that name files, not what the model computes (the params hash covers weights).
 _PATH_KEYS = ("checkpoint", "ucofia_checkpoint")
 
@@ -89,24 +86,6 @@ class ModelSource:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> ModelSource:
         return cls(**{f.name: d.get(f.name, f.default) for f in dataclasses.fields(cls)})
-
-
-def training_notice(source: Dict[str, Any]) -> Optional[str]:
-    """SYNTHETIC_NOTICE for a model trained on the synthetic demo set, else None.
-
-    The rule: the source is a training run (``workdir``) whose saved config says
-    ``data.synthetic.enabled`` (configs/demo.py sets it; every real dataset leaves it off).
-    Released checkpoints and CLIP weights are never the demo's. A run whose config can no
-    longer be read says nothing (the index still searches)."""
-    workdir = source.get("workdir") or ""
-    if not workdir:
-        return None
-    try:
-        with open(Path(workdir) / "config.json", encoding="utf-8") as f:
-            synthetic = json.load(f)["data"]["synthetic"]["enabled"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return SYNTHETIC_NOTICE if synthetic is True else None
 
 
 def load_config_file(name_or_path: str) -> ml_collections.ConfigDict:
@@ -195,6 +174,9 @@ class SearchModel:
     fingerprint: str
     description: Dict[str, Any]
     step: Optional[int] = None
+    # True for the index's saved query model (search/query_model.py): no vision tower, so
+    # it encodes texts and scores stored features but cannot encode videos.
+    query_only: bool = False
 
     def __post_init__(self):
         eval_cfg = self.config.eval
@@ -221,8 +203,16 @@ class SearchModel:
         JPEG frames)."""
         return {"path": path, "rel": rel, "sampling": self.sampling}
 
+    def _check_can_encode_videos(self) -> None:
+        if self.query_only:
+            raise SourceError(
+                "this is an index's saved query model (no vision tower): it cannot encode "
+                "videos; load the model from its source (load_model) for that"
+            )
+
     def feature_shapes(self) -> Dict[str, list]:
         """Per-video stored shapes (from an abstract evaluation: nothing runs)."""
+        self._check_can_encode_videos()
         f, s = self.sampling.max_frames, self.sampling.image_size
         frames = jax.ShapeDtypeStruct((1, f, s, s, 3), jnp.uint8)
         mask = jax.ShapeDtypeStruct((1, f), jnp.int32)
@@ -262,6 +252,7 @@ class SearchModel:
     ) -> Dict[str, np.ndarray]:
         """uint8 frames 'b f s s 3', mask 'b f', uint32 per-video noise seeds 'b' ->
         {'vector', 'frames', 'pixels', 'mask'} float32 numpy (only 'vector' with clip_only)."""
+        self._check_can_encode_videos()
         mask = np.asarray(mask, np.int32)
         noisy = self.model.head.selection_noise_at_eval and not self.clip_only
         if noisy:
