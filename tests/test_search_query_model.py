@@ -38,7 +38,13 @@ def made(tmp_path_factory):
     captions = make_clips(tmp / "clips", 5)
     model = load_model(ModelSource(workdir=workdir))
     build_index(tmp / "clips", tmp / "idx", model, workers=0, progress=False, log=lambda s: None)
-    return {"index": tmp / "idx", "model": model, "captions": list(captions.values())}
+    shapes = Index.open(tmp / "idx").meta["shapes"]
+    return {
+        "index": tmp / "idx",
+        "model": model,
+        "captions": list(captions.values()),
+        "shapes": shapes,
+    }
 
 
 def _hits(index: Index, texts):
@@ -83,7 +89,9 @@ def test_compiled_query_model_ranks_and_scores_as_the_source_model(made):
     assert isinstance(compiled.model, query_model.CompiledQueryModel)
     traced = Index.open(
         made["index"],
-        model=query_model.load(made["index"], made["model"].fingerprint, compiled=False),
+        model=query_model.load(
+            made["index"], made["model"].fingerprint, made["shapes"], compiled=False
+        ),
     )
     assert isinstance(traced.model, SearchModel) and traced.model.query_only
     source = Index.open(made["index"], model=made["model"])
@@ -102,7 +110,9 @@ def test_compiled_query_model_ranks_and_scores_as_the_source_model(made):
 
 
 def test_query_only_model_refuses_to_encode_videos(made):
-    model = query_model.load(made["index"], made["model"].fingerprint, compiled=False)
+    model = query_model.load(
+        made["index"], made["model"].fingerprint, made["shapes"], compiled=False
+    )
     with pytest.raises(Exception, match="cannot encode videos"):
         model.encode_frames(np.zeros((1, 2, 8, 8, 3), np.uint8), np.ones((1, 2)), np.zeros(1))
 
@@ -118,11 +128,12 @@ def test_programs_of_another_jax_are_exported_again(made, tmp_path):
     shutil.copytree(made["index"], idx)
     programs = json.loads(_metadata(idx)["programs"])
     _rewrite_metadata(query_model.path_in(idx), programs=json.dumps({**programs, "jax": "0.0.1"}))
-    first = query_model.load(idx, made["model"].fingerprint)
+    first = query_model.load(idx, made["model"].fingerprint, made["shapes"])
     assert isinstance(first, SearchModel)  # traced, and the file written again for this JAX
     assert json.loads(_metadata(idx)["programs"])["jax"] == programs["jax"]
     assert isinstance(
-        query_model.load(idx, made["model"].fingerprint), query_model.CompiledQueryModel
+        query_model.load(idx, made["model"].fingerprint, made["shapes"]),
+        query_model.CompiledQueryModel,
     )
     _assert_same_hits(_hits(Index.open(idx), QUERIES), _hits(Index.open(made["index"]), QUERIES))
 
@@ -130,9 +141,9 @@ def test_programs_of_another_jax_are_exported_again(made, tmp_path):
 def test_a_file_of_another_model_or_damaged_is_ignored(made, tmp_path):
     idx = tmp_path / "idx"
     shutil.copytree(made["index"], idx)
-    assert query_model.load(idx, "another fingerprint") is None
+    assert query_model.load(idx, "another fingerprint", made["shapes"]) is None
     query_model.path_in(idx).write_bytes(b"not a safetensors file")
-    assert query_model.load(idx, made["model"].fingerprint) is None
+    assert query_model.load(idx, made["model"].fingerprint, made["shapes"]) is None
     index = Index.open(idx)  # loads the source, and saves the query model again
     assert isinstance(index.model, SearchModel) and not index.model.query_only
     assert query_model.fingerprint_of_file(idx) == made["model"].fingerprint

@@ -155,7 +155,9 @@ class Index:
         the index can be written) for the next process."""
         with self._lock:
             if self._model is None:
-                model = query_model.load(self.store.path, self.meta["fingerprint"])
+                model = query_model.load(
+                    self.store.path, self.meta["fingerprint"], self.meta["shapes"]
+                )
                 if model is None:
                     model = self._model_from_source()
                     try:

@@ -179,7 +179,6 @@ def save(model: SearchModel, index_dir: str | os.PathLike, feature_shapes: Dict[
         "dtypes": json.dumps(dtypes, sort_keys=True),
         "shapes": json.dumps(shapes, sort_keys=True),
         "programs": json.dumps({"jax": jax.__version__, "names": sorted(programs)}),
-        "feature_shapes": json.dumps(feature_shapes, sort_keys=True),
     }
     target = path_in(index_dir)
     tmp = target.with_name(f".{FILE}.{uuid.uuid4().hex}")
@@ -242,11 +241,18 @@ def _programs(flat: Dict[str, np.ndarray], meta: Dict[str, str]):
     return text, score
 
 
-def load(index_dir: str | os.PathLike, fingerprint: str, *, compiled: bool = True):
+def load(
+    index_dir: str | os.PathLike,
+    fingerprint: str,
+    feature_shapes: Dict[str, list],
+    *,
+    compiled: bool = True,
+):
     """The query model saved in the index, if its fingerprint is ``fingerprint``: a
     :class:`CompiledQueryModel` where its programs run here (and ``compiled``), else a
-    query-only ``SearchModel`` (whose programs are then saved again, where the index can be
-    written). None without a usable file: the caller loads the model's source."""
+    query-only ``SearchModel`` (whose programs are then exported again for the index's
+    ``feature_shapes`` and saved, where the index can be written). None without a usable
+    file: the caller loads the model's source."""
     path = path_in(index_dir)
     if not path.is_file():
         return None
@@ -265,8 +271,7 @@ def load(index_dir: str | os.PathLike, fingerprint: str, *, compiled: bool = Tru
     model = _search_model(meta, params)
     if compiled and not model.clip_only:
         try:
-            # Programs for this JAX, for the next process.
-            save(model, index_dir, json.loads(meta["feature_shapes"]))
+            save(model, index_dir, feature_shapes)  # programs for this JAX, for the next process
         except OSError:
             pass  # a read-only index: every process traces instead
     return model
