@@ -34,6 +34,7 @@ from ucofia_jax.errors import ConfigError
 from ucofia_jax.models import clip as clip_lib
 from ucofia_jax.models import ucofia_names
 from ucofia_jax.models.model import Model, Params
+from ucofia_jax.training import checkpoints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +55,6 @@ def load(config, *, workdir: Optional[str] = None) -> Loaded:
     )
     rng = jax.random.PRNGKey(int(config.seed))
     if workdir:
-        # Orbax loads here, not at the top: its import (~0.3 s) is most of what a search
-        # query that reads the index's own query model would otherwise wait for.
-        from ucofia_jax.training import checkpoints  # noqa: PLC0415
-
         params, meta = checkpoints.restore_params(workdir, jax.eval_shape(model.init, rng))
         return Loaded(model, params, int(meta["step"]))
     if config.model.ucofia_checkpoint:

@@ -336,7 +336,7 @@ def run_program(argv: Optional[List[str]] = None) -> None:
     about 0.4 s to every query (docs/search.md, "Speed"). Other commands exit normally."""
     argv = sys.argv[1:] if argv is None else list(argv)
     status = main(argv, compile_cache=True)
-    if "query" in argv and parser().parse_known_args(argv)[0].command == "query":
+    if parser().parse_known_args(argv)[0].command == "query":
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
