@@ -3,6 +3,8 @@
     python -m data_pipeline.build --dataset=msrvtt --manual_dir=RAW --data_dir=OUT \
         [--video_dir DIR] [--max_frames N] [--image_size S] [--strict] [--workers N]
 
+``--verbose`` adds the libraries' log lines (TFDS, absl) and TFDS's progress bars to ours.
+
 RAW holds the dataset's annotation files under their original names and the videos in
 RAW/videos/ (see ``--help`` or docs/pipeline.md for each dataset's files). The command checks
 the layout first and names every missing file, then decodes all clips in parallel, writes
@@ -36,6 +38,7 @@ from data_pipeline.datasets._common import ANNOTATION_REASONS
 from data_pipeline.sampling import SLICE_FRAMEPOS, FrameSampling
 from ucofia_jax import config as config_lib
 from ucofia_jax.errors import DataError
+from ucofia_jax.runtime import distributed
 
 
 def default_sampling(dataset: str) -> FrameSampling:
@@ -109,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the per-clip decode cache after a successful build",
     )
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' log lines and TFDS's own progress bars too",
+    )
     return p
 
 
@@ -220,6 +228,9 @@ def build(
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    distributed.quiet_logs(args.verbose)
+    if not args.verbose:
+        tfds.disable_progress_bar()  # TFDS's per-split bars; ours (one per split) stay
     flags = {k: getattr(args, k) for k in FrameSampling.field_names()}
     try:
         sampling = default_sampling(args.dataset).replace(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import logging
 import multiprocessing
 import os
 import shutil
@@ -46,6 +47,8 @@ from data_pipeline.sampling import FrameSampling
 BUILDER_NAME = "ucofia_video_text"
 DATASET_VERSION = "1.0.0"
 CACHE_DIRNAME = ".ucofia_cache"
+
+log = logging.getLogger(__name__)
 
 
 # The dataset names, in the order of the registry (`datasets.MODULES`).
@@ -236,6 +239,15 @@ class UcofiaVideoText(tfds.core.GeneratorBasedBuilder):
     @classmethod
     def code_path(cls):
         return epath.Path(os.path.abspath(__file__))
+
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and
+    # prepared" on stdout, although nothing downloads (the clips are local files) and the
+    # build prints its own summary: here they are INFO log lines, shown by --verbose.
+    def _log_download_bytes(self) -> None:
+        log.info("TFDS: preparing %s in %s", self.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        log.info("TFDS: %s prepared in %s", self.name, self.data_dir)
 
     def __init__(
         self,

@@ -404,17 +404,22 @@ class VideoTextData:
         if steps == 0:
             return
         source = self._source
-        features = self.builder.info.features
-        decoders = {"frames": tfds.decode.SkipDecoding()}
         f, s = self.sampling.max_frames, self.sampling.image_size
+        # The stored tf.Example read directly: the frames' JPEG bytes as they are, the mask
+        # (TFDS stores int32 as int64). TFDS's own deserialize_example with a SkipDecoding
+        # decoder would read the same, through deprecated TensorFlow and TFDS calls that warn.
+        record_spec = {
+            "frames": tf.io.FixedLenFeature([f], tf.string),
+            "frame_mask": tf.io.FixedLenFeature([f], tf.int64),
+        }
 
         def fetch(i):
             return source[int(i)]
 
         def load(item):
             raw = tf.numpy_function(fetch, [item["video_index"]], tf.string, stateful=False)
-            ex = features.deserialize_example(tf.reshape(raw, []), decoders=decoders)
-            jpegs = tf.ensure_shape(ex["frames"], (f,))
+            ex = tf.io.parse_single_example(tf.reshape(raw, []), record_spec)
+            jpegs = ex["frames"]
             # Accurate IDCT (TF's default is the fast one): the frames then match what PIL decodes
             # from the same files, i.e. the builder's JPEG of decode_clip's output, not a
             # slightly different image per library.
@@ -423,7 +428,7 @@ class VideoTextData:
                 for i in range(f)
             ]
             item["frames"] = tf.ensure_shape(tf.stack(frames), (f, s, s, 3))
-            item["frame_mask"] = tf.ensure_shape(ex["frame_mask"], (f,))
+            item["frame_mask"] = tf.cast(ex["frame_mask"], tf.int32)
             return item
 
         flat = {"video_index": video_plan.reshape(-1).astype(np.int32)}

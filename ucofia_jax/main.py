@@ -13,10 +13,12 @@ written by the same model, optimizer, data and run settings
 (``config.train.allow_resume_with_changes`` lets the settings that leave the state's tree
 alike differ; other changes, such as ``train.lr``, are said on one line).
 
-A known problem (bad config key or value, missing or bad data, unreadable checkpoint, full
-or read-only disk, non-finite loss) prints one line and a hint on stderr and exits with
-status 2 (``--verbose`` or ``UCOFIA_VERBOSE=1`` adds the traceback); SIGTERM saves and exits
-0, Ctrl-C saves and exits 130, a second Ctrl-C exits at once.
+The terminal shows our own lines (progress bar, summaries, results) and real warnings and
+errors; the libraries' log lines (TFDS, absl, Orbax, TensorFlow, jax) are hidden unless
+``--verbose`` or ``UCOFIA_VERBOSE=1``. A known problem (bad config key or value, missing or bad
+data, unreadable checkpoint, full or read-only disk, non-finite loss) prints one line and a
+hint on stderr and exits with status 2 (``--verbose`` adds the traceback); SIGTERM saves and
+exits 0, Ctrl-C saves and exits 130, a second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
@@ -58,7 +60,10 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_bool(
-    "verbose", False, f"Print the traceback of known errors too (or {cli.VERBOSE_ENV}=1)."
+    "verbose",
+    False,
+    "Print the libraries' log lines and the traceback of known errors too "
+    f"(or {cli.VERBOSE_ENV}=1).",
 )
 
 # One line and status 2 at the command line (runtime/cli.py); anything else is a traceback.
@@ -76,7 +81,8 @@ def run(config, workdir: str, mode: str, progress: bool = True) -> Dict[str, Any
     train, evaluate = preflight.MODES[mode]
     distributed.maybe_initialize(config)  # before anything touches jax.devices()
     if distributed.process_count() > 1:
-        distributed.setup_logging()  # INFO from process 0 only, the others prefixed
+        # Process 0 keeps the level main() chose, the others log warnings only, prefixed.
+        distributed.setup_logging(logging.getLogger().getEffectiveLevel())
     preflight.resolve_paths(config, workdir)
     preflight.check_config(config)
     preflight.check_inputs(config, mode, workdir)
@@ -381,9 +387,9 @@ def main(argv) -> int:
         )
     if FLAGS.workdir is None:
         raise errors.ConfigError("--workdir is required (checkpoints, logs and results go there)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("absl", "orbax", "jax", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Our own lines (progress, summaries, results) and real warnings; --verbose adds the
+    # libraries' log lines (argv: the flags are parsed; this reads UCOFIA_VERBOSE).
+    distributed.quiet_logs(FLAGS.verbose or cli.verbose_requested(argv))
     res = run(FLAGS.config, FLAGS.workdir, FLAGS.mode, progress=FLAGS.progress)
     if res.get("signal") == "SIGINT":
         return cli.INTERRUPTED  # saved; 130 tells a calling script the run did not finish

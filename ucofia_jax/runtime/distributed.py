@@ -44,7 +44,6 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from jax.sharding import Sharding
 
@@ -65,6 +64,7 @@ __all__ = [
     "to_host",
     "check_mesh_spans_processes",
     "sync",
+    "quiet_logs",
     "setup_logging",
 ]
 
@@ -495,16 +495,46 @@ def _coordination_client():
         return None
 
 
+# The libraries whose INFO lines, and warnings about their own internals (TFDS's "Using custom
+# data configuration", Orbax's metadata notes), fill a user's terminal; --verbose shows them.
+LIBRARY_LOGGERS = ("absl", "jax", "orbax", "tensorflow", "tensorstore")
+# A command's log lines when not --verbose: our own warnings and errors, as plain lines.
+QUIET_FORMAT = "%(levelname)s: %(message)s"
+
+
+def quiet_logs(verbose: bool) -> None:
+    """The console logging of a command (main.py, data_pipeline.build). By default our own
+    warnings and errors, one plain line each, and the libraries' errors only; ``verbose``: every
+    logger's INFO lines too, in the handler's own format (absl's under ``app.run``)."""
+    root = logging.getLogger()
+    if not root.handlers:  # not under absl's app.run (data_pipeline.build)
+        logging.basicConfig()
+    if verbose:
+        root.setLevel(logging.INFO)
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)  # root's INFO
+        return
+    # Read when TensorFlow's C++ logging starts: quiets its start-up lines in the build's
+    # decode workers and wherever TensorFlow loads after this.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    root.setLevel(logging.WARNING)
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter(QUIET_FORMAT))
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Process 0 logs at ``level``; the others log warnings and errors only, each line prefixed
-    with ``[process i]``. Loggers given a level of their own keep it on process 0 (main.py quiets
-    absl, orbax, jax and tensorflow)."""
+    with ``[process i]``. Loggers given a level of their own keep it (:func:`quiet_logs` quiets
+    the libraries' on every process)."""
     idx = jax.process_index()
     root = logging.getLogger()
     if idx == 0:
         root.setLevel(level)
         return
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    absl_log = logging.getLogger("absl")
+    absl_log.setLevel(max(absl_log.getEffectiveLevel(), logging.WARNING))
     root.setLevel(max(level, logging.WARNING))
     for handler in root.handlers:
         handler.setFormatter(logging.Formatter(f"[process {idx}] %(levelname)s %(message)s"))
