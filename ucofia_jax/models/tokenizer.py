@@ -61,8 +61,11 @@ def byte_symbols() -> dict[int, str]:
     return {byte: chr(byte if byte in visible else next(spare)) for byte in range(256)}
 
 
-def merge_symbols(symbols: Sequence[str], merge_rank: dict[tuple[str, str], int]) -> list[str]:
+def merge_symbols(symbols: Sequence[str], merge_rank: dict[str, int]) -> list[str]:
     """Applies ranked merges to a word's symbols until no adjacent pair has a rank.
+
+    ``merge_rank`` is keyed by the pair as the vocabulary file writes it, ``"left right"``
+    (no symbol holds a space: the byte alphabet maps it to a visible glyph).
 
     Each round picks the adjacent pair with the lowest rank and joins every occurrence of
     it, scanning left to right so that overlapping occurrences (``a a a``) join leftmost
@@ -71,7 +74,9 @@ def merge_symbols(symbols: Sequence[str], merge_rank: dict[tuple[str, str], int]
     pieces = list(symbols)
     while len(pieces) > 1:
         ranked = [
-            (merge_rank[pair], pair) for pair in zip(pieces, pieces[1:]) if pair in merge_rank
+            (merge_rank[key], pair)
+            for pair in zip(pieces, pieces[1:])
+            if (key := f"{pair[0]} {pair[1]}") in merge_rank
         ]
         if not ranked:
             break
@@ -115,19 +120,17 @@ class SimpleTokenizer:
                 "reinstall the package (it ships as package data)"
             )
         with gzip.open(bpe_path) as f:
-            rows = f.read().decode("utf-8").split("\n")
-        merges = [tuple(row.split()) for row in rows[1 : 1 + NUM_MERGES]]
+            text = f.read().decode("utf-8")
+        # Rows "left right" after a version line; only the first NUM_MERGES are CLIP's. Built
+        # with whole-string operations: this runs in every search query's process.
+        merges = text.split("\n", NUM_MERGES + 1)[1 : 1 + NUM_MERGES]
+        joined = "\n".join(merges).replace(" ", "").split("\n")
         self.byte_symbols = byte_symbols()
         # Base symbols in code-point order: the visible bytes first, then the remapped ones.
         base = sorted(self.byte_symbols.values())
-        vocab = (
-            base
-            + [s + END_OF_WORD for s in base]
-            + [left + right for left, right in merges]
-            + [SOT_TOKEN, EOT_TOKEN]
-        )
-        self.encoder = {piece: i for i, piece in enumerate(vocab)}
-        self.merge_rank = {pair: rank for rank, pair in enumerate(merges)}
+        vocab = base + [s + END_OF_WORD for s in base] + joined + [SOT_TOKEN, EOT_TOKEN]
+        self.encoder = dict(zip(vocab, range(len(vocab))))
+        self.merge_rank = dict(zip(merges, range(len(merges))))
         self.sot_id = self.encoder[SOT_TOKEN]
         self.eot_id = self.encoder[EOT_TOKEN]
         self.vocab_size = len(vocab)
