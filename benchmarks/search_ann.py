@@ -15,7 +15,8 @@ query's target is one stored row):
   with its target than the trained model's queries: a pessimistic case).
 
 Recall@K = |ANN top-K & exact top-K| / K, per query; the table gives mean and min over the
-queries and the median latency of one ANN query, for each query-time setting the index
+queries, the fraction of queries whose target row is in the exact / the ANN top-K, and the
+median latency of one ANN query, for each query-time setting the index
 type has (nprobes and refine_factor; ef for IVF_HNSW_SQ).
 
     python benchmarks/search_ann.py [--rows 1000000] [--index_type IVF_HNSW_SQ]
@@ -25,7 +26,7 @@ type has (nprobes and refine_factor; ef for IVF_HNSW_SQ).
 
 ``--reuse`` queries a store left by an earlier ``--keep`` run (same rows and seed) instead
 of writing and indexing it again (the index it has: ``--index_type`` / ``--partitions``
-then only label the table).
+then only label the table); ``--reuse --rebuild`` builds ``--index_type`` on it first.
 """
 
 from __future__ import annotations
@@ -216,6 +217,9 @@ def main():
     p.add_argument("--dir", default="/tmp/ucofia_ann_bench")
     p.add_argument("--keep", action="store_true", help="keep the store")
     p.add_argument("--reuse", action="store_true", help="query the store of an earlier --keep")
+    p.add_argument(
+        "--rebuild", action="store_true", help="with --reuse: build --index_type on it first"
+    )
     a = p.parse_args()
     modes = a.queries_mode.split(",")
     for mode in modes:
@@ -223,13 +227,14 @@ def main():
             p.error(f"--queries_mode {mode!r}: not one of {', '.join(QUERY_MODES)}")
     path = Path(a.dir) / f"n{a.rows}"
     centres, weights = _centres(a.seed)
+    write_s = build_s = float("nan")
     if a.reuse:
         store = Store.open(path)
-        write_s = build_s = float("nan")
     else:
         t0 = time.time()
         store = _write(path, a.rows, centres, weights, a.seed)
         write_s = time.time() - t0
+    if a.rebuild or not a.reuse:
         print(f"  building {a.index_type}", flush=True)
         t0 = time.time()
         store.build_vector_index(index_type=a.index_type, partitions=a.partitions or None)
@@ -242,6 +247,7 @@ def main():
     )
     exact_s = (time.time() - t0) / (a.queries * len(modes))
     exact = dict(zip(modes, np.split(exact_all, len(modes))))
+    targets = _targets(a.rows, a.queries, a.seed)  # the same rows in every mode
     ids = store.read_columns(["video_id"]).column("video_id").to_pylist()
     position = {v: i for i, v in enumerate(ids)}
     mb = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
@@ -253,13 +259,13 @@ def main():
         f"{a.queries} queries per mode, K = {a.k}; {os.cpu_count()} CPUs"
     )
     print(
-        "| queries | nprobes | ef | refine_factor | recall@K (mean / min) | p50 ms |\n"
-        "|---|---|---|---|---|---|"
+        "| queries | nprobes | ef | refine_factor | recall@K (mean / min) "
+        "| target in top-K (exact / ANN) | p50 ms |\n|---|---|---|---|---|---|---|"
     )
     for mode in modes:
         for nprobes, ef, refine in _settings(a.index_type, a):
             knobs = dict(nprobes=nprobes, refine_factor=refine, ef=ef)
-            recalls, lat = [], []
+            recalls, found, lat = [], [], []
             store.nearest(queries[mode][0], a.k, **knobs)  # warm
             for i, q in enumerate(queries[mode]):
                 t0 = time.perf_counter()
@@ -267,9 +273,12 @@ def main():
                 lat.append(time.perf_counter() - t0)
                 rows = np.asarray([position[v] for v in got])
                 recalls.append(len(set(rows.tolist()) & set(exact[mode][i].tolist())) / a.k)
+                found.append(targets[i] in rows)
+            exact_found = np.mean([t in e for t, e in zip(targets, exact[mode])])
             print(
                 f"| {mode} | {nprobes} | {'-' if ef is None else ef} | {refine} "
                 f"| {np.mean(recalls):.3f} / {np.min(recalls):.2f} "
+                f"| {exact_found:.2f} / {np.mean(found):.2f} "
                 f"| {1000 * np.median(lat):.0f} |",
                 flush=True,
             )
