@@ -250,8 +250,10 @@ def test_ann_shortlist_holds_no_vectors_and_matches_the_exact_one(tmp_path, inde
     ann = Index(Store.open(tmp_path / "idx"), model)
     assert ann.approximate and ann._vectors is None
     assert len(ann._background_vectors) == N_ANN  # the sample: every row of a small index
-    # 20 probes >= 4 lists: every list is searched; HNSW's ef (200) >= a list's rows;
-    # the shortlist's 10 x 10 quantised candidates are re-scored with stored vectors.
+    # VECTOR_INDEX_NPROBES >= 4 lists: every list is searched; HNSW keeps 100 candidates
+    # per list (about a list's rows); the 10 x 10 quantised candidates of the shortlist
+    # (K 10) are re-scored with the stored vectors.
+    assert Store.VECTOR_INDEX_NPROBES >= 4
     got = ann.search(texts, top=5)
     for g, w in zip(got, want):
         assert [h.video_id for h in g] == [h.video_id for h in w]
