@@ -16,13 +16,14 @@ query's target is one stored row):
 
 Recall@K = |ANN top-K & exact top-K| / K, per query; the table gives mean and min over the
 queries, the fraction of queries whose target row is in the exact / the ANN top-K, and the
-median latency of one ANN query, for each query-time setting the index
-type has (nprobes and refine_factor; ef for IVF_HNSW_SQ).
+median latency of one ANN query, for each query-time setting the index type has (nprobes
+and refine_factor; ef for IVF_HNSW_SQ). ``--exact_in_memory`` also times the exact path as
+``Index`` runs it without a vector index (every vector read into memory, then a matmul).
 
-    python benchmarks/search_ann.py [--rows 1000000] [--index_type IVF_HNSW_SQ]
+    python benchmarks/search_ann.py [--rows 1000000] [--index_type IVF_SQ]
         [--queries 50] [--k 100] [--queries_mode calibrated,projected] [--partitions P]
         [--nprobes 10,20,50] [--refine 0,10] [--ef 100,200] [--dir /tmp/ucofia_ann_bench]
-        [--keep] [--reuse]
+        [--keep] [--reuse [--rebuild]] [--exact_in_memory]
 
 ``--reuse`` queries a store left by an earlier ``--keep`` run (same rows and seed) instead
 of writing and indexing it again (the index it has: ``--index_type`` / ``--partitions``
@@ -34,11 +35,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ucofia_jax.errors import UserError
 from ucofia_jax.search import scoring
 from ucofia_jax.search.store import Store, features_from_arrow, now_iso
 
@@ -314,4 +317,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # e.g. --reuse of a store no earlier --keep left
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
