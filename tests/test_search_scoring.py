@@ -260,8 +260,9 @@ def test_ann_shortlist_holds_no_vectors_and_matches_the_exact_one(tmp_path, inde
         np.testing.assert_allclose([h.score for h in g], [h.score for h in w], rtol=1e-6)
         np.testing.assert_allclose([h.confidence for h in g], [h.confidence for h in w], rtol=1e-6)
     # The index is what answers: one list of four (IVF_PQ trains one list at 400 rows: its
-    # codes alone) without re-scoring misses some of the shortlist (an index LanceDB cannot use, e.g. one built for l2 or cosine, makes it
-    # scan every row exactly instead, and this would equal the full search).
+    # codes alone) without re-scoring misses some of the shortlist (an index LanceDB
+    # cannot use, e.g. one built for l2 or cosine, makes it scan every row exactly
+    # instead, and this would equal the full search).
     full = [store.nearest(q, 10) for q in model.queries]
     assert [store.nearest(q, 10, nprobes=1, refine_factor=0) for q in model.queries] != full
     hits = got[0]
