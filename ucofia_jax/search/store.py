@@ -279,9 +279,9 @@ class Store:
     # with it) and a query host holds no vectors in memory; below, the exact matmul is fast
     # and small enough (2 KB per row as float32). Type, threshold and query settings are
     # measured choices (benchmarks/search_ann.py; docs/search.md, "Past one machine's
-    # memory: the vector index", has the tables): IVF_SQ builds ~11x faster than IVF_PQ on
-    # the float16 column at 50k rows and keeps more of the exact shortlist; IVF_HNSW_SQ
-    # keeps as much but builds slower, its graphs adding nothing over lists of ~1,000 rows.
+    # memory: the vector index", has the tables): at 50k rows IVF_SQ built 7x faster than
+    # IVF_PQ on the float16 column and kept more of the exact shortlist; IVF_HNSW_SQ kept
+    # as much but built 2x slower, its graphs adding nothing within lists this small.
     VECTOR_INDEX_TYPES = ("IVF_PQ", "IVF_SQ", "IVF_HNSW_SQ")
     VECTOR_INDEX_TYPE = "IVF_SQ"
     # At 1M rows the index kept 99.9% of the exact top-100 (demo-calibrated queries);
