@@ -215,7 +215,10 @@ def _dot_store(path) -> Store:
         "updated": now_iso(),
     }
     store = Store.create(path, meta)
-    vectors = _unit(np.random.default_rng(2).normal(size=(N_ANN, D_ANN)))
+    # Norms varied (0.5 to 2): the dot product then ranks rows unlike l2 or cosine, so an
+    # index built or searched with either of those returns other rows.
+    rng = np.random.default_rng(2)
+    vectors = _unit(rng.normal(size=(N_ANN, D_ANN))) * rng.uniform(0.5, 2.0, size=(N_ANN, 1))
     store.add_rows(
         [
             {
@@ -232,7 +235,8 @@ def _dot_store(path) -> Store:
     return store
 
 
-def test_ann_shortlist_holds_no_vectors_and_matches_the_exact_one(tmp_path):
+@pytest.mark.parametrize("index_type", Store.VECTOR_INDEX_TYPES)
+def test_ann_shortlist_holds_no_vectors_and_matches_the_exact_one(tmp_path, index_type):
     store = _dot_store(tmp_path / "idx")
     model = _DotModel(np.random.default_rng(3).normal(size=(5, D_ANN)).astype(np.float32))
     texts = [str(i) for i in range(5)]
@@ -240,17 +244,27 @@ def test_ann_shortlist_holds_no_vectors_and_matches_the_exact_one(tmp_path):
     assert not exact.approximate and not store.maybe_build_vector_index(min_rows=N_ANN + 1)
     want = exact.search(texts, top=5)
 
-    store.build_vector_index(partitions=4, sub_vectors=4)
+    store.build_vector_index(index_type=index_type, partitions=4, sub_vectors=4)
     assert store.has_vector_index()
     assert not store.maybe_build_vector_index(min_rows=N_ANN)  # built, nothing new
     ann = Index(Store.open(tmp_path / "idx"), model)
     assert ann.approximate and ann._vectors is None
     assert len(ann._background_vectors) == N_ANN  # the sample: every row of a small index
-    got = ann.search(texts, top=5)  # 20 probes >= 4 lists: every list is searched
+    # VECTOR_INDEX_NPROBES >= 4 lists: every list is searched; HNSW keeps 100 candidates
+    # per list (about a list's rows); the 10 x 10 quantised candidates of the shortlist
+    # (K 10) are re-scored with the stored vectors.
+    assert Store.VECTOR_INDEX_NPROBES >= 4
+    got = ann.search(texts, top=5)
     for g, w in zip(got, want):
         assert [h.video_id for h in g] == [h.video_id for h in w]
         np.testing.assert_allclose([h.score for h in g], [h.score for h in w], rtol=1e-6)
         np.testing.assert_allclose([h.confidence for h in g], [h.confidence for h in w], rtol=1e-6)
+    # The index is what answers: one list of four (IVF_PQ trains one list at 400 rows: its
+    # codes alone) without re-scoring misses some of the shortlist (an index LanceDB
+    # cannot use, e.g. one built for l2 or cosine, makes it scan every row exactly
+    # instead, and this would equal the full search).
+    full = [store.nearest(q, 10) for q in model.queries]
+    assert [store.nearest(q, 10, nprobes=1, refine_factor=0) for q in model.queries] != full
     hits = got[0]
     assert all(0.0 <= h.confidence <= 1.0 for h in hits)
     # Each hit's confidence maps its coarse standard score against the background.

@@ -274,15 +274,25 @@ class Store:
 
     # ================================================================== vector index (ANN)
     # Owned by the query side (search/index.py); `index` calls maybe_build_vector_index at
-    # its end. From VECTOR_INDEX_MIN_ROWS rows the shortlist runs on LanceDB's IVF-PQ index
+    # its end. From VECTOR_INDEX_MIN_ROWS rows the shortlist runs on a LanceDB vector index
     # over `vector` with the dot product (the coarse score is a query vector's dot product
     # with it) and a query host holds no vectors in memory; below, the exact matmul is fast
-    # and small enough (2 KB per row as float32). docs/search.md: the recall measurement.
-    # Build the index from this many rows: high, as its recall measured poorly (docs).
-    VECTOR_INDEX_MIN_ROWS = 2_000_000
+    # and small enough (2 KB per row as float32). Type, threshold and query settings are
+    # measured choices (benchmarks/search_ann.py; docs/search.md, "Past one machine's
+    # memory: the vector index", has the tables): at 50k rows IVF_SQ built 7x faster than
+    # IVF_PQ on the float16 column and kept more of the exact shortlist; IVF_HNSW_SQ kept
+    # as much but built 2x slower (1.4x at 1M), its graphs adding nothing within lists of
+    # a few hundred to a thousand rows.
+    VECTOR_INDEX_TYPES = ("IVF_PQ", "IVF_SQ", "IVF_HNSW_SQ")
+    VECTOR_INDEX_TYPE = "IVF_SQ"
+    # At 1M rows the index kept 99.0-99.9% of the exact top-100 (demo-calibrated queries,
+    # two builds), and an Index opened in 2 s instead of reading 2 GB of vectors for 13 s;
+    # below that the exact matmul is cheap and each host's vectors affordable.
+    VECTOR_INDEX_MIN_ROWS = 1_000_000
     VECTOR_INDEX_NAME = "vector_idx"
-    VECTOR_INDEX_NPROBES = 20  # query-time settings; not yet measured at 1M rows (docs)
-    VECTOR_INDEX_REFINE = 10
+    VECTOR_INDEX_NPROBES = 50  # IVF lists searched per query (of sqrt(rows): 1,000 at 1M)
+    VECTOR_INDEX_REFINE = 10  # 10 K quantised candidates re-scored: +0.02 recall at 1M
+    VECTOR_INDEX_EF = 100  # HNSW candidates per list (IVF_HNSW_SQ only; 300: same recall)
 
     def has_vector_index(self) -> bool:
         """Whether the `vector` column has a LanceDB vector index."""
@@ -303,21 +313,35 @@ class Store:
         return True
 
     def build_vector_index(
-        self, *, partitions: Optional[int] = None, sub_vectors: Optional[int] = None
+        self,
+        *,
+        index_type: Optional[str] = None,
+        partitions: Optional[int] = None,
+        sub_vectors: Optional[int] = None,
     ) -> None:
-        """IVF-PQ over `vector` by the dot product: ``partitions`` (default sqrt(rows)) IVF
-        lists, ``sub_vectors`` (default d / 16) 8-bit PQ codes per vector."""
+        """A vector index of ``index_type`` (default `VECTOR_INDEX_TYPE`) over `vector` by
+        the dot product, with ``partitions`` IVF lists (default sqrt(rows)). IVF_PQ codes
+        each vector as ``sub_vectors`` (default d / 16) 8-bit codes; IVF_SQ as one 8-bit
+        value per dimension; IVF_HNSW_SQ adds an HNSW graph within each list."""
+        index_type = self.VECTOR_INDEX_TYPE if index_type is None else index_type
+        if index_type not in self.VECTOR_INDEX_TYPES:
+            raise ValueError(
+                f"vector index type {index_type!r}: not one of {', '.join(self.VECTOR_INDEX_TYPES)}"
+            )
         n = self.table.count_rows()
         d = self.table.schema.field("vector").type.list_size
-        self.table.create_index(
-            metric="dot",
-            num_partitions=int(partitions or max(1, round(n**0.5))),
-            num_sub_vectors=int(sub_vectors or max(1, d // 16)),
-            vector_column_name="vector",
-            index_type="IVF_PQ",
-            replace=True,
-            name=self.VECTOR_INDEX_NAME,
-        )
+        lists = int(partitions or max(1, round(n**0.5)))
+        if index_type == "IVF_PQ":
+            config = lancedb.index.IvfPq(
+                distance_type="dot",
+                num_partitions=lists,
+                num_sub_vectors=int(sub_vectors or max(1, d // 16)),
+            )
+        elif index_type == "IVF_SQ":
+            config = lancedb.index.IvfSq(distance_type="dot", num_partitions=lists)
+        else:
+            config = lancedb.index.IvfHnswSq(distance_type="dot", num_partitions=lists)
+        self.table.create_index("vector", config=config, replace=True, name=self.VECTOR_INDEX_NAME)
         self.refresh()
 
     def nearest(
@@ -327,17 +351,26 @@ class Store:
         *,
         nprobes: Optional[int] = None,
         refine_factor: Optional[int] = None,
+        ef: Optional[int] = None,
     ) -> List[str]:
         """video_id of the ``k`` rows with the largest ``query . vector``, best first, by
-        the vector index (approximate: ``nprobes`` IVF lists are searched, then the best
-        ``refine_factor * k`` PQ candidates are re-scored with their stored vectors; default
-        the class's settings); an exact scan when there is no index."""
+        the vector index (approximate: ``nprobes`` IVF lists are searched, within each an
+        HNSW search keeps ``ef`` candidates (at least those asked for) where the index has
+        graphs, then the best ``refine_factor * k`` quantised candidates are re-scored with
+        their stored vectors; refine_factor 0 skips that; defaults: the class's settings);
+        an exact scan when there is no index."""
         nprobes = self.VECTOR_INDEX_NPROBES if nprobes is None else nprobes
         refine_factor = self.VECTOR_INDEX_REFINE if refine_factor is None else refine_factor
+        ef = self.VECTOR_INDEX_EF if ef is None else ef
         q = np.asarray(query, np.float32).reshape(-1)
         search = self.table.search(q, vector_column_name="vector").distance_type("dot")
         if self.has_vector_index():
-            search = search.nprobes(int(nprobes)).refine_factor(int(refine_factor))
+            # LanceDB asks the index for refine_factor x k candidates, and HNSW refuses an
+            # ef below the count it is asked for.
+            asked = int(k) * max(1, int(refine_factor))
+            search = search.nprobes(int(nprobes)).ef(max(int(ef), asked))
+            if refine_factor:
+                search = search.refine_factor(int(refine_factor))
         # _distance selected explicitly: lance warns on every query where it is implied.
         got = search.select(["video_id", "_distance"]).limit(int(k)).to_arrow()
         return got.column("video_id").to_pylist()
