@@ -283,12 +283,13 @@ def maybe_initialize(
         kwargs["local_device_ids"] = list(settings.local_device_ids)
     jax.distributed.initialize(**kwargs)
     _initialized_by_us = True
-    logging.getLogger(__name__).info(
-        "jax.distributed up: process %d/%d, %d local / %d global devices",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
+    # Printed by every process, not logged: the one line that shows a job is wired (each
+    # process its index, and the device counts it sees), and not a library's chatter that
+    # quiet_logs hides.
+    print(
+        f"jax.distributed up: process {jax.process_index()}/{jax.process_count()}, "
+        f"{jax.local_device_count()} local / {jax.device_count()} global devices",
+        flush=True,
     )
     return True
 
