@@ -220,7 +220,7 @@ def cmd_index(a) -> int:
     prefix = f"[process {distributed.process_index()}] " if distributed.process_count() > 1 else ""
     for line in summary.lines():
         print(prefix + line, flush=True)
-    notice = source_lib.training_notice(src.absolute().to_dict())
+    notice = training_notice(src.absolute().to_dict())
     if notice:
         print(f"{prefix}note: {notice}", flush=True)
     return 0

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any, Dict, NamedTuple, Optional, Sequence
 import jax
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file
 from safetensors.numpy import save as safetensors_bytes
 
 from ucofia_jax.models import tokenizer
@@ -73,8 +72,6 @@ class CompiledQueryModel:
 
     def __init__(self, meta: Dict[str, str], params, text_program, score_program):
         self.fingerprint = meta["fingerprint"]
-        self.source_dict = json.loads(meta["source"])
-        self.step = json.loads(meta["step"])
         self.max_words = int(json.loads(meta["config"])["data"]["max_words"])
         self.params = params
         self._text = jax.jit(text_program.call)
@@ -211,15 +208,11 @@ def _nested(flat: Dict[str, np.ndarray], shapes, dtypes) -> Dict[str, Any]:
     return out
 
 
-def _metadata(path: Path) -> Dict[str, str]:
-    with safe_open(str(path), framework="numpy") as f:
-        return f.metadata() or {}
-
-
 def fingerprint_of_file(index_dir: str | os.PathLike) -> Optional[str]:
     """The fingerprint the index's query model file was saved with; None without one."""
     try:
-        return _metadata(path_in(index_dir)).get("fingerprint")
+        with safe_open(str(path_in(index_dir)), framework="numpy") as f:
+            return (f.metadata() or {}).get("fingerprint")
     except (OSError, SafetensorError):
         return None
 
@@ -257,10 +250,11 @@ def load(
     if not path.is_file():
         return None
     try:
-        meta = _metadata(path)
-        if meta.get("format") != FORMAT or meta.get("fingerprint") != fingerprint:
-            return None
-        flat = load_file(str(path))
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT or meta.get("fingerprint") != fingerprint:
+                return None
+            flat = {key: f.get_tensor(key) for key in f.keys()}
     except (OSError, SafetensorError):
         return None
     params = _nested(flat, json.loads(meta["shapes"]), json.loads(meta["dtypes"]))
