@@ -338,16 +338,7 @@ def test_cli_full_disk_during_a_save_is_one_error_line_and_status_2(tmp_path, ja
     size = one + (2 << 20)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(ckdir)], check=True)
     try:
-        env = _env(jax_cache)
-        proc = subprocess.run(
-            [sys.executable, "-m", "ucofia_jax.main", "--config=configs/demo.py"]
-            + [f"--workdir={workdir}", *_SMALL_DEMO],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        proc = _cli(workdir, *_SMALL_DEMO, cache_dir=jax_cache, timeout=900)
         steps = sorted(int(n) for n in os.listdir(ckdir) if n.isdigit())
     finally:
         subprocess.run(["umount", str(ckdir)], check=False)
@@ -375,8 +366,9 @@ def test_no_room_for_a_checkpoint_is_refused_before_training(tmp_path):
 # --------------------------------------------------------------------------- 9: user errors
 
 
-def _cli(tmp_path, *args, env_extra=None):
-    env = _env()
+def _cli(tmp_path, *args, env_extra=None, cache_dir=None, timeout=300):
+    """``python -m ucofia_jax.main`` on the demo config in ``tmp_path`` (its workdir)."""
+    env = _env(cache_dir)
     env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, "-m", "ucofia_jax.main", "--config=configs/demo.py"]
@@ -385,7 +377,7 @@ def _cli(tmp_path, *args, env_extra=None):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
 
 

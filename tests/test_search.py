@@ -41,7 +41,7 @@ from data_pipeline.sampling import FrameSampling
 from ucofia_jax.config import base_config
 from ucofia_jax.models.features import VideoFeatures
 from ucofia_jax.search import __main__ as cli
-from ucofia_jax.search import decoding, indexer, scoring
+from ucofia_jax.search import decoding, indexer
 from ucofia_jax.search import source as source_lib
 from ucofia_jax.search.index import Index, encode_videos
 from ucofia_jax.search.source import ModelSource, describe_config, fingerprint_of, load_model
@@ -145,36 +145,6 @@ def test_fingerprint_description_keeps_its_layout():
         assert set(d) == {"model", "sampling", "jpeg_quality", "seed", "clip_only"}
         assert d["sampling"] == {k: c.data[k] for k in keys}
         assert d["jpeg_quality"] == c.data.jpeg_quality == 95  # what every index was made with
-
-
-def test_top_k_and_two_stage_equal_exhaustive_when_k_covers_all():
-    rng = np.random.default_rng(0)
-    vectors = rng.normal(size=(50, 8)).astype(np.float32)
-    sentences = rng.normal(size=(3, 8)).astype(np.float32)
-    full = rng.normal(size=(3, 50)).astype(np.float32)  # an unrelated "full" score
-
-    def fetch(rows):
-        return {"rows": np.asarray(rows)}
-
-    def score(text_i, feats):
-        return full[text_i][None, feats["rows"]]
-
-    res = scoring.two_stage(
-        None, sentences, vectors, k=50, top=10, fetch=fetch, score=score, text_row=lambda _t, i: i
-    )
-    for i, (rows, s) in enumerate(res):
-        np.testing.assert_array_equal(rows, np.argsort(-full[i], kind="stable")[:10])
-        np.testing.assert_array_equal(s, full[i][rows])
-    # With K < N the candidates are the shortlist's: every row is among sentence . vector's
-    # top K, so an exhaustive winner outside it is missed.
-    res = scoring.two_stage(
-        None, sentences, vectors, k=5, top=10, fetch=fetch, score=score, text_row=lambda _t, i: i
-    )
-    short = scoring.shortlist(sentences, vectors, 10)
-    for i, (rows, _) in enumerate(res):
-        assert set(rows.tolist()) <= set(short[i].tolist())
-    assert scoring.top_k(np.array([1.0, 3.0, 3.0, 2.0]), 3).tolist() == [1, 2, 3]
-    assert scoring.overlap_at(np.arange(10), np.arange(5, 15)) == 0.5
 
 
 def test_cli_user_errors_exit_2_with_one_line_naming_the_problem(tmp_path, capsys):

@@ -175,6 +175,12 @@ def test_two_stage_reranks_the_shortlist_and_equals_exhaustive_when_k_covers_all
     for i, (rows, _) in enumerate(two_stage(12)):
         inside = short[i]
         assert rows.tolist() == inside[np.argsort(-full[i][inside], kind="stable")][:10].tolist()
+    # K below top: the candidates are still the shortlist's, an exhaustive winner outside missed.
+    short = scoring.shortlist(queries, vectors, 10)
+    for i, (rows, _) in enumerate(two_stage(5)):
+        assert set(rows.tolist()) <= set(short[i].tolist())
+    assert scoring.top_k(np.array([1.0, 3.0, 3.0, 2.0]), 3).tolist() == [1, 2, 3]
+    assert scoring.overlap_at(np.arange(10), np.arange(5, 15)) == 0.5
 
 
 # =========================================================================== ANN shortlist

@@ -268,10 +268,10 @@ def test_ntsc_rate_truncates_to_integer_fps(tmp_path):
     assert _frame_ids(f, m, step=3) == [0, 29, 58]
 
 
-def test_keeps_only_predicted_frames_and_repairs_a_wrong_prediction(tmp_path, monkeypatch):
-    p = _gray_video(tmp_path / "v.mp4", 35, 10)
+def _spy_decode_passes(monkeypatch) -> list:
+    """The sorted frame indices each decoder pass keeps, appended as ``decode_clip`` runs."""
     passes = []
-    real_pass, real_final = video._decode_pass, video._final_indices
+    real_pass = video._decode_pass
 
     def spy_pass(*args):
         out = real_pass(*args)
@@ -279,6 +279,13 @@ def test_keeps_only_predicted_frames_and_repairs_a_wrong_prediction(tmp_path, mo
         return out
 
     monkeypatch.setattr(video, "_decode_pass", spy_pass)
+    return passes
+
+
+def test_keeps_only_predicted_frames_and_repairs_a_wrong_prediction(tmp_path, monkeypatch):
+    p = _gray_video(tmp_path / "v.mp4", 35, 10)
+    passes = _spy_decode_passes(monkeypatch)
+    real_final = video._final_indices
     f, m = video.decode_clip(p, _sampling(max_frames=3, image_size=8))
     assert _frame_ids(f, m) == [0, 10, 30] and passes == [[0, 10, 30]]  # not every candidate
 
@@ -328,15 +335,7 @@ def test_matroska_keeps_only_predicted_frames(tmp_path, monkeypatch, declares_du
         assert int(c.streams.video[0].frames or 0) == 0
     if not declares_duration:
         monkeypatch.setattr(video, "_declared_duration", lambda container, stream: None)
-    passes = []
-    real_pass = video._decode_pass
-
-    def spy_pass(*args):
-        out = real_pass(*args)
-        passes.append(sorted(out[2]))
-        return out
-
-    monkeypatch.setattr(video, "_decode_pass", spy_pass)
+    passes = _spy_decode_passes(monkeypatch)
     f, m = video.decode_clip(p, _sampling(max_frames=4, image_size=8))
     # Seconds 0..20 at 1 fps: frames 0, 10, ..., 190 (200 is past the end); linspace keeps 4.
     want = [0, 60, 120, 190]
