@@ -284,6 +284,31 @@ def _install_closed_loop_filter() -> None:
     sys.unraisablehook = hook
 
 
+class _QuietUnretrievedWrites(logging.Filter):
+    """asyncio's "Future exception was never retrieved" for a write into a save's temporary
+    directory (``*.orbax-checkpoint-tmp``): the other echo of a failed save, logged when the
+    future of a write still in flight is garbage-collected (``RESOURCE_EXHAUSTED ... No space
+    left on device``, one per array), possibly after the run has ended. The failure itself is
+    reported once; ``UCOFIA_VERBOSE=1`` keeps these."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get("UCOFIA_VERBOSE", "") not in ("", "0"):
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or ".orbax-checkpoint-tmp" not in str(exc)
+
+
+_QUIET_UNRETRIEVED = _QuietUnretrievedWrites()
+
+
+def _install_unretrieved_write_filter() -> None:
+    """:data:`_QUIET_UNRETRIEVED` on asyncio's logger for the rest of the process (the
+    reports come at garbage collection, after the Checkpointer may be closed). Idempotent."""
+    asyncio_log = logging.getLogger("asyncio")
+    if _QUIET_UNRETRIEVED not in asyncio_log.filters:
+        asyncio_log.addFilter(_QUIET_UNRETRIEVED)
+
+
 @contextlib.contextmanager
 def _quiet_orbax():
     """:data:`_QUIET` on absl's logger for the block (unless a Checkpointer has it on)."""
@@ -329,6 +354,7 @@ class Checkpointer:
         self.best_directory = os.path.join(self.workdir, "checkpoints_best")
         logging.getLogger("absl").addFilter(_QUIET)
         _install_closed_loop_filter()
+        _install_unretrieved_write_filter()
         self._in_flight: Dict[str, int] = {}  # manager name -> step of its async save
         self._reported = False  # a failed save was raised as a CheckpointError
         try:
